@@ -1,0 +1,257 @@
+"""Small shared helpers: the user-facing error type, the config system, seeding.
+
+Config files are YAML. `configs/defaults.yaml` lists every key once, with its default and a one-line
+comment; a config file names only what it changes and may start from other files with `_base_`.
+Values are typed by their defaults, so a typo or a wrong type is caught before anything runs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULTS_PATH = REPO_ROOT / "configs" / "defaults.yaml"
+BASE_KEY = "_base_"
+
+
+class UserError(Exception):
+    """Bad input from the user (a missing folder, a config typo, a corrupt image).
+
+    Command-line entry points print its message as one line and exit with status 2, without a
+    traceback: the message must say what is wrong and what to do.
+    """
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` as one line, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(err).strip()
+    if "Traceback" in text:  # DataLoader workers wrap the original message in their traceback text
+        text = text.splitlines()[-1]
+        text = re.sub(r"^[\w.]*UserError: ", "", text)
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# config: schema from defaults.yaml
+
+
+def _schema_comments(path: Path) -> dict[str, str]:
+    """Dotted key -> the comment written beside it in defaults.yaml (the key's documentation)."""
+    comments: dict[str, str] = {}
+    section: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
+    for line in path.read_text().splitlines():
+        m = re.match(r"^(\s*)([A-Za-z_]\w*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        section = [(i, k) for i, k in section if i < indent]
+        dotted = ".".join([k for _, k in section] + [key])
+        value_part, _, comment = rest.partition("#")
+        if value_part.strip() == "":  # a mapping: its children follow, indented
+            section.append((indent, key))
+        comments[dotted] = comment.strip()
+    return comments
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+_NULL_TYPE_TAG = re.compile(r"^\((int|float|str)\)\s*")
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+class Schema:
+    """Keys, defaults, types and comments, all read from one file (configs/defaults.yaml)."""
+
+    def __init__(self, path: Path = DEFAULTS_PATH):
+        with open(path) as f:
+            self.defaults: dict[str, Any] = yaml.safe_load(f)
+        self.comments = _schema_comments(path)
+        self.flat_defaults = _flatten(self.defaults)
+        self.types: dict[str, type | None] = {}
+        for key, default in self.flat_defaults.items():
+            if default is None:  # a null default says its type in the comment, e.g. "(int) ..."
+                tag = _NULL_TYPE_TAG.match(self.comments.get(key, ""))
+                self.types[key] = {"int": int, "float": float, "str": str}[tag.group(1)] if tag else str
+            else:
+                self.types[key] = type(default)
+
+    def sections(self) -> set[str]:
+        return {k for k in self.comments if k not in self.flat_defaults}
+
+    def closest(self, key: str) -> str:
+        known = list(self.flat_defaults) + sorted(self.sections())
+        leaf = key.rsplit(".", 1)[-1]
+        matches = difflib.get_close_matches(key, known, n=1, cutoff=0.5) or difflib.get_close_matches(
+            leaf, known, n=1, cutoff=0.5
+        )
+        if not matches:  # a key given at the wrong level (`dim` instead of `gen.dim`)
+            matches = [k for k in known if k.rsplit(".", 1)[-1].lower() == leaf.lower()]
+        return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+    def check(self, key: str, value: Any, where: str) -> Any:
+        """Return `value` converted to the key's type, or raise UserError naming the key."""
+        if key not in self.types:
+            raise UserError(f"{where}: unknown config key '{key}'{self.closest(key)}")
+        want = self.types[key]
+        nullable = self.flat_defaults[key] is None
+        if value is None and nullable:
+            return None
+        if want is float and isinstance(value, str):
+            try:  # YAML reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a name or path that happens to be a number (--opts data_root=2024)
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            kind = _TYPE_NAMES.get(want, want.__name__) + (" or null" if nullable else "")
+            raise UserError(f"{where}: config key '{key}' must be {kind}, got {value!r}")
+        return value
+
+
+_SCHEMA: Schema | None = None
+
+
+def schema() -> Schema:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = Schema()
+    return _SCHEMA
+
+
+# ---------------------------------------------------------------------------------------------------
+# config: files, inheritance, overrides
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{at} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of keys to values")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Merge `update` into `base` in place, checking every key and value against the schema."""
+    sch = schema()
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if dotted in sch.sections():
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: config key '{dotted}' is a section; give its keys ({dotted}.…)")
+            _merge(base[key], value, where, dotted + ".")
+        else:
+            base[key] = sch.check(dotted, value, where)
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[Path, dict[str, Any]]]:
+    """The file and its `_base_` ancestors, oldest first."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise UserError(f"config files inherit from each other in a loop: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    for base in bases:
+        chain += _load_chain((path.parent / base), (*seen, path))
+    return chain + [(path, data)]
+
+
+def parse_opts(opts: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["gen.dim=8", "lr_g=1e-4"]` -> a nested dict; values are read as YAML (`true`, `[1, 2]`, `null`)."""
+    tree: dict[str, Any] = {}
+    for item in opts:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--opts takes key=value pairs, got '{item}' (e.g. --opts gen.dim=8 max_iter=100)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--opts: '{key}' sets a key below a value")
+        node[leaf] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Defaults, then the `_base_` chain of `path`, then the file, then `--opts` overrides.
+
+    Returns the resolved config: a nested dict holding every key of defaults.yaml.
+    """
+    cfg = copy.deepcopy(schema().defaults)
+    if path is not None:
+        for file, data in _load_chain(Path(path), ()):
+            _merge(cfg, data, str(file))
+    if opts:
+        _merge(cfg, parse_opts(opts), "--opts")
+    return cfg
+
+
+def dump_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write the resolved config; `load_config` of the file gives `cfg` back unchanged."""
+    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("# resolved config: every key, after _base_ files and --opts\n" + text)
+    os.replace(tmp, path)
+
+
+def config_help() -> str:
+    """Every key with its default and its comment, for `--help-config`."""
+    sch = schema()
+    width = max(len(k) for k in sch.flat_defaults)
+    lines = []
+    for key, default in sch.flat_defaults.items():
+        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{key.ljust(width)}  {value:<12}  {sch.comments.get(key, '')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
