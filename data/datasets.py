@@ -1,0 +1,439 @@
+"""Dataset readers: turn a dataset folder into lists of (path, pid, camid) records.
+
+Readers only list files; images are opened later by the loaders. Every reader returns a
+`DatasetSplits` with `train`, `query`, `gallery` and an optional `multi_query` split. Identities
+follow the Market-1501 protocol everywhere: pid -1 is junk (ignored in evaluation, dropped from
+training), pid 0 is a distractor (a true negative in the gallery), every real person has another
+integer. Camera ids are the numbers written in the file names (Market c1..c6 -> 1..6).
+
+Layouts (`read_dataset(name, root)`; `root` may be the dataset folder itself or a parent holding
+exactly one folder with one of the usual names, e.g. `Market-1501-v15.09.15`; one more level is
+searched, so torchreid's `reid-data/market1501/Market-1501-v15.09.15` works from `reid-data`):
+
+market1501
+    `bounding_box_train/`, `bounding_box_test/` (gallery), `query/`, optional `gt_bbox/`
+    (hand-drawn boxes, used as multi-query). Names `0002_c1s1_000451_03.jpg`: pid, `c<camera>`,
+    `s<sequence>`, frame, box. `-1_...` is junk, `0000_...` a distractor.
+dukemtmc
+    `DukeMTMC-reID/{bounding_box_train, bounding_box_test, query}`, names `0001_c2_f0046182.jpg`
+    (8 cameras); no multi-query.
+cuhk03
+    CUHK03-NP (the 767/700 protocol): `cuhk03-np/{detected, labeled}/{bounding_box_train,
+    bounding_box_test, query}`, names `0001_c1_1.png`; `cuhk03_labeled` picks `labeled/`.
+msmt17
+    V1: `MSMT17_V1/{train/, test/, list_train.txt, list_val.txt, list_query.txt, list_gallery.txt}`;
+    V2: the same with `mask_train_v2/` and `mask_test_v2/`. List lines are `<relative path> <pid>`,
+    relative to the train folder (train and val lists) or the test folder (query and gallery lists).
+    Training = list_train + list_val (the val images are training images of training identities;
+    duplicates are dropped). The camera is the third field of the file name
+    (`0000_000_01_0303morning_0015_0.jpg` -> camera 1, cameras 1..15). MSMT17 numbers people from 0,
+    which our protocol reserves for distractors, so **every MSMT17 pid is shifted by +1**: list pid
+    0 is pid 1 here (and in the folders `prepare.py` writes).
+folder
+    The per-identity layout of the original DG-Net tools (and of `prepare.py`):
+    `root/{train_all, query, gallery, multi-query}/<ID>/<image>`; `root` may also be the parent of
+    a `pytorch/` folder holding it. Only `train_all/` is required, so a user can train on their
+    own data before having a test set; missing `query/`/`gallery/` give empty splits and a missing
+    `multi-query/` gives None. The pid is the folder name: `-1` junk, `0000` distractor, `0002` pid 2.
+    In `train_all/` folder names may also be arbitrary (`alice`, `bob`): if any name is not an
+    integer, every identity folder is numbered by its sorted name from 1 (`-1` stays junk), which is
+    the order torchvision's ImageFolder uses. In the test folders names must be integers. The camera
+    comes from the file name, Market/Duke/CUHK style `<pid>_c<camera>...` or MSMT style
+    `<pid>_<n>_<camera>_...`; a training image without one gets camid -1 (training does not use
+    cameras), a test image without one is an error, since evaluation needs it.
+
+Non-image files (`Thumbs.db`, `.DS_Store`, hidden files such as macOS `._*`) are skipped; any image
+whose name does not follow its layout is an error naming the file.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from utils import UserError
+
+DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+JUNK_PID = -1
+DISTRACTOR_PID = 0
+
+
+class Record(NamedTuple):
+    path: str  # absolute path to the image file
+    pid: int  # identity as in the dataset; -1 = junk, 0 = distractor
+    camid: int  # camera number as written in the file name; -1 = unknown (folder layout, training only)
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    root: str
+    train: list[Record]
+    query: list[Record]
+    gallery: list[Record]
+    multi_query: list[Record] | None = None
+
+    @property
+    def train_pids(self) -> list[int]:
+        """Sorted distinct training pids (raw, as in the dataset)."""
+        return sorted({r.pid for r in self.train})
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities, the classifier's C."""
+        return len(self.train_pids)
+
+    @property
+    def train_labels(self) -> list[int]:
+        """Per training record, its class label in 0..C-1 (rank of its pid among train_pids)."""
+        label_of = {pid: i for i, pid in enumerate(self.train_pids)}
+        return [label_of[r.pid] for r in self.train]
+
+    def summary(self) -> str:
+        splits = [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
+        if self.multi_query is not None:
+            splits.append(("multi-query", self.multi_query))
+        lines = [f"{self.name} at {self.root}"]
+        lines += [_split_line(label, records, label == "train") for label, records in splits]
+        return "\n".join(lines)
+
+
+def _split_line(label: str, records: list[Record], is_train: bool) -> str:
+    # In training pid 0 is an ordinary class (see _read_folder); in test splits it is a distractor.
+    special = {JUNK_PID} if is_train else {JUNK_PID, DISTRACTOR_PID}
+    ids = len({r.pid for r in records} - special)
+    cams = len({r.camid for r in records} - {-1})
+    line = f"  {label:<12}{len(records):>7} images {ids:>6} identities {cams:>3} cameras"
+    extra = []
+    if not is_train:
+        if n := sum(r.pid == DISTRACTOR_PID for r in records):
+            extra.append(f"{n} distractor")
+        if n := sum(r.pid == JUNK_PID for r in records):
+            extra.append(f"{n} junk")
+    if n := sum(r.camid == -1 for r in records):
+        extra.append(f"{n} without camera")
+    return line + (f" ({', '.join(extra)})" if extra else "")
+
+
+def is_image_name(name: str) -> bool:
+    """True for a visible file name with an image extension (so Thumbs.db, ._x.jpg are not)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Paths of the image files directly in `folder`, sorted by name; other files are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"no folder {folder}; expected a folder of images")
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+    return [str(folder / n) for n in names]
+
+
+def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = False) -> DatasetSplits:
+    """Read dataset `name` (one of DATASETS) from `root`; `cuhk03_labeled` only matters for cuhk03."""
+    if name not in DATASETS:
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown dataset {name!r}; {hint}known datasets: {', '.join(DATASETS)}")
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    if name == "market1501":
+        return _read_market(root)
+    if name == "dukemtmc":
+        return _read_duke(root)
+    if name == "cuhk03":
+        return _read_cuhk03(root, cuhk03_labeled)
+    if name == "msmt17":
+        return _read_msmt17(root)
+    return _read_folder(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the dataset folder
+
+
+class _Layout(NamedTuple):
+    name: str  # dataset name, the prefix of every message
+    marker: str  # a sub-path that only the dataset folder itself has
+    folder_names: tuple[str, ...]  # usual names of the dataset folder, compared case-insensitively
+    expected: str  # what the folder should contain, for messages
+
+
+_MARKET = _Layout(
+    "market1501", "bounding_box_train", ("market-1501-v15.09.15", "market-1501", "market1501", "market"),
+    "the raw Market-1501 folder with bounding_box_train/, bounding_box_test/, query/ and optionally "
+    "gt_bbox/, or its parent",
+)
+_DUKE = _Layout(
+    "dukemtmc", "bounding_box_train", ("dukemtmc-reid", "dukemtmc_reid", "dukemtmc"),
+    "the DukeMTMC-reID folder with bounding_box_train/, bounding_box_test/, query/, or its parent",
+)
+_CUHK03_EXPECTED = (
+    "the CUHK03-NP folder (cuhk03-np/) with detected/ and labeled/, each holding bounding_box_train/, "
+    "bounding_box_test/, query/, or its parent"
+)
+_MSMT_EXPECTED = (
+    "the MSMT17_V1 folder with train/, test/, list_train.txt, list_val.txt, list_query.txt, "
+    "list_gallery.txt (or MSMT17_V2 with mask_train_v2/, mask_test_v2/ and the same lists), or its parent"
+)
+_MSMT = _Layout("msmt17", "list_train.txt", ("msmt17_v1", "msmt17_v2", "msmt17"), _MSMT_EXPECTED)
+_FOLDER = _Layout(
+    "folder", "train_all", ("pytorch",),
+    "a per-identity folder with train_all/<ID>/ images and optionally query/, gallery/, multi-query/ "
+    "(as prepare.py writes)",
+)
+
+
+def _missing(layout: _Layout, what: str, where: Path) -> UserError:
+    return UserError(
+        f"{layout.name}: no {what} under {where} (expected {layout.expected}); set data_root to it"
+    )
+
+
+def _locate(layout: _Layout, root: Path) -> Path:
+    """The dataset folder: `root` itself, or the one usual-named folder inside it (two levels deep)."""
+    if not root.is_dir():
+        raise UserError(
+            f"{layout.name}: data root {root} does not exist; set data_root to {layout.expected}"
+        )
+    folder = root
+    for _ in range(2):
+        if (folder / layout.marker).exists():
+            return folder
+        known = sorted(
+            child for child in folder.iterdir()
+            if child.is_dir() and child.name.lower() in layout.folder_names
+        )
+        if len(known) > 1:
+            names = ", ".join(k.name for k in known)
+            raise UserError(f"{layout.name}: {folder} holds several dataset folders ({names}); "
+                            "set data_root to one of them")
+        if not known:
+            break
+        folder = known[0]
+    if (folder / layout.marker).exists():
+        return folder
+    raise _missing(layout, layout.marker + ("" if "." in layout.marker else "/"), folder)
+
+
+def _require_dir(layout: _Layout, folder: Path, sub: str) -> Path:
+    path = folder / sub
+    if not path.is_dir():
+        raise _missing(layout, f"{sub}/", folder)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Market-1501, DukeMTMC-reID, CUHK03-NP: one folder per split, pid and camera in the file name
+
+# `<pid>_c<camera>` then `s<sequence>_` (Market) or `_` (Duke, CUHK03-NP); cameras may have two digits.
+_BOX_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:s\d+)?_")
+_BOX_EXAMPLES = {
+    "market1501": "0002_c1s1_000451_03.jpg",
+    "dukemtmc": "0001_c2_f0046182.jpg",
+    "cuhk03": "0001_c1_1.png",
+}
+
+
+def _read_box_folder(dataset: str, folder: Path) -> list[Record]:
+    records = []
+    for path in list_images(folder):
+        match = _BOX_NAME.match(os.path.basename(path))
+        pid = int(match.group(1)) if match else None
+        if pid is None or pid < JUNK_PID:
+            raise UserError(
+                f"{dataset}: cannot read identity and camera from file name {path} (expected names like "
+                f"{_BOX_EXAMPLES[dataset]}: <pid>_c<camera>_...); remove or rename the file"
+            )
+        records.append(Record(path, pid, int(match.group(2))))
+    return records
+
+
+def _read_box_layout(layout: _Layout, folder: Path, multi_query: str | None = None) -> DatasetSplits:
+    def split(sub: str) -> list[Record]:
+        return _read_box_folder(layout.name, folder / sub)
+
+    for sub in ("bounding_box_train", "bounding_box_test", "query"):  # all folders checked before any file
+        _require_dir(layout, folder, sub)
+    train = [r for r in split("bounding_box_train") if r.pid != JUNK_PID]
+    if not train:
+        raise UserError(f"{layout.name}: no training images in {folder / 'bounding_box_train'}; "
+                        "check that the dataset was extracted completely")
+    query, gallery = split("query"), split("bounding_box_test")
+    multi = split(multi_query) if multi_query and (folder / multi_query).is_dir() else None
+    return DatasetSplits(layout.name, str(folder), train, query, gallery, multi)
+
+
+def _read_market(root: Path) -> DatasetSplits:
+    return _read_box_layout(_MARKET, _locate(_MARKET, root), multi_query="gt_bbox")
+
+
+def _read_duke(root: Path) -> DatasetSplits:
+    return _read_box_layout(_DUKE, _locate(_DUKE, root))
+
+
+def _read_cuhk03(root: Path, labeled: bool) -> DatasetSplits:
+    split = "labeled" if labeled else "detected"
+    layout = _Layout("cuhk03", split, ("cuhk03-np", "cuhk03_np", "cuhk03np", "cuhk03"), _CUHK03_EXPECTED)
+    folder = _locate(layout, root)
+    return _read_box_layout(layout, _require_dir(layout, folder, split))
+
+
+# ---------------------------------------------------------------------------------------------
+# MSMT17: list files name the images and their pids
+
+_MSMT_NAME = re.compile(r"^\d+_\d+_(\d+)_")  # <pid>_<index>_<camera>_<day+time>_<frame>_<n>.jpg
+
+
+def _msmt_camera(path: str) -> int:
+    match = _MSMT_NAME.match(os.path.basename(path))
+    if not match:
+        raise UserError(
+            f"msmt17: cannot read the camera from file name {path} (expected names like "
+            "0000_000_01_0303morning_0015_0.jpg: <pid>_<index>_<camera>_...); remove it from the list"
+        )
+    return int(match.group(1))
+
+
+def _read_msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
+    records = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
+            raise UserError(
+                f"msmt17: line {number} of {list_file} is {line.strip()!r}; expected '<relative path> <pid>'"
+            )
+        path = str(image_dir / fields[0])
+        # +1: MSMT17 numbers people from 0, which the evaluation protocol reserves for distractors.
+        records.append(Record(path, int(fields[1]) + 1, _msmt_camera(path)))
+    return records
+
+
+def _check_exist(records: Iterable[Record], list_files: str) -> None:
+    missing = [r.path for r in records if not os.path.isfile(r.path)]
+    if missing:
+        raise UserError(
+            f"msmt17: {len(missing)} images named in {list_files} do not exist, e.g. {missing[0]}; "
+            "check that the dataset was extracted completely"
+        )
+
+
+def _read_msmt17(root: Path) -> DatasetSplits:
+    folder = _locate(_MSMT, root)
+    versions = [v for v in (("train", "test"), ("mask_train_v2", "mask_test_v2")) if (folder / v[0]).is_dir()]
+    if len(versions) != 1:
+        what = "both train/ and mask_train_v2/" if versions else "train/ (V1) or mask_train_v2/ (V2)"
+        raise UserError(f"msmt17: found {what} under {folder} (expected {_MSMT_EXPECTED}); "
+                        "set data_root to a folder holding exactly one version")
+    train_dir, test_dir = folder / versions[0][0], _require_dir(_MSMT, folder, versions[0][1])
+
+    def read(list_name: str, image_dir: Path) -> list[Record]:
+        list_file = folder / list_name
+        if not list_file.is_file():
+            raise _missing(_MSMT, list_name, folder)
+        return _read_msmt_list(list_file, image_dir)
+
+    train: dict[str, Record] = {}
+    for r in read("list_train.txt", train_dir) + read("list_val.txt", train_dir):
+        if train.setdefault(r.path, r).pid != r.pid:
+            raise UserError(f"msmt17: {r.path} has two different pids in list_train.txt and list_val.txt")
+    query, gallery = read("list_query.txt", test_dir), read("list_gallery.txt", test_dir)
+    _check_exist(train.values(), "list_train.txt/list_val.txt")
+    _check_exist(query + gallery, "list_query.txt/list_gallery.txt")
+    if not train:
+        raise UserError(f"msmt17: list_train.txt under {folder} names no images; "
+                        "check that the dataset was extracted completely")
+    return DatasetSplits("msmt17", str(folder), sorted(train.values()), sorted(query), sorted(gallery))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-identity folders (the original DG-Net tools' layout)
+
+_INTEGER = re.compile(r"^-?\d+$")
+_FOLDER_CAMERA = (_BOX_NAME, re.compile(r"^-?\d+_\d+_(\d+)_"))  # Market/Duke/CUHK style, MSMT style
+
+
+def _camera_from_name(name: str) -> int | None:
+    for pattern in _FOLDER_CAMERA:
+        if match := pattern.match(name):
+            return int(match.groups()[-1])
+    return None
+
+
+def _identity_folders(split_dir: Path) -> list[Path]:
+    folders = []
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            folders.append(Path(entry.path))
+        elif entry.is_file() and is_image_name(entry.name):
+            raise UserError(
+                f"folder: image {entry.path} lies directly in {split_dir.name}/; "
+                f"images belong in per-identity folders {split_dir.name}/<ID>/<image>"
+            )
+    return folders
+
+
+def _folder_pids(split_dir: Path, folders: list[Path], is_train: bool) -> list[int]:
+    names = [f.name for f in folders]
+    if not all(_INTEGER.match(n) for n in names):
+        if not is_train:
+            bad = next(n for n in names if not _INTEGER.match(n))
+            raise UserError(
+                f"folder: identity folder {split_dir / bad} is not a number; test folders must be named "
+                "by integer pid (-1 junk, 0000 distractor, 0002 ...)"
+            )
+        # Arbitrary names: number identities by sorted name from 1, so no real one becomes 0 or -1.
+        rank = {n: i for i, n in enumerate((n for n in names if n != str(JUNK_PID)), 1)}
+        return [rank.get(n, JUNK_PID) for n in names]
+    pids = [int(n) for n in names]
+    seen: dict[int, str] = {}
+    for name, pid in zip(names, pids, strict=True):
+        if pid < JUNK_PID:
+            raise UserError(f"folder: identity folder {split_dir / name} is negative; only -1 (junk) may be")
+        if (other := seen.setdefault(pid, name)) != name:
+            raise UserError(f"folder: {split_dir / other} and {split_dir / name} are the same identity "
+                            f"{pid}; merge them")
+    return pids
+
+
+def _read_identity_split(root: Path, split: str, is_train: bool) -> list[Record]:
+    split_dir = root / split
+    folders = _identity_folders(split_dir)
+    records = []
+    for folder, pid in zip(folders, _folder_pids(split_dir, folders, is_train), strict=True):
+        for path in list_images(folder):
+            camid = _camera_from_name(os.path.basename(path))
+            if camid is None:
+                if not is_train:
+                    raise UserError(
+                        f"folder: cannot read the camera from file name {path}; test images need names "
+                        "like 0002_c1s1_000451_03.jpg (<pid>_c<camera>_...) or "
+                        "0000_000_01_0303morning_0015_0.jpg (MSMT17)"
+                    )
+                camid = -1
+            records.append(Record(path, pid, camid))
+    return records
+
+
+def _read_folder(root: Path) -> DatasetSplits:
+    folder = _locate(_FOLDER, root)
+
+    def optional(split: str) -> list[Record] | None:
+        return _read_identity_split(folder, split, False) if (folder / split).is_dir() else None
+
+    train = [r for r in _read_identity_split(folder, "train_all", True) if r.pid != JUNK_PID]
+    if not train:
+        raise UserError(f"folder: no training images in {folder / 'train_all'}; "
+                        "put each identity's images in train_all/<ID>/")
+    return DatasetSplits(
+        "folder", str(folder), train, optional("query") or [], optional("gallery") or [],
+        optional("multi-query"),
+    )
+

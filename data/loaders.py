@@ -1,0 +1,287 @@
+"""Datasets and loaders: DG-Net's loaders a and b, the teacher's loader, test loaders, and `load_splits`.
+
+A training item is a dict:
+- `image`: the augmented image (generator input, structure-encoder input, reconstruction target);
+- `label`: its identity label in 0..C-1;
+- `pos`: a random *other* image of the same identity (itself when the identity has only one), with its
+  own augmentation: DG-Net's positive, for the same-identity reconstruction and the positive ID loss;
+- `image_erased`, `pos_erased`: random-erased copies of both, for the ReID losses only;
+- `index`, `pos_index`: the dataset indices of both images.
+The teacher's items have `image`, `image_erased`, `label` and `index`.
+
+Training loaders are endless (`ResumableLoader`): the loop asks for `next(loader)` once per iteration,
+and a checkpoint stores how many batches were taken, from which the loader restarts exactly.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.datasets import DATASETS, DatasetSplits, Record, read_dataset
+from data.samplers import IdentitySampler, ShuffleSampler
+from data.transforms import eval_transform, random_erasing, train_transform
+from utils import UserError, seed_everything
+
+# Loader a and b are independent shuffles of the same split: two streams of one seed.
+STREAM_A, STREAM_B, STREAM_TEACHER = 0, 1, 2
+
+
+def read_image(path: str) -> Image.Image:
+    """Open an image as RGB, or raise UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path} ({err}); remove or replace it, "
+                        "or set skip_corrupt_images: true to skip unreadable files") from None
+
+
+def _is_readable(path: str) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def drop_unreadable(records: Sequence[Record], what: str, workers: int = 4) -> list[Record]:
+    """Decode every image once and keep the readable ones; warn with the count and the first names."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+        readable = list(pool.map(_is_readable, (r.path for r in records)))
+    bad = [r.path for r, ok in zip(records, readable) if not ok]
+    if bad:
+        names = ", ".join(Path(p).name for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}: {names}", stacklevel=2)
+    return [r for r, ok in zip(records, readable) if ok]
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python, numpy and torch in a loader worker from the seed torch gave it (explicit, not inherited).
+
+    The augmentations do not use these global RNGs (they use per-sample generators); this keeps any
+    library that does deterministic too.
+    """
+    seed_everything(torch.initial_seed() % 2**63)
+
+
+class TrainSet(Dataset):
+    """Training images with labels; indexed by `(index, seed)` pairs from the samplers."""
+
+    def __init__(self, records: Sequence[Record], labels: Sequence[int], size: tuple[int, int], pad: int,
+                 erasing_p: float, positives: bool):
+        if len(records) != len(labels):
+            raise ValueError("one label per record")
+        self.records, self.labels = list(records), [int(x) for x in labels]
+        self.size, self.pad, self.erasing_p, self.positives = size, pad, erasing_p, positives
+        members: dict[int, list[int]] = defaultdict(list)
+        for index, label in enumerate(self.labels):
+            members[label].append(index)
+        self.members = dict(members)  # label -> indices, precomputed once (not a scan per item)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def positive_of(self, index: int, gen: torch.Generator) -> int:
+        """A uniformly random other image of the same identity; the image itself if it is alone."""
+        others = self.members[self.labels[index]]
+        if len(others) == 1:
+            return index
+        pick = int(torch.randint(len(others) - 1, (), generator=gen))
+        own = others.index(index)
+        return others[pick + (pick >= own)]
+
+    def _view(self, index: int, gen: torch.Generator) -> torch.Tensor:
+        return train_transform(read_image(self.records[index].path), self.size, self.pad, gen)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        image = self._view(index, gen)
+        sample = {"image": image, "label": self.labels[index], "index": index,
+                  "image_erased": random_erasing(image, self.erasing_p, gen)}
+        if self.positives:
+            pos_index = self.positive_of(index, gen)
+            pos = self._view(pos_index, gen)
+            sample["pos"], sample["pos_index"] = pos, pos_index
+            sample["pos_erased"] = random_erasing(pos, self.erasing_p, gen)
+        return sample
+
+
+class TestSet(Dataset):
+    """Images for feature extraction: resized and normalized, in record order."""
+
+    def __init__(self, records: Sequence[Record], size: tuple[int, int]):
+        self.records, self.size = list(records), size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        return {"image": eval_transform(read_image(r.path), self.size), "pid": r.pid, "camid": r.camid,
+                "index": index}
+
+
+class ResumableLoader:
+    """An endless training loader that knows how many batches it has handed out.
+
+    `state_dict()` is that count; a loader built with the same config and `load_state_dict(state)` gives
+    the same batches, augmentations included, as the original would have given next.
+    """
+
+    def __init__(self, dataset: TrainSet, sampler: ShuffleSampler | IdentitySampler, batch_size: int,
+                 num_workers: int, pin_memory: bool = False):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.batches_taken = 0
+        self._iterator: Iterator | None = None
+
+    def _start(self) -> Iterator:
+        self.sampler.start = self.batches_taken * self.batch_size
+        # The worker seed comes from a private generator: drawing it from the global torch RNG would make
+        # the training RNG depend on when the loader was (re)started, and resume would no longer be exact.
+        base_seed = torch.Generator().manual_seed(self.sampler.seed * 1000 + self.sampler.stream)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                            generator=base_seed, worker_init_fn=seed_worker,
+                            prefetch_factor=4 if self.num_workers else None)
+        return iter(loader)
+
+    def __iter__(self) -> ResumableLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        self.batches_taken += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_taken": self.batches_taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches_taken = int(state["batches_taken"])
+        self._iterator = None  # restarted lazily at the saved position
+
+    def close(self) -> None:
+        self._iterator = None  # drops the DataLoader iterator, which shuts its workers down
+
+
+# ---------------------------------------------------------------------------------------------------
+# builders from a config
+
+
+def image_size(cfg: dict[str, Any]) -> tuple[int, int]:
+    return cfg["crop_image_height"], cfg["crop_image_width"]
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """`batch_size` is global: each of `world_size` processes takes an equal share."""
+    if batch_size % world_size:
+        raise UserError(f"batch_size {batch_size} is global and must divide evenly over {world_size} "
+                        f"processes; use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def _ensure_synthetic(cfg: dict[str, Any]) -> None:
+    """Generate the synthetic dataset into data_root the first time a config names it."""
+    from data import synthetic  # imported here: only synthetic configs need the generator
+
+    root = Path(cfg["data_root"])
+    if (root / synthetic.METADATA_FILE).is_file():
+        return
+    s = cfg["synthetic"]
+    print(f"generating the synthetic dataset into {root} ...", flush=True)
+    synthetic.generate(root, ids=s["ids"], images_per_id=s["images_per_id"], height=s["height"],
+                       width=s["width"], difficulty=s["difficulty"], seed=s["seed"])
+
+
+def load_splits(cfg: dict[str, Any]) -> DatasetSplits:
+    """Read the dataset a config names (generating the synthetic one if needed) and check it."""
+    name = cfg["dataset"]
+    if name not in (*DATASETS, "synthetic"):
+        close = difflib.get_close_matches(name, (*DATASETS, "synthetic"), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"dataset: unknown '{name}'{hint}; known: {', '.join(DATASETS)}, synthetic")
+    if name == "synthetic":
+        _ensure_synthetic(cfg)
+        splits = read_dataset("market1501", cfg["data_root"])
+        splits.name = "synthetic"
+    else:
+        splits = read_dataset(name, cfg["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"])
+    if cfg["skip_corrupt_images"]:
+        splits.train = drop_unreadable(splits.train, "the training split")
+        splits.query = drop_unreadable(splits.query, "the query split")
+        splits.gallery = drop_unreadable(splits.gallery, "the gallery split")
+        if splits.multi_query is not None:
+            splits.multi_query = drop_unreadable(splits.multi_query, "the multi-query split")
+    if not splits.train:
+        raise UserError(f"{name}: the training split under {cfg['data_root']} is empty")
+    expected = cfg["ID_class"]
+    if expected is not None and expected != splits.num_classes:
+        raise UserError(f"ID_class is {expected} but the training split under {cfg['data_root']} has "
+                        f"{splits.num_classes} identities; fix data_root or set ID_class: null")
+    return splits
+
+
+def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> TrainSet:
+    return TrainSet(splits.train, splits.train_labels, image_size(cfg), cfg["pad"], cfg["erasing_p"],
+                    positives=positives)
+
+
+def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int) -> int:
+    batch = per_rank_batch(cfg["batch_size"], world_size)
+    if len(splits.train) < cfg["batch_size"]:
+        raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
+                        f"{cfg['batch_size']}; lower batch_size")
+    return batch
+
+
+def build_dgnet_loaders(cfg: dict[str, Any], splits: DatasetSplits, *, rank: int = 0, world_size: int = 1,
+                        pin_memory: bool = False) -> tuple[ResumableLoader, ResumableLoader]:
+    """DG-Net's loaders a and b: two independent shuffles of the training split, with positives."""
+    batch = _check_feedable(cfg, splits, world_size)
+    dataset = _train_set(cfg, splits, positives=True)
+    loaders = []
+    for stream in (STREAM_A, STREAM_B):
+        sampler = ShuffleSampler(len(dataset), seed=cfg["seed"], stream=stream, rank=rank, world_size=world_size)
+        loaders.append(ResumableLoader(dataset, sampler, batch, cfg["num_workers"], pin_memory))
+    return loaders[0], loaders[1]
+
+
+def build_teacher_loader(cfg: dict[str, Any], splits: DatasetSplits, *, identity_sampler: bool, rank: int = 0,
+                         world_size: int = 1, pin_memory: bool = False) -> ResumableLoader:
+    """The teacher's loader: a plain shuffle, or P x K identities for the batch-hard triplet loss."""
+    batch = _check_feedable(cfg, splits, world_size)
+    dataset = _train_set(cfg, splits, positives=False)
+    sampler: ShuffleSampler | IdentitySampler
+    if identity_sampler:
+        try:
+            sampler = IdentitySampler(dataset.labels, batch_size=cfg["batch_size"],
+                                      num_instances=cfg["num_instances"], seed=cfg["seed"],
+                                      stream=STREAM_TEACHER, rank=rank, world_size=world_size)
+        except ValueError as err:
+            raise UserError(f"identity sampler: {err}") from None
+    else:
+        sampler = ShuffleSampler(len(dataset), seed=cfg["seed"], stream=STREAM_TEACHER, rank=rank,
+                                 world_size=world_size)
+    return ResumableLoader(dataset, sampler, batch, cfg["num_workers"], pin_memory)
+
+
+def build_test_loader(cfg: dict[str, Any], records: Sequence[Record], batch_size: int,
+                      pin_memory: bool = False) -> DataLoader:
+    """Records in order, resized and normalized, for feature extraction."""
+    return DataLoader(TestSet(records, image_size(cfg)), batch_size=batch_size, shuffle=False,
+                      num_workers=cfg["num_workers"], pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone

@@ -1,0 +1,221 @@
+"""DG-Net's loaders: items, positives, erased views, determinism across workers, exact resume, bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.loaders import (
+    ResumableLoader,
+    TrainSet,
+    build_dgnet_loaders,
+    build_teacher_loader,
+    build_test_loader,
+    load_splits,
+)
+from data.transforms import random_erasing, train_transform
+from utils import REPO_ROOT, UserError, load_config
+
+# pid -> number of training images; pid 9 has a single image (its positive is itself).
+TRAIN_COUNTS = {2: 4, 5: 3, 7: 5, 9: 1, 11: 3}
+
+
+def _jpeg(path, colour, size=(24, 48)):
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+    pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+@pytest.fixture
+def market(tmp_path):
+    """A tiny raw Market-1501 tree: 5 training identities, a few test images, junk and a distractor."""
+    root = tmp_path / "Market"
+    for sub in ("bounding_box_train", "bounding_box_test", "query"):
+        (root / sub).mkdir(parents=True)
+    for pid, count in TRAIN_COUNTS.items():
+        for k in range(count):
+            _jpeg(root / "bounding_box_train" / f"{pid:04d}_c{k % 3 + 1}s1_{k:06d}_00.jpg", (pid * 20, 80, 160))
+    for pid in (20, 21):
+        _jpeg(root / "query" / f"{pid:04d}_c1s1_000001_00.jpg", (pid * 10, 50, 50))
+        _jpeg(root / "bounding_box_test" / f"{pid:04d}_c2s1_000002_00.jpg", (pid * 10, 50, 50))
+    _jpeg(root / "bounding_box_test" / "-1_c3s1_000003_00.jpg", (0, 0, 0))
+    _jpeg(root / "bounding_box_test" / "0000_c4s1_000004_00.jpg", (255, 255, 255))
+    return root
+
+
+def config(root, *opts):
+    return load_config(None, [f"data_root={root}", "crop_image_height=32", "crop_image_width=16", "pad=2",
+                              "batch_size=4", "num_workers=0", "ID_class=null", *opts])
+
+
+def test_items_carry_image_label_positive_and_erased_views(market):
+    cfg = config(market, "erasing_p=1.0")
+    splits = load_splits(cfg)
+    a, _ = build_dgnet_loaders(cfg, splits)
+    batch = next(a)
+    assert batch["image"].shape == batch["pos"].shape == batch["image_erased"].shape == (4, 3, 32, 16)
+    labels = splits.train_labels
+    for i, p, lab in zip(batch["index"].tolist(), batch["pos_index"].tolist(), batch["label"].tolist()):
+        assert labels[i] == labels[p] == lab
+        assert (p != i) or TRAIN_COUNTS[splits.train[i].pid] == 1
+    # Erasing touches only the ReID views, never the generator's input.
+    assert not torch.equal(batch["image"], batch["image_erased"])
+    assert not torch.equal(batch["pos"], batch["pos_erased"])
+    assert (batch["image_erased"] == 0).any() and not (batch["image"] == 0).all(dim=0).any()
+
+
+def test_positive_is_another_image_of_the_identity(market):
+    splits = load_splits(config(market))
+    ds = TrainSet(splits.train, splits.train_labels, (32, 16), 2, 0.0, positives=True)
+    for index, label in enumerate(ds.labels):
+        picks = {ds.positive_of(index, torch.Generator().manual_seed(s)) for s in range(40)}
+        others = set(ds.members[label]) - {index}
+        assert picks == (others or {index})  # uniform over the others: all of them show up in 40 draws
+
+
+def test_no_erasing_means_identical_views(market):
+    cfg = config(market, "erasing_p=0.0")
+    batch = next(build_dgnet_loaders(cfg, load_splits(cfg))[0])
+    assert torch.equal(batch["image"], batch["image_erased"]) and torch.equal(batch["pos"], batch["pos_erased"])
+
+
+def test_loaders_a_and_b_are_independent_shuffles(market):
+    cfg = config(market)
+    a, b = build_dgnet_loaders(cfg, load_splits(cfg))
+    order_a = torch.cat([next(a)["index"] for _ in range(4)]).tolist()
+    order_b = torch.cat([next(b)["index"] for _ in range(4)]).tolist()
+    assert order_a != order_b and sorted(order_a[:16]) == sorted(order_b[:16]) == list(range(16))
+
+
+def test_batches_do_not_depend_on_worker_count(market):
+    batches = {}
+    for workers in (0, 2):
+        cfg = config(market, f"num_workers={workers}")
+        a, _ = build_dgnet_loaders(cfg, load_splits(cfg))
+        batches[workers] = [next(a) for _ in range(3)]
+        a.close()
+    for x, y in zip(batches[0], batches[2]):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+def test_resume_gives_exactly_the_next_batches(market):
+    cfg = config(market, "erasing_p=0.5")
+    splits = load_splits(cfg)
+    a, _ = build_dgnet_loaders(cfg, splits)
+    straight = [next(a) for _ in range(7)]
+    state = {"batches_taken": 4}
+    resumed, _ = build_dgnet_loaders(cfg, splits)
+    resumed.load_state_dict(state)
+    for expected in straight[4:]:
+        got = next(resumed)
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key
+    assert resumed.state_dict() == {"batches_taken": 7}
+
+
+def test_distributed_ranks_split_the_global_batch(market):
+    cfg = config(market)
+    splits = load_splits(cfg)
+    ranks = [build_dgnet_loaders(cfg, splits, rank=r, world_size=2)[0] for r in range(2)]
+    first = [next(loader)["index"].tolist() for loader in ranks]
+    assert len(first[0]) == len(first[1]) == 2  # the global batch of 4, halved
+    assert set(first[0]).isdisjoint(first[1])
+    with pytest.raises(UserError, match="divide evenly over 3"):
+        build_dgnet_loaders(cfg, splits, rank=0, world_size=3)
+
+
+def test_teacher_loader_pk_batches(market):
+    cfg = config(market, "batch_size=4", "num_instances=2")
+    splits = load_splits(cfg)
+    batch = next(build_teacher_loader(cfg, splits, identity_sampler=True))
+    assert "pos" not in batch and batch["image"].shape == (4, 3, 32, 16)
+    labels = batch["label"].tolist()
+    assert len(set(labels)) == 2 and all(labels.count(x) == 2 for x in labels)
+    plain = next(build_teacher_loader(cfg, splits, identity_sampler=False))
+    assert plain["image"].shape == (4, 3, 32, 16)
+    with pytest.raises(UserError, match="identity sampler"):
+        build_teacher_loader(config(market, "batch_size=5"), splits, identity_sampler=True)
+
+
+def test_test_loader_keeps_order_and_ids(market):
+    cfg = config(market)
+    splits = load_splits(cfg)
+    batch = next(iter(build_test_loader(cfg, splits.gallery, batch_size=8)))
+    assert batch["image"].shape == (len(splits.gallery), 3, 32, 16)
+    assert batch["pid"].tolist() == [r.pid for r in splits.gallery]
+    assert batch["camid"].tolist() == [r.camid for r in splits.gallery]
+
+
+def test_train_transform_is_a_function_of_the_seed():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 20, 3), dtype=np.uint8))
+    views = [train_transform(img, (32, 16), 3, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(views[0], views[1]) and views[0].shape == (3, 32, 16)
+    assert any(not torch.equal(views[0], train_transform(img, (32, 16), 3, torch.Generator().manual_seed(s)))
+               for s in range(2, 6))
+
+
+def test_random_erasing_area_and_fill():
+    x = torch.ones(3, 64, 32)
+    erased = [random_erasing(x, 1.0, torch.Generator().manual_seed(s)) for s in range(50)]
+    fractions = [float((e == 0).all(dim=0).float().mean()) for e in erased]
+    assert all(0.0 < f <= 0.45 for f in fractions)
+    assert torch.equal(random_erasing(x, 0.0, torch.Generator()), x)
+    assert torch.equal(x, torch.ones(3, 64, 32))  # the input is never modified in place
+
+
+def test_corrupt_image_is_named_or_skipped(market):
+    bad = market / "bounding_box_train" / "0005_c1s1_000099_00.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    cfg = config(market)
+    splits = load_splits(cfg)
+    ds = TrainSet(splits.train, splits.train_labels, (32, 16), 2, 0.0, positives=False)
+    index = [r.path for r in splits.train].index(str(bad))
+    with pytest.raises(UserError, match="0005_c1s1_000099_00.jpg.*skip_corrupt_images"):
+        ds[(index, 0)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = load_splits(config(market, "skip_corrupt_images=true"))
+    assert len(kept.train) == len(splits.train) - 1
+    assert any("skipped 1 unreadable image" in str(w.message) for w in caught)
+
+
+def test_class_count_and_size_checks(market):
+    with pytest.raises(UserError, match="ID_class is 751 but .* has 5 identities"):
+        load_splits(config(market, "ID_class=751"))
+    cfg = config(market, "batch_size=64")
+    with pytest.raises(UserError, match="fewer than one batch"):
+        build_dgnet_loaders(cfg, load_splits(cfg))
+
+
+def test_missing_data_root_and_unknown_dataset_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="market1501"):
+        load_splits(config(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="did you mean 'synthetic'"):
+        load_splits(config(tmp_path, "dataset=synthtic"))
+
+
+def test_cli_summary_and_error(market, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO_ROOT, capture_output=True,
+                                       text=True, timeout=120)
+    ok = run("--config", str(REPO_ROOT / "configs" / "latest.yaml"), "--opts", f"data_root={market}", "ID_class=5")
+    assert ok.returncode == 0, ok.stderr
+    assert "market1501" in ok.stdout and "train" in ok.stdout
+    bad = run("--config", str(REPO_ROOT / "configs" / "latest.yaml"), "--opts", f"data_root={tmp_path / 'none'}")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_resumable_loader_state_round_trip(market):
+    cfg = config(market)
+    splits = load_splits(cfg)
+    loader = build_teacher_loader(cfg, splits, identity_sampler=False)
+    assert isinstance(loader, ResumableLoader)
+    for _ in range(3):
+        next(loader)
+    assert loader.state_dict() == {"batches_taken": 3}
