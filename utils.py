@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -255,3 +256,56 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints: one file per snapshot holding the whole run state
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^(\d{8})\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """`<run>/checkpoints/<iteration:08d>.pt`: the state after `iteration` iterations."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"{iteration:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, path) of every complete checkpoint of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / m.group(0)) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a kill mid-save never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
+                        "loaded); re-save it as a plain state dict of tensors") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"cannot read checkpoint {path} ({one_line(err)[:200]}); it may be truncated: "
+                        "use an older one") from None
