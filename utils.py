@@ -309,3 +309,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"cannot read checkpoint {path} ({one_line(err)[:200]}); it may be truncated: "
                         "use an older one") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# image grids
+
+
+def write_grid(rows: list[torch.Tensor], path: str | os.PathLike, quality: int = 95) -> None:
+    """Save rows of images (each (N, C, H, W), normalized space) as one JPEG, one row per tensor.
+
+    Each image is min-max scaled on its own (as the original's `scale_each`), so generated images with
+    an unbounded range are visible; 1-channel images (structure inputs) are shown as gray.
+    """
+    from PIL import Image  # imported here: only image writing needs Pillow and torchvision
+    from torchvision.utils import make_grid
+
+    images = torch.cat([r.detach().float().cpu().expand(-1, 3, -1, -1) for r in rows])
+    grid = make_grid(images, nrow=rows[0].shape[0], padding=2, normalize=True, scale_each=True)
+    array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    Image.fromarray(array).save(tmp, format="JPEG", quality=quality)
+    os.replace(tmp, path)
+
+
+def write_image_index(image_dir: str | os.PathLike, title: str) -> Path:
+    """`images/index.html`: the newest grid of every kind with its iteration, then the older ones."""
+    image_dir = Path(image_dir)
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for p in image_dir.glob("*.jpg"):
+        m = re.match(r"^(.*)_(\d{8})\.jpg$", p.name)
+        if m:
+            by_kind.setdefault(m.group(1), []).append((int(m.group(2)), p.name))
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{title}</title>",
+             "<style>body{font-family:sans-serif;background:#fafafa}img{max-width:100%;image-rendering:pixelated}"
+             "h2{margin-top:1.5em}</style>", f"<h1>{title}</h1>"]
+    for kind in sorted(by_kind):
+        shots = sorted(by_kind[kind], reverse=True)
+        it, name = shots[0]
+        parts.append(f"<h2>{kind} &mdash; iteration {it}</h2><img src='{name}' alt='{kind} {it}'>")
+        if len(shots) > 1:
+            older = " ".join(f"<a href='{n}'>{i}</a>" for i, n in shots[1:])
+            parts.append(f"<p>earlier: {older}</p>")
+    out = image_dir / "index.html"
+    tmp = image_dir / ".index.html.tmp"
+    tmp.write_text("\n".join(parts) + "\n")
+    os.replace(tmp, out)
+    return out
