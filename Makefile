@@ -20,9 +20,21 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# Synthetic pedestrians (generated on first use), then their summary. Training steps join as they land.
+# Synthetic pedestrians, a small teacher, its evaluation, then a small DG-Net (CPU: under 10 minutes on
+# 2 cores; a GPU is used when there is one). Re-running continues or reuses the runs in outputs/.
+QUICK := $(BIN)/python
+resume_if = $(if $(wildcard outputs/$(1)/checkpoints/*.pt),--resume,)
 quickstart: install
-	$(BIN)/python -m data --config configs/quickstart/dgnet.yaml
+	$(QUICK) -m data --config configs/quickstart/dgnet.yaml
+	$(QUICK) train.py --config configs/quickstart/teacher.yaml --trainer baseline --name quickstart-teacher \
+		$(call resume_if,quickstart-teacher)
+	$(QUICK) test.py --name quickstart-teacher
+	$(QUICK) train.py --config configs/quickstart/dgnet.yaml --name quickstart $(call resume_if,quickstart)
+	@echo
+	@echo "swapped-identity images: outputs/quickstart/images/index.html (newest: gen_a2b_test_00000250.jpg)"
+
+clean-quickstart:
+	rm -rf outputs/quickstart outputs/quickstart-teacher datasets/synthetic
 
 bench: install
 	$(BIN)/python bench/synthetic_bench.py

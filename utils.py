@@ -315,8 +315,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # image grids
 
 
-def write_grid(rows: list[torch.Tensor], path: str | os.PathLike, quality: int = 95) -> None:
+def write_grid(rows: list[torch.Tensor], path: str | os.PathLike, quality: int = 95) -> np.ndarray:
     """Save rows of images (each (N, C, H, W), normalized space) as one JPEG, one row per tensor.
+
+    Returns the grid as an (H, W, 3) uint8 array (for tensorboard).
 
     Each image is min-max scaled on its own (as the original's `scale_each`), so generated images with
     an unbounded range are visible; 1-channel images (structure inputs) are shown as gray.
@@ -330,6 +332,7 @@ def write_grid(rows: list[torch.Tensor], path: str | os.PathLike, quality: int =
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     Image.fromarray(array).save(tmp, format="JPEG", quality=quality)
     os.replace(tmp, path)
+    return array
 
 
 def write_image_index(image_dir: str | os.PathLike, title: str) -> Path:

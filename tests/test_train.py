@@ -1,0 +1,169 @@
+"""train.py end to end on tiny synthetic data: the run folder, exact resume, safe stop, bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from data import synthetic
+from utils import REPO_ROOT, UserError, checkpoint_path, load_checkpoint, load_config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    synthetic.generate(root, ids=8, images_per_id=6, height=64, width=32, seed=1)
+    return root
+
+
+def tiny(data_root, *extra):
+    """A DG-Net small enough for a CPU test, every loss switched on from the second iteration."""
+    return ["--opts", "dataset=synthetic", f"data_root={data_root}", "crop_image_height=64", "crop_image_width=32",
+            "pad=2", "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4",
+            "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=4",
+            "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2", "max_iter=4",
+            "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=0.0", "ID_class=null", *extra]
+
+
+def run(tmp_path, name, data_root, *extra, args=()):
+    return train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", name,
+                       "--output_path", str(tmp_path), *args, *tiny(data_root, *extra)])
+
+
+def models_of(path):
+    return load_checkpoint(path)["trainer"]["models"]
+
+
+def assert_same_state(x, y, where=""):
+    if isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same_state(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (a, b) in enumerate(zip(x, y)):
+            assert_same_state(a, b, f"{where}[{i}]")
+    else:
+        assert x == y, where
+
+
+def test_dgnet_run_folder(tmp_path, data_root, capsys):
+    assert run(tmp_path, "tiny", data_root) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "src" / "train.py").is_file()
+    assert (run_dir / "src" / "data" / "loaders.py").is_file()
+    assert checkpoint_path(run_dir, 4).is_file() and checkpoint_path(run_dir, 2).is_file()
+    for split in ("train", "test"):
+        for direction in ("a2b", "b2a"):
+            assert (run_dir / "images" / f"gen_{direction}_{split}_00000004.jpg").is_file()
+    html = (run_dir / "images" / "index.html").read_text()
+    assert "gen_a2b_train_00000004.jpg" in html and "iteration 4" in html
+    assert any(p.name.startswith("events") for p in (run_dir / "logs").iterdir())
+    assert "[4/4]" in out and "it/s" in out and "eta" in out
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg["max_iter"] == 4 and cfg["gen"]["dim"] == 4
+    state = load_checkpoint(checkpoint_path(run_dir, 4))
+    assert state["iteration"] == 4 and state["kind"] == "DGNet" and state["config"] == cfg
+    assert state["loaders"] == {"a": {"batches_taken": 4}, "b": {"batches_taken": 4}}
+
+
+def test_resume_is_exact(tmp_path, data_root):
+    assert run(tmp_path, "straight", data_root, "max_iter=4", "snapshot_save_iter=100") == 0
+    assert run(tmp_path, "split", data_root, "max_iter=2", "snapshot_save_iter=100") == 0
+    assert run(tmp_path, "split", data_root, "max_iter=4", args=("--resume",)) == 0
+    straight = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "straight", 4))
+    resumed = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "split", 4))
+    assert_same_state(straight["trainer"], resumed["trainer"], "trainer")
+    assert_same_state(straight["rng"], resumed["rng"], "rng")
+
+
+def test_fresh_run_never_overwrites(tmp_path, data_root, capsys):
+    assert run(tmp_path, "once", data_root, "max_iter=2") == 0
+    before = checkpoint_path(tmp_path / "outputs" / "once", 2).read_bytes()
+    assert run(tmp_path, "once", data_root, "max_iter=2") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert checkpoint_path(tmp_path / "outputs" / "once", 2).read_bytes() == before
+
+
+def test_bad_input_writes_nothing(tmp_path, data_root, capsys):
+    if not torch.cuda.is_available():
+        assert run(tmp_path, "gpu", data_root, args=("--gpu_ids", "0")) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert run(tmp_path, "noteacher", data_root, "max_teacher_w=2.0", f"teacher={tmp_path / 'none'}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--trainer baseline" in err and len(err.strip().splitlines()) == 1
+    assert run(tmp_path, "typo", data_root, "gen.dimm=3") == 2
+    assert "did you mean 'gen.dim'" in capsys.readouterr().err
+    assert run(tmp_path, "again", data_root, args=("--resume",)) == 2
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_teacher_then_dgnet(tmp_path, data_root):
+    teacher_args = ("--trainer", "baseline")
+    assert run(tmp_path, "teacher", data_root, "batch_size=8", "num_instances=2", "triplet_w=1.0",
+               args=teacher_args) == 0
+    state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "teacher", 4))
+    assert state["kind"] == "baseline" and "teacher" in state["trainer"]["models"]
+    assert run(tmp_path, "student", data_root, "max_teacher_w=2.0", f"teacher={tmp_path / 'outputs' / 'teacher'}",
+               "max_iter=2") == 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
+    from trainer import DGNet_Trainer
+
+    real_step = DGNet_Trainer.train_step
+
+    def diverging(self, it, *batches):
+        losses = real_step(self, it, *batches)
+        if it >= 2:
+            losses["gan"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(DGNet_Trainer, "train_step", diverging)
+    assert run(tmp_path, "nan", data_root, "snapshot_save_iter=2") == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at iteration 3" in err and "gan=nan" in err and "00000002.pt" in err
+    assert checkpoint_path(tmp_path / "outputs" / "nan", 2).is_file()
+    assert not checkpoint_path(tmp_path / "outputs" / "nan", 4).exists()
+
+
+class Payload:
+    """An arbitrary class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(UserError, match="pickled Python objects"):
+        load_checkpoint(path)
+
+
+def test_sigint_saves_and_resumes(tmp_path, data_root):
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart/dgnet.yaml", "--name", "sig",
+           "--output_path", str(tmp_path), *tiny(data_root, "max_iter=100000", "snapshot_save_iter=1000",
+                                                   "image_display_iter=1000", "image_save_iter=1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("[") and "/100000]" in line:
+            break
+        assert time.time() < deadline, "training never started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "resume with: python train.py --resume --name sig" in out
+    ckpts = sorted((tmp_path / "outputs" / "sig" / "checkpoints").glob("*.pt"))
+    assert len(ckpts) == 1
+    saved = load_checkpoint(ckpts[0])["iteration"]
+    assert run(tmp_path, "sig", data_root, f"max_iter={saved + 1}", args=("--resume",)) == 0
+    assert checkpoint_path(tmp_path / "outputs" / "sig", saved + 1).is_file()

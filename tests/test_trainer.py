@@ -1,0 +1,419 @@
+"""trainer.py: loss weights and LR schedules against the original's, every loss term switching with its
+weight, gradient routing (reference/dgnet.md 4.5), the frozen teacher, sample(), exact state round trips,
+the baseline (teacher) trainer with its batch-hard triplet loss, teacher loading, mixed precision."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from reIDmodel import Teacher
+from trainer import (
+    BaselineTrainer,
+    DGNet_Trainer,
+    batch_hard_triplet,
+    build_scheduler,
+    load_teacher,
+    loss_weights,
+    lr_multiplier,
+    resolve_amp,
+)
+from utils import UserError, checkpoint_path, dump_config, load_config, save_checkpoint
+
+CPU = torch.device("cpu")
+NUM_CLASSES = 5
+H, W, BATCH = 64, 32, 4
+# every ramped weight at its cap from iteration 1 on
+ALL_ON = ("warm_iter=0", "warm_teacher_iter=0", "warm_scale=10.0")
+GEN_TERMS = ("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher")
+
+
+def tiny_cfg(*opts: str) -> dict:
+    """64x32 images, resnet18 appearance encoder (code 4 x 512), a few-thousand-parameter G and D."""
+    return load_config(None, [f"crop_image_height={H}", f"crop_image_width={W}", "backbone=resnet18",
+                              "pretrained=none", "gen.dim=4", "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_res=1",
+                              "gen.pad_type=zero", "dis.dim=8", "dis.n_res=1", f"batch_size={BATCH}", *opts])
+
+
+def make_batch(seed: int, height: int = H, width: int = W) -> dict:
+    """A loader batch (data/loaders.py) of random images: image, label, pos and their erased views."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(BATCH, 3, height, width, generator=g)
+    pos = torch.randn(BATCH, 3, height, width, generator=g)
+    image_erased, pos_erased = image.clone(), pos.clone()
+    image_erased[:, :, : height // 4, : width // 2] = 0
+    pos_erased[:, :, height // 2:, width // 2:] = 0
+    return {"image": image, "label": torch.randint(NUM_CLASSES, (BATCH,), generator=g), "pos": pos,
+            "image_erased": image_erased, "pos_erased": pos_erased, "index": torch.arange(BATCH),
+            "pos_index": torch.arange(BATCH)}
+
+
+def tiny_teacher() -> Teacher:
+    torch.manual_seed(123)
+    return Teacher(NUM_CLASSES, backbone="resnet18", last_stride=2)
+
+
+def make_trainer(*opts: str, seed: int = 0) -> DGNet_Trainer:
+    torch.manual_seed(seed)
+    return DGNet_Trainer(tiny_cfg(*opts), NUM_CLASSES, CPU, teacher=tiny_teacher())
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, p in module.named_parameters() if not torch.equal(p, before[name])}
+
+
+def only(**weights: float) -> dict[str, float]:
+    """A weight dict with every term off except the given ones."""
+    w = dict.fromkeys(loss_weights(tiny_cfg(), 0), 0.0)
+    w.update(weights)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights, schedules, precision
+
+
+def test_resolve_amp() -> None:
+    assert resolve_amp("none", CPU) is None
+    assert resolve_amp("auto", CPU) is None
+    assert resolve_amp("bf16", CPU) == torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        resolve_amp("fp16", CPU)
+    with pytest.raises(UserError, match="use auto, bf16, fp16 or none"):
+        resolve_amp("fp32", CPU)
+
+
+def test_loss_weights_ramp_like_the_original() -> None:
+    cfg = load_config(None)  # warm-ups at 30000, +0.0005 per iteration
+    w = lambda it: loss_weights(cfg, it)
+    assert w(30000)["teacher_w"] == 0.0
+    assert w(30001)["teacher_w"] == pytest.approx(0.0005)
+    assert w(32000)["teacher_w"] == pytest.approx(1.0)
+    assert w(34000)["teacher_w"] == pytest.approx(2.0)
+    assert w(30000 + 4000 + 1)["teacher_w"] == 2.0 == w(100000)["teacher_w"]  # capped at max_teacher_w
+    assert w(31000)["recon_s_w"] == pytest.approx(0.5) == w(31000)["recon_f_w"]
+    assert w(32001)["recon_s_w"] == 1.0  # max_w
+    assert w(33000)["recon_x_cyc_w"] == pytest.approx(1.5)
+    assert w(40000)["recon_x_cyc_w"] == 2.0  # max_cyc_w
+    assert all(w(0)[k] == 0.0 for k in ("recon_s_w", "recon_f_w", "recon_x_cyc_w", "teacher_w"))
+    fixed = {"gan_w": 1.0, "recon_x_w": 5.0, "recon_xp_w": 5.0, "recon_id_w": 0.5, "id_w": 1.0, "pid_w": 1.0,
+             "B_w": 0.2, "T_w": 1.0}
+    assert {k: w(12345)[k] for k in fixed} == fixed
+    late = load_config(None, ["warm_teacher_iter=100", "warm_iter=50"])
+    assert loss_weights(late, 100)["teacher_w"] == 0.0 < loss_weights(late, 101)["teacher_w"]
+    assert loss_weights(late, 50)["recon_s_w"] == 0.0 < loss_weights(late, 51)["recon_s_w"]
+
+
+def test_learning_rates_match_the_original_step_before_order() -> None:
+    """The original stepped MultiStepLR before each iteration's optimizer steps; ours step after and must
+    give the same LR at every iteration (first decay at 0-based iteration step_size - 1)."""
+    trainer = make_trainer("step_size=8", "lr_g=1e-4", "lr_d=2e-4", "lr2=1e-3", "gamma=0.1", "gamma2=0.5")
+    originals = {}
+    for name, base, gamma in (("gen", 1e-4, 0.1), ("dis", 2e-4, 0.1), ("id", 1e-3, 0.5)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+        originals[name] = (opt, torch.optim.lr_scheduler.MultiStepLR(opt, [8, 12, 14], gamma=gamma))
+    seen = []
+    for it in range(18):
+        for opt, sched in originals.values():  # the original: update_learning_rate() first
+            opt.step()
+            sched.step()
+        rates = trainer.learning_rates()
+        for name, (opt, _) in originals.items():
+            assert rates[name] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), (name, it)
+        assert rates["id_heads"] == pytest.approx(10 * rates["id"])
+        seen.append(rates["gen"])
+        for part in trainer.parts.values():  # ours: the optimizers step, then the schedulers
+            part.optimizer.step()
+            part.scheduler.step()
+    assert seen[6] == pytest.approx(1e-4) and seen[7] == pytest.approx(1e-5)
+    assert seen[11] == pytest.approx(1e-6) and seen[13] == pytest.approx(1e-7)
+
+    step = {"lr_policy": "step", "step_size": 5}
+    assert [lr_multiplier(step, i, 0.1) for i in (0, 4, 5, 10)] == pytest.approx([1, 1, 0.1, 0.01])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    assert build_scheduler(opt, {"lr_policy": "constant", "step_size": 5}, 0.1, ahead=1) is None
+    with pytest.raises(UserError, match="lr_policy"):
+        build_scheduler(opt, {"lr_policy": "cosine", "step_size": 5}, 0.1, ahead=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one DG-Net iteration
+
+
+def test_train_step_trains_every_part_and_reports_weighted_terms() -> None:
+    trainer = make_trainer(*ALL_ON)
+    trainer.train()
+    before = {name: snapshot(part.module) for name, part in trainer.parts.items()}
+    teacher_before = snapshot(trainer.teacher)
+    losses = trainer.train_step(1, make_batch(0), make_batch(1))
+
+    assert set(losses) == set(DGNet_Trainer.LOSS_KEYS)
+    for key, value in losses.items():
+        assert value.dim() == 0 and not value.requires_grad and math.isfinite(float(value)), key
+    assert all(float(losses[k]) > 0 for k in (*GEN_TERMS, "D", "R1")), losses
+    assert float(losses["total"]) == pytest.approx(sum(float(losses[k]) for k in GEN_TERMS), rel=1e-5)
+    assert float(losses["R1"]) < float(losses["D"])  # R1 is reported as the part of D it is
+    for name, part in trainer.parts.items():
+        assert changed(part.module, before[name]), f"{name} did not train"
+    assert not changed(trainer.teacher, teacher_before)
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert trainer.gen_a is trainer.parts["gen"].module and trainer.id_a is trainer.parts["id"].module
+    assert trainer.dis_a is trainer.parts["dis"].module
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # D never steps at gan_w 0
+def test_ramped_terms_are_zero_exactly_while_their_weight_is() -> None:
+    trainer = make_trainer("warm_iter=3", "warm_teacher_iter=3", "warm_scale=0.5")
+    ramped = ("s", "f", "cyc", "teacher")
+    off = trainer.train_step(3, make_batch(0), make_batch(1))
+    assert all(float(off[k]) == 0.0 for k in ramped), off
+    on = trainer.train_step(4, make_batch(2), make_batch(3))
+    assert all(float(on[k]) > 0.0 for k in ramped), on
+
+    no_gan = make_trainer("gan_w=0", "pid_w=0")
+    dis_before = snapshot(no_gan.dis_a)
+    losses = no_gan.train_step(0, make_batch(0), make_batch(1))
+    assert float(losses["D"]) == float(losses["gan"]) == float(losses["pid"]) == 0.0
+    assert not changed(no_gan.dis_a, dis_before)
+
+
+def test_gradient_routing() -> None:
+    """Reference 4.5: which losses reach which network."""
+    trainer = make_trainer(*ALL_ON)
+    a, b = make_batch(0), make_batch(1)
+
+    def step(w: dict[str, float], dis: bool = False) -> dict[str, set[str]]:
+        before = {name: snapshot(part.module) for name, part in trainer.parts.items()}
+        fw = trainer.forward(a, b, w)
+        if dis:
+            trainer.dis_update(fw.x_ab, fw.x_ba, fw.x_a, fw.x_b, w)
+        else:
+            trainer.gen_update(fw, w)
+        return {name: changed(part.module, before[name]) for name, part in trainer.parts.items()}
+
+    def touched(names: set[str], prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in names)
+
+    moved = step(only(gan_w=1.0), dis=True)  # D step: the swaps are detached
+    assert moved["dis"] and not moved["gen"] and not moved["id"]
+
+    for weights in ({"recon_x_w": 5.0}, {"recon_xp_w": 5.0}, {"gan_w": 1.0}, {"recon_id_w": 0.5}):
+        moved = step(only(**weights))  # generation losses: G and E_s, never E_a (f detached, frozen E_a)
+        assert not moved["id"] and not moved["dis"], weights
+        for prefix in ("enc_content.", "dec.", "mlp_w1."):
+            assert touched(moved["gen"], prefix), (weights, prefix)
+
+    for weights in ({"id_w": 1.0}, {"pid_w": 1.0}, {"teacher_w": 2.0, "T_w": 1.0, "B_w": 0.2}):
+        moved = step(only(**weights))  # ReID losses: E_a only
+        assert moved["id"] and not moved["gen"] and not moved["dis"], weights
+    moved = step(only(teacher_w=2.0, T_w=1.0, B_w=0.2))  # KL trains the primary head, mining the second
+    assert touched(moved["id"], "classifier1.") and touched(moved["id"], "classifier2.")
+    trainer.cfg["erasing_p"] = 0.0  # one E_a pass gives the code and the logits
+    moved = step(only(id_w=1.0, recon_x_w=5.0))
+    assert moved["id"] and touched(moved["gen"], "dec.") and not moved["dis"]
+
+    trainer.cfg["use_encoder_again"] = 1.0  # live E_s on detached swaps: only E_s learns
+    moved = step(only(recon_s_w=1.0))
+    assert touched(moved["gen"], "enc_content.") and not touched(moved["gen"], "dec.")
+    assert not touched(moved["gen"], "mlp_")
+    trainer.cfg["use_encoder_again"] = 0.0  # frozen E_s on the swaps: the decoder and MLPs learn too
+    moved = step(only(recon_s_w=1.0))
+    assert touched(moved["gen"], "enc_content.") and touched(moved["gen"], "dec.") and touched(moved["gen"], "mlp_")
+    assert not moved["id"]
+
+
+def test_teacher_soft_label_styles() -> None:
+    trainer = make_trainer()
+    x = torch.randn(BATCH, 3, H, W)
+    appearance, structure = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 4, 0])
+    labels = {}
+    for style in range(5):
+        trainer.cfg["teacher_style"] = style
+        labels[style] = trainer.soft_labels(x, appearance, structure)
+        assert labels[style].shape == (BATCH, NUM_CLASSES)
+        assert torch.allclose(labels[style].sum(1), torch.ones(BATCH))
+    teacher = trainer.teacher
+    expected = (F.softmax(teacher(x), 1) + F.softmax(teacher(x.flip(3)), 1)) / 2
+    assert torch.allclose(labels[0], expected.detach(), atol=1e-6)
+    assert torch.equal(labels[1], F.one_hot(expected.argmax(1), NUM_CLASSES).float())
+    assert torch.equal(labels[2], F.one_hot(appearance, NUM_CLASSES).float())
+    assert torch.allclose(labels[3], torch.full((BATCH, NUM_CLASSES), 1 / NUM_CLASSES))
+    allowed = F.one_hot(appearance, NUM_CLASSES) + F.one_hot(structure, NUM_CLASSES) > 0
+    assert (labels[4][~allowed] == 0).all() and (labels[4][allowed] > 0).all()
+    trainer.cfg["teacher_style"] = 2  # hard targets: the KL stays finite (0 log 0 = 0)
+    losses = trainer.gen_update(trainer.forward(make_batch(0), make_batch(1), only(teacher_w=1.0, T_w=1.0)),
+                                only(teacher_w=1.0, T_w=1.0))
+    assert math.isfinite(float(losses["teacher"])) and float(losses["teacher"]) > 0
+
+
+def test_teacher_stays_frozen_and_sample_restores_modes() -> None:
+    trainer = make_trainer()
+    trainer.train()
+    assert not any(m.training for m in trainer.teacher.modules())
+    trainer.dis_a.eval()  # a mixed state must come back as it was
+    modes = {name: [m.training for m in part.module.modules()] for name, part in trainer.parts.items()}
+    x_a, x_b = torch.randn(3, 3, H, W), torch.randn(3, 3, H, W)
+    out = trainer.sample(x_a, x_b)
+    assert len(out) == 8 and all(t.shape == x_a.shape and t.dtype == torch.float32 for t in out)
+    assert torch.equal(out[0], x_a) and torch.equal(out[4], x_b)
+    assert modes == {name: [m.training for m in part.module.modules()] for name, part in trainer.parts.items()}
+    assert not any(m.training for m in trainer.teacher.modules())
+    # eval mode: nothing depends on the batch, so the batched call equals the original's one-at-a-time loop
+    one = trainer.sample(x_a[1:2], x_b[1:2])
+    for batched, single in zip(out, one):
+        assert torch.allclose(batched[1:2], single, atol=1e-5)
+    trainer.eval()
+    trainer.train()
+    assert not trainer.teacher.training
+
+
+def test_state_dict_round_trip_continues_bit_for_bit() -> None:
+    first = make_trainer(*ALL_ON)
+    torch.manual_seed(1)
+    first.train_step(1, make_batch(0), make_batch(1))  # non-trivial optimizer and scheduler state
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # only tensors and plain containers
+
+    second = make_trainer(*ALL_ON, seed=99)  # other initial weights, overwritten by the state
+    second.load_state_dict(state)
+    assert second.learning_rates() == first.learning_rates()
+    results = []
+    for trainer in (first, second):
+        torch.manual_seed(7)
+        results.append(trainer.train_step(2, make_batch(2), make_batch(3)))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0]), results
+    for name in first.parts:
+        for (key, p), q in zip(first.parts[name].module.state_dict().items(),
+                               second.parts[name].module.state_dict().values()):
+            assert torch.equal(p, q), (name, key)
+
+
+def test_bf16_autocast_train_step_on_cpu() -> None:
+    # 32x16 images: CPUs without bf16 instructions run bf16 convolutions on a slow path
+    trainer = make_trainer(*ALL_ON, "amp=bf16", "crop_image_height=32", "crop_image_width=16", "dis.pad_type=zero")
+    assert trainer.scaler is None
+    losses = trainer.train_step(1, make_batch(0, 32, 16), make_batch(1, 32, 16))
+    assert all(math.isfinite(float(v)) for v in losses.values()), losses
+    assert float(losses["total"]) > 0
+    with pytest.raises(UserError, match="fp16"):
+        make_trainer("amp=fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the baseline (teacher) trainer
+
+
+def test_batch_hard_triplet_picks_hardest_pairs() -> None:
+    features = torch.tensor([[0.0], [2.0], [1.0], [5.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    # anchor 0: farthest positive 2, nearest negative 1; anchor 2: 2, 1; anchor 1: 4 (to 5), 1; anchor 5: 4, 3
+    loss = batch_hard_triplet(features, labels, margin=0.3)
+    assert float(loss.detach()) == pytest.approx((1.3 + 1.3 + 3.3 + 1.3) / 4, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+    soft = batch_hard_triplet(features.detach(), labels, margin=0.0)
+    assert float(soft) == pytest.approx(float(F.softplus(torch.tensor([1.0, 1.0, 3.0, 1.0])).mean()), rel=1e-5)
+    # an anchor without a positive in the batch is left out
+    alone = batch_hard_triplet(torch.tensor([[0.0], [2.0], [1.0]]), torch.tensor([0, 0, 1]), margin=0.3)
+    assert float(alone) == pytest.approx(1.3, rel=1e-5)
+
+
+def baseline_batch(seed: int) -> dict:
+    batch = make_batch(seed)
+    batch["label"] = torch.tensor([0, 0, 1, 1])  # P x K: two identities, two images each
+    return {k: batch[k] for k in ("image", "image_erased", "label", "index")}
+
+
+def test_baseline_trainer_step_with_and_without_triplet() -> None:
+    torch.manual_seed(0)
+    plain = BaselineTrainer(tiny_cfg(), NUM_CLASSES, CPU)
+    rates = plain.learning_rates()
+    assert set(rates) == {"teacher", "teacher_heads"} and rates["teacher_heads"] == pytest.approx(10 * rates["teacher"])
+    before = snapshot(plain.parts["teacher"].module)
+    losses = plain.train_step(0, baseline_batch(0))
+    assert set(losses) == {"ce", "acc", "total"}
+    assert float(losses["ce"]) == pytest.approx(math.log(NUM_CLASSES), abs=0.1)  # N(0, 0.001) classifier
+    assert 0.0 <= float(losses["acc"]) <= 1.0 and torch.equal(losses["total"], losses["ce"])
+    assert changed(plain.parts["teacher"].module, before)
+
+    torch.manual_seed(0)
+    triplet = BaselineTrainer(tiny_cfg("triplet_w=1.0", "label_smoothing=0.1"), NUM_CLASSES, CPU)
+    losses = triplet.train_step(0, baseline_batch(0))
+    assert set(losses) == {"ce", "triplet", "acc", "total"}
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert float(losses["total"]) == pytest.approx(float(losses["ce"]) + float(losses["triplet"]), rel=1e-6)
+
+    teacher = triplet.parts["teacher"].module.eval()  # the trainer's pooled feature is the Teacher's own
+    x = baseline_batch(1)["image"]
+    with torch.no_grad():
+        assert torch.allclose(teacher.classifier(teacher._pooled(x)), teacher(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading a teacher
+
+
+def test_load_teacher_from_the_original_baseline_layout(tmp_path) -> None:
+    torch.manual_seed(0)
+    original = Teacher(NUM_CLASSES, backbone="resnet50", last_stride=1)
+    folder = tmp_path / "best"
+    folder.mkdir()
+    torch.save(original.state_dict(), folder / "net_last.pth")
+    (folder / "opts.yaml").write_text(yaml.safe_dump({"stride": 1, "nclasses": NUM_CLASSES, "droprate": 0.5}))
+    for path in (folder, folder / "net_last.pth"):
+        teacher = load_teacher(str(path), NUM_CLASSES, CPU)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert teacher.model.layer4[0].conv2.stride == (1, 1)  # from opts.yaml
+        assert all(torch.equal(p, q) for p, q in zip(teacher.state_dict().values(), original.state_dict().values()))
+    with pytest.raises(UserError, match=f"has {NUM_CLASSES} classes.*train a teacher"):
+        load_teacher(str(folder), 7, CPU)
+
+
+def test_load_teacher_from_a_baseline_run_folder(tmp_path) -> None:
+    cfg = tiny_cfg("ID_stride=2")
+    torch.manual_seed(0)
+    baseline = BaselineTrainer(cfg, NUM_CLASSES, CPU)
+    run = tmp_path / "outputs" / "teacher"
+    run.mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    save_checkpoint({"trainer": baseline.state_dict(), "iteration": 5, "config": cfg}, checkpoint_path(run, 5))
+    baseline.train_step(5, baseline_batch(0))  # the newest checkpoint must win
+    save_checkpoint({"trainer": baseline.state_dict(), "iteration": 10, "config": cfg}, checkpoint_path(run, 10))
+    trained = baseline.parts["teacher"].module.state_dict()
+
+    for path in (run, checkpoint_path(run, 10)):
+        teacher = load_teacher(str(path), NUM_CLASSES, CPU)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert all(torch.equal(p, q) for p, q in zip(teacher.state_dict().values(), trained.values()))
+    with pytest.raises(UserError, match=f"teacher at {run} has {NUM_CLASSES} classes but the data has 7 identities"):
+        load_teacher(str(run), 7, CPU)
+
+    torch.manual_seed(0)  # DG-Net loads the teacher named in its config when none is handed in
+    trainer = DGNet_Trainer(tiny_cfg(f"teacher={run}"), NUM_CLASSES, CPU)
+    assert trainer.teacher is not None and not trainer.teacher.training
+    assert all(torch.equal(p, q) for p, q in zip(trainer.teacher.state_dict().values(), trained.values()))
+    assert "teacher" not in trainer.parts and "teacher" not in trainer.state_dict()["models"]
+
+
+def test_load_teacher_errors_and_when_no_teacher_is_needed(tmp_path) -> None:
+    with pytest.raises(UserError, match="does not exist.*--trainer baseline.*teacher: outputs/<name>"):
+        load_teacher(str(tmp_path / "missing"), NUM_CLASSES, CPU)
+    with pytest.raises(UserError, match="neither a baseline run folder"):
+        load_teacher(str(tmp_path), NUM_CLASSES, CPU)
+    missing = f"teacher={tmp_path / 'missing'}"
+    with pytest.raises(UserError, match="does not exist"):
+        DGNet_Trainer(tiny_cfg(missing), NUM_CLASSES, CPU)
+    for opts in (("max_teacher_w=0",), ("teacher_style=3",), ("teacher_style=2",), ("T_w=0",)):
+        assert DGNet_Trainer(tiny_cfg(missing, *opts), NUM_CLASSES, CPU).teacher is None, opts
+    with pytest.raises(UserError, match="teacher_style"):
+        DGNet_Trainer(tiny_cfg(missing, "teacher_style=7"), NUM_CLASSES, CPU)

@@ -1,0 +1,380 @@
+"""Train DG-Net, or the teacher it needs.
+
+    python train.py --config configs/teacher/market.yaml --trainer baseline   # the teacher
+    python train.py --config configs/latest.yaml                              # DG-Net
+    python train.py --config configs/latest.yaml --resume                     # continue exactly
+
+A run lives in `<output_path>/outputs/<name>/`: `config.yaml` (resolved), `checkpoints/<iteration>.pt`
+(the whole run state), `images/` (grids and index.html), `logs/` (tensorboard), `src/` (the code).
+The loop is at the bottom of this file: one `train_step` per iteration, then the periodic steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.loaders import TestSet, TrainSet, build_dgnet_loaders, build_teacher_loader, image_size, load_splits
+from utils import (
+    REPO_ROOT,
+    UserError,
+    checkpoint_path,
+    config_help,
+    dump_config,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_config,
+    one_line,
+    save_checkpoint,
+    seed_everything,
+    write_grid,
+    write_image_index,
+)
+
+TRAINERS = ("DGNet", "baseline")
+SOURCE_FILES = ("train.py", "trainer.py", "networks.py", "reIDmodel.py", "utils.py", "data")
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line, device, run folder
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/latest.yaml", help="YAML config (default: configs/latest.yaml)")
+    p.add_argument("--trainer", default="DGNet", choices=TRAINERS, help="DGNet, or baseline for the teacher")
+    p.add_argument("--name", help="run name (default: the config file's base name)")
+    p.add_argument("--output_path", default=".", help="runs go to OUTPUT_PATH/outputs/NAME (default: .)")
+    p.add_argument("--resume", action="store_true", help="continue the run NAME from its newest checkpoint")
+    p.add_argument("--gpu_ids", default=None, help="GPU index to train on, e.g. 0 (default: GPU 0 if any, else CPU)")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iter=10")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    return p.parse_args(argv)
+
+
+def select_device(gpu_ids: str | None) -> torch.device:
+    """The training device; an unusable --gpu_ids is an error before anything is written."""
+    if gpu_ids is None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpu_ids takes GPU indices such as 0 or 0,1, got '{gpu_ids}'") from None
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu_ids {gpu_ids}: CUDA is not available on this machine; leave --gpu_ids out to "
+                        "train on the CPU")
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if not 0 <= i < count]
+    if missing:
+        raise UserError(f"--gpu_ids {gpu_ids}: GPU {missing[0]} does not exist; this machine has {count} "
+                        f"(0..{count - 1})")
+    if len(ids) != 1:
+        raise UserError("--gpu_ids: train on one GPU (e.g. --gpu_ids 0); several GPUs are not supported yet")
+    return torch.device("cuda", ids[0])
+
+
+def prepare_run_folder(run_dir: Path, cfg: dict[str, Any]) -> None:
+    for sub in ("checkpoints", "images", "logs", "src"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    for name in SOURCE_FILES:  # the code that defines the run, as the original kept its copies
+        src, dst = REPO_ROOT / name, run_dir / "src" / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.is_file():
+            shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run state: everything a checkpoint needs besides the trainer's own state
+
+
+def rng_state() -> dict[str, Any]:
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# periodic steps (each runs every N iterations; the loop calls them in order)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", flush=True)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Logger:
+    """Console line and tensorboard scalars every `log_iter`; also where non-finite losses are caught."""
+
+    def __init__(self, every: int, max_iter: int, writer: Any, trainer: Any, device: torch.device):
+        self.every, self.max_iter, self.writer, self.trainer, self.device = every, max_iter, writer, trainer, device
+        self.window_start = time.perf_counter()
+        self.window_iters, self.data_time = 0, 0.0
+
+    def record(self, data_seconds: float) -> None:
+        self.window_iters += 1
+        self.data_time += data_seconds
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        if done % self.every and done != self.max_iter:
+            return
+        values = check_finite(done, losses)
+        elapsed = time.perf_counter() - self.window_start  # after the .item() syncs above: GPU work is done
+        speed = self.window_iters / max(elapsed, 1e-9)
+        data_share = self.data_time / max(elapsed, 1e-9)
+        lrs = self.trainer.learning_rates()
+        eta = (self.max_iter - done) / max(speed, 1e-9)
+        terms = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        rates = " ".join(f"{k} {v:.2e}" for k, v in lrs.items())
+        line = (f"[{done:>{len(str(self.max_iter))}d}/{self.max_iter}] {terms} | lr {rates} | {speed:.2f} it/s, "
+                f"data {data_share:.0%}")
+        if self.device.type == "cuda":
+            line += f" | peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
+        print(line + f" | eta {format_seconds(eta)}", flush=True)
+        for k, v in values.items():
+            self.writer.add_scalar(f"loss/{k}", v, done)
+        for k, v in lrs.items():
+            self.writer.add_scalar(f"lr/{k}", v, done)
+        self.writer.add_scalar("speed/iterations_per_s", speed, done)
+        self.writer.add_scalar("speed/data_share", data_share, done)
+        self.window_start, self.window_iters, self.data_time = time.perf_counter(), 0, 0.0
+
+
+def check_finite(done: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    values = {k: float(v) for k, v in losses.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise NonFiniteLoss(f"non-finite loss at iteration {done}: {terms}")
+    return values
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ImageGrids:
+    """DG-Net's grids (reference 4.10): rows x, reconstruction, cycle, swap; a2b and b2a; train and test."""
+
+    def __init__(self, cfg: dict[str, Any], splits: Any, trainer: Any, image_dir: Path, writer: Any,
+                 device: torch.device):
+        self.trainer, self.image_dir, self.writer, self.device = trainer, image_dir, writer, device
+        self.every = {"train": cfg["image_display_iter"], "test": cfg["image_save_iter"]}
+        self.max_iter = cfg["max_iter"]
+        n = cfg["display_size"]
+        train = TrainSet(splits.train, splits.train_labels, image_size(cfg), cfg["pad"], 0.0, positives=False)
+        self.inputs = {"train": self._pick(train, n, lambda i: train[(i, i)]["image"])}
+        if len(splits.query) >= 2:
+            query = TestSet(splits.query, image_size(cfg))
+            self.inputs["test"] = self._pick(query, n, lambda i: query[i]["image"])
+
+    @staticmethod
+    def _pick(dataset: Any, n: int, load: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two fixed sets of n images, spread over the split: the a and b rows of every grid."""
+        n = min(n, len(dataset) // 2)
+        spots = np.linspace(0, len(dataset) - 1, 2 * n).round().astype(int)
+        images = torch.stack([load(int(i)) for i in spots])
+        return images[0::2], images[1::2]
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        written = False
+        for split, (x_a, x_b) in self.inputs.items():
+            if done % self.every[split] and done != self.max_iter:
+                continue
+            out = self.trainer.sample(x_a.to(self.device), x_b.to(self.device))
+            for direction, rows in (("a2b", out[:4]), ("b2a", out[4:])):
+                path = self.image_dir / f"gen_{direction}_{split}_{done:08d}.jpg"
+                grid = write_grid(rows, path)
+                self.writer.add_image(f"{split}/{direction}", grid, done, dataformats="HWC")
+            written = True
+        if written:
+            write_image_index(self.image_dir, f"{self.image_dir.parent.name}: generated images")
+
+
+class Snapshots:
+    """A checkpoint every `snapshot_save_iter` and at the end; the newest `keep_last` stay."""
+
+    def __init__(self, run_dir: Path, every: int, keep_last: int, max_iter: int, state_of: Any):
+        self.run_dir, self.every, self.keep_last, self.max_iter, self.state_of = (
+            run_dir, every, keep_last, max_iter, state_of)
+
+    def save(self, done: int) -> Path:
+        path = checkpoint_path(self.run_dir, done)
+        save_checkpoint(self.state_of(done), path)
+        for it, old in list_checkpoints(self.run_dir)[:-max(self.keep_last, 1)]:
+            if it != self.max_iter:
+                old.unlink()
+        return path
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        if done % self.every == 0 or done == self.max_iter:
+            check_finite(done, losses)  # never write a checkpoint of a diverged model
+            self.save(done)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+
+def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torch.device) -> Any:
+    from trainer import BaselineTrainer, DGNet_Trainer  # imported here so --help stays fast
+
+    if kind == "baseline":
+        return BaselineTrainer(cfg, num_classes, device)
+    return DGNet_Trainer(cfg, num_classes, device)
+
+
+def build_loaders(kind: str, cfg: dict[str, Any], splits: Any, device: torch.device) -> dict[str, Any]:
+    pin = device.type == "cuda"
+    if kind == "baseline":
+        return {"batch": build_teacher_loader(cfg, splits, identity_sampler=cfg["triplet_w"] > 0, pin_memory=pin)}
+    a, b = build_dgnet_loaders(cfg, splits, pin_memory=pin)
+    return {"a": a, "b": b}
+
+
+def train(args: argparse.Namespace) -> int:
+    device = select_device(args.gpu_ids)
+    name = args.name or Path(args.config).stem
+    run_dir = Path(args.output_path) / "outputs" / name
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None or not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
+        cfg = load_config(run_dir / "config.yaml", args.opts)
+    else:
+        if latest_checkpoint(run_dir) is not None:
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
+        cfg = load_config(args.config, args.opts)
+
+    seed_everything(cfg["seed"])
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow CPU convolutions 10x
+    splits = load_splits(cfg)
+    state = load_checkpoint(resume_from) if resume_from else None
+    kind = state["kind"] if state else args.trainer
+    trainer = build_trainer(kind, cfg, splits.num_classes, device)
+    loaders = build_loaders(kind, cfg, splits, device)
+    start = 0
+    if state:
+        trainer.load_state_dict(state["trainer"])
+        for key, loader in loaders.items():
+            loader.load_state_dict(state["loaders"][key])
+        start = state["iteration"]
+
+    # Everything that can fail on bad input has run: only now is the run folder written.
+    prepare_run_folder(run_dir, cfg)
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None)
+
+    def state_of(done: int) -> dict[str, Any]:
+        return {"kind": kind, "iteration": done, "trainer": trainer.state_dict(), "config": cfg,
+                "loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rng_state()}
+
+    max_iter = cfg["max_iter"]
+    logger = Logger(cfg["log_iter"], max_iter, writer, trainer, device)
+    snapshots = Snapshots(run_dir, cfg["snapshot_save_iter"], cfg["keep_last"], max_iter, state_of)
+    periodic = [logger]
+    if kind == "DGNet":
+        periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, device))
+    periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from
+
+    if state:
+        set_rng_state(state["rng"])  # after every model was built: their init drew from the same RNGs
+        print(f"resumed {run_dir} at iteration {start}", flush=True)
+    print(f"{kind} on {splits.name} ({splits.num_classes} identities, {len(splits.train)} images) on {device}; "
+          f"run folder {run_dir}", flush=True)
+    resume_hint = f"python train.py --resume --name {name}" + (
+        f" --output_path {args.output_path}" if args.output_path != "." else "")
+    trainer.train()
+    with StopRequest() as stop:
+        try:
+            for it in range(start, max_iter):
+                tick = time.perf_counter()
+                batches = [next(loader) for loader in loaders.values()]
+                logger.record(time.perf_counter() - tick)
+                losses = trainer.train_step(it, *batches)
+                done = it + 1
+                for step in periodic:
+                    step(done, losses)
+                if stop.signal is not None:
+                    if done % snapshots.every and done != max_iter:
+                        check_finite(done, losses)
+                        snapshots.save(done)
+                    print(f"stopped at iteration {done}; resume with: {resume_hint}", flush=True)
+                    return 128 + stop.signal
+        except NonFiniteLoss as err:
+            last = latest_checkpoint(run_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            print(f"error: {err}; stopping ({kept})", file=sys.stderr, flush=True)
+            return 3
+        finally:
+            writer.close()
+            for loader in loaders.values():
+                loader.close()
+    print(f"finished {max_iter} iterations; checkpoint {checkpoint_path(run_dir, max_iter)}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
+    try:
+        return train(args)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

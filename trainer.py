@@ -1,0 +1,696 @@
+"""Trainers: DG-Net (`DGNet_Trainer`) and the baseline ReID model that becomes its teacher (`BaselineTrainer`).
+
+Each trainer holds a table of named parts, `{name: Part(module, optimizer, scheduler)}` (torchreid's
+named sets): saving, loading, LR stepping and train/eval switching go through that one table. DG-Net's
+parts are "gen" (E_s, decoder and MLPs: the original's `gen_a`), "dis" (D, `dis_a`) and "id" (E_a and the
+ReID heads, `id_a`); the teacher is frozen and kept outside the table. Loss weights (`loss_weights`) and
+LR multipliers (`lr_multiplier`) are pure functions of the iteration, so a resumed run continues exactly.
+
+Naming follows reference/dgnet.md: x_a, x_b real images with labels l_a, l_b; s = structure code
+(E_s, `enc_content`), f = appearance code (E_a); x_ba = G(s_b, f_a) is b's structure in a's appearance,
+x_ab = G(s_a, f_b). Every loss is reference 4.2's, at the weights of 4.6, with the routing of 4.5.
+
+Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py), for the README:
+- The teacher stays frozen in eval mode (no dropout, BatchNorm running statistics) for the whole run. The
+  original's teacher slipped into full train mode at the first image dump (its `sample()` ended with
+  `self.train()`), so its soft labels came from a stochastic, batch-statistics teacher (reference 4.4).
+- Loss weights are a pure function of the iteration: w(it) = min(cap, init + max(0, it - warm) * warm_scale).
+  This is the original's ramp (it added warm_scale inside every gen_update with iteration > warm), up to
+  float rounding of the repeated additions, and it survives a resume (the original's ramps restarted at 0).
+- LR schedulers step after the optimizers (PyTorch's order); the multiplier used at iteration `it` is the
+  original's, which stepped before them (see `lr_multiplier`). The E_a scheduler resumes like the others
+  (the original restarted it at 0).
+- Frozen-weight passes (identity loss on generated images, structure re-encoding, G's adversarial loss)
+  use the live weights through `networks.frozen_call` instead of per-iteration deep copies.
+- recon_f (appearance-code reconstruction) is reported at its weight and counted in the reported total,
+  but it carries no gradient, exactly as in the original: both codes are detached inside E_a. It is read
+  off the frozen E_a pass that the identity loss makes anyway, so it costs nothing extra.
+- The use_encoder_again coin is drawn from torch's CPU generator (the original used Python's `random`,
+  seeded to 7 by its random-erasing constructor), so runs reproduce and resume bit for bit on CPU.
+- Random erasing happens in the loader. E_a's pass on the clean image only yields the (detached)
+  appearance code, so it runs without autograd; with erasing_p 0 one pass gives both the code and the
+  logits (the original ran two identical passes, moving the BatchNorm running statistics twice).
+- G, E_s and D see the a and b halves in one batched call (none of them has batch-dependent layers at
+  the defaults; D is called per half when dis.norm is bn). E_a keeps the halves apart, as the original
+  did, because its BatchNorm statistics depend on the batch.
+- `sample()` runs the display images as one batch in eval mode instead of one at a time: in eval mode no
+  layer depends on the batch, so the images are the same.
+- Mixed precision is torch.amp (bf16 autocast, or fp16 with a GradScaler) instead of apex O1; the LSGAN
+  losses, R1, the L1 terms, cross-entropies and the teacher KL are computed in fp32.
+- Teacher styles 2 (hard static) and 3 (uniform) do not need the teacher network, so none is loaded.
+- The VGG perceptual loss (vgg_w, off by default, its loader broken in the original) is not implemented.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss
+from reIDmodel import Teacher, backbone_forward, build_appearance_encoder, build_teacher, load_original_state
+from utils import UserError, latest_checkpoint, load_checkpoint, load_config
+
+# Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
+RAMPED_WEIGHTS = {
+    "recon_s_w": ("max_w", "warm_iter"),
+    "recon_f_w": ("max_w", "warm_iter"),
+    "recon_x_cyc_w": ("max_cyc_w", "warm_iter"),
+    "teacher_w": ("max_teacher_w", "warm_teacher_iter"),
+}
+FIXED_WEIGHTS = ("gan_w", "recon_x_w", "recon_xp_w", "recon_id_w", "id_w", "pid_w", "B_w", "T_w")
+LR_POLICIES = ("multistep", "step", "constant")
+TEACHER_STYLES = {0: "smooth dynamic", 1: "hard dynamic", 2: "hard static", 3: "uniform", 4: "two-label"}
+TEACHER_NETWORK_STYLES = (0, 1, 4)  # the styles that run the teacher network
+TRAIN_TEACHER = "python train.py --config configs/teacher/<dataset>.yaml --trainer baseline"
+BATCH_KEYS = ("image", "label", "pos", "image_erased", "pos_erased")
+T = TypeVar("T")
+
+
+def resolve_amp(cfg_amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for config key `amp`: auto (bf16 on CUDA GPUs that support it), bf16, fp16, none."""
+    cuda = device.type == "cuda"
+    if cfg_amp == "none":
+        return None
+    if cfg_amp == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    if cfg_amp == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise UserError("amp: bf16 is not supported by this GPU; use amp: fp16 or amp: none")
+        return torch.bfloat16
+    if cfg_amp == "fp16":
+        if not cuda:
+            raise UserError(f"amp: fp16 needs a CUDA GPU, the device is {device}; use amp: bf16 or amp: none")
+        return torch.float16
+    raise UserError(f"amp is {cfg_amp!r}: use auto, bf16, fp16 or none")
+
+
+def loss_weights(cfg: dict, it: int) -> dict[str, float]:
+    """Every loss weight at iteration `it` (completed iterations, 0-based, the original's `iterations`).
+
+    Ramped: w(it) = min(cap, init + max(0, it - warm) * warm_scale), so with the defaults teacher_w is 0 up
+    to iteration 30000, 0.0005 at 30001 and reaches its cap 2 at 34000. Fixed weights are read as they are.
+    """
+    weights = {key: float(cfg[key]) for key in FIXED_WEIGHTS}
+    for key, (cap, warm) in RAMPED_WEIGHTS.items():
+        weights[key] = min(float(cfg[cap]), cfg[key] + max(0, it - cfg[warm]) * cfg["warm_scale"])
+    return weights
+
+
+def lr_multiplier(cfg: dict, position: int, gamma: float) -> float:
+    """LR multiplier after `position` scheduler steps: multistep decays by `gamma` at step_size, x1.5 and
+    x1.75 of it (60000, 90000, 105000 at the defaults), step every step_size, constant never."""
+    policy, size = cfg["lr_policy"], cfg["step_size"]
+    if policy == "multistep":
+        milestones = (size, size + size // 2, size + size // 2 + size // 4)
+        return gamma ** sum(position >= m for m in milestones)
+    if policy == "step":
+        return gamma ** (position // size)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, gamma: float, ahead: int) -> LRScheduler | None:
+    """A per-iteration scheduler (None for `constant`); iteration `it` uses lr_multiplier(it + ahead)."""
+    if cfg["lr_policy"] not in LR_POLICIES:
+        raise UserError(f"lr_policy is {cfg['lr_policy']!r}: use one of {', '.join(LR_POLICIES)}")
+    if cfg["lr_policy"] == "constant":
+        return None
+    if cfg["step_size"] <= 0:
+        raise UserError(f"step_size is {cfg['step_size']}: use a positive number of iterations")
+    return LambdaLR(optimizer, lambda position: lr_multiplier(cfg, position + ahead, gamma))
+
+
+def reid_sgd(backbone: nn.Module, heads: list[nn.Module], cfg: dict) -> torch.optim.SGD:
+    """SGD with Nesterov momentum 0.9: lr2 for the backbone, 10 x lr2 for the classifier heads.
+
+    The groups are named, which `learning_rates` uses ("id" and "id_heads").
+    """
+    head_params = [p for head in heads for p in head.parameters()]
+    return torch.optim.SGD([{"params": list(backbone.parameters()), "name": "backbone"},
+                            {"params": head_params, "lr": 10 * cfg["lr2"], "name": "heads"}],
+                           lr=cfg["lr2"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+
+
+def _adam(module: nn.Module, lr: float, cfg: dict) -> torch.optim.Adam:
+    # Adam with L2 weight decay (not AdamW), as the original
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
+
+
+def _l1(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error in fp32; the target carries no gradient (the original's recon_criterion)."""
+    return (x.float() - target.detach().float()).abs().mean()
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def _built(build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a network builder, turning its one-line config errors into UserError."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+
+
+def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al.) on Euclidean distances, in fp32.
+
+    For each anchor: its farthest same-label sample (another one, not itself) and its nearest other-label
+    sample; loss = mean over anchors of max(0, d_ap - d_an + margin), or the soft margin softplus(d_ap - d_an)
+    when margin is 0. Anchors without a positive or without a negative in the batch are left out.
+    """
+    x = features.float()
+    sq = x.pow(2).sum(1)
+    dist = (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
+    same = labels[:, None] == labels[None, :]
+    self_pair = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive, negative = same & ~self_pair, ~same
+    d_ap = dist.masked_fill(~positive, float("-inf")).amax(1)
+    d_an = dist.masked_fill(~negative, float("inf")).amin(1)
+    valid = positive.any(1) & negative.any(1)
+    gap = (d_ap - d_an)[valid]
+    per_anchor = F.softplus(gap) if margin == 0 else F.relu(gap + margin)
+    # no valid anchor: a zero that still belongs to the graph, so one backward always works
+    return per_anchor.mean() if valid.any() else x.sum() * 0.0
+
+
+@dataclass
+class Part:
+    """One trained network with its optimizer and (per-iteration) LR scheduler."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+
+
+class _PartsTrainer:
+    """What both trainers share: the parts table, mixed precision, one optimizer-step helper, state."""
+
+    parts: dict[str, Part]
+
+    def __init__(self, cfg: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.amp_dtype = resolve_amp(cfg["amp"], device)
+        # fp16 needs loss scaling; one scaler serves every backward of an iteration (bf16 and fp32 need none)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    def _autocast(self) -> AbstractContextManager:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _step(self, loss: torch.Tensor, names: tuple[str, ...]) -> None:
+        """Backward `loss` and step the optimizers of the named parts (their gradients were zeroed)."""
+        optimizers = [self.parts[name].optimizer for name in names]
+        if self.scaler is None:
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            # GradScaler refuses an optimizer whose parameters received no gradient at all
+            if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+                self.scaler.step(opt)
+        self.scaler.update()
+
+    def _zero_grad(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.parts[name].optimizer.zero_grad(set_to_none=True)
+
+    def _step_schedulers(self) -> None:
+        for part in self.parts.values():
+            if part.scheduler is not None:
+                part.scheduler.step()
+
+    def _modules(self) -> Iterator[nn.Module]:
+        for part in self.parts.values():
+            yield from part.module.modules()
+
+    def train(self) -> None:
+        for part in self.parts.values():
+            part.module.train()
+
+    def eval(self) -> None:
+        for part in self.parts.values():
+            part.module.eval()
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current LR of every parameter group: `<part>` for the first, `<part>_<group name>` for the rest."""
+        rates = {}
+        for name, part in self.parts.items():
+            for i, group in enumerate(part.optimizer.param_groups):
+                rates[name if i == 0 else f"{name}_{group['name']}"] = group["lr"]
+        return rates
+
+    def state_dict(self) -> dict:
+        """Models, optimizers, schedulers and the fp16 scaler: tensors and plain containers only."""
+        return {
+            "models": {name: part.module.state_dict() for name, part in self.parts.items()},
+            "optimizers": {name: part.optimizer.state_dict() for name, part in self.parts.items()},
+            "schedulers": {name: part.scheduler.state_dict() if part.scheduler is not None else None
+                           for name, part in self.parts.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.parts) - set(state["models"]))
+        if missing:
+            raise UserError(f"the checkpoint has no {', '.join(missing)} network: it was written by another "
+                            "trainer (--trainer)")
+        for name, part in self.parts.items():
+            try:
+                part.module.load_state_dict(state["models"][name])
+                part.optimizer.load_state_dict(state["optimizers"][name])
+            except (RuntimeError, ValueError) as err:
+                first = str(err).strip().splitlines()[0]
+                raise UserError(f"the checkpoint's {name} network does not fit this config ({first}): resume "
+                                "with the run's own config.yaml") from None
+            if part.scheduler is not None and state["schedulers"].get(name) is not None:
+                part.scheduler.load_state_dict(state["schedulers"][name])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+@dataclass
+class Forward:
+    """The shared forward pass of one iteration [the original's `forward`], used by both updates.
+
+    Labels l_a, l_b; codes s_a, s_b (E_s) and f_a, f_b (E_a, detached); generated images; ReID logits of
+    the erased real views: (primary, fine-grained) for the images, primary only for the positives. A field
+    is None when no term needs it at this iteration's weights.
+    """
+
+    x_a: torch.Tensor
+    x_b: torch.Tensor
+    l_a: torch.Tensor
+    l_b: torch.Tensor
+    s_a: torch.Tensor
+    s_b: torch.Tensor
+    f_a: torch.Tensor
+    f_b: torch.Tensor
+    x_ab: torch.Tensor
+    x_ba: torch.Tensor
+    x_a_recon: torch.Tensor | None
+    x_b_recon: torch.Tensor | None
+    x_a_recon_p: torch.Tensor | None
+    x_b_recon_p: torch.Tensor | None
+    logits_a: tuple[torch.Tensor, torch.Tensor] | None
+    logits_b: tuple[torch.Tensor, torch.Tensor] | None
+    logits_pos_a: torch.Tensor | None
+    logits_pos_b: torch.Tensor | None
+
+
+class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users look for
+    """DG-Net's joint training: one D step, then one joint step of G (Adam) and E_a (SGD) per iteration."""
+
+    LOSS_KEYS = ("D", "R1", "gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher", "total")
+
+    def __init__(self, cfg: dict, num_classes: int, device: torch.device, teacher: nn.Module | None = None):
+        super().__init__(cfg, device)
+        if cfg["teacher_style"] not in TEACHER_STYLES:
+            styles = ", ".join(f"{k} ({v})" for k, v in TEACHER_STYLES.items())
+            raise UserError(f"teacher_style is {cfg['teacher_style']}: use one of {styles}")
+        self.num_classes = num_classes
+        gen = _built(build_generator, cfg).to(device)
+        dis = _built(build_discriminator, cfg).to(device)
+        id_ = _built(build_appearance_encoder, cfg, num_classes).to(device)
+        opt_gen, opt_dis = _adam(gen, cfg["lr_g"], cfg), _adam(dis, cfg["lr_d"], cfg)
+        opt_id = reid_sgd(id_.model, [id_.classifier1, id_.classifier2], cfg)
+        # The original stepped its schedulers *before* the optimizers, from a scheduler built at position 0,
+        # so iteration `it` ran at position it + 1: the first decay hit iteration step_size - 1 (0-based),
+        # not step_size. Ours step after the optimizers (position `it` during iteration `it`); `ahead=1`
+        # keeps the original's LR at every iteration.
+        self.parts = {
+            "gen": Part(gen, opt_gen, build_scheduler(opt_gen, cfg, cfg["gamma"], ahead=1)),
+            "dis": Part(dis, opt_dis, build_scheduler(opt_dis, cfg, cfg["gamma"], ahead=1)),
+            "id": Part(id_, opt_id, build_scheduler(opt_id, cfg, cfg["gamma2"], ahead=1)),
+        }
+        self.gen_a, self.dis_a, self.id_a = gen, dis, id_  # the original's names for the same objects
+        # D without batch-dependent layers scores the a and b halves in one call
+        self.dis_batched = cfg["dis"]["norm"] != "bn"
+        if teacher is None and self.needs_teacher(cfg):
+            teacher = load_teacher(cfg["teacher"], num_classes, device)
+        if teacher is not None:
+            teacher = teacher.to(device).eval().requires_grad_(False)
+        self.teacher = teacher  # outside `parts`: never saved, stepped or switched to train mode
+
+    @staticmethod
+    def needs_teacher(cfg: dict) -> bool:
+        """Whether the teacher network can ever run: the teacher KL is on at some iteration and the soft
+        labels come from the teacher (styles 0, 1, 4)."""
+        teacher_on = cfg["max_teacher_w"] > 0 or cfg["teacher_w"] > 0
+        return teacher_on and cfg["T_w"] > 0 and cfg["teacher_style"] in TEACHER_NETWORK_STYLES
+
+    # ---------------------------------------------------------------------------------------------------
+    # one iteration
+
+    def train_step(self, it: int, batch_a: dict, batch_b: dict) -> dict[str, torch.Tensor]:
+        """Iteration `it`: forward, D step, joint G + E_a step, LR step. Returns the weighted loss terms."""
+        w = loss_weights(self.cfg, it)
+        a = {k: batch_a[k].to(self.device, non_blocking=True) for k in BATCH_KEYS}
+        b = {k: batch_b[k].to(self.device, non_blocking=True) for k in BATCH_KEYS}
+        fw = self.forward(a, b, w)
+        losses = self.dis_update(fw.x_ab, fw.x_ba, fw.x_a, fw.x_b, w)
+        losses.update(self.gen_update(fw, w))
+        self._step_schedulers()
+        return losses
+
+    def forward(self, a: dict, b: dict, w: dict[str, float]) -> Forward:
+        """Codes, swaps, reconstructions and ReID logits of real images [the original's `forward`]."""
+        with self._autocast():
+            s_a, s_b = self.gen_a.encode(torch.cat([a["image"], b["image"]])).chunk(2)
+            need_id = w["id_w"] > 0
+            f_a, logits_a = self._encode_real(a["image"], a["image_erased"], need_id)
+            f_b, logits_b = self._encode_real(b["image"], b["image_erased"], need_id)
+            jobs = {"x_ba": (s_b, f_a), "x_ab": (s_a, f_b)}
+            if w["recon_x_w"] > 0:
+                jobs.update(x_a_recon=(s_a, f_a), x_b_recon=(s_b, f_b))
+            logits_pos_a = logits_pos_b = None
+            if w["recon_xp_w"] > 0 or w["pid_w"] > 0:
+                need_pid = w["pid_w"] > 0
+                fp_a, pos_a = self._encode_real(a["pos"], a["pos_erased"], need_pid)
+                fp_b, pos_b = self._encode_real(b["pos"], b["pos_erased"], need_pid)
+                if need_pid:
+                    logits_pos_a, logits_pos_b = pos_a[0], pos_b[0]
+                if w["recon_xp_w"] > 0:
+                    jobs.update(x_a_recon_p=(s_a, fp_a), x_b_recon_p=(s_b, fp_b))
+            # one decoder call for every image: the decoder has no batch-dependent layer
+            s_all = torch.cat([s for s, _ in jobs.values()])
+            f_all = torch.cat([f for _, f in jobs.values()])
+            images = dict(zip(jobs, self.gen_a.decode(s_all, f_all).chunk(len(jobs))))
+        return Forward(x_a=a["image"], x_b=b["image"], l_a=a["label"], l_b=b["label"], s_a=s_a, s_b=s_b,
+                       f_a=f_a, f_b=f_b, x_ab=images["x_ab"], x_ba=images["x_ba"],
+                       x_a_recon=images.get("x_a_recon"), x_b_recon=images.get("x_b_recon"),
+                       x_a_recon_p=images.get("x_a_recon_p"), x_b_recon_p=images.get("x_b_recon_p"),
+                       logits_a=logits_a, logits_b=logits_b, logits_pos_a=logits_pos_a,
+                       logits_pos_b=logits_pos_b)
+
+    def _encode_real(self, image: torch.Tensor, erased: torch.Tensor, logits: bool
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """E_a on one real half: the appearance code of the clean image and, if asked, the logits of the
+        erased view. The code is detached inside E_a, so its pass needs no autograd graph."""
+        one_pass = logits and self.cfg["erasing_p"] == 0  # the erased view is then the image itself
+        with torch.set_grad_enabled(one_pass and torch.is_grad_enabled()):
+            f, p1, p2 = self.id_a(image)
+        if logits and not one_pass:
+            _, p1, p2 = self.id_a(erased)
+        return f, ((p1, p2) if logits else None)
+
+    def _dis_pairs(self, fakes: list[torch.Tensor], reals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over (fake, real) pairs of D's loss and its R1 part, fp32 (networks.dis_loss)."""
+        d = self.cfg["dis"]
+        if self.dis_batched:
+            # the losses are batch means: one call on equal halves is the mean of the two, hence the factor
+            loss, r1 = dis_loss(self.dis_a, torch.cat(fakes), torch.cat(reals), d["gan_type"], d["LAMBDA"])
+            return len(fakes) * loss, len(fakes) * r1
+        pairs = [dis_loss(self.dis_a, fake, real, d["gan_type"], d["LAMBDA"]) for fake, real in zip(fakes, reals)]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def _adv(self, fakes: list[torch.Tensor]) -> torch.Tensor:
+        """G's adversarial loss summed over halves, through D's frozen weights (networks.gen_adv_loss)."""
+        gan_type = self.cfg["dis"]["gan_type"]
+        if self.dis_batched:
+            return len(fakes) * gen_adv_loss(self.dis_a, torch.cat(fakes), gan_type)
+        return sum(gen_adv_loss(self.dis_a, fake, gan_type) for fake in fakes)
+
+    def dis_update(self, x_ab: torch.Tensor, x_ba: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor,
+                   w: dict[str, float]) -> dict[str, torch.Tensor]:
+        """D step: gan_w * [D(x_ba vs x_a) + D(x_ab vs x_b)], LSGAN on every scale plus R1 on the reals.
+
+        The generated images are detached (inside dis_loss): only D learns here.
+        """
+        zero = torch.zeros((), device=self.device)
+        if w["gan_w"] <= 0:
+            return {"D": zero, "R1": zero}
+        self._zero_grad(("dis",))
+        with self._autocast():
+            loss, r1 = self._dis_pairs([x_ba, x_ab], [x_a, x_b])
+        loss, r1 = w["gan_w"] * loss, w["gan_w"] * r1
+        self._step(loss, ("dis",))
+        return {"D": loss.detach(), "R1": r1.detach()}
+
+    def gen_update(self, fw: Forward, w: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Joint step of G (Adam) and E_a (SGD) on every generator and ReID loss, one backward.
+
+        The adversarial term uses the D just updated by `dis_update`. Gradient routing (reference 4.5):
+        reconstructions, the adversarial and the identity loss on generated images reach G and E_s only
+        (f is detached, E_a runs frozen on generated images); the ReID losses on real images, the teacher
+        KL and the fine-grained loss on detached generated images reach E_a only.
+        """
+        cfg, zero = self.cfg, torch.zeros((), device=self.device)
+        losses = dict.fromkeys(("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher"), zero)
+        self._zero_grad(("gen", "id"))
+        with self._autocast():
+            if w["gan_w"] > 0:
+                losses["gan"] = w["gan_w"] * self._adv([fw.x_ba, fw.x_ab])
+            if w["recon_x_w"] > 0:
+                losses["x"] = w["recon_x_w"] * (_l1(fw.x_a_recon, fw.x_a) + _l1(fw.x_b_recon, fw.x_b))
+            if w["recon_xp_w"] > 0:
+                losses["xp"] = w["recon_xp_w"] * (_l1(fw.x_a_recon_p, fw.x_a) + _l1(fw.x_b_recon_p, fw.x_b))
+
+            cyc_on = w["recon_x_cyc_w"] > 0
+            if w["recon_s_w"] > 0 or cyc_on:
+                s_a_recon, s_b_recon = self._reencode_structure(fw.x_ab, fw.x_ba)
+                if w["recon_s_w"] > 0:
+                    losses["s"] = w["recon_s_w"] * (_l1(s_a_recon, fw.s_a) + _l1(s_b_recon, fw.s_b))
+
+            # E_a with frozen weights on the generated images [the original's per-iteration copy of id_a]:
+            # the identity loss (appearance provider's label), and the codes for recon_f and the cycle.
+            if w["recon_id_w"] > 0 or w["recon_f_w"] > 0 or cyc_on:
+                with torch.set_grad_enabled(w["recon_id_w"] > 0 and torch.is_grad_enabled()):
+                    f_a_recon, p_ba, _ = frozen_call(self.id_a, fw.x_ba, train_bn=cfg["train_bn"])
+                    f_b_recon, p_ab, _ = frozen_call(self.id_a, fw.x_ab, train_bn=cfg["train_bn"])
+                if w["recon_id_w"] > 0:
+                    losses["recon_id"] = w["recon_id_w"] * (_ce(p_ba, fw.l_a) + _ce(p_ab, fw.l_b))
+                if w["recon_f_w"] > 0:  # both codes are detached: reported, no gradient (see module doc)
+                    losses["f"] = w["recon_f_w"] * (_l1(f_a_recon, fw.f_a) + _l1(f_b_recon, fw.f_b))
+                if cyc_on:  # x_aba = G(E_s(x_ab), E_a(x_ba)), x_bab = G(E_s(x_ba), E_a(x_ab))
+                    x_aba, x_bab = self.gen_a.decode(torch.cat([s_a_recon, s_b_recon]),
+                                                     torch.cat([f_a_recon, f_b_recon])).chunk(2)
+                    losses["cyc"] = w["recon_x_cyc_w"] * (_l1(x_aba, fw.x_a) + _l1(x_bab, fw.x_b))
+
+            if w["id_w"] > 0:
+                (p1_a, p2_a), (p1_b, p2_b) = fw.logits_a, fw.logits_b
+                ident = _ce(p1_a, fw.l_a) + _ce(p1_b, fw.l_b)
+                fine_w = w["teacher_w"] * w["B_w"]  # the fine-grained head on real images follows the teacher ramp
+                if fine_w > 0:
+                    ident = ident + fine_w * (_ce(p2_a, fw.l_a) + _ce(p2_b, fw.l_b))
+                losses["id"] = w["id_w"] * ident
+            if w["pid_w"] > 0:
+                losses["pid"] = w["pid_w"] * (_ce(fw.logits_pos_a, fw.l_a) + _ce(fw.logits_pos_b, fw.l_b))
+            if w["teacher_w"] > 0 and (w["T_w"] > 0 or w["B_w"] > 0):
+                losses["teacher"] = w["teacher_w"] * self._teacher_loss(fw, w)
+
+        total = sum(losses.values())
+        if total.requires_grad:
+            self._step(total, ("gen", "id"))
+        losses["total"] = total
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _reencode_structure(self, x_ab: torch.Tensor, x_ba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E_s(x_ab), E_s(x_ba)) = (s_a_recon, s_b_recon) on one of the original's two paths (reference 4.5).
+
+        With probability use_encoder_again: the live E_s on the detached swaps (only E_s learns). Otherwise
+        E_s with frozen weights on the swaps themselves: the gradient flows into the swaps and from there
+        into the decoder, the MLPs and E_s through the s that made them. The coin comes from torch's CPU
+        generator, so it is reproducible and part of a checkpoint's RNG state.
+        """
+        swaps = torch.cat([x_ab, x_ba])
+        if float(torch.rand(())) < self.cfg["use_encoder_again"]:
+            s = self.gen_a.encode(swaps.detach())
+        else:
+            s = frozen_call(self.gen_a.enc_content, swaps)
+        return s.chunk(2)
+
+    def _teacher_loss(self, fw: Forward, w: dict[str, float]) -> torch.Tensor:
+        """T_w * KL(teacher || E_a) + B_w * fine-grained CE, on both detached swaps; it trains E_a only.
+
+        KL: the live E_a's primary head against the soft labels, summed over classes, averaged over the
+        batch, temperature 1. Fine-grained: the secondary head against the *structure* provider's label.
+        """
+        loss = torch.zeros((), device=self.device)
+        # x_ba has a's appearance and b's structure; x_ab the reverse
+        for x, appearance, structure in ((fw.x_ba, fw.l_a, fw.l_b), (fw.x_ab, fw.l_b, fw.l_a)):
+            x = x.detach()
+            _, p1, p2 = self.id_a(x)  # live E_a in train mode, each half on its own (BatchNorm)
+            if w["T_w"] > 0:
+                target = self.soft_labels(x, appearance, structure)
+                kl = F.kl_div(F.log_softmax(p1.float(), dim=1), target, reduction="batchmean")
+                loss = loss + w["T_w"] * kl
+            if w["B_w"] > 0:
+                loss = loss + w["B_w"] * _ce(p2, structure)
+        return loss
+
+    @torch.no_grad()
+    def soft_labels(self, x: torch.Tensor, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+        """Teacher targets for generated images x (B, num_classes), by teacher_style [predict_label].
+
+        0: mean of the teacher's softmax on x and on its mirror; 1: one-hot of its argmax; 2: one-hot of the
+        appearance label; 3: uniform; 4: style 0 restricted to the appearance and structure labels.
+        """
+        style, n = self.cfg["teacher_style"], self.num_classes
+        if style == 2:
+            return F.one_hot(appearance, n).float()
+        if style == 3:
+            return torch.full((len(x), n), 1.0 / n, device=x.device)
+        if self.teacher is None:
+            raise UserError(f"teacher_style {style} needs a teacher: set `teacher:` to a trained one "
+                            f"({TRAIN_TEACHER})")
+        # the teacher is in eval mode, so the image and its mirror can share one call
+        logits = self.teacher(torch.cat([x, x.flip(3)])).float()
+        probs = F.softmax(logits, dim=1).view(2, len(x), -1).mean(0)
+        if style == 1:
+            return F.one_hot(probs.argmax(1), n).float()
+        if style == 4:
+            mask = (F.one_hot(appearance, n) + F.one_hot(structure, n)).clamp_max(1)
+            probs = probs * mask
+            return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+        return probs
+
+    # ---------------------------------------------------------------------------------------------------
+    # images
+
+    @torch.no_grad()
+    def sample(self, x_a: torch.Tensor, x_b: torch.Tensor) -> list[torch.Tensor]:
+        """Display images [the original's `sample`]: x_a, G(s_a, f_a), x_aba, x_ab, x_b, G(s_b, f_b), x_bab,
+        x_ba, each shaped like x_a, fp32.
+
+        x_ab = G(s_a, f_b) and x_ba = G(s_b, f_a) as in training; the cycle images are rebuilt from the
+        swaps: x_aba = G(E_s(x_ab), E_a(x_ba)). Runs in eval mode (BatchNorm running statistics, no
+        dropout) and restores every module's previous mode; the teacher is not touched.
+        """
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"sample needs two batches of the same shape, got {tuple(x_a.shape)} and "
+                             f"{tuple(x_b.shape)}")
+        modes = [(m, m.training) for m in self._modules()]
+        self.eval()
+        try:
+            with self._autocast():
+                s_a, s_b = self.gen_a.encode(torch.cat([x_a, x_b])).chunk(2)
+                f_a, f_b = self.id_a(torch.cat([x_a, x_b]))[0].chunk(2)
+                x_ba, x_ab, x_a_recon, x_b_recon = self.gen_a.decode(
+                    torch.cat([s_b, s_a, s_a, s_b]), torch.cat([f_a, f_b, f_a, f_b])).chunk(4)
+                s_a_recon, s_b_recon = self.gen_a.encode(torch.cat([x_ab, x_ba])).chunk(2)
+                f_a_recon, f_b_recon = self.id_a(torch.cat([x_ba, x_ab]))[0].chunk(2)
+                x_aba, x_bab = self.gen_a.decode(torch.cat([s_a_recon, s_b_recon]),
+                                                 torch.cat([f_a_recon, f_b_recon])).chunk(2)
+        finally:
+            for module, training in modes:
+                module.training = training
+        return [t.float() for t in (x_a, x_a_recon, x_aba, x_ab, x_b, x_b_recon, x_bab, x_ba)]
+
+
+class BaselineTrainer(_PartsTrainer):
+    """The teacher's trainer (`--trainer baseline`): a ResNet with one bottleneck head, cross-entropy on
+    the erased view, optionally a batch-hard triplet loss on the pooled feature."""
+
+    def __init__(self, cfg: dict, num_classes: int, device: torch.device):
+        super().__init__(cfg, device)
+        self.num_classes = num_classes
+        teacher = _built(build_teacher, cfg, num_classes).to(device)
+        opt = reid_sgd(teacher.model, [teacher.classifier], cfg)
+        # no original order to match here: the LR decays at iteration step_size exactly
+        self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
+
+    def train_step(self, it: int, batch: dict) -> dict[str, torch.Tensor]:
+        """One SGD step. Returns the weighted terms "ce", "triplet" (when triplet_w > 0), "acc", "total"."""
+        cfg, teacher = self.cfg, self.parts["teacher"].module
+        x = batch["image_erased"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        self._zero_grad(("teacher",))
+        with self._autocast():
+            pooled = F.adaptive_avg_pool2d(backbone_forward(teacher.model, x), 1).flatten(1)  # Teacher's pool
+            logits = teacher.classifier(pooled)
+        losses = {"ce": _ce(logits, labels, cfg["label_smoothing"])}
+        if cfg["triplet_w"] > 0:
+            losses["triplet"] = cfg["triplet_w"] * batch_hard_triplet(pooled, labels, cfg["triplet_margin"])
+        total = sum(losses.values())
+        self._step(total, ("teacher",))
+        self._step_schedulers()
+        losses = {k: v.detach() for k, v in losses.items()}
+        losses["acc"] = (logits.detach().argmax(1) == labels).float().mean()
+        losses["total"] = total.detach()
+        return losses
+
+
+# -------------------------------------------------------------------------------------------------------
+# loading a trained teacher
+
+
+def load_teacher(path: str, num_classes: int, device: torch.device) -> nn.Module:
+    """A trained teacher, frozen and in eval mode on `device`.
+
+    `path` is one of: a run folder of `--trainer baseline` (config.yaml and checkpoints/: the newest
+    checkpoint is used), one of its checkpoint files, the original baseline's folder (net_last.pth and
+    opts.yaml, ResNet-50 with the stride of opts.yaml), or such a .pth file.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"teacher {path} does not exist: train one with `{TRAIN_TEACHER}`, then set "
+                        "teacher: outputs/<name>")
+    if p.is_dir() and (p / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(p)
+        if checkpoint is None:
+            raise UserError(f"teacher run {p} has no checkpoint yet: let its training reach a snapshot, or "
+                            f"train one with `{TRAIN_TEACHER}`")
+        teacher = _teacher_from_run(checkpoint, load_config(p / "config.yaml"), num_classes, p)
+    elif p.is_dir() and (p / "net_last.pth").is_file():
+        teacher = _teacher_from_original(p / "net_last.pth", num_classes)
+    elif p.is_dir():
+        raise UserError(f"teacher {p} is neither a baseline run folder (config.yaml, checkpoints/) nor the "
+                        f"original baseline's (net_last.pth, opts.yaml): train one with `{TRAIN_TEACHER}`")
+    elif p.suffix == ".pth":
+        teacher = _teacher_from_original(p, num_classes)
+    else:
+        state = load_checkpoint(p)
+        if not isinstance(state.get("config"), dict):
+            raise UserError(f"{p} is not a checkpoint of train.py (no config inside): give its run folder")
+        teacher = _teacher_from_run(p, state["config"], num_classes, p, state)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def _class_mismatch(where: Path, have: int, num_classes: int) -> UserError:
+    return UserError(f"teacher at {where} has {have} classes but the data has {num_classes} identities: train a "
+                     f"teacher on this dataset ({TRAIN_TEACHER}), then set teacher: outputs/<name>")
+
+
+def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path,
+                      state: dict | None = None) -> Teacher:
+    """A Teacher built from a baseline run's config and loaded from one of its checkpoints."""
+    state = load_checkpoint(checkpoint) if state is None else state
+    models = state.get("trainer", {}).get("models", {})
+    if "teacher" not in models:
+        raise UserError(f"{checkpoint} holds no teacher: point `teacher:` at a run of `--trainer baseline`")
+    weights = models["teacher"]
+    have = weights["classifier.classifier.0.weight"].shape[0]
+    if have != num_classes:
+        raise _class_mismatch(where, have, num_classes)
+    teacher = _built(build_teacher, cfg, num_classes, pretrained="none")
+    try:
+        teacher.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"{checkpoint} does not fit the Teacher of its own config ({str(err).splitlines()[0]})"
+                        ) from None
+    return teacher
+
+
+def _teacher_from_original(weights: Path, num_classes: int) -> Teacher:
+    """The original baseline's ResNet-50 `ft_net`, with the last stride of the opts.yaml beside it (2 if none)."""
+    opts_file = weights.parent / "opts.yaml"
+    opts = yaml.safe_load(opts_file.read_text()) if opts_file.is_file() else None
+    stride = int((opts or {}).get("stride", 2))
+    teacher = _built(Teacher, num_classes, backbone="resnet50", last_stride=stride, pretrained="none")
+    try:
+        return load_original_state(teacher, weights)
+    except (ValueError, FileNotFoundError) as err:  # one line that already says what to do
+        raise UserError(str(err)) from None
