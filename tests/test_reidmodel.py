@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _no_onednn():
     """oneDNN's per-shape kernel creation and thread spinning dominate these tiny CPU convolutions (several
     times slower on a busy 2-core machine); the plain kernels compute the same convolutions."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = saved
 
 
 def cfg(**over) -> dict:
@@ -55,9 +57,6 @@ def test_default_appearance_encoder():
         f, logits1, logits2 = ea(x)
         assert f.shape == (1, 8192) and logits1.shape == logits2.shape == (1, 751)
         assert ea.classifier1.add_block[2].p == 0.5 and ea.classifier2.add_block[2].p == 0.75
-        g = f.view(1, 2048, 4).amax(2)  # max over the stripes is the global max pool
-        torch.testing.assert_close(ea.features(x), torch.cat([ea.classifier1.bottleneck(g),
-                                                              ea.classifier2.bottleneck(g)], 1))
     # initialisation of the heads (reference 3.3)
     assert ea.classifier1.classifier[0].weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert torch.equal(ea.classifier1.add_block[1].weight, torch.ones(512))
@@ -77,6 +76,11 @@ def test_stride_pool_and_code_layout():
     torch.testing.assert_close(f, stripes.flatten(1))
     torch.testing.assert_close(f[:, :512 * 4].view(2, 512, 4), stripes[:, :512])
     assert R.backbone_forward(R.build_backbone("resnet18", 2), x).shape == (2, 512, 4, 2)
+    ea.eval()
+    with torch.no_grad():  # test features: both 512-d bottlenecks of the global max pool
+        g = ea(x)[0].view(2, 512, 4).amax(2)  # the max over the stripes is the global max
+        torch.testing.assert_close(ea.features(x), torch.cat([ea.classifier1.bottleneck(g),
+                                                              ea.classifier2.bottleneck(g)], 1))
     avg = R.build_appearance_encoder(cfg(pool="avg"), 5)
     f_avg = avg(x)[0]
     torch.testing.assert_close(f_avg, R.backbone_forward(avg.model, x).detach().view(2, 512, 4, 2, 4)
