@@ -554,6 +554,20 @@ def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                     hint: str) -> None:
+    """Raise one ValueError line when `state` does not match `module` key for key and shape for shape."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                           if keys)
+        raise ValueError(f"{path} does not fit this {type(module).__name__} ({detail}): {hint}")
+
+
 def load_original_state(module: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an original `gen_*.pt` into `Generator` or `dis_*.pt` into `MsImageDis`, strictly.
 
@@ -565,15 +579,8 @@ def load_original_state(module: nn.Module, path: str | os.PathLike) -> nn.Module
     own = module.state_dict()
     state = {k: v for k, v in state.items()
              if k in own or not k.endswith((".norm.running_mean", ".norm.running_var"))}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-                           if keys)
-        raise ValueError(f"{path} does not fit this {type(module).__name__} ({detail}): the checkpoint was "
-                         "saved with a different network config (gen.*/dis.* keys)")
+    check_state_fits(module, state, path, "the checkpoint was saved with a different network config "
+                                          "(gen.*/dis.* keys)")
     module.load_state_dict(state, strict=True)
     return module
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from networks import check_state_fits, read_original_state
+
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 NUM_STRIPES = 4  # horizontal stripes of the appearance code
 DOWNLOAD_TIMEOUT_S = 15.0
@@ -274,11 +276,7 @@ def load_original_state(module: nn.Module, path: str | os.PathLike) -> nn.Module
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (a teacher is a folder "
                                 "with net_last.pth, or the file itself)")
-    state = _load_weights_file(path, "checkpoint")
-    if set(state) == {"a"} and isinstance(state["a"], dict):
-        state = state["a"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = read_original_state(path)
     state = {k: v for k, v in state.items() if not k.startswith("model.fc.")}
 
     is_teacher = isinstance(module, Teacher)
@@ -292,16 +290,8 @@ def load_original_state(module: nn.Module, path: str | os.PathLike) -> nn.Module
                              "--trainer baseline) and point `teacher:` at it")
         raise ValueError(f"checkpoint {path} has {have} classes, the data has {want}: use a checkpoint "
                          "trained on this dataset")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-                           if keys)
-        raise ValueError(f"{path} does not fit this {type(module).__name__} ({detail}): check `backbone` "
-                         "and that the file is the right kind (id_*.pt for DG-Net, net_last.pth for a "
-                         "teacher)")
+    check_state_fits(module, state, path, "check `backbone` and that the file is the right kind (id_*.pt "
+                                          "for DG-Net, net_last.pth for a teacher)")
     module.load_state_dict(state, strict=True)
     return module
 

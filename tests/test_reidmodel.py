@@ -16,14 +16,7 @@ import reIDmodel as R
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_onednn():
-    """oneDNN's per-shape kernel creation and thread spinning dominate these tiny CPU convolutions (several
-    times slower on a busy 2-core machine); the plain kernels compute the same convolutions."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = saved
+pytestmark = pytest.mark.usefixtures("no_onednn")
 
 
 def cfg(**over) -> dict:
