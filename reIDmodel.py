@@ -105,8 +105,20 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     return _load_weights_file(path, "ImageNet weights")
 
 
+def _reid_backbone(state: dict) -> dict[str, torch.Tensor]:
+    """The backbone part of a ReID model's weights: a train.py checkpoint (its teacher, else its E_a), or a
+    state dict with `model.*` keys (ours, or the original's id_*.pt / net_last.pth); others pass through."""
+    if isinstance(state.get("trainer"), dict):
+        models = state["trainer"]["models"]
+        state = models.get("teacher") or models.get("id") or {}
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
 def _backbone_state_dict(backbone: str, pretrained: str) -> dict[str, torch.Tensor] | None:
-    """pretrained: imagenet, none, or a path to a torchvision-layout ResNet state dict."""
+    """pretrained: imagenet, none, or a path to ResNet weights: torchvision's layout, or a ReID model's
+    (a train.py checkpoint, an original id_*.pt or net_last.pth), whose backbone is taken."""
     if pretrained is None or str(pretrained).lower() in ("none", ""):
         return None
     if str(pretrained).lower() == "imagenet":
@@ -115,7 +127,10 @@ def _backbone_state_dict(backbone: str, pretrained: str) -> dict[str, torch.Tens
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights {path} do not exist: give an existing file, or "
                                 "`pretrained: imagenet` or `pretrained: none`")
-    return _load_weights_file(path, "pretrained weights")
+    state = _load_weights_file(path, "pretrained weights")
+    if set(state) == {"a"} and isinstance(state["a"], dict):
+        state = state["a"]
+    return _reid_backbone(state)
 
 
 def build_backbone(backbone: str = "resnet50", last_stride: int = 1, pretrained: str = "none") -> nn.Module:
