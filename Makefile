@@ -31,7 +31,7 @@ quickstart: install
 	$(QUICK) test.py --name quickstart-teacher
 	$(QUICK) train.py --config configs/quickstart/dgnet.yaml --name quickstart $(call resume_if,quickstart)
 	@echo
-	@echo "swapped-identity images: outputs/quickstart/images/index.html (newest: gen_a2b_test_00000250.jpg)"
+	@echo "swapped-identity images: outputs/quickstart/images/ (index.html shows the newest grids)"
 
 clean-quickstart:
 	rm -rf outputs/quickstart outputs/quickstart-teacher datasets/synthetic
