@@ -105,6 +105,16 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     return _load_weights_file(path, "ImageNet weights")
 
 
+def _weights_file(path: str) -> str:
+    """A run folder stands for its newest checkpoint (`checkpoints/<iteration>.pt`), the original baseline's
+    folder for its `net_last.pth`; any other path is returned as it is."""
+    if not os.path.isdir(path):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    found = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d{8}\.pt", n)) if os.path.isdir(folder) else []
+    return os.path.join(folder, found[-1]) if found else os.path.join(path, "net_last.pth")
+
+
 def _reid_backbone(state: dict) -> dict[str, torch.Tensor]:
     """The backbone part of a ReID model's weights: a train.py checkpoint (its teacher, else its E_a), or a
     state dict with `model.*` keys (ours, or the original's id_*.pt / net_last.pth); others pass through."""
@@ -123,10 +133,10 @@ def _backbone_state_dict(backbone: str, pretrained: str) -> dict[str, torch.Tens
         return None
     if str(pretrained).lower() == "imagenet":
         return imagenet_state_dict(backbone)
-    path = os.path.expanduser(str(pretrained))
+    path = _weights_file(os.path.expanduser(str(pretrained)))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights {path} do not exist: give an existing file, or "
-                                "`pretrained: imagenet` or `pretrained: none`")
+        raise FileNotFoundError(f"pretrained weights {path} do not exist: give an existing file or run "
+                                "folder, or `pretrained: imagenet` or `pretrained: none`")
     state = _load_weights_file(path, "pretrained weights")
     if set(state) == {"a"} and isinstance(state["a"], dict):
         state = state["a"]

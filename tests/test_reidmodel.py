@@ -206,9 +206,10 @@ def test_backbone_from_a_reid_checkpoint(tmp_path):
     """`pretrained: PATH` may name a ReID model's weights: a train.py checkpoint or a `model.*` state dict."""
     teacher = R.Teacher(num_classes=5, backbone="resnet18")
     run_state = {"kind": "baseline", "iteration": 3, "trainer": {"models": {"teacher": teacher.state_dict()}}}
-    torch.save(run_state, tmp_path / "00000003.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(run_state, tmp_path / "run" / "checkpoints" / "00000003.pt")
     torch.save({"a": teacher.state_dict()}, tmp_path / "net_last.pth")
-    for name in ("00000003.pt", "net_last.pth"):
+    for name in ("run", "run/checkpoints/00000003.pt", "net_last.pth", "."):
         net = R.build_backbone("resnet18", last_stride=1, pretrained=str(tmp_path / name))
         for key, value in net.state_dict().items():
             assert torch.equal(value, teacher.model.state_dict()[key]), key
