@@ -295,8 +295,6 @@ def train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.opts)
 
     seed_everything(cfg["seed"])
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow CPU convolutions 10x
     splits = load_splits(cfg)
     state = load_checkpoint(resume_from) if resume_from else None
     kind = state["kind"] if state else args.trainer
