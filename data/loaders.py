@@ -47,10 +47,9 @@ def read_image(path: str) -> Image.Image:
 
 def _is_readable(path: str) -> bool:
     try:
-        with Image.open(path) as img:
-            img.convert("RGB")
+        read_image(path)
         return True
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except UserError:
         return False
 
 
