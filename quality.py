@@ -1,0 +1,399 @@
+"""Generation quality: SSIM, L1, swap fidelity against the synthetic ground truth, reconstruction, SSIM
+diversity and (optionally) FID.
+
+All image measures work on [0, 1] RGB tensors (B, 3, H, W). Generated images live in ImageNet-normalized
+space; `to_unit` maps them back and clips.
+
+- `ssim`: Wang et al.'s SSIM with an 11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 1,
+  on the valid region (no padding), averaged over channels and pixels: one value per image.
+- `swap_fidelity`: on the synthetic dataset, G(structure of B, appearance of A) against
+  `data.synthetic.render(A, B)` (A's identity drawn in B's exact structure, JPEG-encoded as B's file was),
+  over a fixed, seeded list of test pairs of different identities; beside the same figures for the two
+  trivial answers, B's image itself and A's image itself. A generator that has learned the swap beats both.
+- `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
+- `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
+  generated with one appearance and different structures, beside the same for pairs of real images of one
+  identity (the reference row of the paper's table, about 0.35 on Market). Lower means more varied.
+- `fid`: Frechet Inception Distance with torchvision's Inception v3 loaded from a local weights file
+  (never downloaded). It is not the TF-Inception of the TTUR code, so values compare only among runs
+  measured here.
+
+`swap_fidelity` is cheap (64 pairs at the quickstart's size take well under a second on a CPU after the
+first call, which renders and caches the targets) and leaves the networks in the modes it found them in,
+so training can call it periodically.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+
+from data.datasets import DatasetSplits, Record
+from data.loaders import image_size, read_image
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils import UserError
+
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+INCEPTION_SIZE = 299
+
+
+# ---------------------------------------------------------------------------------------------------
+# image measures
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized images (B, 3, H, W) -> [0, 1], clipped, fp32."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> ImageNet-normalized (the networks' input space)."""
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _gaussian(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords.pow(2) / (2 * sigma**2))
+    return (g / g.sum()).to(device=device, dtype=torch.float32)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """SSIM per image (B,) of two batches (B, C, H, W) in [0, data_range].
+
+    Images smaller than the 11-pixel window use the largest odd window that fits (same sigma).
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    size = min(SSIM_WINDOW, x.shape[2], x.shape[3])
+    size -= 1 - size % 2  # odd, so the window has a centre
+    g = _gaussian(size, SSIM_SIGMA, x.device)
+    channels = x.shape[1]
+    rows, cols = g.view(1, 1, size, 1).repeat(channels, 1, 1, 1), g.view(1, 1, 1, size).repeat(channels, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid region only
+        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
+
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x.pow(2)
+    var_y = blur(y * y) - mu_y.pow(2)
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.pow(2) + mu_y.pow(2) + c1) * (var_x + var_y + c2))
+    return index.mean(dim=(1, 2, 3))
+
+
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per image (B,)."""
+    return (x.float() - y.float()).abs().mean(dim=(1, 2, 3))
+
+
+def score(images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Mean SSIM and L1 of `images` against `targets`, both [0, 1]."""
+    return {"ssim": float(ssim(images, targets).mean()), "l1": float(l1(images, targets).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# running the generator
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside the block; each submodule's own mode restored afterwards."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def swap(generator: nn.Module, appearance_encoder: nn.Module, structure: torch.Tensor, appearance: torch.Tensor,
+         batch_size: int = 64) -> torch.Tensor:
+    """G(E_s(structure), E_a(appearance)) for normalized batches of equal length, in [0, 1], on the CPU.
+
+    Call it with the networks in eval mode (see `eval_mode`).
+    """
+    device, out = _device_of(generator), []
+    for start in range(0, len(structure), batch_size):
+        s = generator.encode(structure[start:start + batch_size].to(device))
+        f = appearance_encoder(appearance[start:start + batch_size].to(device))[0]
+        out.append(to_unit(generator.decode(s, f)).cpu())
+    return torch.cat(out)
+
+
+def load_unit(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An image file resized as the test transform does (bicubic), as a [0, 1] tensor (3, H, W)."""
+    return TF.to_tensor(TF.resize(read_image(path), list(size), InterpolationMode.BICUBIC))
+
+
+def _test_people(splits: DatasetSplits) -> list[Record]:
+    """Test images of real identities (no junk, no distractors), in a fixed order."""
+    return sorted((r for r in splits.query + splits.gallery if r.pid > 0), key=lambda r: r.path)
+
+
+def _pairs(records: Sequence[Record], n: int, seed: int) -> list[tuple[Record, Record]]:
+    """n seeded (appearance, structure) pairs of different identities."""
+    if len({r.pid for r in records}) < 2:
+        raise UserError("the test split needs at least two identities to measure swaps")
+    rng = np.random.default_rng(seed)
+    pairs = []
+    while len(pairs) < n:
+        a, b = (records[int(i)] for i in rng.integers(len(records), size=2))
+        if a.pid != b.pid:
+            pairs.append((a, b))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# swap fidelity (synthetic data only)
+
+
+@dataclass
+class FidelitySet:
+    """Fixed test pairs: appearance and structure images ([0, 1]) and the true swaps ([0, 1])."""
+
+    appearance: torch.Tensor
+    structure: torch.Tensor
+    target: torch.Tensor
+    pairs: list[tuple[str, str]]  # (appearance file, structure file) names
+
+
+_FIDELITY_CACHE: dict[tuple, FidelitySet] = {}
+
+
+def has_ground_truth(cfg: dict[str, Any]) -> bool:
+    """Whether the config's dataset is the synthetic one, whose swaps have a true answer."""
+    return cfg["dataset"] == "synthetic"
+
+
+def _true_swap(meta: Any, appearance: Record, structure: Record, size: tuple[int, int]) -> torch.Tensor:
+    """A's identity in B's structure, JPEG-encoded with B's settings as the dataset's files are, resized."""
+    from data import synthetic
+
+    entry_b = meta[structure.path]
+    drawn = synthetic.render(meta[appearance.path], entry_b)
+    with Image.open(io.BytesIO(synthetic.jpeg_bytes(drawn, entry_b["structure"]))) as img:
+        img = img.convert("RGB")
+    return TF.to_tensor(TF.resize(img, list(size), InterpolationMode.BICUBIC))
+
+
+def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, seed: int = 0) -> FidelitySet:
+    """The seeded test pairs of a synthetic dataset with their true swaps; built once, then cached."""
+    from data import synthetic
+
+    if not has_ground_truth(cfg):
+        raise UserError(f"swap fidelity needs the synthetic dataset (its swaps have a true answer); "
+                        f"dataset is {cfg['dataset']}")
+    size = image_size(cfg)
+    key = (str(Path(splits.root).resolve()), size, n_pairs, seed)
+    if key not in _FIDELITY_CACHE:
+        meta = synthetic.load_metadata(cfg["data_root"])
+        pairs = _pairs(_test_people(splits), n_pairs, seed)
+        _FIDELITY_CACHE[key] = FidelitySet(
+            appearance=torch.stack([load_unit(a.path, size) for a, _ in pairs]),
+            structure=torch.stack([load_unit(b.path, size) for _, b in pairs]),
+            target=torch.stack([_true_swap(meta, a, b, size) for a, b in pairs]),
+            pairs=[(Path(a.path).name, Path(b.path).name) for a, b in pairs])
+    return _FIDELITY_CACHE[key]
+
+
+def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
+                  splits: DatasetSplits, device: torch.device | None = None, n_pairs: int = 64,
+                  seed: int = 0) -> dict[str, Any]:
+    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers.
+
+    Returns {"pairs", "seed", "swap": {"ssim", "l1"}, "structure_image": {...}, "appearance_image": {...}}.
+    `device` is accepted for symmetry with the training loop; the networks run where their weights are.
+    The networks are used in eval mode and left in the modes they were in; nothing is trained.
+    """
+    data = fidelity_set(cfg, splits, n_pairs, seed)
+    with eval_mode(generator, appearance_encoder):
+        generated = swap(generator, appearance_encoder, normalize(data.structure), normalize(data.appearance))
+    return {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target),
+            "structure_image": score(data.structure, data.target),
+            "appearance_image": score(data.appearance, data.target)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# reconstruction and diversity (any dataset)
+
+
+def reconstruction(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
+                   splits: DatasetSplits, n_images: int = 64, seed: int = 0) -> dict[str, Any]:
+    """SSIM and L1 of G(E_s(x), E_a(x)) against x over seeded test images."""
+    records = _test_people(splits)
+    if not records:
+        raise UserError("the test split has no images of real identities to reconstruct")
+    picked = np.random.default_rng(seed).choice(len(records), size=min(n_images, len(records)), replace=False)
+    x = torch.stack([load_unit(records[int(i)].path, image_size(cfg)) for i in sorted(picked)])
+    with eval_mode(generator, appearance_encoder):
+        out = swap(generator, appearance_encoder, normalize(x), normalize(x))
+    return {"images": len(x), **score(out, x)}
+
+
+def _mean_pairwise_ssim(groups: list[torch.Tensor]) -> float:
+    """Mean SSIM over all unordered pairs inside each group (each (n, 3, H, W), n >= 2)."""
+    values = []
+    for g in groups:
+        i, j = torch.triu_indices(len(g), len(g), offset=1)
+        values.append(ssim(g[i], g[j]))
+    return float(torch.cat(values).mean())
+
+
+def ssim_diversity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
+                   splits: DatasetSplits, n_appearances: int = 16, n_structures: int = 8,
+                   seed: int = 0) -> dict[str, Any]:
+    """Intra-identity SSIM of generated images (one appearance, several structures) and of real images."""
+    records = _test_people(splits)
+    by_pid: dict[int, list[Record]] = {}
+    for r in records:
+        by_pid.setdefault(r.pid, []).append(r)
+    if len(by_pid) < 2:
+        raise UserError("the test split needs at least two identities to measure diversity")
+    rng = np.random.default_rng(seed)
+    size = image_size(cfg)
+    pids = sorted(by_pid)
+    chosen = [pids[int(i)] for i in rng.permutation(len(pids))[:n_appearances]]
+    generated = []
+    with eval_mode(generator, appearance_encoder):
+        for pid in chosen:
+            appearance = by_pid[pid][int(rng.integers(len(by_pid[pid])))]
+            others = [r for r in records if r.pid != pid]
+            structures = [others[int(i)] for i in rng.choice(len(others), size=n_structures, replace=False)]
+            s = torch.stack([load_unit(r.path, size) for r in structures])
+            a = load_unit(appearance.path, size).expand_as(s)
+            generated.append(swap(generator, appearance_encoder, normalize(s), normalize(a)))
+    real = []
+    for pid in chosen:
+        own = by_pid[pid]
+        if len(own) >= 2:
+            pick = rng.permutation(len(own))[:n_structures]
+            real.append(torch.stack([load_unit(own[int(i)].path, size) for i in pick]))
+    return {"identities": len(chosen), "structures_per_identity": n_structures,
+            "generated": _mean_pairwise_ssim(generated), "real": _mean_pairwise_ssim(real) if real else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# FID (only with local Inception weights)
+
+
+def fid_hint() -> str:
+    from torchvision.models import Inception_V3_Weights
+
+    url = Inception_V3_Weights.IMAGENET1K_V1.url
+    return f"FID: off; to enable it, download {url} once and pass --fid-weights PATH"
+
+
+def load_inception(path: str | Path, device: torch.device) -> nn.Module:
+    """torchvision's Inception v3 from a local state dict, returning 2048-d pool features; never downloads."""
+    from torchvision.models import inception_v3
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--fid-weights {path} does not exist; {fid_hint().split('; ', 1)[1]}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+        model.load_state_dict(state)
+    except Exception as err:  # unreadable file or another network's weights: one line either way
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--fid-weights {path} are not torchvision's Inception v3 weights ({reason[:160]}); "
+                        f"{fid_hint().split('; ', 1)[1]}") from None
+    model.fc = nn.Identity()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(model: nn.Module, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
+    """(N, 2048) float64 pool features of [0, 1] images, resized to 299x299 (bilinear)."""
+    device, feats = _device_of(model), []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        feats.append(model(normalize(x)).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D), (M, D)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # near-singular product: the usual small diagonal offset
+        offset = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    root = root.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+
+
+def fid(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any], splits: DatasetSplits,
+        inception: nn.Module, n_images: int = 500, seed: int = 0) -> dict[str, Any]:
+    """FID between real test images and as many swaps of seeded test pairs (appearance A, structure B)."""
+    records, size = _test_people(splits), image_size(cfg)
+    picked = np.random.default_rng(seed).choice(len(records), size=min(n_images, len(records)), replace=False)
+    real = torch.stack([load_unit(records[int(i)].path, size) for i in sorted(picked)])
+    pairs = _pairs(records, len(real), seed + 1)
+    a = torch.stack([load_unit(p.path, size) for p, _ in pairs])
+    b = torch.stack([load_unit(q.path, size) for _, q in pairs])
+    with eval_mode(generator, appearance_encoder):
+        generated = swap(generator, appearance_encoder, normalize(b), normalize(a))
+    value = frechet_distance(inception_features(inception, real), inception_features(inception, generated))
+    return {"images": len(real), "fid": value if math.isfinite(value) else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# everything at once, and tensorboard
+
+
+def generation_metrics(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
+                       splits: DatasetSplits, n_pairs: int = 64, seed: int = 0,
+                       inception: nn.Module | None = None, fid_images: int = 500) -> dict[str, Any]:
+    """Swap fidelity (synthetic data only, else None), reconstruction, SSIM diversity, FID (with Inception)."""
+    return {
+        "swap_fidelity": swap_fidelity(generator, appearance_encoder, cfg, splits, n_pairs=n_pairs, seed=seed)
+        if has_ground_truth(cfg) else None,
+        "reconstruction": reconstruction(generator, appearance_encoder, cfg, splits, n_images=n_pairs, seed=seed),
+        "ssim_diversity": ssim_diversity(generator, appearance_encoder, cfg, splits, seed=seed),
+        "fid": fid(generator, appearance_encoder, cfg, splits, inception, fid_images, seed)
+        if inception is not None else None,
+    }
+
+
+def scalars(metrics: dict[str, Any], prefix: str = "generation") -> dict[str, float]:
+    """Flatten nested metrics into tensorboard tags (`generation/swap_fidelity/swap/ssim`), numbers only.
+
+    Counts and seeds (pairs, images, seed, ...) are settings, not measurements: they are left out.
+    """
+    settings = {"pairs", "seed", "images", "identities", "structures_per_identity"}
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in settings:
+            flat[f"{prefix}/{key}"] = float(value)
+    return flat

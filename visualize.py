@@ -1,0 +1,596 @@
+"""Look at what a DG-Net run generates, and measure it.
+
+    python visualize.py swap     --name RUN   # appearance from one set, structure from another: swap_<it>.jpg
+    python visualize.py rainbow  --name RUN   # N x N: a row per appearance, a column per structure
+    python visualize.py smooth   --name RUN   # appearance-code and structure-code interpolation: JPEG + GIF
+    python visualize.py generate --name RUN   # DG-Market-style data: every training image, new structures
+    python visualize.py metrics  --name RUN   # swap fidelity, reconstruction, SSIM diversity, FID
+
+Common options: --which_iter N|last, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
+overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
+given), --zoom (pixel-exact enlargement of the figures), --out (another destination).
+Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation.json and tensorboard).
+
+The original release's checkpoints work too: `--original DIR` with DIR holding its config.yaml,
+gen_<iteration>.pt and id_<iteration>.pt; figures then go to outputs/<--name or DIR's name>/visuals/.
+
+Images are shown as they are (clipped to [0, 1], no per-image contrast stretch) and enlarged with
+nearest-neighbour sampling. Nothing is ever deleted; `generate` refuses a non-empty output folder and an
+explicit --out file that exists, unless --overwrite is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from torch import nn
+
+import quality
+from data.datasets import DatasetSplits, Record, list_images
+from data.loaders import image_size, load_splits
+from utils import UserError, checkpoint_path, latest_checkpoint, load_checkpoint, load_config, one_line, schema
+
+SPLITS = ("query", "gallery", "train")
+GAP, HEADER_GAP = 2, 6  # pixels between figure cells, and after a header row/column
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", help="run name: OUTPUT_PATH/outputs/NAME (with --original: where figures go)")
+    common.add_argument("--original", metavar="DIR",
+                        help="the original release's checkpoints: DIR with config.yaml, gen_*.pt, id_*.pt")
+    common.add_argument("--which_iter", default="last", help="checkpoint iteration, or last (default)")
+    common.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs (default: .)")
+    common.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    common.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
+    common.add_argument("--seed", type=int, default=0, help="seed of every random pick (default 0)")
+    common.add_argument("--split", default="query", choices=SPLITS,
+                        help="where input images are picked from when no folder is given (default: query)")
+    common.add_argument("--zoom", type=int, default=1, help="enlarge figures by this integer factor")
+    common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a file for swap and "
+                                      "rainbow, a folder for smooth and generate)")
+    common.add_argument("--overwrite", action="store_true", help="allow writing over an existing --out")
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{swap,rainbow,smooth,generate,metrics}")
+    s = sub.add_parser("swap", parents=[common], help="appearance set x structure set, pair by pair")
+    s.add_argument("--appearance", metavar="DIR", help="folder of appearance providers (paired in name order)")
+    s.add_argument("--structure", metavar="DIR", help="folder of structure providers")
+    s.add_argument("--count", type=int, default=8, help="pairs picked from --split (default 8)")
+    r = sub.add_parser("rainbow", parents=[common], help="N x N grid with header row and column")
+    r.add_argument("--appearance", metavar="DIR", help="folder of appearance providers (rows)")
+    r.add_argument("--structure", metavar="DIR", help="folder of structure providers (columns)")
+    r.add_argument("--count", type=int, default=7, help="N (default 7)")
+    m = sub.add_parser("smooth", parents=[common], help="interpolate appearance codes, then structure codes")
+    m.add_argument("--images", nargs=2, metavar=("A", "B"), help="the two images (default: picked from --split)")
+    m.add_argument("--steps", type=int, default=11, help="interpolation steps, ends included (default 11)")
+    m.add_argument("--duration", type=int, default=150, help="GIF frame duration in ms (default 150)")
+    g = sub.add_parser("generate", parents=[common], help="DG-Market-style dataset from the training split")
+    g.add_argument("--per_image", type=int, default=1, help="generated images per training image (default 1)")
+    g.add_argument("--limit", type=int, help="only the first LIMIT training images (a preview)")
+    g.add_argument("--batch_size", type=int, default=32, help="images per generator call (default 32)")
+    q = sub.add_parser("metrics", parents=[common], help="generation quality -> results/generation.json")
+    q.add_argument("--pairs", type=int, default=64, help="seeded test pairs / images (default 64)")
+    q.add_argument("--fid-weights", dest="fid_weights", metavar="PATH",
+                   help="torchvision Inception v3 weights file; FID is computed only with it")
+    q.add_argument("--fid-images", dest="fid_images", type=int, default=500, help="images per FID set")
+    args = p.parse_args(argv)
+    if not args.name and not args.original:
+        p.error("give --name RUN (or --original DIR for the original release's checkpoints)")
+    return args
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def positive(value: int, option: str) -> int:
+    if value < 1:
+        raise UserError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# models: a run of this project, or the original release's files
+
+
+@dataclass
+class Models:
+    generator: nn.Module
+    appearance_encoder: nn.Module
+    cfg: dict[str, Any]
+    iteration: int
+    run_dir: Path  # where visuals/ and results/ go
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return image_size(self.cfg)
+
+
+def _built(build: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+
+
+def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.device) -> Models:
+    """G and E_a of a DG-Net run, in eval mode on `device` (as test.py loads a run)."""
+    from networks import build_generator
+    from reIDmodel import build_appearance_encoder
+
+    if which_iter == "last":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
+    else:
+        path = checkpoint_path(run_dir, _iteration(which_iter))
+    state = load_checkpoint(path)
+    if state.get("kind") != "DGNet":
+        raise UserError(f"{path} is a {state.get('kind')} run, which has no generator: give a DG-Net run")
+    cfg = load_config(run_dir / "config.yaml", opts) if (run_dir / "config.yaml").is_file() else state["config"]
+    weights = state["trainer"]["models"]
+    generator = _built(build_generator, cfg)
+    encoder = _built(build_appearance_encoder, cfg, weights["id"]["classifier1.classifier.0.weight"].shape[0],
+                     pretrained="none")
+    try:
+        generator.load_state_dict(weights["gen"])
+        encoder.load_state_dict(weights["id"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the run's config ({one_line(err)[:200]}); drop the --opts that "
+                        "change the networks") from None
+    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, int(state["iteration"]), run_dir)
+
+
+def _iteration(text: str) -> int:
+    if not text.isdigit():
+        raise UserError(f"--which_iter takes an iteration number or last, got '{text}'")
+    return int(text)
+
+
+def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
+    """Our config from the original release's config.yaml: the keys we know are kept, the rest ignored.
+
+    The original is always ResNet-50 on the per-identity folder layout (`dataset: folder`); the number of
+    identities comes from id_*.pt, so ID_class is not used. --opts override anything (e.g. data_root).
+    """
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: --original needs the folder with the original's config.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({one_line(err)[:160]})") from None
+    known = schema().flat_defaults
+    flat = _flatten(raw) if isinstance(raw, dict) else {}
+    kept = {k: v for k, v in flat.items() if k in known and k not in ("ID_class", "teacher", "pretrained")}
+    kept = {"backbone": "resnet50", "dataset": "folder", **kept, "pretrained": "none", "ID_class": None}
+    nested: dict[str, Any] = {}
+    for key, value in kept.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        translated = Path(tmp) / "config.yaml"
+        translated.write_text(yaml.safe_dump(nested))
+        return load_config(translated, opts)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_original(folder: Path, which_iter: str, opts: Sequence[str], device: torch.device,
+                  run_dir: Path) -> Models:
+    """G and E_a from the original's gen_<it>.pt / id_<it>.pt through the networks' original-layout loaders."""
+    import networks
+    import reIDmodel
+
+    cfg = original_config(folder / "config.yaml", opts)
+    found = sorted((int(m.group(1)), p) for p in folder.glob("gen_*.pt")
+                   if (m := re.fullmatch(r"gen_(\d+)\.pt", p.name)))
+    if not found:
+        raise UserError(f"no gen_<iteration>.pt in {folder}: --original needs the original's checkpoint folder")
+    if which_iter == "last":
+        iteration, gen_path = found[-1]
+    else:
+        iteration = _iteration(which_iter)
+        gen_path = folder / f"gen_{iteration:08d}.pt"
+    id_path = gen_path.with_name("id_" + gen_path.name[len("gen_"):])
+    for p in (gen_path, id_path):
+        if not p.is_file():
+            raise UserError(f"{p} does not exist: the original's folder needs gen_ and id_ files of one iteration")
+    try:
+        head = networks.read_original_state(id_path).get("classifier1.classifier.0.weight")
+        if head is None:
+            raise ValueError(f"{id_path} has no classifier1 head: it is not an original id_*.pt")
+        generator = networks.load_original_state(_built(networks.build_generator, cfg), gen_path)
+        encoder = reIDmodel.load_original_state(
+            _built(reIDmodel.build_appearance_encoder, cfg, head.shape[0], pretrained="none"), id_path)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, iteration, run_dir)
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> Models:
+    if args.original:
+        folder = Path(args.original).expanduser()
+        run_dir = Path(args.output_path) / "outputs" / (args.name or folder.resolve().name)
+        return load_original(folder, args.which_iter, args.opts, device, run_dir)
+    return load_run(Path(args.output_path) / "outputs" / args.name, args.which_iter, args.opts, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs
+
+
+def pick(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+    """n seeded images, each of another identity while identities last (junk and distractors left out)."""
+    people = sorted((r for r in records if r.pid > 0), key=lambda r: r.path) or sorted(records, key=lambda r: r.path)
+    if not people:
+        raise UserError("the split has no images to pick from; choose another --split or give folders")
+    rng = np.random.default_rng(seed)
+    by_pid: dict[int, list[Record]] = defaultdict(list)
+    for r in people:
+        by_pid[r.pid].append(r)
+    pids = sorted(by_pid)
+    if len(pids) >= n:
+        return [by_pid[pids[i]][int(rng.integers(len(by_pid[pids[i]])))] for i in rng.permutation(len(pids))[:n]]
+    return [people[int(i)] for i in rng.choice(len(people), size=n, replace=len(people) < n)]
+
+
+def split_records(models: Models, split: str) -> list[Record]:
+    splits = load_splits(models.cfg)
+    records = getattr(splits, split)
+    if not records:
+        raise UserError(f"the {split} split of {models.cfg['data_root']} is empty; choose another --split")
+    return records
+
+
+def folder_images(folder: str, option: str) -> list[str]:
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"{option} {folder} holds no images")
+    return paths
+
+
+def load_set(paths: Sequence[str], size: tuple[int, int]) -> torch.Tensor:
+    return torch.stack([quality.load_unit(p, size) for p in paths])
+
+
+def provider_sets(args: argparse.Namespace, models: Models, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(appearance, structure) images in [0, 1]: from the folders, or 2*count identities of --split."""
+    if bool(args.appearance) != bool(args.structure):
+        raise UserError("give both --appearance DIR and --structure DIR, or neither (images are then picked "
+                        "from --split)")
+    if args.appearance:
+        a, s = folder_images(args.appearance, "--appearance"), folder_images(args.structure, "--structure")
+        return load_set(a, models.size), load_set(s, models.size)
+    picked = pick(split_records(models, args.split), 2 * count, args.seed)
+    return load_set([r.path for r in picked[:count]], models.size), load_set([r.path for r in picked[count:]],
+                                                                              models.size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+
+
+def to_pil(image: torch.Tensor, zoom: int = 1) -> Image.Image:
+    """A [0, 1] image (3, H, W) as a PIL image, enlarged `zoom` times with nearest-neighbour sampling."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(array)
+    return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST) if zoom > 1 else img
+
+
+def compose(rows: list[list[torch.Tensor | None]], zoom: int, header: bool = False) -> Image.Image:
+    """Cells of equal size on white, `GAP` apart; None leaves a cell blank. With `header`, the first row and
+    the first column are set apart by a wider gap."""
+    first = next(c for row in rows for c in row if c is not None)
+    h, w = first.shape[1] * zoom, first.shape[2] * zoom
+    n_rows, n_cols = len(rows), max(len(row) for row in rows)
+
+    def offset(i: int, cell: int) -> int:
+        return i * (cell + GAP) + (HEADER_GAP - GAP if header and i > 0 else 0)
+
+    canvas = Image.new("RGB", (offset(n_cols, w) - GAP, offset(n_rows, h) - GAP), "white")
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            if cell is not None:
+                canvas.paste(to_pil(cell, zoom), (offset(j, w), offset(i, h)))
+    return canvas
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Write a JPEG or GIF through a temporary name, so a half-written file never appears."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="JPEG", quality=95)
+    os.replace(tmp, path)
+    return path
+
+
+def save_gif(frames: list[Image.Image], path: Path, duration: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def output_file(args: argparse.Namespace, models: Models, default_name: str) -> Path:
+    """--out (refused when it exists, unless --overwrite), else visuals/<default_name> of the run."""
+    if args.out:
+        path = Path(args.out)
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{path} exists; pick another --out or add --overwrite")
+        return path
+    return models.run_dir / "visuals" / default_name
+
+
+def output_folder(args: argparse.Namespace, models: Models, default_name: str, allow_existing: bool) -> Path:
+    """--out or visuals/<default_name>; a non-empty folder is refused unless allowed or --overwrite."""
+    folder = Path(args.out) if args.out else models.run_dir / "visuals" / default_name
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (allow_existing or args.overwrite):
+        raise UserError(f"{folder} already holds files; pick another --out, or add --overwrite (files of the "
+                        "same name are replaced, nothing is deleted)")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_swap(args: argparse.Namespace, models: Models) -> list[Path]:
+    """One column per pair: appearance image, structure image, G(s_B, f_A), G(s_A, f_B)."""
+    appearance, structure = provider_sets(args, models, positive(args.count, "--count"))
+    n = min(len(appearance), len(structure))
+    appearance, structure = appearance[:n], structure[:n]
+    g, e = models.generator, models.appearance_encoder
+    a_in_b = quality.swap(g, e, quality.normalize(structure), quality.normalize(appearance))
+    b_in_a = quality.swap(g, e, quality.normalize(appearance), quality.normalize(structure))
+    columns = [[appearance[i], structure[i], a_in_b[i], b_in_a[i]] for i in range(n)]
+    rows = [list(r) for r in zip(*columns)]
+    path = output_file(args, models, f"swap_{models.iteration:08d}.jpg")
+    return [save_image(compose(rows, args.zoom), path)]
+
+
+def cmd_rainbow(args: argparse.Namespace, models: Models) -> list[Path]:
+    """Header row: the structures; each row: an appearance image, then it in every structure."""
+    n = positive(args.count, "--count")
+    if args.appearance or args.structure:
+        appearance, structure = provider_sets(args, models, n)
+        appearance, structure = appearance[:n], structure[:n]
+    else:  # one set of N people for both: the diagonal is each person's own reconstruction
+        picked = pick(split_records(models, args.split), n, args.seed)
+        appearance = structure = load_set([r.path for r in picked], models.size)
+    g, e = models.generator, models.appearance_encoder
+    rows: list[list[torch.Tensor | None]] = [[None, *structure]]
+    for a in appearance:
+        out = quality.swap(g, e, quality.normalize(structure), quality.normalize(a.expand_as(structure)))
+        rows.append([a, *out])
+    path = output_file(args, models, f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}.jpg")
+    return [save_image(compose(rows, args.zoom, header=True), path)]
+
+
+@torch.no_grad()
+def interpolate(models: Models, x: torch.Tensor, steps: int, code: str) -> torch.Tensor:
+    """(2, steps, 3, H, W): row r keeps image r's structure (code "appearance") or appearance (code
+    "structure") while the other code goes from image 0's (w = 0) to image 1's (w = 1)."""
+    g, e = models.generator, models.appearance_encoder
+    device = next(g.parameters()).device
+    xn = quality.normalize(x).to(device)
+    s, f = g.encode(xn), e(xn)[0]
+    w = torch.linspace(0, 1, steps, device=device).view(-1, 1)
+    rows = []
+    for r in range(2):
+        if code == "appearance":
+            f_mix = (1 - w) * f[0] + w * f[1]
+            s_mix = s[r].expand(steps, *s.shape[1:])
+        else:
+            s_mix = (1 - w.view(-1, 1, 1, 1)) * s[0] + w.view(-1, 1, 1, 1) * s[1]
+            f_mix = f[r].expand(steps, -1)
+        rows.append(quality.to_unit(g.decode(s_mix, f_mix)).cpu())
+    return torch.stack(rows)
+
+
+def gif_frames(strip: torch.Tensor, zoom: int) -> list[Image.Image]:
+    """One frame per step: the two rows' images side by side, over a bar that shows the step (which also
+    keeps consecutive frames distinct, so the GIF writer never merges them)."""
+    steps = strip.shape[1]
+    frames = []
+    for k in range(steps):
+        pair = compose([[strip[0, k], strip[1, k]]], zoom)
+        frame = Image.new("RGB", (pair.width, pair.height + 4), "white")
+        frame.paste(pair, (0, 0))
+        bar = round(pair.width * (k + 1) / steps)
+        ImageDraw.Draw(frame).rectangle((0, pair.height + 1, bar - 1, pair.height + 3), fill=(40, 40, 40))
+        frames.append(frame)
+    return frames
+
+
+def cmd_smooth(args: argparse.Namespace, models: Models) -> list[Path]:
+    steps = args.steps
+    if steps < 2:
+        raise UserError(f"--steps must be at least 2 (both ends), got {steps}")
+    if args.images:
+        x = load_set(args.images, models.size)
+    else:
+        x = load_set([r.path for r in pick(split_records(models, args.split), 2, args.seed)], models.size)
+    folder = output_folder(args, models, "smooth", allow_existing=not args.out)
+    written = []
+    for code in ("appearance", "structure"):
+        with quality.eval_mode(models.generator, models.appearance_encoder):
+            strip = interpolate(models, x, steps, code)
+        rows = [[x[0], *strip[r], x[1]] for r in range(2)]
+        stem = f"smooth_{code}_{models.iteration:08d}"
+        written.append(save_image(compose(rows, args.zoom), folder / f"{stem}.jpg"))
+        written.append(save_gif(gif_frames(strip, args.zoom), folder / f"{stem}.gif", args.duration))
+    return written
+
+
+def generated_name(appearance: Record, structure: Record) -> str:
+    """`<appearance file stem>__s_<structure file stem>.jpg`: both providers in the name."""
+    return f"{Path(appearance.path).stem}__s_{Path(structure.path).stem}.jpg"
+
+
+def structure_providers(train: Sequence[Record], per_image: int, seed: int) -> list[list[Record]]:
+    """For each training image, `per_image` distinct seeded structure providers of other identities
+    (any other image when the split holds one identity only). Rejection sampling: no per-image list."""
+    rng = np.random.default_rng(seed)
+    count = defaultdict(int)
+    for r in train:
+        count[r.pid] += 1
+    single = len(count) == 1
+    providers = []
+    for i, r in enumerate(train):
+        want = min(per_image, len(train) - (1 if single else count[r.pid]))
+        if want < 1:
+            raise UserError("the training split has a single image; nothing to take a structure from")
+        chosen: list[int] = []
+        while len(chosen) < want:
+            j = int(rng.integers(len(train)))
+            if (j != i if single else train[j].pid != r.pid) and j not in chosen:
+                chosen.append(j)
+        providers.append([train[j] for j in chosen])
+    return providers
+
+
+def cmd_generate(args: argparse.Namespace, models: Models) -> list[Path]:
+    """DG-Market: every training image's appearance in random other structures, one folder per identity
+    (`train_all/<pid>/`, readable with `dataset: folder`)."""
+    per_image, batch = positive(args.per_image, "--per_image"), positive(args.batch_size, "--batch_size")
+    folder = output_folder(args, models, f"dg-market_{models.iteration:08d}", allow_existing=False)
+    train = sorted(split_records(models, "train"), key=lambda r: r.path)
+    providers = structure_providers(train, per_image, args.seed)
+    if args.limit is not None:
+        positive(args.limit, "--limit")
+        train, providers = train[:args.limit], providers[:args.limit]
+    jobs = [(a, b) for a, bs in zip(train, providers) for b in bs]
+    g, e = models.generator, models.appearance_encoder
+    print(f"generating {len(jobs)} images from {len(train)} training images into {folder}", flush=True)
+    every = max(1, -(-len(jobs) // batch) // 10)  # about ten progress lines
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        a = load_set([j[0].path for j in chunk], models.size)
+        b = load_set([j[1].path for j in chunk], models.size)
+        out = quality.swap(g, e, quality.normalize(b), quality.normalize(a), batch_size=batch)
+        for (app, struct), img in zip(chunk, out):
+            path = folder / "train_all" / f"{app.pid:04d}" / generated_name(app, struct)
+            save_image(to_pil(img), path)
+        done = start + len(chunk)
+        if done == len(jobs) or (start // batch + 1) % every == 0:
+            print(f"  {done}/{len(jobs)}", flush=True)
+    manifest = {"run": str(models.run_dir), "iteration": models.iteration, "seed": args.seed,
+                "per_image": per_image, "images": len(jobs), "identities": len({a.pid for a, _ in jobs}),
+                "naming": "train_all/<appearance pid>/<appearance image>__s_<structure image>.jpg"}
+    (folder / "dg-market.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return [folder]
+
+
+def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
+    pairs = positive(args.pairs, "--pairs")
+    inception = quality.load_inception(args.fid_weights, next(models.generator.parameters()).device) \
+        if args.fid_weights else None
+    splits: DatasetSplits = load_splits(models.cfg)
+    result = quality.generation_metrics(models.generator, models.appearance_encoder, models.cfg, splits,
+                                        n_pairs=pairs, seed=args.seed, inception=inception,
+                                        fid_images=positive(args.fid_images, "--fid-images"))
+    summary = {"run": models.run_dir.name, "iteration": models.iteration, "dataset": splits.name,
+               "image_size": list(models.size), **result}
+    out = models.run_dir / "results" / "generation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(models.run_dir / "logs")) as writer:
+        for tag, value in quality.scalars(result).items():
+            writer.add_scalar(tag, value, models.iteration)
+    print(format_metrics(summary))
+    return [out]
+
+
+def format_metrics(s: dict[str, Any]) -> str:
+    lines = [f"{s['run']} (iteration {s['iteration']}) on {s['dataset']}, {s['image_size'][0]}x{s['image_size'][1]}"]
+    fidelity = s["swap_fidelity"]
+    if fidelity:
+        lines.append(f"swap fidelity over {fidelity['pairs']} test pairs, against the true swap "
+                     "(SSIM: higher is better; L1: lower):")
+        lines.append("                      SSIM      L1")
+        for key, label in (("swap", "generated swap"), ("structure_image", "structure image"),
+                           ("appearance_image", "appearance image")):
+            lines.append(f"  {label:<18} {fidelity[key]['ssim']:6.4f}  {fidelity[key]['l1']:6.4f}")
+    else:
+        lines.append("swap fidelity: needs the synthetic dataset (its swaps have a true answer)")
+    rec = s["reconstruction"]
+    lines.append(f"reconstruction ({rec['images']} test images): SSIM {rec['ssim']:.4f}  L1 {rec['l1']:.4f}")
+    div = s["ssim_diversity"]
+    real = f"{div['real']:.4f}" if div["real"] is not None else "n/a"
+    lines.append(f"SSIM diversity (mean SSIM within an identity; lower = more varied): generated "
+                 f"{div['generated']:.4f}, real {real}")
+    lines.append(f"FID ({s['fid']['images']} images): {s['fid']['fid']:.2f}" if s["fid"] else quality.fid_hint())
+    return "\n".join(lines)
+
+
+COMMANDS = {"swap": cmd_swap, "rainbow": cmd_rainbow, "smooth": cmd_smooth, "generate": cmd_generate,
+            "metrics": cmd_metrics}
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    positive(args.zoom, "--zoom")
+    device = select_device(args.device)
+    models = load_models(args, device)
+    with torch.no_grad():
+        return COMMANDS[args.command](args, models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        written = run(args)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    if args.command != "metrics":
+        for path in written:
+            print(f"written {path}")
+    else:
+        print(f"written to {written[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
