@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from evaluate import evaluate_distmat, evaluate_features
+from utils import UserError
 
 
 def reference(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank):
@@ -33,13 +34,17 @@ def reference(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank):
 
 
 def check(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10):
+    """Both backends (the per-query CPU one and the batched torch one, here on the CPU) equal the reference."""
     for ap in ("market", "precision"):
-        got = evaluate_distmat(distmat, q_pids, g_pids, q_camids, g_camids, ap=ap, max_rank=max_rank, chunk=3)
         cmc, m_ap, m_inp, valid = reference(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank)
-        assert got["num_valid_queries"] == valid
-        np.testing.assert_allclose(got["cmc"], cmc, rtol=0, atol=1e-12)
-        assert got["mAP"] == pytest.approx(m_ap, abs=1e-12)
-        assert got["mINP"] == pytest.approx(m_inp, abs=1e-12)
+        for backend in ("numpy", "torch"):
+            got = evaluate_distmat(distmat, q_pids, g_pids, q_camids, g_camids, ap=ap, max_rank=max_rank, chunk=3,
+                                   backend=backend)
+            assert got["num_valid_queries"] == valid
+            assert got["num_queries"] == len(q_pids)
+            np.testing.assert_allclose(got["cmc"], cmc, rtol=0, atol=1e-12)
+            assert got["mAP"] == pytest.approx(m_ap, abs=1e-12)
+            assert got["mINP"] == pytest.approx(m_inp, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -55,7 +60,7 @@ def test_ties_are_broken_by_gallery_index():
     distmat = np.zeros((2, 6))  # every distance equal: the gallery order decides
     g_pids = np.array([3, 1, 1, 0, 1, 3])
     check(distmat, np.array([1, 3]), g_pids, np.array([1, 1]), np.array([2, 2, 2, 2, 2, 2]))
-    got = evaluate_distmat(distmat, np.array([1]), g_pids, np.array([1]), np.full(6, 2), max_rank=3)
+    got = evaluate_distmat(distmat[:1], np.array([1]), g_pids, np.array([1]), np.full(6, 2), max_rank=3)
     assert got["cmc"].tolist() == [0.0, 1.0, 1.0]  # index 0 (pid 3) ranks first, index 1 second
 
 
@@ -95,3 +100,57 @@ def test_features_use_cosine_similarity():
     g_pids, q_pids = np.arange(30) + 1, np.arange(5) + 1
     got = evaluate_features(qf, gf, q_pids, g_pids, np.ones(5, int), np.full(30, 2), max_rank=5)
     assert got["cmc"][0] == 1.0 and got["mAP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heavy_ties_match_the_reference(seed):
+    # Few distinct distance values: most good matches tie with negatives, junk and each other.
+    rng = np.random.default_rng(100 + seed)
+    q, g = 9, 60
+    distmat = rng.integers(0, 4, (q, g)).astype(np.float32) / 4
+    check(distmat, rng.integers(-1, 5, q), rng.integers(-1, 5, g), rng.integers(1, 3, q), rng.integers(1, 3, g))
+
+
+def test_infinite_distances_and_float64():
+    rng = np.random.default_rng(7)
+    distmat = rng.random((6, 30))
+    distmat[rng.random((6, 30)) < 0.3] = np.inf  # masked pairs rank last, still by gallery index
+    check(distmat, rng.integers(1, 4, 6), rng.integers(-1, 4, 30), rng.integers(1, 3, 6), rng.integers(1, 3, 30))
+
+
+def test_distractors_and_junk_queries():
+    rng = np.random.default_rng(11)
+    g_pids = np.array([0, 0, 1, 1, 2, -1, 0, 2, 1, 0])
+    g_cams = np.array([1, 2, 1, 2, 1, 2, 1, 2, 1, 2])
+    q_pids = np.array([1, 2, 0, -1, 3])  # distractor and junk queries never have good matches
+    check(rng.random((5, 10)), q_pids, g_pids, np.array([1, 1, 1, 1, 1]), g_cams)
+
+
+def test_larger_random_case_with_features_path():
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(12, 16))
+    g_pids = rng.integers(0, 12, 300)
+    q_pids = rng.integers(1, 12, 40)
+    gf = centers[g_pids] + rng.normal(size=(300, 16))
+    qf = centers[q_pids] + rng.normal(size=(40, 16))
+    g_cams, q_cams = rng.integers(1, 5, 300), rng.integers(1, 5, 40)
+    sim = torch.nn.functional.normalize(torch.tensor(qf, dtype=torch.float32), dim=1) @ \
+        torch.nn.functional.normalize(torch.tensor(gf, dtype=torch.float32), dim=1).T
+    distmat = (-sim).numpy()
+    check(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    got = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk=7)
+    cmc, m_ap, _, valid = reference(distmat, q_pids, g_pids, q_cams, g_cams, "market", 20)
+    assert got["num_valid_queries"] == valid and got["mAP"] == pytest.approx(m_ap, abs=1e-12)
+    np.testing.assert_allclose(got["cmc"], cmc, rtol=0, atol=1e-12)
+
+
+def test_bad_input_is_one_clear_error():
+    with pytest.raises(UserError, match="NaN"):
+        evaluate_distmat(np.array([[np.nan, 1.0]]), [1], [1, 2], [1], [2, 2])
+    with pytest.raises(UserError, match="2 x 2 but there are 1 query"):
+        evaluate_distmat(np.zeros((2, 2)), [1], [1, 2], [1], [2, 2])
+
+
+def test_empty_query_set():
+    got = evaluate_distmat(np.zeros((0, 3)), [], [1, 2, 3], [], [1, 1, 1], max_rank=3)
+    assert got["num_queries"] == 0 and got["mAP"] == 0.0 and got["cmc"].tolist() == [0.0, 0.0, 0.0]
