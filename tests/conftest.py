@@ -13,3 +13,27 @@ def no_onednn():
     torch.backends.mkldnn.enabled = False
     yield
     torch.backends.mkldnn.enabled = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_dgnet_run(tmp_path_factory):
+    """A DG-Net run trained for 2 iterations on tiny synthetic data (64x32), for tools that read runs.
+
+    Returns (output_path, name, data_root): the run is output_path/outputs/name.
+    """
+    import train
+    from data import synthetic
+    from utils import REPO_ROOT
+
+    base = tmp_path_factory.mktemp("tiny_dgnet")
+    data_root = base / "data"
+    synthetic.generate(data_root, ids=8, images_per_id=6, height=64, width=32, seed=1)
+    opts = ["dataset=synthetic", f"data_root={data_root}", "crop_image_height=64", "crop_image_width=32", "pad=2",
+            "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4", "gen.mlp_dim=16",
+            "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=2", "max_iter=2",
+            "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2",
+            "max_teacher_w=0.0", "ID_class=null"]
+    code = train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", "tiny",
+                       "--output_path", str(base), "--opts", *opts])
+    assert code == 0
+    return base, "tiny", data_root

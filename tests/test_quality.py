@@ -1,0 +1,159 @@
+"""quality.py: SSIM against known values and an independent formula, L1, swap fidelity on the synthetic ground
+truth (the truth scores perfectly, the trivial answers do not), mode restoring, FID pieces."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg, ndimage
+
+import quality
+from data.loaders import load_splits
+from utils import UserError
+from visualize import load_run
+
+
+def reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two (C, H, W) images written independently: scipy's Gaussian filter (sigma 1.5, truncated to
+    radius 5, i.e. an 11x11 window), valid region only, sample statistics without the N/(N-1) correction."""
+    c1, c2, r = 0.01**2, 0.03**2, 5
+    values = []
+    for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
+        def f(t):
+            return ndimage.gaussian_filter(t, 1.5, truncate=3.5)[r:-r, r:-r]
+        mu_a, mu_b = f(a), f(b)
+        va, vb, cov = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+        values.append(((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))).mean())
+    return float(np.mean(values))
+
+
+def test_ssim_identical_is_one_and_batched():
+    x = torch.rand(3, 3, 40, 24, generator=torch.Generator().manual_seed(0))
+    s = quality.ssim(x, x)
+    assert s.shape == (3,) and torch.allclose(s, torch.ones(3), atol=1e-6)
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # flat images: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) exactly
+    a, b = 0.2, 0.6
+    x, y = torch.full((1, 3, 32, 16), a), torch.full((1, 3, 32, 16), b)
+    expected = (2 * a * b + 0.01**2) / (a * a + b * b + 0.01**2)
+    assert quality.ssim(x, y).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ssim_matches_an_independent_formula():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 48, 30, generator=gen)
+    y = (0.7 * x + 0.3 * torch.rand(2, 3, 48, 30, generator=gen)).clamp(0, 1)
+    ours = quality.ssim(x, y)
+    for i in range(2):
+        assert ours[i].item() == pytest.approx(reference_ssim(x[i].numpy(), y[i].numpy()), abs=1e-5)
+    assert torch.allclose(ours, quality.ssim(y, x), atol=1e-6)  # symmetric
+    assert (ours < 1).all() and (ours > 0).all()
+
+
+def test_ssim_small_images_and_bad_shapes():
+    x = torch.rand(1, 3, 8, 6)
+    assert quality.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)  # window shrunk to 5x5
+    with pytest.raises(ValueError, match="one shape"):
+        quality.ssim(x, torch.rand(1, 3, 8, 7))
+
+
+def test_l1_and_unit_round_trip():
+    x, y = torch.full((2, 3, 4, 4), 0.2), torch.full((2, 3, 4, 4), 0.5)
+    assert torch.allclose(quality.l1(x, y), torch.full((2,), 0.3))
+    z = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(quality.to_unit(quality.normalize(z)), z, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dgnet_run):
+    output_path, name, _ = tiny_dgnet_run
+    models = load_run(output_path / "outputs" / name, "last", [], torch.device("cpu"))
+    return models, load_splits(models.cfg)
+
+
+def test_ground_truth_scores_perfectly_and_trivial_answers_do_not(tiny):
+    models, splits = tiny
+    data = quality.fidelity_set(models.cfg, splits, n_pairs=12, seed=0)
+    assert data.target.shape == data.structure.shape == data.appearance.shape == (12, 3, 64, 32)
+    truth = quality.score(data.target, data.target)
+    assert truth["ssim"] == pytest.approx(1.0, abs=1e-6) and truth["l1"] == 0.0
+    for trivial in (data.structure, data.appearance):
+        s = quality.score(trivial, data.target)
+        assert s["ssim"] < 0.99 and s["l1"] > 0.01
+    # the structure image shares the background with the truth, the appearance image shares nothing
+    assert quality.score(data.structure, data.target)["l1"] < quality.score(data.appearance, data.target)["l1"]
+    assert all(a.split("_")[0] != b.split("_")[0] for a, b in data.pairs)  # different identities
+
+
+def test_true_swap_of_an_image_with_itself_is_its_file(tiny):
+    from data import synthetic
+
+    models, splits = tiny
+    meta = synthetic.load_metadata(models.cfg["data_root"])
+    record = next(r for r in splits.query if r.pid > 0)
+    drawn = quality._true_swap(meta, record, record, (64, 32))
+    assert torch.equal(drawn, quality.load_unit(record.path, (64, 32)))
+
+
+def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
+    models, splits = tiny
+    g, e = models.generator, models.appearance_encoder
+    g.train()
+    e.eval()
+    e.classifier1.train()  # a mixed state must come back as it was
+    first = quality.swap_fidelity(g, e, models.cfg, splits, torch.device("cpu"), n_pairs=8, seed=3)
+    assert g.training and all(m.training for m in g.modules())
+    assert not e.training and e.classifier1.training and not e.classifier2.training
+    assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image"}
+    assert 0 < first["swap"]["ssim"] < 1 and first["swap"]["l1"] > 0
+    again = quality.swap_fidelity(g, e, models.cfg, splits, torch.device("cpu"), n_pairs=8, seed=3)
+    assert again == first
+    other = quality.fidelity_set(models.cfg, splits, n_pairs=8, seed=4)
+    assert other.pairs != quality.fidelity_set(models.cfg, splits, n_pairs=8, seed=3).pairs
+    tags = quality.scalars({"swap_fidelity": first})
+    assert tags["generation/swap_fidelity/swap/ssim"] == first["swap"]["ssim"]
+    assert "generation/swap_fidelity/pairs" not in tags
+
+
+def test_swap_fidelity_needs_the_synthetic_dataset(tiny):
+    models, splits = tiny
+    cfg = {**models.cfg, "dataset": "market1501"}
+    assert not quality.has_ground_truth(cfg)
+    with pytest.raises(UserError, match="synthetic"):
+        quality.swap_fidelity(models.generator, models.appearance_encoder, cfg, splits)
+
+
+def test_reconstruction_and_diversity(tiny):
+    models, splits = tiny
+    rec = quality.reconstruction(models.generator, models.appearance_encoder, models.cfg, splits, n_images=6)
+    assert rec["images"] == 6 and 0 < rec["ssim"] < 1
+    div = quality.ssim_diversity(models.generator, models.appearance_encoder, models.cfg, splits,
+                                 n_appearances=3, n_structures=3)
+    assert div["identities"] == 3 and 0 < div["generated"] <= 1 and 0 < div["real"] < 1
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 4))
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, -2.0, 0.5, 0.0])
+    assert quality.frechet_distance(a, a + shift) == pytest.approx(float((shift**2).sum()), abs=1e-6)
+    # against the textbook formula with a general matrix square root: more samples than dimensions, and fewer
+    for n, d in ((200, 4), (12, 30)):
+        a = rng.normal(size=(n, d))
+        b = rng.normal(size=(n + 3, d)) @ rng.normal(size=(d, d)) + 1.0
+        ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        root = linalg.sqrtm(ca @ cb).real
+        textbook = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb) - 2 * np.trace(root)
+        assert quality.frechet_distance(a, b) == pytest.approx(float(textbook), rel=1e-6)
+
+
+def test_fid_weights_must_exist(tmp_path):
+    with pytest.raises(UserError, match="--fid-weights .* does not exist"):
+        quality.load_inception(tmp_path / "missing.pth", torch.device("cpu"))
+    (tmp_path / "junk.pth").write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match="not torchvision's Inception v3 weights"):
+        quality.load_inception(tmp_path / "junk.pth", torch.device("cpu"))
+    assert "--fid-weights" in quality.fid_hint() and "\n" not in quality.fid_hint()
