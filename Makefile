@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint quickstart bench clean-quickstart
+.PHONY: install test lint quickstart visuals bench clean-quickstart
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ quickstart: install
 	$(QUICK) train.py --config configs/quickstart/dgnet.yaml --name quickstart $(call resume_if,quickstart)
 	@echo
 	@echo "swapped-identity images: outputs/quickstart/images/ (index.html shows the newest grids)"
+
+# The README's figures (docs/) and generation metrics, from the quickstart's DG-Net (run `make quickstart` first).
+visuals: install
+	$(QUICK) visualize.py swap --name quickstart --count 8 --zoom 2 --quality 80 --out docs/quickstart_swap.jpg --overwrite
+	$(QUICK) visualize.py rainbow --name quickstart --count 6 --zoom 2 --quality 80 --out docs/quickstart_rainbow.jpg --overwrite
+	$(QUICK) visualize.py metrics --name quickstart
 
 clean-quickstart:
 	rm -rf outputs/quickstart outputs/quickstart-teacher datasets/synthetic

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--split", default="query", choices=SPLITS,
                         help="where input images are picked from when no folder is given (default: query)")
     common.add_argument("--zoom", type=int, default=1, help="enlarge figures by this integer factor")
+    common.add_argument("--quality", type=int, default=95, help="JPEG quality of the figures (default 95)")
     common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a file for swap and "
                                       "rainbow, a folder for smooth and generate)")
     common.add_argument("--overwrite", action="store_true", help="allow writing over an existing --out")
@@ -332,11 +333,11 @@ def compose(rows: list[list[torch.Tensor | None]], zoom: int, header: bool = Fal
     return canvas
 
 
-def save_image(image: Image.Image, path: Path) -> Path:
-    """Write a JPEG or GIF through a temporary name, so a half-written file never appears."""
+def save_image(image: Image.Image, path: Path, jpeg_quality: int = 95) -> Path:
+    """Write a JPEG through a temporary name, so a half-written file never appears."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="JPEG", quality=95)
+    image.save(tmp, format="JPEG", quality=jpeg_quality)
     os.replace(tmp, path)
     return path
 
@@ -385,7 +386,7 @@ def cmd_swap(args: argparse.Namespace, models: Models) -> list[Path]:
     columns = [[appearance[i], structure[i], a_in_b[i], b_in_a[i]] for i in range(n)]
     rows = [list(r) for r in zip(*columns)]
     path = output_file(args, models, f"swap_{models.iteration:08d}.jpg")
-    return [save_image(compose(rows, args.zoom), path)]
+    return [save_image(compose(rows, args.zoom), path, args.quality)]
 
 
 def cmd_rainbow(args: argparse.Namespace, models: Models) -> list[Path]:
@@ -403,7 +404,7 @@ def cmd_rainbow(args: argparse.Namespace, models: Models) -> list[Path]:
         out = quality.swap(g, e, quality.normalize(structure), quality.normalize(a.expand_as(structure)))
         rows.append([a, *out])
     path = output_file(args, models, f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}.jpg")
-    return [save_image(compose(rows, args.zoom, header=True), path)]
+    return [save_image(compose(rows, args.zoom, header=True), path, args.quality)]
 
 
 @torch.no_grad()
@@ -457,7 +458,7 @@ def cmd_smooth(args: argparse.Namespace, models: Models) -> list[Path]:
             strip = interpolate(models, x, steps, code)
         rows = [[x[0], *strip[r], x[1]] for r in range(2)]
         stem = f"smooth_{code}_{models.iteration:08d}"
-        written.append(save_image(compose(rows, args.zoom), folder / f"{stem}.jpg"))
+        written.append(save_image(compose(rows, args.zoom), folder / f"{stem}.jpg", args.quality))
         written.append(save_gif(gif_frames(strip, args.zoom), folder / f"{stem}.gif", args.duration))
     return written
 
@@ -510,7 +511,7 @@ def cmd_generate(args: argparse.Namespace, models: Models) -> list[Path]:
         out = quality.swap(g, e, quality.normalize(b), quality.normalize(a), batch_size=batch)
         for (app, struct), img in zip(chunk, out):
             path = folder / "train_all" / f"{app.pid:04d}" / generated_name(app, struct)
-            save_image(to_pil(img), path)
+            save_image(to_pil(img), path, args.quality)
         done = start + len(chunk)
         if done == len(jobs) or (start // batch + 1) % every == 0:
             print(f"  {done}/{len(jobs)}", flush=True)
@@ -571,6 +572,8 @@ COMMANDS = {"swap": cmd_swap, "rainbow": cmd_rainbow, "smooth": cmd_smooth, "gen
 
 def run(args: argparse.Namespace) -> list[Path]:
     positive(args.zoom, "--zoom")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be 1..100, got {args.quality}")
     device = select_device(args.device)
     models = load_models(args, device)
     with torch.no_grad():
