@@ -1,18 +1,29 @@
 """Evaluate a run (DG-Net or a teacher) on its dataset's query and gallery: R1/R5/R10, mAP, mINP.
 
-    python test.py --name latest [--which_iter N|last] [--alpha 0.5] [--ap market|precision] [--no-flip]
+    python test.py --name latest [--which_iter N|last] [--config FILE] [--data_root DIR] [--multi] [--rerank]
+                   [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
+    python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
 
 Features follow DG-Net's protocol (reference/dgnet.md §6): each image and its horizontal flip go through
 the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each L2-normalized,
 the two passes are summed and each half normalized again; at query time the fine-grained half is weighted
 by `--alpha` (0.5 is what DG-Net reports). A teacher's feature is its 512-d bottleneck, flip-summed and
-normalized. Results are printed and written to `outputs/<name>/results/<iteration>.json`.
+normalized. `--multi` (Market-1501's gt_bbox/ or a multi-query/ folder) replaces each query by the mean
+feature of the multi-query images of its identity and camera.
+
+Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
+pytorch_result.mat (the original's layout, unweighted features), ranklist/ (with --ranklist) and
+search.json (with --query/--gallery).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.loaders import build_test_loader, load_splits
-from evaluate import AP_CONVENTIONS, evaluate_features
+from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
+from data.loaders import build_test_loader, load_splits, read_image
+from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
 from utils import UserError, checkpoint_path, latest_checkpoint, load_checkpoint, load_config, one_line
 
 HALF = 512  # each head's bottleneck width
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,12 +46,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", required=True, help="run name: outputs/NAME")
     p.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
     p.add_argument("--which_iter", default="last", help="checkpoint iteration, or last (default)")
+    p.add_argument("--config", help="config to use instead of the run's config.yaml (e.g. another dataset)")
+    p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
+    p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of DG-Net's fine-grained half (default 0.5)")
     p.add_argument("--ap", default="market", choices=AP_CONVENTIONS, help="AP convention (default: market)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not add the flipped image's feature")
     p.add_argument("--batch_size", type=int, default=128, help="images per inference batch")
+    p.add_argument("--ranklist", type=int, default=0, metavar="K", help="write rank-list images with the top K")
+    p.add_argument("--ranklist_queries", type=int, default=20, metavar="N",
+                   help="how many queries get a rank list, evenly spread (default 20; 0 = all)")
+    p.add_argument("--query", help="search: folder of query images (with --gallery)")
+    p.add_argument("--gallery", help="search: folder of gallery images (with --query)")
+    p.add_argument("--topk", type=int, default=10, help="search: matches per query (default 10)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. data_root=...)")
     return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model and its features
+# ---------------------------------------------------------------------------------------------------------
+
+def load_run(name: str, output_path: str = ".", which_iter: str = "last", config: str | None = None,
+             opts: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(checkpoint state, config, run folder) of a run; `config` replaces the run's config.yaml."""
+    run_dir = Path(output_path) / "outputs" / name
+    if which_iter == "last":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
+    else:
+        if not which_iter.isdigit():
+            raise UserError(f"--which_iter must be an iteration number or last, got {which_iter!r}")
+        path = checkpoint_path(run_dir, int(which_iter))
+    state = load_checkpoint(path)
+    cfg_file = Path(config) if config else run_dir / "config.yaml"
+    if config and not cfg_file.is_file():
+        raise UserError(f"--config {config}: no such file")
+    cfg = load_config(cfg_file, list(opts)) if cfg_file.is_file() else state["config"]
+    return state, cfg, run_dir
 
 
 def load_model(state: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -55,72 +102,353 @@ def load_model(state: dict[str, Any], cfg: dict[str, Any], device: torch.device)
     return model.to(device).eval()
 
 
+def has_halves(model: torch.nn.Module) -> bool:
+    """DG-Net's E_a gives two 512-d halves (primary, fine-grained); a teacher gives one feature."""
+    model = getattr(model, "module", model)  # DDP
+    return isinstance(getattr(model, "_orig_mod", model), AppearanceEncoder)  # torch.compile
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency); silent when `label` is None."""
+
+    def __init__(self, total: int, label: str | None, width: int = 30):
+        self.total, self.label, self.width, self.done = total, label, width, 0
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.label is None:
+            return
+        filled = self.width * self.done // max(self.total, 1)
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        end = "\n" if self.done >= self.total else ""
+        print(f"\r{self.label:>12} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+              f"{rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
+
+
+def _normalize_halves(f: torch.Tensor) -> torch.Tensor:
+    return torch.cat([F.normalize(h, dim=1) for h in f.split(HALF, dim=1)], dim=1)
+
+
+def _inference_context(device: torch.device) -> contextlib.AbstractContextManager:
+    # float16 rather than bfloat16: more mantissa for the features, and inference activations stay in range
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def extract(model: torch.nn.Module, loader: Any, device: torch.device, flip: bool) -> torch.Tensor:
-    """Flip-summed, normalized features of every image in loader order."""
+def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Sequence[Record], device: torch.device,
+                     *, flip: bool = True, batch_size: int = 128, label: str | None = None) -> torch.Tensor:
+    """Flip-summed, normalized features (float32, CPU) of `records` in order; `label` shows a progress bar."""
+    halves = has_halves(model)
+    loader = build_test_loader(cfg, records, batch_size, pin_memory=device.type == "cuda")
+    progress = Progress(len(records), label)
     feats = []
-    halves = isinstance(model, AppearanceEncoder)
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
-        views = [x, x.flip(3)] if flip else [x]
         total = 0
-        for view in views:
-            f = model.features(view).float()
-            total = total + (torch.cat([F.normalize(h, dim=1) for h in f.split(HALF, dim=1)], 1) if halves else f)
-        if halves:
-            total = torch.cat([F.normalize(h, dim=1) for h in total.split(HALF, dim=1)], dim=1)
+        for view in ([x, x.flip(3)] if flip else [x]):
+            with _inference_context(device):
+                f = model.features(view).float()
+            total = total + (_normalize_halves(f) if halves else f)
+        feats.append((_normalize_halves(total) if halves else F.normalize(total, dim=1)).cpu())
+        progress.update(len(x))
+    width = 2 * HALF if halves else HALF
+    return torch.cat(feats) if feats else torch.empty(0, width)
+
+
+def weight_query(qf: torch.Tensor, halves: bool, alpha: float) -> torch.Tensor:
+    """DG-Net's query weighting: the fine-grained half times alpha (score = s_prim + alpha s_fine)."""
+    if not halves:
+        return qf
+    qf = qf.clone()
+    qf[:, HALF:] *= alpha
+    return qf
+
+
+def labels_of(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([r.pid for r in records], np.int64), np.array([r.camid for r in records], np.int64)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """R1/R5/R10, mAP, mINP and the query counts of an evaluate_* result (CMC padded when short)."""
+    cmc = np.pad(result["cmc"], (0, max(0, 10 - len(result["cmc"]))), mode="edge")
+    return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]), "mAP": float(result["mAP"]),
+            "mINP": float(result["mINP"]), "num_queries": result["num_queries"],
+            "num_valid_queries": result["num_valid_queries"]}
+
+
+def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record], *,
+          ap: str = "market", rerank: bool = False, device: torch.device | None = None) -> dict[str, Any]:
+    """The protocol's metrics for (already weighted) query features against gallery features."""
+    (q_pids, q_cams), (g_pids, g_cams) = labels_of(query), labels_of(gallery)
+    if rerank:
+        from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
+        return summarize(evaluate_distmat(k_reciprocal_rerank(qf, gf), q_pids, g_pids, q_cams, g_cams, ap=ap))
+    return summarize(evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, ap=ap, device=device))
+
+
+def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: Sequence[Record],
+                   gallery_records: Sequence[Record], device: torch.device, *, flip: bool = True,
+                   alpha: float = 0.5, ap: str = "market", batch_size: int = 128,
+                   label: str | None = None) -> dict[str, Any]:
+    """Metrics (R1, R5, R10, mAP, mINP, num_queries, num_valid_queries) of a ReID model on query and gallery.
+
+    For validation during training: the model is put in eval mode and given back in the mode it came in.
+    """
+    if not query_records or not gallery_records:
+        raise UserError("evaluation needs query and gallery images; the split given is empty")
+    training = model.training
+    model.eval()
+    try:
+        qf = extract_features(model, cfg, query_records, device, flip=flip, batch_size=batch_size,
+                              label=label and f"{label} query")
+        gf = extract_features(model, cfg, gallery_records, device, flip=flip, batch_size=batch_size,
+                              label=label and f"{label} gallery")
+    finally:
+        model.train(training)
+    return score(weight_query(qf, has_halves(model), alpha), gf, query_records, gallery_records, ap=ap,
+                 device=device)
+
+
+def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.Tensor,
+                         multi: Sequence[Record]) -> tuple[torch.Tensor, int]:
+    """Each query replaced by the mean multi-query feature of its pid and camera; (features, how many kept
+    their own feature because no multi-query image shares their pid and camera)."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, r in enumerate(multi):
+        groups[(r.pid, r.camid)].append(i)
+    out, missing = qf.clone(), 0
+    for i, r in enumerate(query):
+        members = groups.get((r.pid, r.camid))
+        if members:
+            out[i] = mqf[members].mean(0)
         else:
-            total = F.normalize(total, dim=1)
-        feats.append(total.cpu())
-    return torch.cat(feats)
+            missing += 1
+    return out, missing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs: features, rank lists
+# ---------------------------------------------------------------------------------------------------------
+
+def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]]) -> list[Path]:
+    """features_<iteration>.npz (with paths) and pytorch_result.mat (the original's keys) from
+    {"query": (features, records), "gallery": ..., optionally "mquery": ...}."""
+    import scipy.io  # only here: saving .mat
+
+    arrays: dict[str, np.ndarray] = {}
+    for split, (f, records) in parts.items():
+        pids, cams = labels_of(records)
+        arrays.update({f"{split}_f": f.numpy(), f"{split}_label": pids, f"{split}_cam": cams})
+    npz = results / f"features_{iteration:08d}.npz"
+    paths = {f"{split}_path": np.array([r.path for r in records]) for split, (_, records) in parts.items()}
+    np.savez(npz, **arrays, **paths)
+    mat = results / "pytorch_result.mat"
+    scipy.io.savemat(mat, arrays)
+    return [npz, mat]
+
+
+def ranked_gallery(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
+                   rows: Sequence[int], k: int) -> list[np.ndarray]:
+    """For each query row, the top k gallery indices of the protocol's ranking (junk removed)."""
+    g_pids, g_cams = labels_of(gallery)
+    out = []
+    for s, dist in cosine_distance_chunks(qf[list(rows)], gf, chunk=256):
+        for j, d in enumerate(dist.numpy()):
+            r = query[rows[s + j]]
+            junk = (g_pids == JUNK_PID) | ((g_pids == r.pid) & (g_cams == r.camid))
+            order = np.argsort(np.where(junk, np.inf, d), kind="stable")
+            out.append(order[: min(k, int((~junk).sum()))])
+    return out
+
+
+def _tile(path: str, size: tuple[int, int], colour: tuple[int, int, int], border: int = 4):
+    from PIL import ImageOps
+
+    img = read_image(path).resize((size[1], size[0]))
+    return ImageOps.expand(img, border=border, fill=colour)
+
+
+def write_ranklists(out_dir: Path, qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record],
+                    gallery: Sequence[Record], k: int, num_queries: int = 20,
+                    size: tuple[int, int] = (128, 64)) -> list[Path]:
+    """One image per query: the query (grey border), then its top k (green: same identity, red: not)."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = len(query) if num_queries <= 0 else min(num_queries, len(query))
+    rows = sorted({int(i) for i in np.linspace(0, len(query) - 1, count)}) if count else []
+    written = []
+    for q, top in zip(rows, ranked_gallery(qf, gf, query, gallery, rows, k)):
+        tiles = [_tile(query[q].path, size, (128, 128, 128))]
+        tiles += [_tile(gallery[g].path, size, (0, 170, 0) if gallery[g].pid == query[q].pid else (210, 0, 0))
+                  for g in top]
+        w, h = tiles[0].size
+        gap = 6  # between tiles; twice that after the query
+        sheet = Image.new("RGB", (len(tiles) * (w + gap) + gap, h), (255, 255, 255))
+        for i, t in enumerate(tiles):
+            sheet.paste(t, (i * (w + gap) + (gap if i else 0), 0))
+        path = out_dir / f"query{q:05d}_pid{query[q].pid}_c{query[q].camid}.jpg"
+        sheet.save(path, quality=90)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Search API
+# ---------------------------------------------------------------------------------------------------------
+
+class Predictor:
+    """A trained run as an embedder and searcher of image files.
+
+        p = Predictor.from_run("latest")
+        hits = p.search(query_paths, gallery_paths, topk=10)   # [{"query": path, "matches": [...]}]
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], device: torch.device | None = None, *,
+                 flip: bool = True, alpha: float = 0.5, batch_size: int = 128):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.cfg, self.flip, self.alpha, self.batch_size = cfg, flip, alpha, batch_size
+
+    @classmethod
+    def from_run(cls, name: str, output_path: str = ".", which_iter: str = "last", **kwargs: Any) -> Predictor:
+        state, cfg, _ = load_run(name, output_path, which_iter)
+        device = kwargs.pop("device", None) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_model(state, cfg, device), cfg, device, **kwargs)
+
+    def embed(self, paths: Sequence[str], label: str | None = None) -> torch.Tensor:
+        """Normalized features (N, D) of image files, as the evaluation computes them (query weighting aside)."""
+        records = [Record(str(p), 0, 0) for p in paths]
+        return extract_features(self.model, self.cfg, records, self.device, flip=self.flip,
+                                batch_size=self.batch_size, label=label)
+
+    def search(self, query: Sequence[str], gallery: Sequence[str], topk: int = 10,
+               label: bool = False) -> list[dict[str, Any]]:
+        """Per query, its top-k gallery images by cosine similarity (the query weighted by alpha for DG-Net)."""
+        qf = weight_query(self.embed(query, "query" if label else None), has_halves(self.model), self.alpha)
+        gf = self.embed(gallery, "gallery" if label else None)
+        results = []
+        for s, dist in cosine_distance_chunks(qf, gf, chunk=256):
+            sim = -dist
+            top = torch.topk(sim, min(topk, len(gallery)), dim=1)  # ties: any order among equal scores
+            for j in range(len(sim)):
+                matches = [{"path": str(gallery[g]), "score": round(float(v), 6)}
+                           for v, g in zip(top.values[j].tolist(), top.indices[j].tolist())]
+                results.append({"query": str(query[s + j]), "matches": matches})
+        return results
+
+
+def _folder_images(folder: str, what: str) -> list[str]:
+    """Image files in `folder` and its subfolders (per-identity layouts), sorted."""
+    if not Path(folder).is_dir():
+        raise UserError(f"--{what} {folder}: no such folder")
+    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p.name))
+    if not paths:
+        raise UserError(f"--{what} {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+    return paths
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.query and args.gallery):
+        raise UserError("search needs both --query DIR and --gallery DIR")
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {args.topk}")
+    query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
+    predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, alpha=args.alpha,
+                                   batch_size=args.batch_size)
+    results = predictor.search(query, gallery, args.topk, label=True)
+    out = Path(args.output_path) / "outputs" / args.name / "results" / "search.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "topk": args.topk,
+                               "results": results}, indent=2) + "\n")
+    return {"file": str(out), "results": results}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.ranklist < 0:
+        raise UserError(f"--ranklist K needs K >= 1, got {args.ranklist}")
 
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(args.output_path) / "outputs" / args.name
-    if args.which_iter == "last":
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
-    else:
-        path = checkpoint_path(run_dir, int(args.which_iter))
-    state = load_checkpoint(path)
-    cfg = load_config(run_dir / "config.yaml", args.opts) if (run_dir / "config.yaml").is_file() else state["config"]
+    _check_args(args)
+    opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter, args.config, opts)
     splits = load_splits(cfg)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
+    if args.multi and not splits.multi_query:
+        raise UserError(f"--multi: {splits.name} at {splits.root} has no multi-query images (Market-1501's "
+                        "gt_bbox/ or a multi-query/ folder in the per-identity layout); evaluate without --multi")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = load_model(state, cfg, device)
-    qf = extract(model, build_test_loader(cfg, splits.query, args.batch_size), device, args.flip)
-    gf = extract(model, build_test_loader(cfg, splits.gallery, args.batch_size), device, args.flip)
-    if isinstance(model, AppearanceEncoder):
-        qf[:, HALF:] *= args.alpha  # the query's fine-grained half, weighted as DG-Net reports
-    q = [np.array([getattr(r, k) for r in splits.query]) for k in ("pid", "camid")]
-    g = [np.array([getattr(r, k) for r in splits.gallery]) for k in ("pid", "camid")]
-    result = evaluate_features(qf, gf, q[0], g[0], q[1], g[1], ap=args.ap)
-    summary = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"], "dataset": splits.name,
-               "ap": args.ap, "flip": args.flip, "alpha": args.alpha if state["kind"] != "baseline" else None,
-               "R1": float(result["cmc"][0]), "R5": float(result["cmc"][4]), "R10": float(result["cmc"][9]),
-               "mAP": float(result["mAP"]), "mINP": float(result["mINP"]),
-               "num_queries": result["num_queries"], "num_valid_queries": result["num_valid_queries"]}
-    out = run_dir / "results" / f"{state['iteration']:08d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    halves = has_halves(model)
+
+    def features(records: Sequence[Record], what: str) -> torch.Tensor:
+        return extract_features(model, cfg, records, device, flip=args.flip, batch_size=args.batch_size, label=what)
+
+    qf, gf = features(splits.query, "query"), features(splits.gallery, "gallery")
+    parts = {"query": (qf, splits.query), "gallery": (gf, splits.gallery)}
+    summary: dict[str, Any] = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"],
+                               "dataset": splits.name, "ap": args.ap, "flip": args.flip,
+                               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank}
+    query_f = qf
+    if args.multi:
+        mqf = features(splits.multi_query, "multi-query")
+        parts["mquery"] = (mqf, splits.multi_query)
+        query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
+    query_f = weight_query(query_f, halves, args.alpha)
+    summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, rerank=args.rerank))
+    results = run_dir / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+    out = results / f"{state['iteration']:08d}{suffix}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    summary["file"] = str(out)
+    files = [out, *save_features(results, state["iteration"], parts)]
+    if args.ranklist:
+        files.append(results / "ranklist")
+        write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
+                        args.ranklist_queries)
+    summary["files"] = [str(f) for f in files]
     return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"])) if on]
+    print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {s['dataset']}: {s['num_valid_queries']}/"
+          f"{s['num_queries']} queries with a match, AP convention {s['ap']}"
+          + (f", {', '.join(extras)}" if extras else ""))
+    print("| " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
+    print("|" + "|".join("-" * 8 for _ in METRICS) + "|")
+    print("| " + " | ".join(f"{100 * s[m]:6.2f}" for m in METRICS) + " |")
+    if s.get("multi_query_missing"):
+        print(f"{s['multi_query_missing']} queries had no multi-query image of their identity and camera and "
+              "kept their own feature")
+    for f in s["files"]:
+        print(f"written: {f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        s = evaluate_run(args)
+        if args.query or args.gallery:
+            found = run_search(args)
+            for r in found["results"]:
+                print(r["query"])
+                for m in r["matches"]:
+                    print(f"  {m['score']:.4f}  {m['path']}")
+            print(f"written: {found['file']}")
+            return 0
+        print_summary(evaluate_run(args))
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {s['dataset']}: "
-          f"{s['num_valid_queries']}/{s['num_queries']} queries, AP convention {s['ap']}")
-    print("   R1     R5    R10    mAP   mINP")
-    print(" ".join(f"{100 * s[k]:6.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP")))
-    print(f"written to {s['file']}")
     return 0
 
 
