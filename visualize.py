@@ -8,7 +8,7 @@
 
 Common options: --which_iter N|last, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
 overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
-given), --zoom (pixel-exact enlargement of the figures), --out (another destination).
+given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination).
 Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation.json and tensorboard).
 
 The original release's checkpoints work too: `--original DIR` with DIR holding its config.yaml,
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--quality", type=int, default=95, help="JPEG quality of the figures (default 95)")
     common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a file for swap and "
                                       "rainbow, a folder for smooth and generate)")
-    common.add_argument("--overwrite", action="store_true", help="allow writing over an existing --out")
+    common.add_argument("--overwrite", action="store_true",
+                        help="allow writing over an existing --out or into a non-empty output folder (nothing "
+                             "is deleted)")
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{swap,rainbow,smooth,generate,metrics}")
