@@ -1,0 +1,141 @@
+"""test.py end to end on a tiny trained DG-Net run: metrics, saved features, rank lists, search, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from test_train import tiny  # the tiny DG-Net settings the training tests use
+
+import test as evaluation
+import train
+from data import synthetic
+from data.loaders import load_splits
+from utils import REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A DG-Net run trained for 2 iterations on tiny synthetic data: (output_path, data_root)."""
+    base = tmp_path_factory.mktemp("evaluation")
+    data_root = base / "data"
+    synthetic.generate(data_root, ids=8, images_per_id=6, height=64, width=32, seed=1)
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # plain kernels: faster for tiny CPU convolutions (see conftest)
+    try:
+        code = train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", "tiny",
+                           "--output_path", str(base), *tiny(data_root, "max_iter=2")])
+    finally:
+        torch.backends.mkldnn.enabled = saved
+    assert code == 0
+    return base, data_root
+
+
+def run_test(tiny_run, *args):
+    return evaluation.main(["--name", "tiny", "--output_path", str(tiny_run[0]), "--batch_size", "16", *args])
+
+
+def test_evaluates_and_writes_metrics_features_and_rank_lists(tiny_run, capsys):
+    assert run_test(tiny_run, "--ranklist", "3", "--ranklist_queries", "4") == 0
+    out = capsys.readouterr().out
+    assert "R1" in out and "mAP" in out and "queries with a match" in out
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    summary = json.loads((results / "00000002.json").read_text())
+    assert summary["kind"] == "DGNet" and summary["alpha"] == 0.5 and summary["num_valid_queries"] > 0
+    assert 0 <= summary["mAP"] <= 1 and summary["R1"] <= summary["R5"] <= summary["R10"]
+    with np.load(results / "features_00000002.npz") as npz:
+        assert npz["query_f"].shape[1] == 1024 and len(npz["query_path"]) == len(npz["query_label"])
+        # each 512-d half is unit length (flip sum, then per-half normalization)
+        np.testing.assert_allclose(np.linalg.norm(npz["gallery_f"][:, :512], axis=1), 1, atol=1e-5)
+        mat = scipy.io.loadmat(results / "pytorch_result.mat")
+        for key in ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam"):
+            assert key in mat
+        np.testing.assert_array_equal(mat["query_f"], npz["query_f"])
+        assert mat["gallery_label"].ravel().tolist() == npz["gallery_label"].tolist()
+    ranklists = sorted((results / "ranklist").glob("*.jpg"))
+    assert len(ranklists) == 4
+
+
+def test_rerank_and_no_flip(tiny_run):
+    assert run_test(tiny_run, "--rerank", "--no-flip") == 0
+    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_rerank.json").read_text())
+    assert summary["rerank"] and not summary["flip"] and 0 <= summary["mAP"] <= 1
+
+
+def test_multi_query(tiny_run, tmp_path, capsys):
+    assert run_test(tiny_run, "--multi") == 2
+    err = capsys.readouterr().err
+    assert "no multi-query images" in err and len(err.strip().splitlines()) == 1
+    # A copy of the dataset with gt_bbox/ (here: the query images again) evaluates with --data_root.
+    root = tmp_path / "with_gt_bbox"
+    shutil.copytree(tiny_run[1], root)
+    shutil.copytree(root / "query", root / "gt_bbox")
+    assert run_test(tiny_run, "--multi", "--data_root", str(root)) == 0
+    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_multi.json").read_text())
+    assert summary["multi"] and summary["multi_query_missing"] == 0
+
+
+def test_multi_query_features_average_identity_and_camera():
+    from data.datasets import Record
+
+    query = [Record("q0", 1, 1), Record("q1", 2, 1)]
+    multi = [Record("m0", 1, 1), Record("m1", 1, 1), Record("m2", 1, 2)]
+    mqf = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    out, missing = evaluation.multi_query_features(torch.zeros(2, 2), query, mqf, multi)
+    assert out[0].tolist() == [0.5, 0.5] and out[1].tolist() == [0.0, 0.0] and missing == 1
+
+
+def test_search_command_and_predictor(tiny_run, capsys):
+    query_dir = tiny_run[1] / "query"
+    assert run_test(tiny_run, "--query", str(query_dir), "--gallery", str(query_dir), "--topk", "2") == 0
+    found = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "search.json").read_text())
+    queries = sorted(str(p) for p in query_dir.glob("*.jpg"))
+    assert [r["query"] for r in found["results"]] == queries
+    assert all(len(r["matches"]) == 2 for r in found["results"])
+    assert all(r["matches"][0]["path"] == r["query"] for r in found["results"])  # an image finds itself first
+    capsys.readouterr()
+    predictor = evaluation.Predictor.from_run("tiny", str(tiny_run[0]), batch_size=8)
+    assert predictor.embed(queries[:3]).shape == (3, 1024)
+    hits = predictor.search(queries[:2], queries, topk=1)
+    assert [h["matches"][0]["path"] for h in hits] == queries[:2]
+
+
+def test_evaluate_model_for_validation(tiny_run):
+    state, cfg, _ = evaluation.load_run("tiny", str(tiny_run[0]))
+    model = evaluation.load_model(state, cfg, torch.device("cpu")).train()
+    splits = load_splits(cfg)
+    got = evaluation.evaluate_model(model, cfg, splits.query, splits.gallery, torch.device("cpu"), batch_size=16)
+    assert model.training  # given back in the mode it came in
+    assert set(evaluation.METRICS) <= got.keys() and got["num_queries"] == len(splits.query)
+    again = evaluation.evaluate_model(model, cfg, splits.query, splits.gallery, torch.device("cpu"), batch_size=16)
+    assert got == again
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--which_iter", "abc"), "--which_iter must be"),
+    (("--which_iter", "7"), "checkpoint"),
+    (("--config", "missing.yaml"), "no such file"),
+    (("--query", "nowhere", "--gallery", "nowhere"), "no such folder"),
+    (("--query", "."), "both --query"),
+    (("--ranklist", "-1"), "--ranklist"),
+])
+def test_bad_input_is_one_line(tiny_run, capsys, args, message):
+    assert run_test(tiny_run, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_quick_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "eval_bench.py"), "--quick", "--cases",
+                           "quick-distmat", "quick-distmat-reference", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"] for c in cases] == ["quick-distmat", "quick-distmat-reference"]
+    assert cases[0]["mAP"] == pytest.approx(cases[1]["mAP"], abs=1e-6)
