@@ -277,6 +277,11 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self._pooled(x))
 
+    def pooled_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled feature, logits): what training needs (the triplet loss is on the pooled feature)."""
+        pooled = self._pooled(x)
+        return pooled, self.classifier(pooled)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.bottleneck(self._pooled(x))
 

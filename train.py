@@ -3,6 +3,7 @@
     python train.py --config configs/teacher/market.yaml --trainer baseline   # the teacher
     python train.py --config configs/latest.yaml                              # DG-Net
     python train.py --config configs/latest.yaml --resume                     # continue exactly
+    python train.py --config configs/latest.yaml --gpu_ids 0,1                # DDP, one process per GPU
 
 A run lives in `<output_path>/outputs/<name>/`: `config.yaml` (resolved), `checkpoints/<iteration>.pt`
 (the whole run state), `images/` (grids and index.html), `logs/` (tensorboard), `src/` (the code).
@@ -11,6 +12,7 @@ The loop is at the bottom of this file: one `train_step` per iteration, then the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import random
 import shutil
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import distributed
 from data.loaders import TestSet, TrainSet, build_dgnet_loaders, build_teacher_loader, image_size, load_splits
 from utils import (
     REPO_ROOT,
@@ -42,7 +45,7 @@ from utils import (
 )
 
 TRAINERS = ("DGNet", "baseline")
-SOURCE_FILES = ("train.py", "trainer.py", "networks.py", "reIDmodel.py", "utils.py", "data")
+SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reIDmodel.py", "utils.py", "data")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,31 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="run name (default: the config file's base name)")
     p.add_argument("--output_path", default=".", help="runs go to OUTPUT_PATH/outputs/NAME (default: .)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its newest checkpoint")
-    p.add_argument("--gpu_ids", default=None, help="GPU index to train on, e.g. 0 (default: GPU 0 if any, else CPU)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iter=10")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
-
-
-def select_device(gpu_ids: str | None) -> torch.device:
-    """The training device; an unusable --gpu_ids is an error before anything is written."""
-    if gpu_ids is None:
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--gpu_ids takes GPU indices such as 0 or 0,1, got '{gpu_ids}'") from None
-    if not torch.cuda.is_available():
-        raise UserError(f"--gpu_ids {gpu_ids}: CUDA is not available on this machine; leave --gpu_ids out to "
-                        "train on the CPU")
-    count = torch.cuda.device_count()
-    missing = [i for i in ids if not 0 <= i < count]
-    if missing:
-        raise UserError(f"--gpu_ids {gpu_ids}: GPU {missing[0]} does not exist; this machine has {count} "
-                        f"(0..{count - 1})")
-    if len(ids) != 1:
-        raise UserError("--gpu_ids: train on one GPU (e.g. --gpu_ids 0); several GPUs are not supported yet")
-    return torch.device("cuda", ids[0])
 
 
 def prepare_run_folder(run_dir: Path, cfg: dict[str, Any]) -> None:
@@ -125,8 +107,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.signal: int | None = None
+        self.quiet = quiet  # ranks other than 0 stop without saying so
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -142,19 +125,41 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", flush=True)
 
 
 class NonFiniteLoss(Exception):
     pass
 
 
-class Logger:
-    """Console line and tensorboard scalars every `log_iter`; also where non-finite losses are caught."""
+class LossValues:
+    """An iteration's loss terms as floats, averaged over the processes, computed once per iteration when a
+    periodic step first asks (reading them waits for the GPU, so only logged iterations pay). Every process
+    calls it at the same iterations, so all of them see the same values and stop together on a NaN."""
 
-    def __init__(self, every: int, max_iter: int, writer: Any, trainer: Any, device: torch.device):
-        self.every, self.max_iter, self.writer, self.trainer, self.device = every, max_iter, writer, trainer, device
+    def __init__(self, dist: distributed.Dist):
+        self.dist, self.done, self.values = dist, -1, {}
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        if done != self.done:
+            keys = list(losses)
+            stacked = self.dist.mean(torch.stack([losses[k].float() for k in keys]))
+            self.done, self.values = done, dict(zip(keys, stacked.tolist()))
+        if not all(math.isfinite(v) for v in self.values.values()):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in self.values.items())
+            raise NonFiniteLoss(f"non-finite loss at iteration {done}: {terms}")
+        return self.values
+
+
+class Logger:
+    """Console line and tensorboard scalars every `log_iter` (rank 0); also where non-finite losses are caught."""
+
+    def __init__(self, every: int, max_iter: int, writer: Any, trainer: Any, dist: distributed.Dist,
+                 values: LossValues):
+        self.every, self.max_iter, self.writer, self.trainer = every, max_iter, writer, trainer
+        self.dist, self.values = dist, values
         self.window_start = time.perf_counter()
         self.window_iters, self.data_time = 0, 0.0
 
@@ -165,18 +170,22 @@ class Logger:
     def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
         if done % self.every and done != self.max_iter:
             return
-        values = check_finite(done, losses)
+        values = self.values(done, losses)
         elapsed = time.perf_counter() - self.window_start  # after the .item() syncs above: GPU work is done
         speed = self.window_iters / max(elapsed, 1e-9)
         data_share = self.data_time / max(elapsed, 1e-9)
+        self.window_start, self.window_iters, self.data_time = time.perf_counter(), 0, 0.0
+        if not self.dist.is_main:
+            return
         lrs = self.trainer.learning_rates()
         eta = (self.max_iter - done) / max(speed, 1e-9)
         terms = " ".join(f"{k} {v:.4g}" for k, v in values.items())
         rates = " ".join(f"{k} {v:.2e}" for k, v in lrs.items())
         line = (f"[{done:>{len(str(self.max_iter))}d}/{self.max_iter}] {terms} | lr {rates} | {speed:.2f} it/s, "
                 f"data {data_share:.0%}")
-        if self.device.type == "cuda":
-            line += f" | peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
+        device = self.dist.device
+        if device.type == "cuda":
+            line += f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
         print(line + f" | eta {format_seconds(eta)}", flush=True)
         for k, v in values.items():
             self.writer.add_scalar(f"loss/{k}", v, done)
@@ -184,15 +193,6 @@ class Logger:
             self.writer.add_scalar(f"lr/{k}", v, done)
         self.writer.add_scalar("speed/iterations_per_s", speed, done)
         self.writer.add_scalar("speed/data_share", data_share, done)
-        self.window_start, self.window_iters, self.data_time = time.perf_counter(), 0, 0.0
-
-
-def check_finite(done: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    values = {k: float(v) for k, v in losses.items()}
-    if not all(math.isfinite(v) for v in values.values()):
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        raise NonFiniteLoss(f"non-finite loss at iteration {done}: {terms}")
-    return values
 
 
 def format_seconds(seconds: float) -> str:
@@ -239,24 +239,44 @@ class ImageGrids:
 
 
 class Snapshots:
-    """A checkpoint every `snapshot_save_iter` and at the end; the newest `keep_last` stay."""
+    """A checkpoint every `snapshot_save_iter` and at the end (rank 0 writes); the newest `keep_last` stay.
 
-    def __init__(self, run_dir: Path, every: int, keep_last: int, max_iter: int, state_of: Any):
+    Every process takes part: the checkpoint holds each one's RNG state.
+    """
+
+    def __init__(self, run_dir: Path, every: int, keep_last: int, max_iter: int, state_of: Any,
+                 dist: distributed.Dist, values: LossValues):
         self.run_dir, self.every, self.keep_last, self.max_iter, self.state_of = (
             run_dir, every, keep_last, max_iter, state_of)
+        self.dist, self.values = dist, values
 
-    def save(self, done: int) -> Path:
+    def save(self, done: int, losses: dict[str, torch.Tensor]) -> Path:
+        self.values(done, losses)  # never write a checkpoint of a diverged model
         path = checkpoint_path(self.run_dir, done)
-        save_checkpoint(self.state_of(done), path)
-        for it, old in list_checkpoints(self.run_dir)[:-max(self.keep_last, 1)]:
-            if it != self.max_iter:
-                old.unlink()
+        state = self.state_of(done)
+        if self.dist.is_main:
+            save_checkpoint(state, path)
+            for it, old in list_checkpoints(self.run_dir)[:-max(self.keep_last, 1)]:
+                if it != self.max_iter:
+                    old.unlink()
         return path
 
     def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
         if done % self.every == 0 or done == self.max_iter:
-            check_finite(done, losses)  # never write a checkpoint of a diverged model
-            self.save(done)
+            self.save(done, losses)
+
+
+class NullWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_image(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,16 +291,40 @@ def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torc
     return DGNet_Trainer(cfg, num_classes, device)
 
 
-def build_loaders(kind: str, cfg: dict[str, Any], splits: Any, device: torch.device) -> dict[str, Any]:
-    pin = device.type == "cuda"
+def build_loaders(kind: str, cfg: dict[str, Any], splits: Any, dist: distributed.Dist) -> dict[str, Any]:
+    share = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": dist.device.type == "cuda"}
     if kind == "baseline":
-        return {"batch": build_teacher_loader(cfg, splits, identity_sampler=cfg["triplet_w"] > 0, pin_memory=pin)}
-    a, b = build_dgnet_loaders(cfg, splits, pin_memory=pin)
+        return {"batch": build_teacher_loader(cfg, splits, identity_sampler=cfg["triplet_w"] > 0, **share)}
+    a, b = build_dgnet_loaders(cfg, splits, **share)
     return {"a": a, "b": b}
 
 
-def train(args: argparse.Namespace) -> int:
-    device = select_device(args.gpu_ids)
+def parameter_fingerprints(trainer: Any) -> dict[str, str]:
+    """A hash of each part's parameters: equal on every process of a healthy DDP run."""
+    out = {}
+    for name, part in trainer.parts.items():
+        h = hashlib.sha1()
+        for p in part.module.parameters():
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def resume_rng(state: dict[str, Any], dist: distributed.Dist) -> None:
+    """Each process continues its own random stream; with another process count, rank 0's."""
+    per_rank = state.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == dist.world_size:
+        set_rng_state(per_rank[dist.rank])
+        return
+    set_rng_state(state["rng"])
+    saved = len(per_rank) if per_rank is not None else 1
+    if saved != dist.world_size and dist.is_main:
+        print(f"note: the checkpoint was written by {saved} process(es), this run has {dist.world_size}: the data "
+              "order continues exactly, dropout and the other random draws do not", flush=True)
+
+
+def setup(args: argparse.Namespace, dist: distributed.Dist) -> tuple[Any, ...]:
+    """Everything that can fail on bad input, before any file is written or any network is shared."""
     name = args.name or Path(args.config).stem
     run_dir = Path(args.output_path) / "outputs" / name
     resume_from = None
@@ -293,47 +337,77 @@ def train(args: argparse.Namespace) -> int:
         if latest_checkpoint(run_dir) is not None:
             raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
         cfg = load_config(args.config, args.opts)
+    if cfg["sync_bn"] and dist.world_size > 1 and dist.device.type != "cuda":
+        raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a CPU run")
 
-    seed_everything(cfg["seed"])
+    # Each process its own random stream (dropout, the re-encoding coin); the models start from rank 0's
+    # weights, which DDP broadcasts.
+    seed_everything(cfg["seed"] + dist.rank)
     splits = load_splits(cfg)
     state = load_checkpoint(resume_from) if resume_from else None
     kind = state["kind"] if state else args.trainer
-    trainer = build_trainer(kind, cfg, splits.num_classes, device)
-    loaders = build_loaders(kind, cfg, splits, device)
-    start = 0
+    loaders = build_loaders(kind, cfg, splits, dist)
+    trainer = build_trainer(kind, cfg, splits.num_classes, dist.device)
     if state:
         trainer.load_state_dict(state["trainer"])
         for key, loader in loaders.items():
             loader.load_state_dict(state["loaders"][key])
-        start = state["iteration"]
+    return name, run_dir, cfg, splits, state, kind, trainer, loaders
 
-    # Everything that can fail on bad input has run: only now is the run folder written.
-    prepare_run_folder(run_dir, cfg)
-    from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None)
+def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
+    """One process's training: the whole run in a plain run, its share under DDP."""
+    try:
+        setup_error, prepared = None, setup(args, dist)
+    except UserError as err:
+        setup_error, prepared = err, None
+    # Ranks agree before the first collective of the model: a bad input stops every one of them.
+    failures = dist.gather(None if setup_error is None else one_line(setup_error))
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:
+        raise distributed.SharedError(first)
+    name, run_dir, cfg, splits, state, kind, trainer, loaders = prepared
+    trainer.distribute(dist)
+    start = state["iteration"] if state else 0
+
+    # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
+    if dist.is_main:
+        prepare_run_folder(run_dir, cfg)
+        from tensorboardX import SummaryWriter
+
+        writer: Any = SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None)
+    else:
+        writer = NullWriter()
 
     def state_of(done: int) -> dict[str, Any]:
-        return {"kind": kind, "iteration": done, "trainer": trainer.state_dict(), "config": cfg,
-                "loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rng_state()}
+        rngs = dist.gather(rng_state())
+        out = {"kind": kind, "iteration": done, "trainer": trainer.state_dict(), "config": cfg,
+               "loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rngs[0]}
+        if dist.world_size > 1:
+            out["rng_ranks"] = rngs
+        return out
 
     max_iter = cfg["max_iter"]
-    logger = Logger(cfg["log_iter"], max_iter, writer, trainer, device)
-    snapshots = Snapshots(run_dir, cfg["snapshot_save_iter"], cfg["keep_last"], max_iter, state_of)
-    periodic = [logger]
-    if kind == "DGNet":
-        periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, device))
+    values = LossValues(dist)
+    logger = Logger(cfg["log_iter"], max_iter, writer, trainer, dist, values)
+    snapshots = Snapshots(run_dir, cfg["snapshot_save_iter"], cfg["keep_last"], max_iter, state_of, dist, values)
+    periodic: list[Any] = [logger]
+    if kind == "DGNet" and dist.is_main:
+        periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, dist.device))
     periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from
 
     if state:
-        set_rng_state(state["rng"])  # after every model was built: their init drew from the same RNGs
-        print(f"resumed {run_dir} at iteration {start}", flush=True)
-    print(f"{kind} on {splits.name} ({splits.num_classes} identities, {len(splits.train)} images) on {device}; "
-          f"run folder {run_dir}", flush=True)
+        resume_rng(state, dist)  # after every model was built: their init drew from the same RNGs
+        if dist.is_main:
+            print(f"resumed {run_dir} at iteration {start}", flush=True)
+    if dist.is_main:
+        where = f"{dist.world_size} processes ({dist.device.type})" if dist.world_size > 1 else str(dist.device)
+        print(f"{kind} on {splits.name} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
+              f"run folder {run_dir}", flush=True)
     resume_hint = f"python train.py --resume --name {name}" + (
         f" --output_path {args.output_path}" if args.output_path != "." else "")
     trainer.train()
-    with StopRequest() as stop:
+    with StopRequest(quiet=not dist.is_main) as stop:
         try:
             for it in range(start, max_iter):
                 tick = time.perf_counter()
@@ -343,22 +417,33 @@ def train(args: argparse.Namespace) -> int:
                 done = it + 1
                 for step in periodic:
                     step(done, losses)
-                if stop.signal is not None:
+                # every process stops at the same iteration, whichever of them got the signal
+                local = stop.signal or (signal.SIGTERM if dist.launcher_gone() else 0)
+                stop_signal = dist.max_flag(local) if dist.world_size > 1 else local
+                if stop_signal:
                     if done % snapshots.every and done != max_iter:
-                        check_finite(done, losses)
-                        snapshots.save(done)
-                    print(f"stopped at iteration {done}; resume with: {resume_hint}", flush=True)
-                    return 128 + stop.signal
+                        snapshots.save(done, losses)
+                    if dist.is_main:
+                        print(f"stopped at iteration {done}; resume with: {resume_hint}", flush=True)
+                    return 128 + stop_signal
         except NonFiniteLoss as err:
-            last = latest_checkpoint(run_dir)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-            print(f"error: {err}; stopping ({kept})", file=sys.stderr, flush=True)
+            if dist.is_main:
+                last = latest_checkpoint(run_dir)
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+                print(f"error: {err}; stopping ({kept})", file=sys.stderr, flush=True)
             return 3
         finally:
             writer.close()
             for loader in loaders.values():
                 loader.close()
-    print(f"finished {max_iter} iterations; checkpoint {checkpoint_path(run_dir, max_iter)}", flush=True)
+    if dist.world_size > 1:
+        prints = dist.gather(parameter_fingerprints(trainer))
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError("the processes ended with different parameters: a DDP synchronization bug")
+        if dist.is_main:
+            print(f"parameters identical on all {dist.world_size} processes", flush=True)
+    if dist.is_main:
+        print(f"finished {max_iter} iterations; checkpoint {checkpoint_path(run_dir, max_iter)}", flush=True)
     return 0
 
 
@@ -368,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_help())
         return 0
     try:
-        return train(args)
+        return distributed.run(args, "train:train")
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

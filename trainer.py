@@ -55,7 +55,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss
-from reIDmodel import Teacher, backbone_forward, build_appearance_encoder, build_teacher, load_original_state
+from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state
 from utils import UserError, latest_checkpoint, load_checkpoint, load_config
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
@@ -183,6 +183,21 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
     return per_anchor.mean() if valid.any() else x.sum() * 0.0
 
 
+class MethodCall(nn.Module):
+    """`forward(method, *args)` calls `module.method(*args)`.
+
+    DDP synchronizes gradients of what runs through `forward`, and G is used through `encode` and `decode`
+    (the teacher's trainer through `pooled_logits`): this routes those calls through a forward.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.module, method)(*args)
+
+
 @dataclass
 class Part:
     """One trained network with its optimizer and (per-iteration) LR scheduler."""
@@ -231,6 +246,16 @@ class _PartsTrainer:
         for part in self.parts.values():
             if part.scheduler is not None:
                 part.scheduler.step()
+
+    def _sync_bn(self, module: nn.Module, dist: Any) -> None:
+        """`sync_bn: true` in a process group: BatchNorm statistics over the global batch (small per-GPU
+        batches). The converted layers keep the same parameter objects, so the optimizers still hold them."""
+        if not self.cfg["sync_bn"] or dist.world_size == 1:
+            return
+        if dist.device.type != "cuda":
+            raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a "
+                            "CPU run")
+        nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
     def _modules(self) -> Iterator[nn.Module]:
         for part in self.parts.values():
@@ -336,6 +361,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             "id": Part(id_, opt_id, build_scheduler(opt_id, cfg, cfg["gamma2"], ahead=1)),
         }
         self.gen_a, self.dis_a, self.id_a = gen, dis, id_  # the original's names for the same objects
+        # The networks as training calls them: DDP wrappers after `distribute`, else these same modules.
+        self.run_gen: nn.Module = MethodCall(gen)
+        self.run_dis: nn.Module = dis
+        self.run_id: nn.Module = id_
         # D without batch-dependent layers scores the a and b halves in one call
         self.dis_batched = cfg["dis"]["norm"] != "bn"
         if teacher is None and self.needs_teacher(cfg):
@@ -343,6 +372,16 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         if teacher is not None:
             teacher = teacher.to(device).eval().requires_grad_(False)
         self.teacher = teacher  # outside `parts`: never saved, stepped or switched to train mode
+
+    def distribute(self, dist: Any) -> None:
+        """Wrap G, D and E_a for DDP (`distributed.Dist.wrap`; nothing changes in a single process).
+
+        Call once, after a checkpoint was loaded. The frozen-weight passes keep using the bare modules.
+        """
+        self._sync_bn(self.id_a, dist)
+        self.run_gen = dist.wrap(MethodCall(self.gen_a))
+        self.run_dis = dist.wrap(self.dis_a)
+        self.run_id = dist.wrap(self.id_a)
 
     @staticmethod
     def needs_teacher(cfg: dict) -> bool:
@@ -368,7 +407,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     def forward(self, a: dict, b: dict, w: dict[str, float]) -> Forward:
         """Codes, swaps, reconstructions and ReID logits of real images [the original's `forward`]."""
         with self._autocast():
-            s_a, s_b = self.gen_a.encode(torch.cat([a["image"], b["image"]])).chunk(2)
+            s_a, s_b = self.run_gen("encode", torch.cat([a["image"], b["image"]])).chunk(2)
             need_id = w["id_w"] > 0
             f_a, logits_a = self._encode_real(a["image"], a["image_erased"], need_id)
             f_b, logits_b = self._encode_real(b["image"], b["image_erased"], need_id)
@@ -387,7 +426,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             # one decoder call for every image: the decoder has no batch-dependent layer
             s_all = torch.cat([s for s, _ in jobs.values()])
             f_all = torch.cat([f for _, f in jobs.values()])
-            images = dict(zip(jobs, self.gen_a.decode(s_all, f_all).chunk(len(jobs))))
+            images = dict(zip(jobs, self.run_gen("decode", s_all, f_all).chunk(len(jobs))))
         return Forward(x_a=a["image"], x_b=b["image"], l_a=a["label"], l_b=b["label"], s_a=s_a, s_b=s_b,
                        f_a=f_a, f_b=f_b, x_ab=images["x_ab"], x_ba=images["x_ba"],
                        x_a_recon=images.get("x_a_recon"), x_b_recon=images.get("x_b_recon"),
@@ -401,9 +440,9 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         erased view. The code is detached inside E_a, so its pass needs no autograd graph."""
         one_pass = logits and self.cfg["erasing_p"] == 0  # the erased view is then the image itself
         with torch.set_grad_enabled(one_pass and torch.is_grad_enabled()):
-            f, p1, p2 = self.id_a(image)
+            f, p1, p2 = self.run_id(image)
         if logits and not one_pass:
-            _, p1, p2 = self.id_a(erased)
+            _, p1, p2 = self.run_id(erased)
         return f, ((p1, p2) if logits else None)
 
     def _dis_pairs(self, fakes: list[torch.Tensor], reals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,9 +450,9 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         d = self.cfg["dis"]
         if self.dis_batched:
             # the losses are batch means: one call on equal halves is the mean of the two, hence the factor
-            loss, r1 = dis_loss(self.dis_a, torch.cat(fakes), torch.cat(reals), d["gan_type"], d["LAMBDA"])
+            loss, r1 = dis_loss(self.run_dis, torch.cat(fakes), torch.cat(reals), d["gan_type"], d["LAMBDA"])
             return len(fakes) * loss, len(fakes) * r1
-        pairs = [dis_loss(self.dis_a, fake, real, d["gan_type"], d["LAMBDA"]) for fake, real in zip(fakes, reals)]
+        pairs = [dis_loss(self.run_dis, fake, real, d["gan_type"], d["LAMBDA"]) for fake, real in zip(fakes, reals)]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _adv(self, fakes: list[torch.Tensor]) -> torch.Tensor:
@@ -475,16 +514,19 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
                 if w["recon_f_w"] > 0:  # both codes are detached: reported, no gradient (see module doc)
                     losses["f"] = w["recon_f_w"] * (_l1(f_a_recon, fw.f_a) + _l1(f_b_recon, fw.f_b))
                 if cyc_on:  # x_aba = G(E_s(x_ab), E_a(x_ba)), x_bab = G(E_s(x_ba), E_a(x_ab))
-                    x_aba, x_bab = self.gen_a.decode(torch.cat([s_a_recon, s_b_recon]),
-                                                     torch.cat([f_a_recon, f_b_recon])).chunk(2)
+                    x_aba, x_bab = self.run_gen("decode", torch.cat([s_a_recon, s_b_recon]),
+                                                torch.cat([f_a_recon, f_b_recon])).chunk(2)
                     losses["cyc"] = w["recon_x_cyc_w"] * (_l1(x_aba, fw.x_a) + _l1(x_bab, fw.x_b))
 
             if w["id_w"] > 0:
                 (p1_a, p2_a), (p1_b, p2_b) = fw.logits_a, fw.logits_b
                 ident = _ce(p1_a, fw.l_a) + _ce(p1_b, fw.l_b)
-                fine_w = w["teacher_w"] * w["B_w"]  # the fine-grained head on real images follows the teacher ramp
-                if fine_w > 0:
-                    ident = ident + fine_w * (_ce(p2_a, fw.l_a) + _ce(p2_b, fw.l_b))
+                # The fine-grained head on real images follows the teacher ramp. At weight 0 the term is still
+                # there, as in the original: classifier2 gets zero gradients, so SGD's weight decay and momentum
+                # act on it during the warm-up, and every E_a parameter has a gradient at every iteration
+                # (what DDP without find_unused_parameters needs).
+                fine_w = w["teacher_w"] * w["B_w"]
+                ident = ident + fine_w * (_ce(p2_a, fw.l_a) + _ce(p2_b, fw.l_b))
                 losses["id"] = w["id_w"] * ident
             if w["pid_w"] > 0:
                 losses["pid"] = w["pid_w"] * (_ce(fw.logits_pos_a, fw.l_a) + _ce(fw.logits_pos_b, fw.l_b))
@@ -507,7 +549,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         """
         swaps = torch.cat([x_ab, x_ba])
         if float(torch.rand(())) < self.cfg["use_encoder_again"]:
-            s = self.gen_a.encode(swaps.detach())
+            s = self.run_gen("encode", swaps.detach())
         else:
             s = frozen_call(self.gen_a.enc_content, swaps)
         return s.chunk(2)
@@ -522,7 +564,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         # x_ba has a's appearance and b's structure; x_ab the reverse
         for x, appearance, structure in ((fw.x_ba, fw.l_a, fw.l_b), (fw.x_ab, fw.l_b, fw.l_a)):
             x = x.detach()
-            _, p1, p2 = self.id_a(x)  # live E_a in train mode, each half on its own (BatchNorm)
+            _, p1, p2 = self.run_id(x)  # live E_a in train mode, each half on its own (BatchNorm)
             if w["T_w"] > 0:
                 target = self.soft_labels(x, appearance, structure)
                 kl = F.kl_div(F.log_softmax(p1.float(), dim=1), target, reduction="batchmean")
@@ -601,16 +643,22 @@ class BaselineTrainer(_PartsTrainer):
         opt = reid_sgd(teacher.model, [teacher.classifier], cfg)
         # no original order to match here: the LR decays at iteration step_size exactly
         self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
+        self.run_teacher: nn.Module = MethodCall(teacher)  # a DDP wrapper after `distribute`
+
+    def distribute(self, dist: Any) -> None:
+        """Wrap the model for DDP (nothing changes in a single process); call once, after any resume."""
+        teacher = self.parts["teacher"].module
+        self._sync_bn(teacher, dist)
+        self.run_teacher = dist.wrap(MethodCall(teacher))
 
     def train_step(self, it: int, batch: dict) -> dict[str, torch.Tensor]:
         """One SGD step. Returns the weighted terms "ce", "triplet" (when triplet_w > 0), "acc", "total"."""
-        cfg, teacher = self.cfg, self.parts["teacher"].module
+        cfg = self.cfg
         x = batch["image_erased"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         self._zero_grad(("teacher",))
         with self._autocast():
-            pooled = F.adaptive_avg_pool2d(backbone_forward(teacher.model, x), 1).flatten(1)  # Teacher's pool
-            logits = teacher.classifier(pooled)
+            pooled, logits = self.run_teacher("pooled_logits", x)
         losses = {"ce": _ce(logits, labels, cfg["label_smoothing"])}
         if cfg["triplet_w"] > 0:
             losses["triplet"] = cfg["triplet_w"] * batch_hard_triplet(pooled, labels, cfg["triplet_margin"])

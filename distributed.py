@@ -1,0 +1,361 @@
+"""Processes for training: one per GPU (or a few on the CPU, with gloo) under torch.distributed.
+
+Three ways a run gets its processes:
+- plain: one process, no process group (`python train.py ...`, one GPU or the CPU);
+- the launcher: `--gpu_ids 0,1` (or `--nproc_per_machine N` on the CPU) spawns one worker per GPU on this
+  machine; `--num_machines N --machine_rank R --dist_url tcp://HOST:PORT` joins machines (HOST:PORT is on
+  machine 0); `--dist_url auto` picks a free local port and also forces a process group for one process;
+- torchrun: the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) decides.
+
+Every worker runs the same training function with a `Dist` that knows its rank, world size and device.
+Control messages (stop requests, error agreement, RNG states) go through a gloo group even on NCCL, so
+they never touch the GPU stream. The launcher starts workers in their own process group: a Ctrl-C
+reaches the launcher alone, which forwards each signal once, so every rank sees the same number of them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from utils import UserError, one_line
+
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a coordinated, saved stop
+CRASH_GRACE_S = 10.0  # after one worker fails, how long the others get to finish before they are killed
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+class SharedError(UserError):
+    """A bad input every process found (they agreed on it): rank 0 alone reports it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# the view a worker has of the run
+
+
+@dataclass
+class Dist:
+    """This process's place in the run. `world_size` 1 without a group is the plain single-process path."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher_pid: int | None = None  # the launcher that spawned this worker (None: plain run or torchrun)
+    control: Any = field(default=None, repr=False)  # gloo group for control messages
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return torch_dist.is_available() and torch_dist.is_initialized()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP around `module` when there is a process group, else the module itself.
+
+        Parameters and buffers are broadcast from rank 0 here; BatchNorm running statistics are broadcast
+        from rank 0 at every forward (DDP's default), which also makes a resumed run continue exactly.
+        """
+        if not self.enabled:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over the ranks (used for logged losses, only when they are logged)."""
+        if not self.enabled or self.world_size == 1:
+            return values
+        values = values.detach().clone()
+        torch_dist.all_reduce(values)
+        return values / self.world_size
+
+    def max_flag(self, flag: int) -> int:
+        """The largest of every rank's integer flag: how ranks agree to stop at the same iteration."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([flag], dtype=torch.int64)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
+
+    def agree(self, ok: bool) -> bool:
+        """True when every rank is ok: ranks check their input before the first collective of the model."""
+        return self.max_flag(0 if ok else 1) == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def launcher_gone(self) -> bool:
+        """The launcher died (killed with SIGKILL, say): the workers stop too instead of training on."""
+        return self.launcher_pid is not None and os.getppid() != self.launcher_pid
+
+    def close(self) -> None:
+        if self.enabled:
+            torch_dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the launch plan: checked in the launcher, before any process starts or any file is written
+
+
+@dataclass
+class Plan:
+    nproc: int  # processes on this machine
+    num_machines: int
+    machine_rank: int
+    dist_url: str | None  # None: plain single-process run
+    gpu_ids: list[int] | None  # None: CPU
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.num_machines
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.gpu_ids is not None else "gloo"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu_ids", default=None,
+                   help="GPUs of this machine, e.g. 0 or 0,1 (one process each, DDP); default: GPU 0 if any, "
+                        "else the CPU")
+    p.add_argument("--nproc_per_machine", type=int, default=None,
+                   help="processes on this machine (default: one per --gpu_ids entry; on the CPU: 1, gloo)")
+    p.add_argument("--num_machines", type=int, default=1, help="machines in the run (default 1)")
+    p.add_argument("--machine_rank", type=int, default=0, help="this machine's index, 0..num_machines-1")
+    p.add_argument("--dist_url", default=None,
+                   help="tcp://HOST:PORT of machine 0 (needed for several machines), or auto: a free local port")
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def parse_gpu_ids(gpu_ids: str) -> list[int]:
+    try:
+        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpu_ids takes GPU indices such as 0 or 0,1, got '{gpu_ids}'") from None
+    if not ids or len(set(ids)) != len(ids):
+        raise UserError(f"--gpu_ids {gpu_ids}: give each GPU once, e.g. 0,1")
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu_ids {gpu_ids}: CUDA is not available on this machine; leave --gpu_ids out to "
+                        "train on the CPU")
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if not 0 <= i < count]
+    if missing:
+        raise UserError(f"--gpu_ids {gpu_ids}: GPU {missing[0]} does not exist; this machine has {count} "
+                        f"(0..{count - 1})")
+    return ids
+
+
+def plan_launch(args: argparse.Namespace) -> Plan:
+    """What to start on this machine, from the command line; every error here comes before any file."""
+    gpu_ids = parse_gpu_ids(args.gpu_ids) if args.gpu_ids is not None else None
+    if gpu_ids is None and torch.cuda.is_available() and (args.nproc_per_machine or 1) > 1:
+        gpu_ids = list(range(args.nproc_per_machine))  # several processes on a GPU machine: one GPU each
+        parse_gpu_ids(",".join(map(str, gpu_ids)))
+    nproc = args.nproc_per_machine if args.nproc_per_machine is not None else (len(gpu_ids) if gpu_ids else 1)
+    if nproc < 1:
+        raise UserError(f"--nproc_per_machine is {nproc}: use 1 or more")
+    if gpu_ids is not None and nproc != len(gpu_ids):
+        raise UserError(f"--nproc_per_machine {nproc} but --gpu_ids names {len(gpu_ids)} GPUs: one process per "
+                        "GPU; leave --nproc_per_machine out")
+    if args.num_machines < 1:
+        raise UserError(f"--num_machines is {args.num_machines}: use 1 or more")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UserError(f"--machine_rank {args.machine_rank} is not in 0..{args.num_machines - 1}")
+    url = args.dist_url
+    if args.num_machines > 1 and (url is None or url == "auto"):
+        raise UserError("several machines need --dist_url tcp://HOST:PORT, with HOST machine 0's address and "
+                        "PORT a free port there (the same on every machine)")
+    if url is None and nproc * args.num_machines > 1:
+        url = "auto"
+    if url == "auto":
+        url = f"tcp://127.0.0.1:{free_port()}"
+    elif url is not None:
+        host, port = split_url(url)
+        if args.machine_rank == 0:
+            check_port_free(host, port)
+    if gpu_ids is None and args.gpu_ids is None and torch.cuda.is_available() and url is not None:
+        gpu_ids = [0]  # one process with a group on a GPU machine: it trains on GPU 0
+    return Plan(nproc=nproc, num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=url,
+                gpu_ids=gpu_ids)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    if not url.startswith("tcp://"):
+        raise UserError(f"--dist_url {url}: use tcp://HOST:PORT or auto")
+    host, _, port = url[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--dist_url {url}: use tcp://HOST:PORT, e.g. tcp://10.0.0.1:29500")
+    return host.strip("[]"), int(port)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Machine 0 hosts the rendezvous: its port must be free there, and HOST must be one of its addresses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno == 98:  # EADDRINUSE
+                raise UserError(f"--dist_url: port {port} on {host} is in use; pick another port (or use "
+                                "--dist_url auto on one machine)") from None
+            raise UserError(f"--dist_url: cannot listen on {host}:{port} ({err.strerror}); on machine 0, HOST "
+                            "must be this machine's address") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# starting workers
+
+
+def run(args: argparse.Namespace, target: str) -> int:
+    """Run `target` ("module:function", called as function(args, dist) -> exit code) in this run's
+    processes: here for a plain run, in each worker for the launcher, under torchrun's own workers."""
+    if under_torchrun():
+        return _worker_main(_torchrun_dist, args, target)
+    plan = plan_launch(args)
+    if plan.dist_url is None:
+        device = torch.device("cuda", plan.gpu_ids[0]) if plan.gpu_ids else (
+            torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return _call(target, args, Dist(device=device))
+    return launch(plan, args, target)
+
+
+def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
+    """Spawn this machine's workers, forward signals to them, and stop them all when one fails."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_spawned, args=(plan, local, os.getpid(), args, target), name=f"rank{local}")
+             for local in range(plan.nproc)]
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        forwarded.append(signum)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        return _supervise(procs, plan)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+
+def _supervise(procs: list[mp.Process], plan: Plan) -> int:
+    """Wait for the workers. When one fails, the others get CRASH_GRACE_S to finish (they usually fail
+    with it, or stop together on a NaN); one still running then is blocked in a collective and is killed."""
+    failed_at: float | None = None
+    killed = False
+    while any(p.is_alive() for p in procs):
+        mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
+        for local, p in enumerate(procs):
+            code = p.exitcode
+            if code in (None, 0, *STOP_EXIT_CODES) or failed_at is not None:
+                continue
+            failed_at = time.monotonic()
+            if code not in (2, 3):  # 2 and 3 (bad input, NaN) have printed their own message
+                rank = plan.machine_rank * plan.nproc + local
+                print(f"error: process {rank} failed (exit code {code}); stopping the others", file=sys.stderr,
+                      flush=True)
+        if failed_at is not None and time.monotonic() - failed_at > CRASH_GRACE_S:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()  # blocked in a collective with the failed process: only a kill frees it
+                    killed = True
+    if killed:
+        print("error: stopped the processes that were still waiting for the failed one; resume from the "
+              "newest checkpoint", file=sys.stderr, flush=True)
+    codes = [p.exitcode for p in procs]
+    return codes[0] if codes[0] and codes[0] > 0 else next((c for c in codes if c and c > 0), 1 if killed else 0)
+
+
+def _spawned(plan: Plan, local_rank: int, launcher_pid: int, args: argparse.Namespace, target: str) -> None:
+    os.setpgrp()  # Ctrl-C on the terminal reaches the launcher only; it forwards one signal per press
+    threads = max(1, (os.cpu_count() or 1) // plan.nproc)
+    torch.set_num_threads(threads)  # the processes share this machine's cores
+
+    def make() -> Dist:
+        rank = plan.machine_rank * plan.nproc + local_rank
+        device = torch.device("cuda", plan.gpu_ids[local_rank]) if plan.gpu_ids else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch_dist.init_process_group(plan.backend, init_method=plan.dist_url, world_size=plan.world_size,
+                                      rank=rank, timeout=COLLECTIVE_TIMEOUT,
+                                      **({"device_id": device} if device.type == "cuda" else {}))
+        return _with_control(Dist(device=device, rank=rank, world_size=plan.world_size, local_rank=local_rank,
+                                  launcher_pid=launcher_pid))
+
+    sys.exit(_worker_main(make, args, target))
+
+
+def _torchrun_dist() -> Dist:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return _with_control(Dist(device=device, rank=rank, world_size=world, local_rank=local))
+
+
+def _with_control(d: Dist) -> Dist:
+    d.control = torch_dist.new_group(backend="gloo") if torch_dist.get_backend() != "gloo" else None
+    return d
+
+
+def _worker_main(make: Callable[[], Dist], args: argparse.Namespace, target: str) -> int:
+    d = make()
+    try:
+        return _call(target, args, d)
+    finally:
+        d.close()
+
+
+def _call(target: str, args: argparse.Namespace, d: Dist) -> int:
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    try:
+        return fn(args, d)
+    except UserError as err:
+        if d.is_main:
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        elif not isinstance(err, SharedError):  # this process's own trouble: rank 0 does not know it
+            print(f"error (process {d.rank}): {one_line(err)}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,193 @@
+"""DDP on the CPU with gloo: two processes train a tiny DG-Net and its teacher, stay in step, resume, stop
+together, and fail clearly. The runs start real processes (the launcher or torchrun), so they are slower
+than the rest of the suite; each is a few iterations of the smallest networks."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data import synthetic
+from data.loaders import build_dgnet_loaders, load_splits
+from distributed import plan_launch
+from utils import REPO_ROOT, checkpoint_path, load_checkpoint, load_config
+
+CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
+TIMEOUT = 300  # no run here should take a minute; a hang must fail the test, not the CI job
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    synthetic.generate(root, ids=8, images_per_id=6, height=64, width=32, seed=1)
+    return root
+
+
+def opts(data_root, *extra):
+    return ["--opts", "dataset=synthetic", f"data_root={data_root}", "crop_image_height=64", "crop_image_width=32",
+            "pad=2", "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4",
+            "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=4",
+            "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2", "max_iter=4",
+            "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=1.0", "teacher_style=2",
+            "ID_class=null", *extra]
+
+
+def launch(tmp_path, *args, torchrun=False, port=None, check=True):
+    """train.py in fresh processes: the project's launcher, or torchrun with two workers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(port or free_port())] if torchrun else [sys.executable]
+    cmd = [*prefix, "train.py", "--config", CONFIG, "--output_path", str(tmp_path), *args]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models(run_dir, it):
+    return load_checkpoint(checkpoint_path(run_dir, it))["trainer"]["models"]
+
+
+def test_two_processes_stay_identical_and_resume_exactly(tmp_path, data_root):
+    """Launcher: 4 iterations straight; torchrun: 2, then --resume to 4. Both end bit for bit the same."""
+    straight = launch(tmp_path, "--name", "straight", "--nproc_per_machine", "2", *opts(data_root))
+    assert "on 2 processes (cpu)" in straight.stdout
+    assert "parameters identical on all 2 processes" in straight.stdout
+    assert straight.stdout.count("[4/4]") == 1  # rank 0 alone logs
+    state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "straight", 4))
+    assert len(state["rng_ranks"]) == 2 and state["loaders"]["a"] == {"batches_taken": 4}
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # own streams
+
+    launch(tmp_path, "--name", "split", *opts(data_root, "max_iter=2"), torchrun=True)
+    resumed = launch(tmp_path, "--name", "split", "--resume", "--opts", "max_iter=4", torchrun=True)
+    assert "resumed" in resumed.stdout and "parameters identical on all 2 processes" in resumed.stdout
+    a, b = models(tmp_path / "outputs" / "straight", 4), models(tmp_path / "outputs" / "split", 4)
+    for part in a:
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+
+
+def test_two_process_teacher_with_identity_batches(tmp_path, data_root):
+    done = launch(tmp_path, "--name", "teacher", "--trainer", "baseline", "--nproc_per_machine", "2",
+                  *opts(data_root, "batch_size=8", "triplet_w=1.0", "num_instances=2"))
+    assert "parameters identical on all 2 processes" in done.stdout
+    assert "triplet" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "outputs" / "teacher" / "checkpoints").iterdir()) == [
+        "00000002.pt", "00000004.pt"]
+
+
+def test_ranks_partition_each_epoch(data_root):
+    cfg = load_config(CONFIG, [o for o in opts(data_root) if o != "--opts"])
+    splits = load_splits(cfg)
+    n = len(splits.train)
+    per_rank = n // 2 // 2  # batches of 2 per rank that make one epoch
+    seen = []
+    for rank in (0, 1):
+        a, _ = build_dgnet_loaders(cfg, splits, rank=rank, world_size=2)
+        seen.append(np.concatenate([next(a)["index"].numpy() for _ in range(per_rank)]))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(np.concatenate(seen)) == list(range(n))
+
+
+def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path, data_root):
+    cmd = [sys.executable, "train.py", "--config", CONFIG, "--output_path", str(tmp_path), "--name", "stop",
+           "--nproc_per_machine", "2", *opts(data_root, "max_iter=100000", "snapshot_save_iter=100000",
+                                             "image_display_iter=100000", "image_save_iter=100000")]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        for line in proc.stdout:
+            if re.match(r"\[\s*2/", line):  # two iterations done: both processes are in the loop
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the workers notice that the launcher is gone and stop too
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped at iteration")]
+    assert len(stopped) == 1 and "--resume --name stop" in stopped[0]
+    it = int(stopped[0].split()[3].rstrip(";"))
+    state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "stop", it))
+    assert state["iteration"] == it and len(state["rng_ranks"]) == 2
+
+
+def test_a_crash_on_one_process_stops_all_without_hanging(tmp_path, data_root):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_root, broken)
+    # one unreadable training image: whichever process draws it first fails mid-run
+    victim = sorted((broken / "bounding_box_train").iterdir())[5]
+    victim.write_bytes(b"not a jpeg")
+    start = time.monotonic()
+    done = launch(tmp_path, "--name", "crash", "--nproc_per_machine", "2",
+                  *opts(broken, "skip_corrupt_images=false", "max_iter=50"), check=False)
+    assert done.returncode != 0
+    assert "cannot read image" in done.stderr and victim.name in done.stderr
+    assert time.monotonic() - start < TIMEOUT
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("batch_size=3",), "must divide evenly over 2 processes"),
+    (("sync_bn=true",), "sync_bn: true needs GPUs"),
+])
+def test_bad_setups_fail_on_every_process_before_writing(tmp_path, data_root, extra, message):
+    done = launch(tmp_path, "--name", "bad", "--nproc_per_machine", "2", *opts(data_root, *extra), check=False)
+    assert done.returncode == 2
+    assert done.stderr.count(message) == 1  # reported once, by rank 0
+    assert not (tmp_path / "outputs" / "bad").exists()
+
+
+def test_launch_errors_come_before_any_process(tmp_path, data_root, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = train.main(["--config", CONFIG, "--output_path", str(tmp_path), "--nproc_per_machine", "2",
+                           "--dist_url", f"tcp://127.0.0.1:{port}", *opts(data_root)])
+    assert code == 2 and f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu_ids", "0,1"], "CUDA is not available"),
+    (["--num_machines", "2"], "several machines need --dist_url"),
+    (["--num_machines", "2", "--machine_rank", "2", "--dist_url", "tcp://127.0.0.1:29500"], "--machine_rank 2"),
+    (["--dist_url", "http://x:1"], "use tcp://HOST:PORT"),
+    (["--nproc_per_machine", "0"], "use 1 or more"),
+])
+def test_plan_errors(args, message):
+    if torch.cuda.is_available() and args[0] == "--gpu_ids":
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(train.UserError, match=message):
+        plan_launch(train.parse_args(args))
+
+
+def test_plan_auto_port_and_world_size():
+    plan = plan_launch(train.parse_args(["--nproc_per_machine", "2"]))
+    assert plan.world_size == 2 and plan.dist_url.startswith("tcp://127.0.0.1:")
+    assert plan.backend == ("nccl" if torch.cuda.is_available() else "gloo")
+    single = plan_launch(train.parse_args([]))
+    assert single.dist_url is None and single.world_size == 1
+    forced = plan_launch(train.parse_args(["--dist_url", "auto"]))  # a process group of one (DDP overhead)
+    assert forced.dist_url is not None and forced.world_size == 1
+    machines = plan_launch(train.parse_args(["--num_machines", "3", "--machine_rank", "1", "--nproc_per_machine",
+                                             "2", "--dist_url", "tcp://10.0.0.1:29500"]))
+    assert machines.world_size == 6  # machine 1 does not bind machine 0's port
