@@ -9,7 +9,10 @@ space; `to_unit` maps them back and clips.
 - `swap_fidelity`: on the synthetic dataset, G(structure of B, appearance of A) against
   `data.synthetic.render(A, B)` (A's identity drawn in B's exact structure, JPEG-encoded as B's file was),
   over a fixed, seeded list of test pairs of different identities; beside the same figures for the two
-  trivial answers, B's image itself and A's image itself. A generator that has learned the swap beats both.
+  trivial answers, B's image itself and A's image itself. Each is measured on the whole image and on the
+  person alone (`person_ssim`, `person_l1`: the true swap's person mask). Outside the person the true swap
+  *is* B's image, so the whole-image figures favour B's image by construction (its background, in colour,
+  while E_s sees a grey image); the person figures measure what the swap is for, the clothing.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -71,10 +74,12 @@ def _gaussian(size: int, sigma: float, device: torch.device) -> torch.Tensor:
     return (g / g.sum()).to(device=device)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, mask: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """SSIM per image (B,) of two batches (B, C, H, W) in [0, data_range].
 
-    Images smaller than the 11-pixel window use the largest odd window that fits (same sigma).
+    Images smaller than the 11-pixel window use the largest odd window that fits (same sigma). With a
+    boolean `mask` (B, 1, H, W), the SSIM map is averaged over the masked window centres only.
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape, got {tuple(x.shape)} and "
@@ -96,17 +101,30 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.pow(2) + mu_y.pow(2) + c1) * (var_x + var_y + c2))
-    return index.mean(dim=(1, 2, 3)).float()
+    if mask is None:
+        return index.mean(dim=(1, 2, 3)).float()
+    r = (size - 1) // 2  # the valid region's window centres
+    m = mask[:, :, r:mask.shape[2] - r, r:mask.shape[3] - r].to(index.dtype)
+    return ((index * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * channels).clamp_min(1)).float()
 
 
-def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference per image (B,)."""
-    return (x.float() - y.float()).abs().mean(dim=(1, 2, 3))
+def l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference per image (B,); with a boolean `mask` (B, 1, H, W), over its pixels only."""
+    diff = (x.float() - y.float()).abs()
+    if mask is None:
+        return diff.mean(dim=(1, 2, 3))
+    m = mask.float()
+    return (diff * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * diff.shape[1]).clamp_min(1)
 
 
-def score(images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Mean SSIM and L1 of `images` against `targets`, both [0, 1]."""
-    return {"ssim": float(ssim(images, targets).mean()), "l1": float(l1(images, targets).mean())}
+def score(images: torch.Tensor, targets: torch.Tensor, person: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean SSIM and L1 of `images` against `targets`, both [0, 1]; with a `person` mask, also both
+    measures over the person's pixels alone (`person_ssim`, `person_l1`)."""
+    out = {"ssim": float(ssim(images, targets).mean()), "l1": float(l1(images, targets).mean())}
+    if person is not None:
+        out["person_ssim"] = float(ssim(images, targets, mask=person).mean())
+        out["person_l1"] = float(l1(images, targets, mask=person).mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,6 +197,7 @@ class FidelitySet:
     appearance: torch.Tensor
     structure: torch.Tensor
     target: torch.Tensor
+    person: torch.Tensor  # (N, 1, H, W) bool: where the true swap shows the person (occluders excluded)
     pairs: list[tuple[str, str]]  # (appearance file, structure file) names
 
 
@@ -201,6 +220,15 @@ def _true_swap(meta: Any, appearance: Record, structure: Record, size: tuple[int
     return TF.to_tensor(TF.resize(img, list(size), InterpolationMode.BICUBIC))
 
 
+def _true_person(meta: Any, appearance: Record, structure: Record, size: tuple[int, int]) -> torch.Tensor:
+    """The person mask of the true swap (1, H, W), resized (nearest) to the images' size."""
+    from data import synthetic
+
+    mask = synthetic.person_mask(meta[appearance.path], meta[structure.path])
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+    return torch.from_numpy(np.asarray(image) > 127)[None]
+
+
 def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, seed: int = 0) -> FidelitySet:
     """The seeded test pairs of a synthetic dataset with their true swaps; built once, then cached."""
     from data import synthetic
@@ -217,6 +245,7 @@ def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, 
             appearance=torch.stack([load_unit(a.path, size) for a, _ in pairs]),
             structure=torch.stack([load_unit(b.path, size) for _, b in pairs]),
             target=torch.stack([_true_swap(meta, a, b, size) for a, b in pairs]),
+            person=torch.stack([_true_person(meta, a, b, size) for a, b in pairs]),
             pairs=[(Path(a.path).name, Path(b.path).name) for a, b in pairs])
     return _FIDELITY_CACHE[key]
 
@@ -233,9 +262,9 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     data = fidelity_set(cfg, splits, n_pairs, seed)
     with eval_mode(generator, appearance_encoder):
         generated = swap(generator, appearance_encoder, normalize(data.structure), normalize(data.appearance))
-    return {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target),
-            "structure_image": score(data.structure, data.target),
-            "appearance_image": score(data.appearance, data.target)}
+    return {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target, data.person),
+            "structure_image": score(data.structure, data.target, data.person),
+            "appearance_image": score(data.appearance, data.target, data.person)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output_path", default=".", help="runs go to OUTPUT_PATH/outputs/NAME (default: .)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its newest checkpoint")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iter=10")
+    p.add_argument("--evaluate", action="store_true",
+                   help="with --resume: evaluate the run's newest checkpoint on the test split (as test.py does) "
+                        "instead of training")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     distributed.add_arguments(p)
     return p.parse_args(argv)
@@ -266,6 +269,62 @@ class Snapshots:
             self.save(done, losses)
 
 
+class Validation:
+    """R1/mAP on the held-out training identities (`val_ids`) every `eval_iter`, by rank 0, with the test
+    protocol; `checkpoints/best.pt` keeps the whole state at the best validation mAP so far. The test split
+    is never used for selection."""
+
+    def __init__(self, cfg: dict[str, Any], splits: Any, model: torch.nn.Module, writer: Any,
+                 dist: distributed.Dist, best_path: Path, state_of: Any, best: float | None):
+        self.cfg, self.splits, self.model, self.writer, self.dist = cfg, splits, model, writer, dist
+        self.every, self.max_iter = cfg["eval_iter"], cfg["max_iter"]
+        self.best_path, self.state_of, self.best = best_path, state_of, best
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        if done % self.every and done != self.max_iter:
+            return
+        improved = False
+        if self.dist.is_main:
+            from test import evaluate_model  # the evaluation protocol of test.py, on the validation split
+
+            r = evaluate_model(self.model, self.cfg, self.splits.val_query, self.splits.val_gallery,
+                               self.dist.device)
+            for key in ("R1", "R5", "mAP", "mINP"):
+                self.writer.add_scalar(f"val/{key}", r[key], done)
+            improved = self.best is None or r["mAP"] > self.best
+            if improved:
+                self.best = r["mAP"]
+            print(f"validation at {done}: R1 {100 * r['R1']:.2f} mAP {100 * r['mAP']:.2f} mINP "
+                  f"{100 * r['mINP']:.2f} ({r['num_valid_queries']} queries, {self.cfg['val_ids']} held-out "
+                  f"identities){'; best so far, saved ' + str(self.best_path) if improved else ''}", flush=True)
+        if self.dist.max_flag(int(improved)):  # every process takes part in a checkpoint (its RNG state)
+            state = self.state_of(done)
+            if self.dist.is_main:
+                save_checkpoint(state, self.best_path)
+
+
+class SwapFidelity:
+    """On the synthetic dataset: SSIM and L1 of swaps against the true swap every `fidelity_iter`, beside
+    the two trivial answers (quality.swap_fidelity), to tensorboard and the console (rank 0)."""
+
+    def __init__(self, cfg: dict[str, Any], splits: Any, trainer: Any, writer: Any):
+        self.cfg, self.splits, self.trainer, self.writer = cfg, splits, trainer, writer
+        self.every, self.max_iter = cfg["fidelity_iter"], cfg["max_iter"]
+
+    def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        if done % self.every and done != self.max_iter:
+            return
+        import quality
+
+        r = quality.swap_fidelity(self.trainer.gen_a, self.trainer.id_a, self.cfg, self.splits)
+        for tag, value in quality.scalars({"swap_fidelity": r}).items():
+            self.writer.add_scalar(tag, value, done)
+        s, b, a = r["swap"], r["structure_image"], r["appearance_image"]
+        print(f"swap fidelity at {done}: person L1 {s['person_l1']:.4f} (structure image {b['person_l1']:.4f}, "
+              f"appearance image {a['person_l1']:.4f}), whole-image SSIM {s['ssim']:.4f} "
+              f"({b['ssim']:.4f}, {a['ssim']:.4f})", flush=True)
+
+
 class NullWriter:
     """What ranks other than 0 log to: nothing."""
 
@@ -379,12 +438,16 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     else:
         writer = NullWriter()
 
+    validation: Validation | None = None
+
     def state_of(done: int) -> dict[str, Any]:
         rngs = dist.gather(rng_state())
         out = {"kind": kind, "iteration": done, "trainer": trainer.state_dict(), "config": cfg,
                "loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rngs[0]}
         if dist.world_size > 1:
             out["rng_ranks"] = rngs
+        if validation is not None and validation.best is not None:
+            out["best_val_mAP"] = validation.best
         return out
 
     max_iter = cfg["max_iter"]
@@ -394,6 +457,13 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     periodic: list[Any] = [logger]
     if kind == "DGNet" and dist.is_main:
         periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, dist.device))
+    if kind == "DGNet" and dist.is_main and cfg["fidelity_iter"] > 0 and cfg["dataset"] == "synthetic":
+        periodic.append(SwapFidelity(cfg, splits, trainer, writer))
+    if cfg["val_ids"] > 0:
+        model = trainer.id_a if kind == "DGNet" else trainer.parts["teacher"].module
+        validation = Validation(cfg, splits, model, writer, dist, run_dir / "checkpoints" / "best.pt", state_of,
+                                state.get("best_val_mAP") if state else None)
+        periodic.append(validation)
     periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from
 
     if state:
@@ -447,12 +517,25 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     return 0
 
 
+def evaluate_run(args: argparse.Namespace) -> int:
+    """`--resume --evaluate`: test.py on the run's newest checkpoint, without training (open-reid's habit)."""
+    if not args.resume:
+        raise UserError("--evaluate evaluates an existing run: use it with --resume (and --name)")
+    import test
+
+    name = args.name or Path(args.config).stem
+    overrides = ["--opts", *args.opts] if args.opts else []
+    return test.main(["--name", name, "--output_path", args.output_path, *overrides])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(config_help())
         return 0
     try:
+        if args.evaluate:
+            return evaluate_run(args)
         return distributed.run(args, "train:train")
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

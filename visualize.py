@@ -552,10 +552,13 @@ def format_metrics(s: dict[str, Any]) -> str:
     if fidelity:
         lines.append(f"swap fidelity over {fidelity['pairs']} test pairs, against the true swap "
                      "(SSIM: higher is better; L1: lower):")
-        lines.append("                      SSIM      L1")
+        lines.append("                      whole image       person alone")
+        lines.append("                      SSIM      L1      SSIM      L1")
         for key, label in (("swap", "generated swap"), ("structure_image", "structure image"),
                            ("appearance_image", "appearance image")):
-            lines.append(f"  {label:<18} {fidelity[key]['ssim']:6.4f}  {fidelity[key]['l1']:6.4f}")
+            f = fidelity[key]
+            lines.append(f"  {label:<18} {f['ssim']:6.4f}  {f['l1']:6.4f}    {f['person_ssim']:6.4f}  "
+                         f"{f['person_l1']:6.4f}")
     else:
         lines.append("swap fidelity: needs the synthetic dataset (its swaps have a true answer)")
     rec = s["reconstruction"]

@@ -51,9 +51,11 @@ import difflib
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from utils import UserError
 
@@ -78,6 +80,9 @@ class DatasetSplits:
     query: list[Record]
     gallery: list[Record]
     multi_query: list[Record] | None = None
+    # held-out training identities for validation during training (`val_ids`): never trained on
+    val_query: list[Record] = field(default_factory=list)
+    val_gallery: list[Record] = field(default_factory=list)
 
     @property
     def train_pids(self) -> list[int]:
@@ -100,8 +105,31 @@ class DatasetSplits:
         if self.multi_query is not None:
             splits.append(("multi-query", self.multi_query))
         lines = [f"{self.name} at {self.root}"]
+        if self.val_query:
+            splits += [("val query", self.val_query), ("val gallery", self.val_gallery)]
         lines += [_split_line(label, records, label == "train") for label, records in splits]
         return "\n".join(lines)
+
+
+def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
+    """Move `num_ids` training identities (seeded choice among those seen by 2 or more cameras) out of the
+    training split into a validation query/gallery: per identity and camera, the first image is a query,
+    the others are gallery. Under the Market rules every query then has a match in another camera.
+    The remaining identities are relabelled 0..C-1 (labels follow the training pids)."""
+    cameras: dict[int, set[int]] = {}
+    for r in splits.train:
+        cameras.setdefault(r.pid, set()).add(r.camid)
+    eligible = sorted(pid for pid, cams in cameras.items() if len(cams) >= 2 and pid not in (JUNK_PID,))
+    if num_ids > len(eligible) or num_ids >= len(cameras):
+        raise UserError(f"val_ids is {num_ids} but only {len(eligible)} of the {len(cameras)} training identities "
+                        "appear in 2 or more cameras; lower val_ids")
+    held = {int(p) for p in np.random.default_rng([seed, 0x7A1]).choice(eligible, size=num_ids, replace=False)}
+    first_seen: set[tuple[int, int]] = set()
+    for r in sorted((r for r in splits.train if r.pid in held), key=lambda r: r.path):
+        key = (r.pid, r.camid)
+        (splits.val_gallery if key in first_seen else splits.val_query).append(r)
+        first_seen.add(key)
+    splits.train = [r for r in splits.train if r.pid not in held]
 
 
 def _split_line(label: str, records: list[Record], is_train: bool) -> str:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DATASETS, DatasetSplits, Record, read_dataset
+from data.datasets import DATASETS, DatasetSplits, Record, hold_out_validation, read_dataset
 from data.samplers import IdentitySampler, ShuffleSampler
 from data.transforms import eval_transform, random_erasing, train_transform
 from utils import UserError, seed_everything
@@ -231,6 +231,8 @@ def load_splits(cfg: dict[str, Any]) -> DatasetSplits:
     if expected is not None and expected != splits.num_classes:
         raise UserError(f"ID_class is {expected} but the training split under {cfg['data_root']} has "
                         f"{splits.num_classes} identities; fix data_root or set ID_class: null")
+    if cfg["val_ids"] > 0:  # after the ID_class check, which counts the dataset's identities
+        hold_out_validation(splits, cfg["val_ids"], cfg["seed"])
     return splits
 
 

@@ -167,3 +167,47 @@ def test_sigint_saves_and_resumes(tmp_path, data_root):
     saved = load_checkpoint(ckpts[0])["iteration"]
     assert run(tmp_path, "sig", data_root, f"max_iter={saved + 1}", args=("--resume",)) == 0
     assert checkpoint_path(tmp_path / "outputs" / "sig", saved + 1).is_file()
+
+
+def test_validation_best_checkpoint_and_swap_fidelity(tmp_path, data_root, capsys):
+    assert run(tmp_path, "val", data_root, "val_ids=1", "eval_iter=2", "fidelity_iter=2") == 0
+    out = capsys.readouterr().out
+    assert "validation at 2:" in out and "validation at 4:" in out and "1 held-out identities" in out
+    assert "swap fidelity at 4: person L1" in out and "structure image" in out
+    assert "3 identities" in out  # one of the 4 training identities is held out
+    run_dir = tmp_path / "outputs" / "val"
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    last = load_checkpoint(checkpoint_path(run_dir, 4))
+    assert best["iteration"] in (2, 4) and last["best_val_mAP"] == best["best_val_mAP"] >= 0
+    # the best checkpoint is not a snapshot: resume and keep_last ignore it
+    assert run(tmp_path, "val", data_root, "max_iter=5", args=("--resume",)) == 0
+    assert "validation at 5:" in capsys.readouterr().out
+
+
+def test_hold_out_validation_identities():
+    from data.datasets import DatasetSplits, Record, hold_out_validation
+
+    records = [Record(f"/x/{pid}_{cam}_{i}.jpg", pid, cam) for pid in range(1, 7) for cam in (1, 2, 3)
+               for i in range(2)] + [Record("/x/7_1_0.jpg", 7, 1), Record("/x/7_1_1.jpg", 7, 1)]
+    splits = DatasetSplits("t", "/x", list(records), [], [])
+    hold_out_validation(splits, 3, seed=0)
+    held = {r.pid for r in splits.val_query}
+    assert len(held) == 3 and 7 not in held and not held & {r.pid for r in splits.train}
+    assert splits.num_classes == 4 and sorted(set(splits.train_labels)) == [0, 1, 2, 3]
+    assert len(splits.val_query) == 9 and len(splits.val_gallery) == 9  # first image per camera is a query
+    again = DatasetSplits("t", "/x", list(records), [], [])
+    hold_out_validation(again, 3, seed=0)
+    assert again.val_query == splits.val_query
+    with pytest.raises(UserError, match="lower val_ids"):
+        hold_out_validation(DatasetSplits("t", "/x", list(records), [], []), 7, seed=0)
+
+
+def test_resume_evaluate(tmp_path, data_root, capsys):
+    assert run(tmp_path, "ev", data_root, "max_iter=2") == 0
+    capsys.readouterr()
+    assert run(tmp_path, "ev", data_root, args=("--resume", "--evaluate")) == 0
+    out = capsys.readouterr().out
+    assert "mAP" in out and "iteration 2" in out
+    assert not checkpoint_path(tmp_path / "outputs" / "ev", 3).exists()
+    assert run(tmp_path, "ev2", data_root, args=("--evaluate",)) == 2
+    assert "use it with --resume" in capsys.readouterr().err
