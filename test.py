@@ -1,6 +1,6 @@
 """Evaluate a run (DG-Net or a teacher) on its dataset's query and gallery: R1/R5/R10, mAP, mINP.
 
-    python test.py --name latest [--which_iter N|last] [--config FILE] [--data_root DIR] [--multi] [--rerank]
+    python test.py --name latest [--which_iter N|last|best] [--config FILE] [--data_root DIR] [--multi] [--rerank]
                    [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
 
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="run name: outputs/NAME")
     p.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
-    p.add_argument("--which_iter", default="last", help="checkpoint iteration, or last (default)")
+    p.add_argument("--which_iter", default="last",
+                   help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)")
     p.add_argument("--config", help="config to use instead of the run's config.yaml (e.g. another dataset)")
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
@@ -76,9 +77,13 @@ def load_run(name: str, output_path: str = ".", which_iter: str = "last", config
         path = latest_checkpoint(run_dir)
         if path is None:
             raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
+    elif which_iter == "best":  # the best validation mAP (train.py with val_ids > 0)
+        path = run_dir / "checkpoints" / "best.pt"
+        if not path.is_file():
+            raise UserError(f"{run_dir} has no best.pt: it is written when training validates (val_ids > 0)")
     else:
         if not which_iter.isdigit():
-            raise UserError(f"--which_iter must be an iteration number or last, got {which_iter!r}")
+            raise UserError(f"--which_iter must be an iteration number, last or best, got {which_iter!r}")
         path = checkpoint_path(run_dir, int(which_iter))
     state = load_checkpoint(path)
     cfg_file = Path(config) if config else run_dir / "config.yaml"
