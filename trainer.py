@@ -67,6 +67,7 @@ RAMPED_WEIGHTS = {
 }
 FIXED_WEIGHTS = ("gan_w", "recon_x_w", "recon_xp_w", "recon_id_w", "id_w", "pid_w", "B_w", "T_w")
 LR_POLICIES = ("multistep", "step", "constant")
+SWITCHES = ("auto", "always", "never")  # values of the fast-path keys channels_last and fused_optim
 TEACHER_STYLES = {0: "smooth dynamic", 1: "hard dynamic", 2: "hard static", 3: "uniform", 4: "two-label"}
 TEACHER_NETWORK_STYLES = (0, 1, 4)  # the styles that run the teacher network
 TRAIN_TEACHER = "python train.py --config configs/teacher/<dataset>.yaml --trainer baseline"
@@ -90,6 +91,15 @@ def resolve_amp(cfg_amp: str, device: torch.device) -> torch.dtype | None:
             raise UserError(f"amp: fp16 needs a CUDA GPU, the device is {device}; use amp: bf16 or amp: none")
         return torch.float16
     raise UserError(f"amp is {cfg_amp!r}: use auto, bf16, fp16 or none")
+
+
+def resolve_switch(cfg: dict, key: str, device: torch.device) -> bool:
+    """A fast-path key (channels_last, fused_optim): auto is on for CUDA devices only, so a CPU run keeps
+    PyTorch's CPU defaults and its results bit for bit; always and never force it."""
+    value = cfg[key]
+    if value not in SWITCHES:
+        raise UserError(f"{key} is {value!r}: use auto (on for CUDA GPUs), always or never")
+    return value == "always" or (value == "auto" and device.type == "cuda")
 
 
 def loss_weights(cfg: dict, it: int) -> dict[str, float]:
@@ -127,21 +137,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, gamma: float, a
     return LambdaLR(optimizer, lambda position: lr_multiplier(cfg, position + ahead, gamma))
 
 
-def reid_sgd(backbone: nn.Module, heads: list[nn.Module], cfg: dict) -> torch.optim.SGD:
+def reid_sgd(backbone: nn.Module, heads: list[nn.Module], cfg: dict, fused: bool = False) -> torch.optim.SGD:
     """SGD with Nesterov momentum 0.9: lr2 for the backbone, 10 x lr2 for the classifier heads.
 
-    The groups are named, which `learning_rates` uses ("id" and "id_heads").
+    The groups are named, which `learning_rates` uses ("id" and "id_heads"). fused: the multi-tensor
+    (foreach) update, a few launches for all parameters instead of several per parameter; otherwise the
+    per-parameter loop (PyTorch's CPU default, and the original's).
     """
     head_params = [p for head in heads for p in head.parameters()]
     return torch.optim.SGD([{"params": list(backbone.parameters()), "name": "backbone"},
                             {"params": head_params, "lr": 10 * cfg["lr2"], "name": "heads"}],
-                           lr=cfg["lr2"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+                           lr=cfg["lr2"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
+                           foreach=fused)
 
 
-def _adam(module: nn.Module, lr: float, cfg: dict) -> torch.optim.Adam:
-    # Adam with L2 weight decay (not AdamW), as the original
+def _adam(module: nn.Module, lr: float, cfg: dict, fused: bool = False) -> torch.optim.Adam:
+    # Adam with L2 weight decay (not AdamW), as the original. fused: one kernel for every parameter's
+    # update; otherwise the per-parameter loop (PyTorch's CPU default).
     return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
+                            weight_decay=cfg["weight_decay"], foreach=False if not fused else None,
+                            fused=True if fused else None)
 
 
 def _l1(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -208,7 +223,15 @@ class Part:
 
 
 class _PartsTrainer:
-    """What both trainers share: the parts table, mixed precision, one optimizer-step helper, state."""
+    """What both trainers share: the parts table, mixed precision, the fast path, one optimizer-step
+    helper, state.
+
+    The fast path (configs/defaults.yaml, "optimization"; bench/train_bench.py measures it): channels_last
+    weights and images (tensor cores read NHWC without transposes), fused Adam and foreach SGD, cuDNN
+    autotuning and, when `compile` is true, torch.compile of G and E_a (D stays eager: R1's double backward
+    does not go through compiled graphs). Modules are converted and compiled in place, before `distribute`
+    wraps them in DDP, so state-dict keys do not change. At their defaults the keys change nothing on CPU.
+    """
 
     parts: dict[str, Part]
 
@@ -217,6 +240,30 @@ class _PartsTrainer:
         self.amp_dtype = resolve_amp(cfg["amp"], device)
         # fp16 needs loss scaling; one scaler serves every backward of an iteration (bf16 and fp32 need none)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.channels_last = resolve_switch(cfg, "channels_last", device)
+        self.fused_optim = resolve_switch(cfg, "fused_optim", device)
+        if device.type == "cuda" and cfg["cudnn_benchmark"]:
+            # the input sizes never change during training: autotune each convolution once (as the original)
+            torch.backends.cudnn.benchmark = True
+
+    def _layout(self, module: nn.Module) -> nn.Module:
+        """`module` in the trainer's memory format (in place: the parameter objects stay the same)."""
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the device; images in channels_last when the weights are."""
+        if self.channels_last and t.dim() == 4:
+            return t.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return t.to(self.device, non_blocking=True)
+
+    def _match_optimizer_layout(self) -> None:
+        """Optimizer state loaded from a checkpoint takes its parameter's memory format (a checkpoint
+        written in channels_last can be resumed without it, and back); fused updates want equal strides."""
+        for part in self.parts.values():
+            for p, state in part.optimizer.state.items():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     def _autocast(self) -> AbstractContextManager:
         if self.amp_dtype is None:
@@ -302,6 +349,7 @@ class _PartsTrainer:
                                 "with the run's own config.yaml") from None
             if part.scheduler is not None and state["schedulers"].get(name) is not None:
                 part.scheduler.load_state_dict(state["schedulers"][name])
+        self._match_optimizer_layout()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -346,11 +394,12 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             styles = ", ".join(f"{k} ({v})" for k, v in TEACHER_STYLES.items())
             raise UserError(f"teacher_style is {cfg['teacher_style']}: use one of {styles}")
         self.num_classes = num_classes
-        gen = _built(build_generator, cfg).to(device)
-        dis = _built(build_discriminator, cfg).to(device)
-        id_ = _built(build_appearance_encoder, cfg, num_classes).to(device)
-        opt_gen, opt_dis = _adam(gen, cfg["lr_g"], cfg), _adam(dis, cfg["lr_d"], cfg)
-        opt_id = reid_sgd(id_.model, [id_.classifier1, id_.classifier2], cfg)
+        gen = self._layout(_built(build_generator, cfg).to(device))
+        dis = self._layout(_built(build_discriminator, cfg).to(device))
+        id_ = self._layout(_built(build_appearance_encoder, cfg, num_classes).to(device))
+        fused = self.fused_optim
+        opt_gen, opt_dis = _adam(gen, cfg["lr_g"], cfg, fused), _adam(dis, cfg["lr_d"], cfg, fused)
+        opt_id = reid_sgd(id_.model, [id_.classifier1, id_.classifier2], cfg, fused)
         # The original stepped its schedulers *before* the optimizers, from a scheduler built at position 0,
         # so iteration `it` ran at position it + 1: the first decay hit iteration step_size - 1 (0-based),
         # not step_size. Ours step after the optimizers (position `it` during iteration `it`); `ahead=1`
@@ -370,8 +419,16 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         if teacher is None and self.needs_teacher(cfg):
             teacher = load_teacher(cfg["teacher"], num_classes, device)
         if teacher is not None:
-            teacher = teacher.to(device).eval().requires_grad_(False)
+            teacher = self._layout(teacher.to(device).eval().requires_grad_(False))
         self.teacher = teacher  # outside `parts`: never saved, stepped or switched to train mode
+        if cfg["compile"]:
+            # In place, before DDP wraps them: G through the one call that serves encode and decode (the
+            # frozen re-encoding and `sample` use the bare G, eager); E_a whole, which its frozen calls
+            # also use; the teacher. D stays eager: R1 needs a double backward.
+            self.run_gen.compile()
+            id_.compile()
+            if teacher is not None:
+                teacher.compile()
 
     def distribute(self, dist: Any) -> None:
         """Wrap G, D and E_a for DDP (`distributed.Dist.wrap`; nothing changes in a single process).
@@ -379,7 +436,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         Call once, after a checkpoint was loaded. The frozen-weight passes keep using the bare modules.
         """
         self._sync_bn(self.id_a, dist)
-        self.run_gen = dist.wrap(MethodCall(self.gen_a))
+        self.run_gen = dist.wrap(self.run_gen)  # the MethodCall of __init__ (compiled when `compile` is on)
         self.run_dis = dist.wrap(self.dis_a)
         self.run_id = dist.wrap(self.id_a)
 
@@ -396,8 +453,8 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     def train_step(self, it: int, batch_a: dict, batch_b: dict) -> dict[str, torch.Tensor]:
         """Iteration `it`: forward, D step, joint G + E_a step, LR step. Returns the weighted loss terms."""
         w = loss_weights(self.cfg, it)
-        a = {k: batch_a[k].to(self.device, non_blocking=True) for k in BATCH_KEYS}
-        b = {k: batch_b[k].to(self.device, non_blocking=True) for k in BATCH_KEYS}
+        a = {k: self._to_device(batch_a[k]) for k in BATCH_KEYS}
+        b = {k: self._to_device(batch_b[k]) for k in BATCH_KEYS}
         fw = self.forward(a, b, w)
         losses = self.dis_update(fw.x_ab, fw.x_ba, fw.x_a, fw.x_b, w)
         losses.update(self.gen_update(fw, w))
@@ -639,23 +696,25 @@ class BaselineTrainer(_PartsTrainer):
     def __init__(self, cfg: dict, num_classes: int, device: torch.device):
         super().__init__(cfg, device)
         self.num_classes = num_classes
-        teacher = _built(build_teacher, cfg, num_classes).to(device)
-        opt = reid_sgd(teacher.model, [teacher.classifier], cfg)
+        teacher = self._layout(_built(build_teacher, cfg, num_classes).to(device))
+        opt = reid_sgd(teacher.model, [teacher.classifier], cfg, self.fused_optim)
         # no original order to match here: the LR decays at iteration step_size exactly
         self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
         self.run_teacher: nn.Module = MethodCall(teacher)  # a DDP wrapper after `distribute`
+        if cfg["compile"]:
+            self.run_teacher.compile()  # in place, before DDP wraps it
 
     def distribute(self, dist: Any) -> None:
         """Wrap the model for DDP (nothing changes in a single process); call once, after any resume."""
         teacher = self.parts["teacher"].module
         self._sync_bn(teacher, dist)
-        self.run_teacher = dist.wrap(MethodCall(teacher))
+        self.run_teacher = dist.wrap(self.run_teacher)  # the MethodCall of __init__
 
     def train_step(self, it: int, batch: dict) -> dict[str, torch.Tensor]:
         """One SGD step. Returns the weighted terms "ce", "triplet" (when triplet_w > 0), "acc", "total"."""
         cfg = self.cfg
-        x = batch["image_erased"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
+        x = self._to_device(batch["image_erased"])
+        labels = self._to_device(batch["label"])
         self._zero_grad(("teacher",))
         with self._autocast():
             pooled, logits = self.run_teacher("pooled_logits", x)
