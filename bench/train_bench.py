@@ -1,0 +1,402 @@
+"""Training speed of DG-Net and its teacher: the fast path against the original's costs, the loaders, numerics.
+
+    python bench/train_bench.py                                   # DG-Net and teacher, reference and fast
+    python bench/train_bench.py --mode fast --amp fp16 --compile  # one variant
+    python bench/train_bench.py --bench loaders                   # loaders' delivery vs training's consumption
+    python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
+    python bench/train_bench.py --tiny --device cpu               # the CPU/CI size
+
+Default size: configs/latest.yaml (256x128, batch 8 + 8, ResNet-50 E_a) and configs/teacher/market.yaml
+(batch 32), on synthetic pedestrians rendered at the crop size into bench/results/data/ (generated once,
+so it runs anywhere), `pretrained: none`. DG-Net's teacher is a random ResNet-50 built in-process and used
+with the default teacher_style 0: it costs what a trained one costs, and no file is needed.
+
+Modes: `reference` follows the original's costs (fp32, eager, contiguous NCHW, per-parameter optimizer
+loops; cuDNN autotuning stays on, as the original had it); `fast` is the config's defaults on this device
+(amp, channels_last, fused_optim: auto; compile as configured), which `--amp`, `--compile` and
+`--channels_last` change. `--phase full` (default) times iterations with every loss term on
+(iteration 34000 onwards at the defaults, the dearer 70% of a run); `--phase early` the first 30000.
+
+Every timed loop warms up first (cuDNN autotuning, compilation), synchronizes the GPU before reading the
+clock, and fetches loss values only after the clock stops. Prints a table; writes JSON to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from data.loaders import build_dgnet_loaders, build_teacher_loader, load_splits  # noqa: E402
+from reIDmodel import Teacher  # noqa: E402
+from trainer import RAMPED_WEIGHTS, BaselineTrainer, DGNet_Trainer  # noqa: E402
+from utils import UserError, load_config, seed_everything  # noqa: E402
+
+DGNET_CONFIG = REPO / "configs" / "latest.yaml"
+TEACHER_CONFIG = REPO / "configs" / "teacher" / "market.yaml"
+# the tests' tiny DG-Net (tests/test_train.py): small enough for a CPU
+TINY = ("crop_image_height=64", "crop_image_width=32", "pad=2", "batch_size=4", "num_workers=0",
+        "backbone=resnet18", "gen.dim=4", "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1",
+        "dis.dim=8", "dis.n_res=1", "synthetic.ids=8", "synthetic.images_per_id=6", "synthetic.height=64",
+        "synthetic.width=32")
+# the original's costs: fp32, eager, NCHW, per-parameter optimizer loops (cudnn_benchmark stays: it had it)
+REFERENCE = ("amp=none", "channels_last=never", "fused_optim=never", "compile=false")
+
+
+# ---------------------------------------------------------------------------------------------------
+# configs and devices
+
+
+def variant_opts(args: argparse.Namespace, mode: str) -> list[str]:
+    """--opts of one mode: the reference is always the original's costs; the switches change the fast mode."""
+    if mode == "reference":
+        return list(REFERENCE)
+    opts = []
+    if args.amp:
+        opts.append(f"amp={args.amp}")
+    if args.compile:
+        opts.append("compile=true")
+    if args.channels_last:
+        opts.append("channels_last=always")
+    return opts
+
+
+def bench_config(kind: str, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """The config of one measurement: the default (or tiny) config on the bench's synthetic data."""
+    size = (64, 32) if args.tiny else (256, 128)
+    data_root = args.data or REPO / "bench" / "results" / "data" / f"synthetic_{size[0]}x{size[1]}"
+    opts = ["dataset=synthetic", f"data_root={data_root}", "ID_class=null", "pretrained=none",
+            f"synthetic.height={size[0]}", f"synthetic.width={size[1]}", "synthetic.ids=60"]
+    if args.tiny:
+        opts += TINY if kind == "dgnet" else [o for o in TINY if not o.startswith(("gen.", "dis.", "batch"))]
+        if kind == "teacher":
+            opts.append("batch_size=8")
+    if args.workers is not None:
+        opts.append(f"num_workers={args.workers}")
+    return load_config(DGNET_CONFIG if kind == "dgnet" else TEACHER_CONFIG, opts + variant_opts(args, mode))
+
+
+def first_iteration(cfg: dict[str, Any], phase: str) -> int:
+    """Where the timed iterations start: 0 (early: the ramped terms are off) or the first iteration with
+    every ramped loss weight at its cap (full: 34000 at the defaults)."""
+    if phase == "early":
+        return 0
+    scale = cfg["warm_scale"]
+    return max(cfg[warm] + (math.ceil(max(0.0, cfg[cap] - cfg[key]) / scale) if scale > 0 else 1)
+               for key, (cap, warm) in RAMPED_WEIGHTS.items())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(GiB, what it is): the allocator's peak on a GPU; the process's resident peak on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "ru_maxrss (whole process so far)"
+
+
+def random_teacher(cfg: dict[str, Any], num_classes: int) -> Teacher:
+    """An untrained teacher of the default recipe's shape (last stride 2): it costs what a trained one does."""
+    return Teacher(num_classes, backbone=cfg["backbone"], last_stride=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the measurements
+
+
+class Job:
+    """The loaders of one model (train.py's), and its trainer unless `loaders_only`; steps as train.py does:
+    a batch from each loader, one train_step."""
+
+    def __init__(self, kind: str, cfg: dict[str, Any], splits: Any, device: torch.device,
+                 teacher: Teacher | None = None, loaders_only: bool = False):
+        self.kind, self.cfg, self.device = kind, cfg, device
+        seed_everything(cfg["seed"])
+        share = {"pin_memory": device.type == "cuda"}
+        if kind == "dgnet":
+            self.loaders = list(build_dgnet_loaders(cfg, splits, **share))
+            self.images_per_iter = 2 * cfg["batch_size"]
+        else:
+            self.loaders = [build_teacher_loader(cfg, splits, identity_sampler=cfg["triplet_w"] > 0, **share)]
+            self.images_per_iter = cfg["batch_size"]
+        self.trainer: Any = None
+        if loaders_only:
+            return
+        if kind == "dgnet":
+            if teacher is None:
+                teacher = random_teacher(cfg, splits.num_classes)
+            self.trainer = DGNet_Trainer(cfg, splits.num_classes, device, teacher=teacher)
+        else:
+            self.trainer = BaselineTrainer(cfg, splits.num_classes, device)
+        self.trainer.train()
+
+    def batches(self) -> list[dict]:
+        return [next(loader) for loader in self.loaders]
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.close()
+
+
+def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
+    """Iterations/s, images/s, the share of wall time spent waiting for data, peak memory."""
+    device = job.device
+    tick = time.perf_counter()
+    for i in range(warmup):
+        job.trainer.train_step(start + i, *job.batches())
+    sync(device)
+    warmup_s = time.perf_counter() - tick
+    warm_peak, _ = peak_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    data_s, losses = 0.0, {}
+    tick = time.perf_counter()
+    for i in range(iters):
+        t = time.perf_counter()
+        batches = job.batches()
+        data_s += time.perf_counter() - t
+        losses = job.trainer.train_step(start + warmup + i, *batches)
+    sync(device)
+    seconds = time.perf_counter() - tick
+    peak, peak_kind = peak_memory(device)
+    values = {k: float(v) for k, v in losses.items()}  # after the clock: no sync inside the timed loop
+    if not all(math.isfinite(v) for v in values.values()):
+        raise RuntimeError(f"non-finite loss in the timed iterations: {values}")
+    return {"iters": iters, "warmup": warmup, "first_iteration": start, "seconds": round(seconds, 4),
+            "warmup_seconds": round(warmup_s, 3), "iterations_per_s": round(iters / seconds, 4),
+            "images_per_s": round(iters * job.images_per_iter / seconds, 2),
+            "data_share": round(data_s / seconds, 4), "peak_memory_gib": round(peak, 3),
+            "peak_memory_with_warmup_gib": round(max(peak, warm_peak), 3), "peak_memory_kind": peak_kind,
+            "last_losses": {k: round(v, 6) for k, v in values.items()}}
+
+
+def time_loaders(job: Job, iters: int, warmup: int) -> dict[str, Any]:
+    """What the loaders alone deliver, in iterations' worth of batches per second (all loaders of a step)."""
+    for _ in range(warmup):  # starts the workers
+        job.batches()
+    tick = time.perf_counter()
+    for _ in range(iters):
+        job.batches()
+    seconds = time.perf_counter() - tick
+    return {"iters": iters, "num_workers": job.cfg["num_workers"], "loaders": len(job.loaders),
+            "iterations_per_s": round(iters / seconds, 3),
+            "images_per_s": round(iters * job.images_per_iter / seconds, 1)}
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device, start: int) -> dict[str, Any]:
+    """Two DG-Net trainers from the same seed (same weights, same batches, same random draws), reference
+    and fast, stepped side by side; per loss term, how far the fast curve strays from the reference one."""
+    cfgs = {mode: bench_config("dgnet", args, mode) for mode in ("reference", "fast")}
+    torch.manual_seed(cfgs["reference"]["seed"])
+    teacher = random_teacher(cfgs["reference"], splits.num_classes)
+    jobs = {}
+    for mode, cfg in cfgs.items():
+        jobs[mode] = Job("dgnet", cfg, splits, device, teacher=copy.deepcopy(teacher))
+    ref_state = jobs["reference"].trainer.state_dict()["models"]
+    fast_state = jobs["fast"].trainer.state_dict()["models"]
+    same_start = all(torch.equal(ref_state[n][k], fast_state[n][k]) for n in ref_state for k in ref_state[n])
+    if not same_start:
+        raise RuntimeError("the two trainers did not start from the same weights")
+    rngs = dict.fromkeys(jobs, rng_state(device))
+    curves: dict[str, dict[str, list[float]]] = {mode: {} for mode in jobs}
+    loader_job = jobs["reference"]
+    for i in range(args.iters):
+        batches = loader_job.batches()
+        for mode, job in jobs.items():
+            set_rng(rngs[mode], device)
+            losses = job.trainer.train_step(start + i, *batches)
+            rngs[mode] = rng_state(device)
+            for key, value in losses.items():
+                curves[mode].setdefault(key, []).append(float(value))
+    for job in jobs.values():
+        job.close()
+    window = max(1, args.iters // 10)
+    terms = {}
+    for key, ref in curves["reference"].items():
+        fast = curves["fast"][key]
+        scale = sum(abs(v) for v in ref) / len(ref)
+        diffs = [abs(f - r) for f, r in zip(fast, ref)]
+        means = [(sum(ref[j:j + window]) / len(ref[j:j + window]), sum(fast[j:j + window]) / len(fast[j:j + window]))
+                 for j in range(0, len(ref), window)]
+        terms[key] = {
+            "mean_abs_reference": scale,
+            # per iteration, relative to the term's mean magnitude (a term crossing zero has no own scale)
+            "max_rel_diff": max(diffs) / scale if scale > 0 else (0.0 if max(diffs) == 0 else math.inf),
+            "first_iteration_rel_diff": diffs[0] / scale if scale > 0 else 0.0,
+            # the curves' trend: means over windows of a tenth of the run
+            "max_window_rel_diff": max(abs(f - r) for r, f in means) / scale if scale > 0 else 0.0,
+        }
+    return {"iters": args.iters, "first_iteration": start, "window": window,
+            "reference": settings(jobs["reference"]), "fast": settings(jobs["fast"]), "terms": terms,
+            "curves": curves}
+
+
+def settings(job: Job) -> dict[str, Any]:
+    """The fast-path settings a trainer resolved to."""
+    t = job.trainer
+    return {"amp": str(t.amp_dtype).removeprefix("torch.") if t.amp_dtype else "none",
+            "channels_last": t.channels_last, "fused_optim": t.fused_optim, "compile": job.cfg["compile"],
+            "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+
+
+def print_speed_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'model':<8} {'mode':<10} {'amp':<9} {'NHWC':<5} {'fused':<6} {'compile':<8} {'it/s':>8} "
+          f"{'images/s':>9} {'data':>6} {'peak GiB':>9}")
+    for r in rows:
+        s = r["settings"]
+        print(f"{r['model']:<8} {r['mode']:<10} {s['amp']:<9} {'yes' if s['channels_last'] else 'no':<5} "
+              f"{'yes' if s['fused_optim'] else 'no':<6} {'yes' if s['compile'] else 'no':<8} "
+              f"{r['iterations_per_s']:>8.3f} {r['images_per_s']:>9.1f} {r['data_share']:>6.1%} "
+              f"{r['peak_memory_gib']:>9.2f}")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics"),
+                   help="speed (default): it/s, images/s, data share, peak memory; loaders: what the loaders "
+                        "deliver vs what training consumes; numerics: fast vs reference loss curves")
+    p.add_argument("--mode", default="both", choices=("reference", "fast", "both"),
+                   help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults")
+    p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="the fast mode's amp (default: the config's, auto)")
+    p.add_argument("--compile", action="store_true", help="the fast mode compiles G and E_a (and the teacher)")
+    p.add_argument("--channels_last", action="store_true", help="the fast mode uses channels_last on any device")
+    p.add_argument("--iters", type=int, default=50, help="timed iterations (numerics: compared iterations)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--phase", default="full", choices=("full", "early"),
+                   help="full: every loss term on (iteration 34000+); early: the ramped terms still off")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny config (64x32, ResNet-18): CPU and CI")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, help="num_workers per loader (default: the config's)")
+    p.add_argument("--data", type=Path, help="synthetic data folder (default: bench/results/data/...)")
+    p.add_argument("--json", type=Path, help="output (default: bench/results/train_bench[_tiny][_<bench>].json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        print("error: --iters must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available; use --device cpu (with --tiny)", file=sys.stderr)
+        return 2
+    try:
+        return run(args, device, sys.argv[1:] if argv is None else argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
+    modes = ("reference", "fast") if args.mode == "both" else (args.mode,)
+    models = ("dgnet", "teacher") if args.model == "both" else (args.model,)
+    first = bench_config("dgnet", args, modes[0])
+    splits = load_splits(first)  # generates the data the first time
+    size = f"{first['crop_image_height']}x{first['crop_image_width']}"
+    result: dict[str, Any] = {
+        "benchmark": "train_bench", "bench": args.bench, "tiny": args.tiny,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device), "device_name": describe_device(device), "torch": torch.__version__,
+        "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "size": size,
+        "num_classes": splits.num_classes, "train_images": len(splits.train), "phase": args.phase,
+        "teacher": "DG-Net's teacher: a random network built in-process, teacher_style 0 (a trained one's cost)",
+        "command": " ".join(["python bench/train_bench.py", *argv]),
+    }
+    print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
+          f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")
+
+    if args.bench == "numerics":
+        start = first_iteration(bench_config("dgnet", args, "reference"), args.phase)
+        out = compare_numerics(args, splits, device, start)
+        result["numerics"] = out
+        print(f"fast {out['fast']} vs reference {out['reference']}, {out['iters']} iterations from {start}")
+        print(f"{'term':<10} {'mean |ref|':>11} {'max rel diff':>13} {'1st it':>9} {'windows':>9}")
+        for key, t in out["terms"].items():
+            print(f"{key:<10} {t['mean_abs_reference']:>11.4g} {t['max_rel_diff']:>13.3g} "
+                  f"{t['first_iteration_rel_diff']:>9.3g} {t['max_window_rel_diff']:>9.3g}")
+    else:
+        rows = []
+        for model in models if args.bench == "speed" else ("dgnet",):
+            for mode in modes if args.bench == "speed" else ("fast",):
+                cfg = bench_config(model, args, mode)
+                job = Job(model, cfg, splits, device)
+                try:
+                    row = time_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase)
+                                        if model == "dgnet" else 0)
+                    row.update(model=model, mode=mode, settings=settings(job), batch_size=cfg["batch_size"],
+                               num_workers=cfg["num_workers"])
+                    if args.bench == "loaders":
+                        loaders_job = Job(model, cfg, splits, device, loaders_only=True)
+                        try:
+                            row["loaders"] = time_loaders(loaders_job, max(args.iters, 1), args.warmup)
+                        finally:
+                            loaders_job.close()
+                        row["loaders"]["delivers_over_consumes"] = round(
+                            row["loaders"]["iterations_per_s"] / row["iterations_per_s"], 3)
+                finally:
+                    job.close()
+                rows.append(row)
+                del job
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        result["runs"] = rows
+        print_speed_table(rows)
+        for model in models:
+            by_mode = {r["mode"]: r for r in rows if r["model"] == model}
+            if {"reference", "fast"} <= by_mode.keys():
+                speedup = by_mode["fast"]["iterations_per_s"] / by_mode["reference"]["iterations_per_s"]
+                result.setdefault("speedup", {})[model] = round(speedup, 3)
+                print(f"{model}: fast path {speedup:.2f}x the reference")
+        for r in rows:
+            if "loaders" in r:
+                lo = r["loaders"]
+                print(f"loaders ({lo['loaders']} x {lo['num_workers']} workers) deliver {lo['iterations_per_s']:.2f} "
+                      f"it/s, training consumes {r['iterations_per_s']:.2f} it/s: {lo['delivers_over_consumes']:.2f}x")
+
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.bench == "speed" else f"_{args.bench}")
+    path = args.json or REPO / "bench" / "results" / f"train_bench{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
