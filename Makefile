@@ -30,6 +30,7 @@ quickstart: install
 		$(call resume_if,quickstart-teacher)
 	$(QUICK) test.py --name quickstart-teacher
 	$(QUICK) train.py --config configs/quickstart/dgnet.yaml --name quickstart $(call resume_if,quickstart)
+	$(QUICK) visualize.py metrics --name quickstart
 	@echo
 	@echo "swapped-identity images: outputs/quickstart/images/ (index.html shows the newest grids)"
 

@@ -39,7 +39,7 @@ def opts(data_root, *extra):
             "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=4",
             "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2", "max_iter=4",
             "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=1.0", "teacher_style=2",
-            "ID_class=null", *extra]
+            "ID_class=null", "fidelity_iter=0", *extra]
 
 
 def launch(tmp_path, *args, torchrun=False, port=None, check=True):

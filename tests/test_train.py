@@ -28,7 +28,8 @@ def tiny(data_root, *extra):
             "pad=2", "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4",
             "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=4",
             "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2", "max_iter=4",
-            "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=0.0", "ID_class=null", *extra]
+            "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=0.0", "ID_class=null",
+            "fidelity_iter=0", *extra]
 
 
 def run(tmp_path, name, data_root, *extra, args=()):
