@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_train import tiny
 
 import train
 from data import synthetic
@@ -34,12 +35,8 @@ def data_root(tmp_path_factory):
 
 
 def opts(data_root, *extra):
-    return ["--opts", "dataset=synthetic", f"data_root={data_root}", "crop_image_height=64", "crop_image_width=32",
-            "pad=2", "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4",
-            "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=4",
-            "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2", "max_iter=4",
-            "warm_iter=1", "warm_teacher_iter=1", "warm_scale=0.5", "max_teacher_w=1.0", "teacher_style=2",
-            "ID_class=null", "fidelity_iter=0", *extra]
+    """test_train's tiny DG-Net, with the teacher term on (hard static labels: no teacher network needed)."""
+    return tiny(data_root, "max_teacher_w=1.0", "teacher_style=2", *extra)
 
 
 def launch(tmp_path, *args, torchrun=False, port=None, check=True):
