@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing import connection
 from typing import Any
 
 import torch
@@ -282,7 +283,7 @@ def _supervise(procs: list[mp.Process], plan: Plan) -> int:
     failed_at: float | None = None
     killed = False
     while any(p.is_alive() for p in procs):
-        mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
+        connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
         for local, p in enumerate(procs):
             code = p.exitcode
             if code in (None, 0, *STOP_EXIT_CODES) or failed_at is not None:
