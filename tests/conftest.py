@@ -15,6 +15,16 @@ def no_onednn():
     torch.backends.mkldnn.enabled = saved
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Tiny synthetic pedestrians (8 identities, 64x32) for the training and DDP tests."""
+    from data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    synthetic.generate(root, ids=8, images_per_id=6, height=64, width=32, seed=1)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_dgnet_run(tmp_path_factory):
     """A DG-Net run trained for 2 iterations on tiny synthetic data (64x32), for tools that read runs.

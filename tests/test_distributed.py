@@ -18,20 +18,12 @@ import torch
 from test_train import tiny
 
 import train
-from data import synthetic
 from data.loaders import build_dgnet_loaders, load_splits
 from distributed import plan_launch
 from utils import REPO_ROOT, checkpoint_path, load_checkpoint, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
 TIMEOUT = 300  # no run here should take a minute; a hang must fail the test, not the CI job
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    synthetic.generate(root, ids=8, images_per_id=6, height=64, width=32, seed=1)
-    return root
 
 
 def opts(data_root, *extra):

@@ -11,15 +11,7 @@ import pytest
 import torch
 
 import train
-from data import synthetic
 from utils import REPO_ROOT, UserError, checkpoint_path, load_checkpoint, load_config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    synthetic.generate(root, ids=8, images_per_id=6, height=64, width=32, seed=1)
-    return root
 
 
 def tiny(data_root, *extra):
