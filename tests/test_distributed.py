@@ -19,7 +19,7 @@ from test_train import tiny
 
 import train
 from data.loaders import build_dgnet_loaders, load_splits
-from distributed import plan_launch
+from distributed import free_port, plan_launch
 from utils import REPO_ROOT, checkpoint_path, load_checkpoint, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
@@ -41,12 +41,6 @@ def launch(tmp_path, *args, torchrun=False, port=None, check=True):
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def models(run_dir, it):
