@@ -192,10 +192,11 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
     d_ap = dist.masked_fill(~positive, float("-inf")).amax(1)
     d_an = dist.masked_fill(~negative, float("inf")).amin(1)
     valid = positive.any(1) & negative.any(1)
-    gap = (d_ap - d_an)[valid]
+    # Masked rather than indexed, and no `if valid.any()`: either would wait for the GPU at every step. With
+    # no valid anchor the result is a zero that still belongs to the graph, so one backward always works.
+    gap = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
     per_anchor = F.softplus(gap) if margin == 0 else F.relu(gap + margin)
-    # no valid anchor: a zero that still belongs to the graph, so one backward always works
-    return per_anchor.mean() if valid.any() else x.sum() * 0.0
+    return (per_anchor * valid).sum() / valid.sum().clamp_min(1)
 
 
 class MethodCall(nn.Module):

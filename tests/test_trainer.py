@@ -326,6 +326,12 @@ def test_batch_hard_triplet_picks_hardest_pairs() -> None:
     # an anchor without a positive in the batch is left out
     alone = batch_hard_triplet(torch.tensor([[0.0], [2.0], [1.0]]), torch.tensor([0, 0, 1]), margin=0.3)
     assert float(alone) == pytest.approx(1.3, rel=1e-5)
+    # no anchor has both a positive and a negative: zero, still part of the graph, with finite gradients
+    single = torch.tensor([[0.0], [2.0]], requires_grad=True)
+    none = batch_hard_triplet(single, torch.tensor([0, 1]), margin=0.3)
+    assert float(none.detach()) == 0.0 and none.requires_grad
+    none.backward()
+    assert torch.equal(single.grad, torch.zeros_like(single))
 
 
 def baseline_batch(seed: int) -> dict:
