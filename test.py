@@ -182,13 +182,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "num_valid_queries": result["num_valid_queries"]}
 
 
+def reranked_distances(qf: torch.Tensor, gf: torch.Tensor) -> np.ndarray:
+    """The k-reciprocal re-ranked (Q, G) distances (rerank.py's defaults)."""
+    from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
+
+    return k_reciprocal_rerank(qf, gf)
+
+
 def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record], *,
-          ap: str = "market", rerank: bool = False, device: torch.device | None = None) -> dict[str, Any]:
-    """The protocol's metrics for (already weighted) query features against gallery features."""
+          ap: str = "market", distmat: np.ndarray | None = None, device: torch.device | None = None
+          ) -> dict[str, Any]:
+    """The protocol's metrics for (already weighted) query features against gallery features, or for a given
+    (Q, G) distance matrix such as the re-ranked one."""
     (q_pids, q_cams), (g_pids, g_cams) = labels_of(query), labels_of(gallery)
-    if rerank:
-        from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
-        return summarize(evaluate_distmat(k_reciprocal_rerank(qf, gf), q_pids, g_pids, q_cams, g_cams, ap=ap))
+    if distmat is not None:
+        return summarize(evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams, ap=ap))
     return summarize(evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, ap=ap, device=device))
 
 
@@ -254,11 +262,16 @@ def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Te
 
 
 def ranked_gallery(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
-                   rows: Sequence[int], k: int) -> list[np.ndarray]:
-    """For each query row, the top k gallery indices of the protocol's ranking (junk removed)."""
+                   rows: Sequence[int], k: int, distmat: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each query row, the top k gallery indices of the protocol's ranking (junk removed): by cosine
+    distance, or by the rows of `distmat` (the re-ranked distances) when given."""
     g_pids, g_cams = labels_of(gallery)
     out = []
-    for s, dist in cosine_distance_chunks(qf[list(rows)], gf, chunk=256):
+    if distmat is not None:
+        chunks: Any = [(0, torch.from_numpy(np.asarray(distmat)[list(rows)]))]
+    else:
+        chunks = cosine_distance_chunks(qf[list(rows)], gf, chunk=256)
+    for s, dist in chunks:
         for j, d in enumerate(dist.numpy()):
             r = query[rows[s + j]]
             junk = (g_pids == JUNK_PID) | ((g_pids == r.pid) & (g_cams == r.camid))
@@ -276,15 +289,16 @@ def _tile(path: str, size: tuple[int, int], colour: tuple[int, int, int], border
 
 def write_ranklists(out_dir: Path, qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record],
                     gallery: Sequence[Record], k: int, num_queries: int = 20,
-                    size: tuple[int, int] = (128, 64)) -> list[Path]:
-    """One image per query: the query (grey border), then its top k (green: same identity, red: not)."""
+                    size: tuple[int, int] = (128, 64), distmat: np.ndarray | None = None) -> list[Path]:
+    """One image per query: the query (grey border), then its top k (green: same identity, red: not), ranked
+    by `distmat` when given (the re-ranked distances), else by cosine distance."""
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     count = len(query) if num_queries <= 0 else min(num_queries, len(query))
     rows = sorted({int(i) for i in np.linspace(0, len(query) - 1, count)}) if count else []
     written = []
-    for q, top in zip(rows, ranked_gallery(qf, gf, query, gallery, rows, k)):
+    for q, top in zip(rows, ranked_gallery(qf, gf, query, gallery, rows, k, distmat)):
         tiles = [_tile(query[q].path, size, (128, 128, 128))]
         tiles += [_tile(gallery[g].path, size, (0, 170, 0) if gallery[g].pid == query[q].pid else (210, 0, 0))
                   for g in top]
@@ -409,7 +423,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         parts["mquery"] = (mqf, splits.multi_query)
         query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
     query_f = weight_query(query_f, halves, args.alpha)
-    summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, rerank=args.rerank))
+    distmat = reranked_distances(query_f, gf) if args.rerank else None  # the metrics and rank lists share it
+    summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat))
     results = run_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
     suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
@@ -419,7 +434,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ranklist:
         files.append(results / "ranklist")
         write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
-                        args.ranklist_queries)
+                        args.ranklist_queries, distmat=distmat)
     summary["files"] = [str(f) for f in files]
     return summary
 

@@ -61,6 +61,21 @@ def test_evaluates_and_writes_metrics_features_and_rank_lists(tiny_run, capsys):
     assert len(ranklists) == 4
 
 
+def test_ranked_gallery_follows_the_given_distances():
+    """Rank lists show the ranking the metrics scored: cosine by default, the re-ranked distances when given."""
+    from data.datasets import Record
+
+    query = [Record("q.jpg", 1, 1)]
+    gallery = [Record(f"g{i}.jpg", 2 + i, 2) for i in range(4)] + [Record("same_cam.jpg", 1, 1)]
+    qf = torch.tensor([[1.0, 0.0]])
+    gf = torch.tensor([[1.0, 0.1], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    (cosine,) = evaluation.ranked_gallery(qf, gf, query, gallery, [0], k=3)
+    assert cosine.tolist() == [0, 1, 2]  # the same-camera image of the same identity is junk: never shown
+    distmat = np.array([[0.1, 0.4, 0.3, 0.2, 0.0]], np.float32)
+    (given,) = evaluation.ranked_gallery(qf, gf, query, gallery, [0], k=3, distmat=distmat)
+    assert given.tolist() == [0, 3, 2]
+
+
 def test_rerank_and_no_flip(tiny_run):
     assert run_test(tiny_run, "--rerank", "--no-flip") == 0
     summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_rerank.json").read_text())
