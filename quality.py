@@ -12,7 +12,9 @@ space; `to_unit` maps them back and clips.
   trivial answers, B's image itself and A's image itself. Each is measured on the whole image and on the
   person alone (`person_ssim`, `person_l1`: the true swap's person mask). Outside the person the true swap
   *is* B's image, so the whole-image figures favour B's image by construction (its background, in colour,
-  while E_s sees a grey image); the person figures measure what the swap is for, the clothing.
+  while E_s sees a grey image); the person figures measure what the swap is for, the clothing. Two
+  reference answers from above give the scale: the true swap itself at 1/4 and at 1/8 of the resolution
+  (average-pooled, then resized back), i.e. exact colours in the right places, only blurred.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -250,21 +252,35 @@ def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, 
     return _FIDELITY_CACHE[key]
 
 
+BLUR_FACTORS = (4, 8)  # the reference rows "true swap at 1/4 and 1/8 resolution"
+
+
+def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """`images` at 1/factor of their resolution (average pooling), resized back (bilinear)."""
+    small = F.adaptive_avg_pool2d(images, (max(1, images.shape[2] // factor), max(1, images.shape[3] // factor)))
+    return F.interpolate(small, size=images.shape[2:], mode="bilinear", align_corners=False)
+
+
 def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
                   splits: DatasetSplits, device: torch.device | None = None, n_pairs: int = 64,
                   seed: int = 0) -> dict[str, Any]:
-    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers.
+    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and the true swap at
+    reduced resolution.
 
-    Returns {"pairs", "seed", "swap": {"ssim", "l1"}, "structure_image": {...}, "appearance_image": {...}}.
+    Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1"}, "structure_image": {...},
+    "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...}}.
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
     data = fidelity_set(cfg, splits, n_pairs, seed)
     with eval_mode(generator, appearance_encoder):
         generated = swap(generator, appearance_encoder, normalize(data.structure), normalize(data.appearance))
-    return {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target, data.person),
-            "structure_image": score(data.structure, data.target, data.person),
-            "appearance_image": score(data.appearance, data.target, data.person)}
+    out = {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target, data.person),
+           "structure_image": score(data.structure, data.target, data.person),
+           "appearance_image": score(data.appearance, data.target, data.person)}
+    for k in BLUR_FACTORS:
+        out[f"true_swap_blur{k}"] = score(downsampled(data.target, k), data.target, data.person)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -554,8 +554,12 @@ def format_metrics(s: dict[str, Any]) -> str:
                      "(SSIM: higher is better; L1: lower):")
         lines.append("                      whole image       person alone")
         lines.append("                      SSIM      L1      SSIM      L1")
-        for key, label in (("swap", "generated swap"), ("structure_image", "structure image"),
-                           ("appearance_image", "appearance image")):
+        rows = [("swap", "generated swap"), ("structure_image", "structure image"),
+                ("appearance_image", "appearance image")]
+        rows += [(f"true_swap_blur{k}", f"true swap at 1/{k}") for k in quality.BLUR_FACTORS]
+        for key, label in rows:
+            if key not in fidelity:  # results written before the reference rows existed
+                continue
             f = fidelity[key]
             lines.append(f"  {label:<18} {f['ssim']:6.4f}  {f['l1']:6.4f}    {f['person_ssim']:6.4f}  "
                          f"{f['person_l1']:6.4f}")

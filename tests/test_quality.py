@@ -106,7 +106,12 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     first = quality.swap_fidelity(g, e, models.cfg, splits, torch.device("cpu"), n_pairs=8, seed=3)
     assert g.training and all(m.training for m in g.modules())
     assert not e.training and e.classifier1.training and not e.classifier2.training
-    assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image"}
+    assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image", "true_swap_blur4",
+                          "true_swap_blur8"}
+    # the reference rows: the truth, only blurred; the more blurred the further from the truth
+    fine, coarse = first["true_swap_blur4"], first["true_swap_blur8"]
+    assert 0 < fine["l1"] < coarse["l1"] and 1 > fine["ssim"] > coarse["ssim"]
+    assert fine["person_l1"] < coarse["person_l1"]
     assert 0 < first["swap"]["ssim"] < 1 and first["swap"]["l1"] > 0
     again = quality.swap_fidelity(g, e, models.cfg, splits, torch.device("cpu"), n_pairs=8, seed=3)
     assert again == first
@@ -132,6 +137,14 @@ def test_reconstruction_and_diversity(tiny):
     div = quality.ssim_diversity(models.generator, models.appearance_encoder, models.cfg, splits,
                                  n_appearances=3, n_structures=3)
     assert div["identities"] == 3 and 0 < div["generated"] <= 1 and 0 < div["real"] < 1
+
+
+def test_downsampled_keeps_size_and_flat_images():
+    flat = torch.full((2, 3, 16, 8), 0.25)
+    assert torch.allclose(quality.downsampled(flat, 4), flat)
+    x = torch.rand(2, 3, 16, 8)
+    y = quality.downsampled(x, 8)
+    assert y.shape == x.shape and torch.allclose(y.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.05)
 
 
 def test_frechet_distance():

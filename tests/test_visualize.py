@@ -120,7 +120,7 @@ def test_generate_dg_market(run, tmp_path, capsys):
 def test_metrics(run, capsys):
     assert run("metrics", "--pairs", "8") == 0
     out = capsys.readouterr().out
-    assert "swap fidelity over 8 test pairs" in out and "structure image" in out
+    assert "swap fidelity over 8 test pairs" in out and "structure image" in out and "true swap at 1/8" in out
     assert "FID: off; to enable it" in out and "--fid-weights" in out
     result = json.loads((run.run_dir / "results" / "generation.json").read_text())
     assert result["iteration"] == 2 and result["fid"] is None
