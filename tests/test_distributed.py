@@ -65,6 +65,12 @@ def test_two_processes_stay_identical_and_resume_exactly(tmp_path, data_root):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
 
+    # a 2-process run continues on one process (fewer GPUs than before): it says what does not carry over
+    alone = launch(tmp_path, "--name", "straight", "--resume", "--opts", "max_iter=5")
+    assert "written by 2 process(es), this run has 1" in alone.stdout
+    state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "straight", 5))
+    assert state["iteration"] == 5 and "rng_ranks" not in state and state["loaders"]["a"] == {"batches_taken": 5}
+
 
 def test_two_process_teacher_with_identity_batches(tmp_path, data_root):
     done = launch(tmp_path, "--name", "teacher", "--trainer", "baseline", "--nproc_per_machine", "2",
