@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state
@@ -274,17 +275,18 @@ class _PartsTrainer:
     def _step(self, loss: torch.Tensor, names: tuple[str, ...]) -> None:
         """Backward `loss` and step the optimizers of the named parts (their gradients were zeroed)."""
         optimizers = [self.parts[name].optimizer for name in names]
-        if self.scaler is None:
-            loss.backward()
+        with record_function("backward"):  # profiler labels (bench/train_bench.py --bench profile)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        with record_function("optimizer_step"):
+            if self.scaler is None:
+                for opt in optimizers:
+                    opt.step()
+                return
             for opt in optimizers:
-                opt.step()
-            return
-        self.scaler.scale(loss).backward()
-        for opt in optimizers:
-            # GradScaler refuses an optimizer whose parameters received no gradient at all
-            if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
-                self.scaler.step(opt)
-        self.scaler.update()
+                # GradScaler refuses an optimizer whose parameters received no gradient at all
+                if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+                    self.scaler.step(opt)
+            self.scaler.update()
 
     def _zero_grad(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -462,6 +464,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         self._step_schedulers()
         return losses
 
+    @record_function("DGNet.forward")
     def forward(self, a: dict, b: dict, w: dict[str, float]) -> Forward:
         """Codes, swaps, reconstructions and ReID logits of real images [the original's `forward`]."""
         with self._autocast():
@@ -520,6 +523,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             return len(fakes) * gen_adv_loss(self.dis_a, torch.cat(fakes), gan_type)
         return sum(gen_adv_loss(self.dis_a, fake, gan_type) for fake in fakes)
 
+    @record_function("DGNet.dis_update")
     def dis_update(self, x_ab: torch.Tensor, x_ba: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor,
                    w: dict[str, float]) -> dict[str, torch.Tensor]:
         """D step: gan_w * [D(x_ba vs x_a) + D(x_ab vs x_b)], LSGAN on every scale plus R1 on the reals.
@@ -536,6 +540,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         self._step(loss, ("dis",))
         return {"D": loss.detach(), "R1": r1.detach()}
 
+    @record_function("DGNet.gen_update")
     def gen_update(self, fw: Forward, w: dict[str, float]) -> dict[str, torch.Tensor]:
         """Joint step of G (Adam) and E_a (SGD) on every generator and ReID loss, one backward.
 

@@ -4,6 +4,7 @@
     python bench/train_bench.py --mode fast --amp fp16 --compile  # one variant
     python bench/train_bench.py --bench loaders                   # loaders' delivery vs training's consumption
     python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
+    python bench/train_bench.py --bench profile --iters 10        # torch.profiler: phases and top kernels
     python bench/train_bench.py --tiny --device cpu               # the CPU/CI size
 
 Default size: configs/latest.yaml (256x128, batch 8 + 8, ResNet-50 E_a) and configs/teacher/market.yaml
@@ -185,6 +186,63 @@ def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, An
             "last_losses": {k: round(v, 6) for k, v in values.items()}}
 
 
+# the trainer's profiler labels (trainer.py): the phases of a DG-Net iteration, and inside the D and G
+# updates their backward and optimizer steps
+PHASES = ("DGNet.forward", "DGNet.dis_update", "DGNet.gen_update", "backward", "optimizer_step")
+
+
+def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 15,
+                     trace: Path | None = None) -> dict[str, Any]:
+    """torch.profiler over `iters` iterations after `warmup`: time per phase and the top operators by self
+    time on the device (CUDA kernels' time on a GPU, CPU time on the CPU), per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = job.device
+    for i in range(warmup):
+        job.trainer.train_step(start + i, *job.batches())
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        tick = time.perf_counter()
+        for i in range(iters):
+            job.trainer.train_step(start + warmup + i, *job.batches())
+        sync(device)
+        seconds = time.perf_counter() - tick
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+
+    def ms(us: float) -> float:
+        return round(us / 1000 / iters, 3)
+
+    phases = {e.key: {"cpu_ms": ms(e.cpu_time_total), "device_ms": ms(e.device_time_total) if cuda else None}
+              for e in events if e.key in PHASES}
+    ops = [e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")]
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_time(e) for e in ops) or 1.0
+    ranked = sorted(ops, key=self_time, reverse=True)[:top]
+    return {"iters": iters, "warmup": warmup, "first_iteration": start,
+            "ms_per_iteration": round(seconds * 1000 / iters, 2),
+            "time_kind": "self CUDA time" if cuda else "self CPU time",
+            "phases": {name: phases[name] for name in PHASES if name in phases},
+            "top": [{"name": e.key, "calls_per_iteration": round(e.count / iters, 2), "ms": ms(self_time(e)),
+                     "share": round(self_time(e) / total, 4)} for e in ranked],
+            "trace": str(trace) if trace is not None else None}
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    print(f"{p['ms_per_iteration']:.1f} ms/iteration under the profiler ({p['iters']} iterations)")
+    print(f"{'phase':<18} {'CPU ms':>9} {'device ms':>10}")
+    for name, t in p["phases"].items():
+        device_ms = f"{t['device_ms']:>10.2f}" if t["device_ms"] is not None else f"{'-':>10}"
+        print(f"{name:<18} {t['cpu_ms']:>9.2f} {device_ms}")
+    print(f"top operators by {p['time_kind']} per iteration:")
+    for op in p["top"]:
+        print(f"  {op['ms']:>9.3f} ms  {op['share']:>6.1%}  {op['calls_per_iteration']:>7.1f} calls  {op['name'][:70]}")
+
+
 def time_loaders(job: Job, iters: int, warmup: int) -> dict[str, Any]:
     """What the loaders alone deliver, in iterations' worth of batches per second (all loaders of a step)."""
     for _ in range(warmup):  # starts the workers
@@ -287,9 +345,12 @@ def describe_device(device: torch.device) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics"),
+    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics", "profile"),
                    help="speed (default): it/s, images/s, data share, peak memory; loaders: what the loaders "
-                        "deliver vs what training consumes; numerics: fast vs reference loss curves")
+                        "deliver vs what training consumes; numerics: fast vs reference loss curves; profile: "
+                        "torch.profiler on DG-Net (the fast mode unless --mode reference): phases, top kernels")
+    p.add_argument("--top", type=int, default=15, help="profile: how many operators to list")
+    p.add_argument("--trace", type=Path, help="profile: also write a Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--mode", default="both", choices=("reference", "fast", "both"),
                    help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults")
     p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
@@ -342,7 +403,18 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
     print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
           f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")
 
-    if args.bench == "numerics":
+    if args.bench == "profile":
+        mode = "reference" if args.mode == "reference" else "fast"
+        cfg = bench_config("dgnet", args, mode)
+        job = Job("dgnet", cfg, splits, device)
+        try:
+            out = profile_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase), args.top, args.trace)
+        finally:
+            job.close()
+        out.update(mode=mode, settings=settings(job))
+        result["profile"] = out
+        print_profile(out)
+    elif args.bench == "numerics":
         start = first_iteration(bench_config("dgnet", args, "reference"), args.phase)
         out = compare_numerics(args, splits, device, start)
         result["numerics"] = out
