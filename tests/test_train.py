@@ -166,7 +166,7 @@ def test_validation_best_checkpoint_and_swap_fidelity(tmp_path, data_root, capsy
     assert run(tmp_path, "val", data_root, "val_ids=1", "eval_iter=2", "fidelity_iter=2") == 0
     out = capsys.readouterr().out
     assert "validation at 2:" in out and "validation at 4:" in out and "1 held-out identities" in out
-    assert "swap fidelity at 4: person L1" in out and "structure image" in out
+    assert "swap fidelity at 4: person L1" in out and "structure image" in out and "true swap at 1/8" in out
     assert "3 identities" in out  # one of the 4 training identities is held out
     run_dir = tmp_path / "outputs" / "val"
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
