@@ -12,7 +12,9 @@ space; `to_unit` maps them back and clips.
   trivial answers, B's image itself and A's image itself. Each is measured on the whole image and on the
   person alone (`person_ssim`, `person_l1`: the true swap's person mask). Outside the person the true swap
   *is* B's image, so the whole-image figures favour B's image by construction (its background, in colour,
-  while E_s sees a grey image); the person figures measure what the swap is for, the clothing. Two
+  while E_s sees a grey image); the person figures measure what the swap is for, the clothing. The person
+  L1 is also split into luma and chroma (YCbCr): E_s sees the structure image's grey levels, so a swap
+  starts from the structure provider's brightness, and the chroma figure isolates the colours. Two
   reference answers from above give the scale: the true swap itself at 1/4 and at 1/8 of the resolution
   (average-pooled, then resized back), i.e. exact colours in the right places, only blurred.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
@@ -119,13 +121,27 @@ def l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> to
     return (diff * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * diff.shape[1]).clamp_min(1)
 
 
+# RGB -> YCbCr (ITU-R BT.601, full range, no offset): luma, then the two chroma channels
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def luma_chroma(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[0, 1] RGB (B, 3, H, W) -> luma Y (B, 1, H, W) and chroma CbCr (B, 2, H, W)."""
+    ycc = torch.einsum("ij,bjhw->bihw", _YCBCR.to(images.device), images.float())
+    return ycc[:, :1], ycc[:, 1:]
+
+
 def score(images: torch.Tensor, targets: torch.Tensor, person: torch.Tensor | None = None) -> dict[str, float]:
     """Mean SSIM and L1 of `images` against `targets`, both [0, 1]; with a `person` mask, also both
-    measures over the person's pixels alone (`person_ssim`, `person_l1`)."""
+    measures over the person's pixels alone (`person_ssim`, `person_l1`), and that L1 split into luma and
+    chroma (`person_luma_l1`, `person_chroma_l1`: brightness vs colour, YCbCr)."""
     out = {"ssim": float(ssim(images, targets).mean()), "l1": float(l1(images, targets).mean())}
     if person is not None:
         out["person_ssim"] = float(ssim(images, targets, mask=person).mean())
         out["person_l1"] = float(l1(images, targets, mask=person).mean())
+        (y, c), (ty, tc) = luma_chroma(images), luma_chroma(targets)
+        out["person_luma_l1"] = float(l1(y, ty, mask=person).mean())
+        out["person_chroma_l1"] = float(l1(c, tc, mask=person).mean())
     return out
 
 

@@ -553,16 +553,15 @@ def format_metrics(s: dict[str, Any]) -> str:
         lines.append(f"swap fidelity over {fidelity['pairs']} test pairs, against the true swap "
                      "(SSIM: higher is better; L1: lower):")
         lines.append("                      whole image       person alone")
-        lines.append("                      SSIM      L1      SSIM      L1")
+        lines.append("                      SSIM      L1      SSIM      L1     luma L1  chroma L1")
         rows = [("swap", "generated swap"), ("structure_image", "structure image"),
                 ("appearance_image", "appearance image")]
         rows += [(f"true_swap_blur{k}", f"true swap at 1/{k}") for k in quality.BLUR_FACTORS]
         for key, label in rows:
-            if key not in fidelity:  # results written before the reference rows existed
-                continue
             f = fidelity[key]
             lines.append(f"  {label:<18} {f['ssim']:6.4f}  {f['l1']:6.4f}    {f['person_ssim']:6.4f}  "
-                         f"{f['person_l1']:6.4f}")
+                         f"{f['person_l1']:6.4f}  {f['person_luma_l1']:6.4f}   "
+                         f"{f['person_chroma_l1']:6.4f}")
     else:
         lines.append("swap fidelity: needs the synthetic dataset (its swaps have a true answer)")
     rec = s["reconstruction"]

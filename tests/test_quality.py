@@ -112,6 +112,8 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     fine, coarse = first["true_swap_blur4"], first["true_swap_blur8"]
     assert 0 < fine["l1"] < coarse["l1"] and 1 > fine["ssim"] > coarse["ssim"]
     assert fine["person_l1"] < coarse["person_l1"]
+    for answer in ("swap", "structure_image", "appearance_image"):
+        assert first[answer]["person_luma_l1"] > 0 and first[answer]["person_chroma_l1"] > 0
     assert 0 < first["swap"]["ssim"] < 1 and first["swap"]["l1"] > 0
     again = quality.swap_fidelity(g, e, models.cfg, splits, torch.device("cpu"), n_pairs=8, seed=3)
     assert again == first
@@ -137,6 +139,19 @@ def test_reconstruction_and_diversity(tiny):
     div = quality.ssim_diversity(models.generator, models.appearance_encoder, models.cfg, splits,
                                  n_appearances=3, n_structures=3)
     assert div["identities"] == 3 and 0 < div["generated"] <= 1 and 0 < div["real"] < 1
+
+
+def test_luma_chroma_split():
+    grey = torch.full((1, 3, 4, 4), 0.5)
+    y, c = quality.luma_chroma(grey)
+    assert torch.allclose(y, grey[:, :1]) and torch.allclose(c, torch.zeros_like(c), atol=1e-6)
+    red, green = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    red[:, 0], green[:, 1] = 1.0, 0.299 / 0.587  # a green exactly as bright as the red: luma 0.299
+    (y_r, c_r), (y_g, c_g) = quality.luma_chroma(red), quality.luma_chroma(green)
+    assert torch.allclose(y_r, y_g) and (y_r - 0.299).abs().max() < 1e-6 and (c_r - c_g).abs().mean() > 0.2
+    person = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    same_colour_darker = quality.score(grey * 0.5, grey, person)  # brightness differs, colour (none) does not
+    assert same_colour_darker["person_luma_l1"] == pytest.approx(0.25) and same_colour_darker["person_chroma_l1"] < 1e-6
 
 
 def test_downsampled_keeps_size_and_flat_images():
