@@ -16,7 +16,9 @@ space; `to_unit` maps them back and clips.
   L1 is also split into luma and chroma (YCbCr): E_s sees the structure image's grey levels, so a swap
   starts from the structure provider's brightness, and the chroma figure isolates the colours. Two
   reference answers from above give the scale: the true swap itself at 1/4 and at 1/8 of the resolution
-  (average-pooled, then resized back), i.e. exact colours in the right places, only blurred.
+  (average-pooled, then resized back), i.e. exact colours in the right places, only blurred; and the true
+  swap's colours on the structure image's brightness (its chroma, the structure image's luma): a perfect
+  colour transfer that keeps the grey levels E_s was given.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -129,6 +131,12 @@ def luma_chroma(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[0, 1] RGB (B, 3, H, W) -> luma Y (B, 1, H, W) and chroma CbCr (B, 2, H, W)."""
     ycc = torch.einsum("ij,bjhw->bihw", _YCBCR.to(images.device), images.float())
     return ycc[:, :1], ycc[:, 1:]
+
+
+def from_luma_chroma(luma: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
+    """The inverse of `luma_chroma`, clipped to [0, 1]."""
+    ycc = torch.cat([luma, chroma], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_YCBCR).to(ycc.device), ycc).clamp(0, 1)
 
 
 def score(images: torch.Tensor, targets: torch.Tensor, person: torch.Tensor | None = None) -> dict[str, float]:
@@ -284,7 +292,8 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     reduced resolution.
 
     Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1"}, "structure_image": {...},
-    "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...}}.
+    "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
+    "true_colours_structure_luma": {...}}.
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
@@ -296,6 +305,8 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
            "appearance_image": score(data.appearance, data.target, data.person)}
     for k in BLUR_FACTORS:
         out[f"true_swap_blur{k}"] = score(downsampled(data.target, k), data.target, data.person)
+    recoloured = from_luma_chroma(luma_chroma(data.structure)[0], luma_chroma(data.target)[1])
+    out["true_colours_structure_luma"] = score(recoloured, data.target, data.person)
     return out
 
 

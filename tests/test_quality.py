@@ -107,7 +107,11 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert g.training and all(m.training for m in g.modules())
     assert not e.training and e.classifier1.training and not e.classifier2.training
     assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image", "true_swap_blur4",
-                          "true_swap_blur8"}
+                          "true_swap_blur8", "true_colours_structure_luma"}
+    # true colours on the structure image's brightness: the structure image's luma error, almost no chroma error
+    recoloured, structure = first["true_colours_structure_luma"], first["structure_image"]
+    assert recoloured["person_luma_l1"] == pytest.approx(structure["person_luma_l1"], abs=0.01)
+    assert recoloured["person_chroma_l1"] < 0.5 * structure["person_chroma_l1"]
     # the reference rows: the truth, only blurred; the more blurred the further from the truth
     fine, coarse = first["true_swap_blur4"], first["true_swap_blur8"]
     assert 0 < fine["l1"] < coarse["l1"] and 1 > fine["ssim"] > coarse["ssim"]
@@ -149,6 +153,8 @@ def test_luma_chroma_split():
     red[:, 0], green[:, 1] = 1.0, 0.299 / 0.587  # a green exactly as bright as the red: luma 0.299
     (y_r, c_r), (y_g, c_g) = quality.luma_chroma(red), quality.luma_chroma(green)
     assert torch.allclose(y_r, y_g) and (y_r - 0.299).abs().max() < 1e-6 and (c_r - c_g).abs().mean() > 0.2
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(quality.from_luma_chroma(*quality.luma_chroma(x)), x, atol=1e-5)
     person = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     same_colour_darker = quality.score(grey * 0.5, grey, person)  # brightness differs, colour (none) does not
     assert same_colour_darker["person_luma_l1"] == pytest.approx(0.25) and same_colour_darker["person_chroma_l1"] < 1e-6
