@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -463,11 +463,14 @@ def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: s
     per call. The returned R1 term is already weighted, as the original printed it.
 
     R1 differentiates D's input gradient again (create_graph), which graphs from torch.compile cannot do
-    (aot_autograd has no double backward): with r1_weight > 0, pass an uncompiled D.
+    (aot_autograd has no double backward): with r1_weight > 0, pass an uncompiled D. With R1 on, D's pass on
+    the reals runs in fp32 even under autocast: the penalty is that pass's input gradient, which bf16 would
+    round to 3 significant digits and fp16 can overflow (the original's fp16 R1 gave NaNs).
     """
-    real = real.detach().requires_grad_(r1_weight > 0)
+    real = real.detach().float().requires_grad_(r1_weight > 0)
     outs_fake = dis(fake.detach())
-    outs_real = dis(real)
+    with torch.autocast(real.device.type, enabled=False) if r1_weight > 0 else nullcontext():
+        outs_real = dis(real)
     loss = torch.zeros((), device=real.device)
     r1 = torch.zeros((), device=real.device)
     for out_fake, out_real in zip(outs_fake, outs_real):
