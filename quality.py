@@ -288,10 +288,11 @@ def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
 def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
                   splits: DatasetSplits, device: torch.device | None = None, n_pairs: int = 64,
                   seed: int = 0) -> dict[str, Any]:
-    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and the true swap at
-    reduced resolution.
+    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and three reference
+    answers built from the truth (blurred, or recoloured onto the structure image's brightness).
 
-    Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1"}, "structure_image": {...},
+    Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1", "person_luma_l1",
+    "person_chroma_l1"}, "structure_image": {...},
     "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
     "true_colours_structure_luma": {...}}.
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
