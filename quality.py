@@ -279,6 +279,18 @@ def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, 
 BLUR_FACTORS = (4, 8)  # the reference rows "true swap at 1/4 and 1/8 resolution"
 
 
+def blurred_key(factor: int) -> str:
+    """The swap_fidelity key of the true swap at 1/factor resolution."""
+    return f"true_swap_blur{factor}"
+
+
+# swap_fidelity's answers in display order, with their labels (visualize.py metrics prints them)
+ANSWER_LABELS = {"swap": "generated swap", "structure_image": "structure image",
+                 "appearance_image": "appearance image",
+                 **{blurred_key(k): f"true swap at 1/{k}" for k in BLUR_FACTORS},
+                 "true_colours_structure_luma": "true colours, B's luma"}
+
+
 def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
     """`images` at 1/factor of their resolution (average pooling), resized back (bilinear)."""
     small = F.adaptive_avg_pool2d(images, (max(1, images.shape[2] // factor), max(1, images.shape[3] // factor)))
@@ -305,7 +317,7 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
            "structure_image": score(data.structure, data.target, data.person),
            "appearance_image": score(data.appearance, data.target, data.person)}
     for k in BLUR_FACTORS:
-        out[f"true_swap_blur{k}"] = score(downsampled(data.target, k), data.target, data.person)
+        out[blurred_key(k)] = score(downsampled(data.target, k), data.target, data.person)
     recoloured = from_luma_chroma(luma_chroma(data.structure)[0], luma_chroma(data.target)[1])
     out["true_colours_structure_luma"] = score(recoloured, data.target, data.person)
     return out

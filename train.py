@@ -320,9 +320,10 @@ class SwapFidelity:
         for tag, value in quality.scalars({"swap_fidelity": r}).items():
             self.writer.add_scalar(tag, value, done)
         s, b, a = r["swap"], r["structure_image"], r["appearance_image"]
-        blur = r[f"true_swap_blur{quality.BLUR_FACTORS[-1]}"]
+        coarsest = quality.BLUR_FACTORS[-1]
+        blur = r[quality.blurred_key(coarsest)]
         print(f"swap fidelity at {done}: person L1 {s['person_l1']:.4f} (structure image {b['person_l1']:.4f}, "
-              f"appearance image {a['person_l1']:.4f}, true swap at 1/{quality.BLUR_FACTORS[-1]} "
+              f"appearance image {a['person_l1']:.4f}, true swap at 1/{coarsest} "
               f"{blur['person_l1']:.4f}), whole-image SSIM {s['ssim']:.4f} ({b['ssim']:.4f}, {a['ssim']:.4f}, "
               f"{blur['ssim']:.4f})", flush=True)
 

@@ -554,11 +554,7 @@ def format_metrics(s: dict[str, Any]) -> str:
                      "(SSIM: higher is better; L1: lower):")
         lines.append(f"{'':<26}whole image       person alone")
         lines.append(f"{'':<26}SSIM      L1      SSIM      L1     luma L1  chroma L1")
-        rows = [("swap", "generated swap"), ("structure_image", "structure image"),
-                ("appearance_image", "appearance image")]
-        rows += [(f"true_swap_blur{k}", f"true swap at 1/{k}") for k in quality.BLUR_FACTORS]
-        rows.append(("true_colours_structure_luma", "true colours, B's luma"))
-        for key, label in rows:
+        for key, label in quality.ANSWER_LABELS.items():
             f = fidelity[key]
             lines.append(f"  {label:<22} {f['ssim']:6.4f}  {f['l1']:6.4f}    {f['person_ssim']:6.4f}  "
                          f"{f['person_l1']:6.4f}  {f['person_luma_l1']:6.4f}   "

@@ -154,14 +154,19 @@ class Job:
             loader.close()
 
 
-def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
-    """Iterations/s, images/s, the share of wall time spent waiting for data, peak memory."""
-    device = job.device
+def warm_up(job: Job, warmup: int, start: int) -> float:
+    """`warmup` untimed training iterations from `start` (autotuning, compilation); their seconds."""
     tick = time.perf_counter()
     for i in range(warmup):
         job.trainer.train_step(start + i, *job.batches())
-    sync(device)
-    warmup_s = time.perf_counter() - tick
+    sync(job.device)
+    return time.perf_counter() - tick
+
+
+def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
+    """Iterations/s, images/s, the share of wall time spent waiting for data, peak memory."""
+    device = job.device
+    warmup_s = warm_up(job, warmup, start)
     warm_peak, _ = peak_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -198,9 +203,7 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
     from torch.profiler import ProfilerActivity, profile
 
     device = job.device
-    for i in range(warmup):
-        job.trainer.train_step(start + i, *job.batches())
-    sync(device)
+    warm_up(job, warmup, start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
