@@ -265,18 +265,18 @@ def ranked_gallery(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], 
                    rows: Sequence[int], k: int, distmat: np.ndarray | None = None) -> list[np.ndarray]:
     """For each query row, the top k gallery indices of the protocol's ranking (junk removed): by cosine
     distance, or by the rows of `distmat` (the re-ranked distances) when given."""
+    if not rows:
+        return []
     g_pids, g_cams = labels_of(gallery)
-    out = []
     if distmat is not None:
-        chunks: Any = [(0, torch.from_numpy(np.asarray(distmat)[list(rows)]))]
-    else:
-        chunks = cosine_distance_chunks(qf[list(rows)], gf, chunk=256)
-    for s, dist in chunks:
-        for j, d in enumerate(dist.numpy()):
-            r = query[rows[s + j]]
-            junk = (g_pids == JUNK_PID) | ((g_pids == r.pid) & (g_cams == r.camid))
-            order = np.argsort(np.where(junk, np.inf, d), kind="stable")
-            out.append(order[: min(k, int((~junk).sum()))])
+        dist_rows = np.asarray(distmat)[list(rows)]
+    else:  # rows are the few queries a rank list shows: their distances fit in memory
+        dist_rows = np.concatenate([d.numpy() for _, d in cosine_distance_chunks(qf[list(rows)], gf, chunk=256)])
+    out = []
+    for q, d in zip(rows, dist_rows):
+        junk = (g_pids == JUNK_PID) | ((g_pids == query[q].pid) & (g_cams == query[q].camid))
+        order = np.argsort(np.where(junk, np.inf, d), kind="stable")
+        out.append(order[: min(k, int((~junk).sum()))])
     return out
 
 

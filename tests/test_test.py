@@ -74,6 +74,7 @@ def test_ranked_gallery_follows_the_given_distances():
     distmat = np.array([[0.1, 0.4, 0.3, 0.2, 0.0]], np.float32)
     (given,) = evaluation.ranked_gallery(qf, gf, query, gallery, [0], k=3, distmat=distmat)
     assert given.tolist() == [0, 3, 2]
+    assert evaluation.ranked_gallery(qf, gf, query, gallery, [], k=3) == []
 
 
 def test_rerank_and_no_flip(tiny_run):
