@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import multiprocessing as mp
 import os
 import signal
@@ -39,6 +40,13 @@ CRASH_GRACE_S = 10.0  # after one worker fails, how long the others get to finis
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
+# DDP's switch for its buffer broadcast before every forward: `forward_sync_buffers` from torch 2.14 (which
+# deprecates `broadcast_buffers`), `broadcast_buffers` before. See Dist.wrap for why it is off.
+_DDP_OPTIONS = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
+                           else {"broadcast_buffers": False})
+
+
 class SharedError(UserError):
     """A bad input every process found (they agreed on it): rank 0 alone reports it."""
 
@@ -56,6 +64,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     launcher_pid: int | None = None  # the launcher that spawned this worker (None: plain run or torchrun)
+    buffer_owners: list[nn.Module] = field(default_factory=list)  # what `wrap` wrapped: `sync_buffers` syncs
     control: Any = field(default=None, repr=False)  # gloo group for control messages
 
     @property
@@ -69,13 +78,33 @@ class Dist:
     def wrap(self, module: nn.Module) -> nn.Module:
         """DDP around `module` when there is a process group, else the module itself.
 
-        Parameters and buffers are broadcast from rank 0 here; BatchNorm running statistics are broadcast
-        from rank 0 at every forward (DDP's default), which also makes a resumed run continue exactly.
+        Parameters and buffers are broadcast from rank 0 here. DDP's own buffer broadcast before every
+        forward is off: it copies BatchNorm running statistics in place, and DG-Net calls E_a and D several
+        times before one backward, which then fails on CUDA, where BatchNorm's backward keeps those
+        statistics ("modified by an inplace operation"; pytorch/pytorch#175024, fixed only in recent
+        releases). `sync_buffers` broadcasts them from rank 0 once per iteration instead, before any forward:
+        every rank still runs with rank 0's statistics, and a resumed run continues exactly.
         """
         if not self.enabled:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+        self.buffer_owners.append(module)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None,
+                                                   **_NO_FORWARD_BUFFER_SYNC)
+
+    def sync_buffers(self) -> None:
+        """Broadcast every wrapped module's buffers from rank 0, one flat tensor per dtype (once per iteration,
+        before the first forward, when no graph holds them)."""
+        if not self.enabled or self.world_size == 1:
+            return
+        buffers = [b for module in self.buffer_owners for b in module.buffers()]
+        with torch.no_grad():
+            for dtype in dict.fromkeys(b.dtype for b in buffers):
+                group = [b for b in buffers if b.dtype == dtype]
+                flat = torch.cat([b.reshape(-1) for b in group])
+                torch_dist.broadcast(flat, src=0)
+                for b, value in zip(group, flat.split([b.numel() for b in group])):
+                    b.copy_(value.view_as(b))
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average a tensor over the ranks (used for logged losses, only when they are logged)."""

@@ -486,6 +486,7 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
                 tick = time.perf_counter()
                 batches = [next(loader) for loader in loaders.values()]
                 logger.record(time.perf_counter() - tick)
+                dist.sync_buffers()
                 losses = trainer.train_step(it, *batches)
                 done = it + 1
                 for step in periodic:

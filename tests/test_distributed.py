@@ -15,11 +15,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as torch_mp
 from test_train import tiny
 
 import train
 from data.loaders import build_dgnet_loaders, load_splits
-from distributed import free_port, plan_launch
+from distributed import Dist, free_port, plan_launch
 from utils import REPO_ROOT, checkpoint_path, load_checkpoint, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
@@ -180,3 +182,40 @@ def test_plan_auto_port_and_world_size():
     machines = plan_launch(train.parse_args(["--num_machines", "3", "--machine_rank", "1", "--nproc_per_machine",
                                              "2", "--dist_url", "tcp://10.0.0.1:29500"]))
     assert machines.world_size == 6  # machine 1 does not bind machine 0's port
+
+
+def _buffer_worker(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: a BatchNorm net whose running mean differs per rank, wrapped by Dist."""
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        d = Dist(device=torch.device("cpu"), rank=rank, world_size=2)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        ddp = d.wrap(net)
+        net[1].running_mean.fill_(rank + 1.0)  # after wrapping, which may sync buffers once
+        x = torch.randn(2, 3, 8, 8)
+        (ddp(x).sum() + ddp(x + 1).sum()).backward()  # two forwards, one backward: DG-Net's pattern
+        after_forwards = net[1].running_mean.tolist()
+        d.sync_buffers()
+        results.put((rank, after_forwards, net[1].running_mean.tolist()))
+    except Exception as exc:  # reported to the test instead of leaving it waiting
+        results.put((rank, repr(exc), None))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_forwards_leave_buffers_alone_and_sync_buffers_spreads_rank_0s():
+    """DDP's in-place buffer broadcast before every forward is what breaks DG-Net's several forwards per
+    backward on CUDA; with it off, a forward keeps each rank's own statistics, and sync_buffers (once per
+    iteration) gives every rank rank 0's."""
+    ctx = torch_mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_buffer_worker, args=(rank, port, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict((rank, (forwards, synced)) for rank, forwards, synced in (results.get(timeout=TIMEOUT) for _ in procs))
+    for proc in procs:
+        proc.join(TIMEOUT)
+        assert proc.exitcode == 0
+    assert got[1][0] == [2.0] * 4  # no broadcast in the forwards
+    assert got[0][1] == got[1][1] == [1.0] * 4
