@@ -15,6 +15,7 @@ and a checkpoint stores how many batches were taken, from which the loader resta
 from __future__ import annotations
 
 import difflib
+import signal
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -64,13 +65,18 @@ def drop_unreadable(records: Sequence[Record], what: str, workers: int = 4) -> l
     return [r for r, ok in zip(records, readable) if ok]
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed python, numpy and torch in a loader worker from the seed torch gave it (explicit, not inherited).
+def init_worker(worker_id: int) -> None:
+    """Set up a loader worker: seed python, numpy and torch from the seed torch gave it (explicit, not
+    inherited), and leave SIGINT and SIGTERM to the main process.
 
-    The augmentations do not use these global RNGs (they use per-sample generators); this keeps any
-    library that does deterministic too.
+    The augmentations do not use these global RNGs (they use per-sample generators); seeding keeps any
+    library that does deterministic too. The signals: a Ctrl-C in a terminal, `timeout`, or a scheduler
+    that cancels a job signals the whole process group; a worker that died of it would take the main
+    process down mid-iteration, before its safe stop could save. The main process ends the workers itself.
     """
     seed_everything(torch.initial_seed() % 2**63)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TrainSet(Dataset):
@@ -152,7 +158,7 @@ class ResumableLoader:
         base_seed = torch.Generator().manual_seed(self.sampler.seed * 1000 + self.sampler.stream)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
-                            generator=base_seed, worker_init_fn=seed_worker,
+                            generator=base_seed, worker_init_fn=init_worker,
                             prefetch_factor=4 if self.num_workers else None)
         return iter(loader)
 

@@ -140,20 +140,28 @@ def test_pickled_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_sigint_saves_and_resumes(tmp_path, data_root):
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["sigint-to-the-process", "sigterm-to-the-group-with-loader-workers"])
+def test_signal_saves_and_resumes(tmp_path, data_root, sig, group):
+    """Ctrl-C, or SIGTERM to the whole process group as `timeout` and job schedulers send it: the loader
+    workers get it too, and must leave the stop to the main process."""
     cmd = [sys.executable, "train.py", "--config", "configs/quickstart/dgnet.yaml", "--name", "sig",
            "--output_path", str(tmp_path), *tiny(data_root, "max_iter=100000", "snapshot_save_iter=1000",
-                                                   "image_display_iter=1000", "image_save_iter=1000")]
+                                                   "image_display_iter=1000", "image_save_iter=1000",
+                                                   f"num_workers={int(group)}")]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=group)
     deadline = time.time() + 120
     for line in proc.stdout:
         if line.startswith("[") and "/100000]" in line:
             break
         assert time.time() < deadline, "training never started"
-    proc.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, err
+    assert proc.returncode == 128 + sig, err
     assert "resume with: python train.py --resume --name sig" in out
     ckpts = sorted((tmp_path / "outputs" / "sig" / "checkpoints").glob("*.pt"))
     assert len(ckpts) == 1
