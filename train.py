@@ -125,8 +125,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
         if not self.quiet:
             print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
