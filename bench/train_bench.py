@@ -86,7 +86,8 @@ def bench_config(kind: str, args: argparse.Namespace, mode: str) -> dict[str, An
             opts.append("batch_size=8")
     if args.workers is not None:
         opts.append(f"num_workers={args.workers}")
-    return load_config(DGNET_CONFIG if kind == "dgnet" else TEACHER_CONFIG, opts + variant_opts(args, mode))
+    extra = [o for o in args.opts if kind == "dgnet" or not o.startswith(("gen.", "dis."))]
+    return load_config(DGNET_CONFIG if kind == "dgnet" else TEACHER_CONFIG, opts + variant_opts(args, mode) + extra)
 
 
 def first_iteration(cfg: dict[str, Any], phase: str) -> int:
@@ -197,16 +198,17 @@ PHASES = ("DGNet.forward", "DGNet.dis_update", "DGNet.gen_update", "backward", "
 
 
 def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 15,
-                     trace: Path | None = None) -> dict[str, Any]:
+                     trace: Path | None = None, shapes: bool = False) -> dict[str, Any]:
     """torch.profiler over `iters` iterations after `warmup`: time per phase and the top operators by self
-    time on the device (CUDA kernels' time on a GPU, CPU time on the CPU), per iteration."""
+    time on the device (CUDA kernels' time on a GPU, CPU time on the CPU), per iteration. `shapes` ranks
+    operators per input shape, which tells which layer a costly convolution belongs to."""
     from torch.profiler import ProfilerActivity, profile
 
     device = job.device
     warm_up(job, warmup, start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         tick = time.perf_counter()
         for i in range(iters):
             job.trainer.train_step(start + warmup + i, *job.batches())
@@ -215,7 +217,7 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=shapes)
 
     def ms(us: float) -> float:
         return round(us / 1000 / iters, 3)
@@ -231,7 +233,8 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
             "time_kind": "self CUDA time" if cuda else "self CPU time",
             "phases": {name: phases[name] for name in PHASES if name in phases},
             "top": [{"name": e.key, "calls_per_iteration": round(e.count / iters, 2), "ms": ms(self_time(e)),
-                     "share": round(self_time(e) / total, 4)} for e in ranked],
+                     "share": round(self_time(e) / total, 4),
+                     **({"input_shapes": str(e.input_shapes)} if shapes else {})} for e in ranked],
             "trace": str(trace) if trace is not None else None}
 
 
@@ -244,6 +247,8 @@ def print_profile(p: dict[str, Any]) -> None:
     print(f"top operators by {p['time_kind']} per iteration:")
     for op in p["top"]:
         print(f"  {op['ms']:>9.3f} ms  {op['share']:>6.1%}  {op['calls_per_iteration']:>7.1f} calls  {op['name'][:70]}")
+        if op.get("input_shapes") not in (None, "[]"):
+            print(f"{'':>38}{op['input_shapes'][:110]}")
 
 
 def time_loaders(job: Job, iters: int, warmup: int) -> dict[str, Any]:
@@ -354,6 +359,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "torch.profiler on DG-Net (the fast mode unless --mode reference): phases, top kernels")
     p.add_argument("--top", type=int, default=15, help="profile: how many operators to list")
     p.add_argument("--trace", type=Path, help="profile: also write a Chrome trace (chrome://tracing, Perfetto) here")
+    p.add_argument("--shapes", action="store_true", help="profile: rank operators per input shape")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every measured run (e.g. dis.LAMBDA=0: R1 off)")
     p.add_argument("--mode", default="both", choices=("reference", "fast", "both"),
                    help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults")
     p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
@@ -411,7 +419,8 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         cfg = bench_config("dgnet", args, mode)
         job = Job("dgnet", cfg, splits, device)
         try:
-            out = profile_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase), args.top, args.trace)
+            out = profile_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase), args.top, args.trace,
+                                     args.shapes)
         finally:
             job.close()
         out.update(mode=mode, settings=settings(job))
