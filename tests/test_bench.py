@@ -68,13 +68,14 @@ def test_numerics_and_loader_modes(tmp_path, data):
 
     out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
     assert bench.main([*common, "--bench", "profile", "--warmup", "1", "--top", "5", "--json", str(out),
-                       "--trace", str(trace)]) == 0
+                       "--trace", str(trace), "--shapes", "--opts", "dis.LAMBDA=0"]) == 0
     profile = json.loads(out.read_text())["profile"]
     assert profile["mode"] == "fast" and profile["time_kind"] == "self CPU time"
     assert set(profile["phases"]) == set(bench.PHASES)  # every label the trainer sets was seen
     phases = profile["phases"]
     assert phases["DGNet.gen_update"]["cpu_ms"] > phases["optimizer_step"]["cpu_ms"] > 0
     assert len(profile["top"]) == 5 and all(op["ms"] > 0 and 0 < op["share"] <= 1 for op in profile["top"])
+    assert any(op["input_shapes"].startswith("[[") for op in profile["top"])  # --shapes: ranked per shape
     assert json.loads(trace.read_text())["traceEvents"]
 
 
