@@ -202,6 +202,7 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
     """torch.profiler over `iters` iterations after `warmup`: time per phase and the top operators by self
     time on the device (CUDA kernels' time on a GPU, CPU time on the CPU), per iteration. `shapes` ranks
     operators per input shape, which tells which layer a costly convolution belongs to."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = job.device
@@ -222,16 +223,22 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
     def ms(us: float) -> float:
         return round(us / 1000 / iters, 3)
 
-    phases = {e.key: {"cpu_ms": ms(e.cpu_time_total), "device_ms": ms(e.device_time_total) if cuda else None}
-              for e in events if e.key in PHASES}
-    ops = [e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")]
+    # A phase label appears twice on a GPU: the CPU range (its CPU time) and the GPU range (its kernels' time).
+    phases = {name: {"cpu_ms": ms(max(e.cpu_time_total for e in events if e.key == name)),
+                     "device_ms": ms(max(e.device_time_total for e in events if e.key == name)) if cuda else None}
+              for name in PHASES if any(e.key == name for e in events)}
+    # Operators only: a kernel's time is also its launching operator's self time, so listing both would
+    # count it twice. The operators' self device times add up to the time the GPU was busy.
+    ops = [e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")
+           and e.device_type == DeviceType.CPU]
     self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(self_time(e) for e in ops) or 1.0
     ranked = sorted(ops, key=self_time, reverse=True)[:top]
     return {"iters": iters, "warmup": warmup, "first_iteration": start,
             "ms_per_iteration": round(seconds * 1000 / iters, 2),
+            "device_busy_ms": ms(total) if cuda else None,
             "time_kind": "self CUDA time" if cuda else "self CPU time",
-            "phases": {name: phases[name] for name in PHASES if name in phases},
+            "phases": phases,
             "top": [{"name": e.key, "calls_per_iteration": round(e.count / iters, 2), "ms": ms(self_time(e)),
                      "share": round(self_time(e) / total, 4),
                      **({"input_shapes": str(e.input_shapes)} if shapes else {})} for e in ranked],
@@ -239,7 +246,9 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
 
 
 def print_profile(p: dict[str, Any]) -> None:
-    print(f"{p['ms_per_iteration']:.1f} ms/iteration under the profiler ({p['iters']} iterations)")
+    busy = p.get("device_busy_ms")
+    print(f"{p['ms_per_iteration']:.1f} ms/iteration under the profiler ({p['iters']} iterations)"
+          + (f"; the GPU is busy {busy:.1f} ms of it (the rest waits on the CPU: Python, launches)" if busy else ""))
     print(f"{'phase':<18} {'CPU ms':>9} {'device ms':>10}")
     for name, t in p["phases"].items():
         device_ms = f"{t['device_ms']:>10.2f}" if t["device_ms"] is not None else f"{'-':>10}"
