@@ -67,16 +67,22 @@ def drop_unreadable(records: Sequence[Record], what: str, workers: int = 4) -> l
 
 def init_worker(worker_id: int) -> None:
     """Set up a loader worker: seed python, numpy and torch from the seed torch gave it (explicit, not
-    inherited), and leave SIGINT and SIGTERM to the main process.
+    inherited), and let the first SIGINT or SIGTERM pass.
 
     The augmentations do not use these global RNGs (they use per-sample generators); seeding keeps any
     library that does deterministic too. The signals: a Ctrl-C in a terminal, `timeout`, or a scheduler
     that cancels a job signals the whole process group; a worker that died of it would take the main
-    process down mid-iteration, before its safe stop could save. The main process ends the workers itself.
+    process down mid-iteration, before its safe stop could save. A second one acts as usual, as in the main
+    process (a second Ctrl-C aborts), and so does the SIGTERM with which the loader ends a stuck worker.
     """
     seed_everything(torch.initial_seed() % 2**63)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _pass_once)
+
+
+def _pass_once(signum: int, frame: Any) -> None:
+    """A worker's first SIGINT/SIGTERM: ignored; the next one gets the default action."""
+    signal.signal(signum, signal.SIG_DFL)
 
 
 class TrainSet(Dataset):

@@ -1,6 +1,7 @@
 """DG-Net's loaders: items, positives, erased views, determinism across workers, exact resume, bad input."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import warnings
@@ -219,3 +220,20 @@ def test_resumable_loader_state_round_trip(market):
     for _ in range(3):
         next(loader)
     assert loader.state_dict() == {"batches_taken": 3}
+
+
+def test_a_worker_lets_the_first_sigterm_pass_and_dies_of_the_second():
+    """The group-wide SIGTERM of `timeout` or a job scheduler must not kill the workers before the main
+    process has saved; the loader's own SIGTERM for a stuck worker still ends it."""
+    code = ("import time; from data.loaders import init_worker; init_worker(0); print('ready', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
