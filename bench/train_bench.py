@@ -5,6 +5,7 @@
     python bench/train_bench.py --bench loaders                   # loaders' delivery vs training's consumption
     python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
     python bench/train_bench.py --bench profile --iters 10        # torch.profiler: phases and top kernels
+    python bench/train_bench.py --bench ops --device cpu          # operators and network calls per iteration
     python bench/train_bench.py --tiny --device cpu               # the CPU/CI size
 
 Default size: configs/latest.yaml (256x128, batch 8 + 8, ResNet-50 E_a) and configs/teacher/market.yaml
@@ -260,6 +261,62 @@ def print_profile(p: dict[str, Any]) -> None:
             print(f"{'':>38}{op['input_shapes'][:110]}")
 
 
+# Not operators that cost a launch: views, aliases and detach only make a new tensor header.
+VIEW_OPS = {"view", "_unsafe_view", "as_strided", "alias", "detach", "t", "transpose", "expand", "permute",
+            "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "reshape"}
+
+
+def count_ops(job: Job, warmup: int, start: int, top: int = 15) -> dict[str, Any]:
+    """The aten operators one DG-Net iteration dispatches (views aside), by kind, and how often each network
+    runs. On a GPU every operator costs CPU time to dispatch and launch, whatever its size: at DG-Net's batch
+    8 their number, more than the arithmetic, sets the pace (BENCHMARKS.md). The count does not depend on
+    the device, so it is measured anywhere and compared across changes."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    warm_up(job, warmup, start)
+    kinds: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            kinds[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def counter(name: str):  # noqa: ANN202
+        return lambda module, args: calls.update([name])
+
+    # Each network once, under its first name (without DDP, run_id is id_a); the parts of a network that
+    # runs through other methods than forward (G: encode, decode) are counted instead of it.
+    trainer, hooks, seen = job.trainer, [], set()
+    for name, module in vars(trainer).items():
+        if not isinstance(module, torch.nn.Module) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        hooks.append(module.register_forward_pre_hook(counter(name)))
+        hooks += [child.register_forward_pre_hook(counter(f"{name}.{child_name}"))
+                  for child_name, child in module.named_children()]
+    try:
+        with CountOps():
+            job.trainer.train_step(start + warmup, *job.batches())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    calls = Counter({k: n for k, n in calls.items() if "." not in k or not calls[k.split(".")[0]]})
+    launched = {k: v for k, v in kinds.items() if k not in VIEW_OPS}
+    return {"first_iteration": start + warmup, "operators": sum(launched.values()),
+            "views": sum(kinds.values()) - sum(launched.values()),
+            "top": [{"name": k, "count": v} for k, v in Counter(launched).most_common(top)],
+            "network_calls": dict(sorted(calls.items()))}
+
+
+def print_ops(o: dict[str, Any]) -> None:
+    print(f"{o['operators']} operators dispatched in one iteration ({o['views']} views and detaches aside)")
+    print("most frequent:  " + ", ".join(f"{op['name']} {op['count']}" for op in o["top"]))
+    print("network calls:  " + ", ".join(f"{name} {n}" for name, n in o["network_calls"].items()))
+
+
 def time_loaders(job: Job, iters: int, warmup: int) -> dict[str, Any]:
     """What the loaders alone deliver, in iterations' worth of batches per second (all loaders of a step)."""
     for _ in range(warmup):  # starts the workers
@@ -362,11 +419,13 @@ def describe_device(device: torch.device) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics", "profile"),
+    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics", "profile", "ops"),
                    help="speed (default): it/s, images/s, data share, peak memory; loaders: what the loaders "
                         "deliver vs what training consumes; numerics: fast vs reference loss curves; profile: "
-                        "torch.profiler on DG-Net (the fast mode unless --mode reference): phases, top kernels")
-    p.add_argument("--top", type=int, default=15, help="profile: how many operators to list")
+                        "torch.profiler on DG-Net (the fast mode unless --mode reference): phases, top "
+                        "operators; ops: operators dispatched and network calls in one DG-Net iteration (the fast "
+                        "mode unless --mode reference)")
+    p.add_argument("--top", type=int, default=15, help="profile, ops: how many operators to list")
     p.add_argument("--trace", type=Path, help="profile: also write a Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--shapes", action="store_true", help="profile: rank operators per input shape")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
@@ -435,6 +494,17 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         out.update(mode=mode, settings=settings(job))
         result["profile"] = out
         print_profile(out)
+    elif args.bench == "ops":
+        mode = "reference" if args.mode == "reference" else "fast"
+        cfg = bench_config("dgnet", args, mode)
+        job = Job("dgnet", cfg, splits, device)
+        try:
+            out = count_ops(job, args.warmup, first_iteration(cfg, args.phase), args.top)
+        finally:
+            job.close()
+        out.update(mode=mode, settings=settings(job))
+        result["ops"] = out
+        print_ops(out)
     elif args.bench == "numerics":
         start = first_iteration(bench_config("dgnet", args, "reference"), args.phase)
         out = compare_numerics(args, splits, device, start)
