@@ -482,29 +482,19 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
     print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
           f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")
 
-    if args.bench == "profile":
+    if args.bench in ("profile", "ops"):  # one DG-Net job in one mode, examined
         mode = "reference" if args.mode == "reference" else "fast"
         cfg = bench_config("dgnet", args, mode)
         job = Job("dgnet", cfg, splits, device)
+        start = first_iteration(cfg, args.phase)
         try:
-            out = profile_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase), args.top, args.trace,
-                                     args.shapes)
+            out = (profile_training(job, args.iters, args.warmup, start, args.top, args.trace, args.shapes)
+                   if args.bench == "profile" else count_ops(job, args.warmup, start, args.top))
         finally:
             job.close()
         out.update(mode=mode, settings=settings(job))
-        result["profile"] = out
-        print_profile(out)
-    elif args.bench == "ops":
-        mode = "reference" if args.mode == "reference" else "fast"
-        cfg = bench_config("dgnet", args, mode)
-        job = Job("dgnet", cfg, splits, device)
-        try:
-            out = count_ops(job, args.warmup, first_iteration(cfg, args.phase), args.top)
-        finally:
-            job.close()
-        out.update(mode=mode, settings=settings(job))
-        result["ops"] = out
-        print_ops(out)
+        result[args.bench] = out
+        (print_profile if args.bench == "profile" else print_ops)(out)
     elif args.bench == "numerics":
         start = first_iteration(bench_config("dgnet", args, "reference"), args.phase)
         out = compare_numerics(args, splits, device, start)
