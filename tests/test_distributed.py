@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as torch_mp
 from test_train import tiny
 
+import distributed as distributed_module
 import train
 from data.loaders import build_dgnet_loaders, load_splits
 from distributed import Dist, free_port, plan_launch
@@ -184,8 +185,11 @@ def test_plan_auto_port_and_world_size():
     assert machines.world_size == 6  # machine 1 does not bind machine 0's port
 
 
-def _buffer_worker(rank: int, port: int, results) -> None:
+def _buffer_worker(rank: int, port: int, results, ddp_switch: dict) -> None:
     """One of two gloo ranks: a BatchNorm net whose running mean differs per rank, wrapped by Dist."""
+    import distributed
+
+    distributed._NO_FORWARD_BUFFER_SYNC = ddp_switch
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         d = Dist(device=torch.device("cpu"), rank=rank, world_size=2)
@@ -203,14 +207,20 @@ def _buffer_worker(rank: int, port: int, results) -> None:
         torch_dist.destroy_process_group()
 
 
-def test_forwards_leave_buffers_alone_and_sync_buffers_spreads_rank_0s():
+# the switch this torch has (the module's choice), and the one older torch releases need
+SWITCHES = [distributed_module._NO_FORWARD_BUFFER_SYNC, {"broadcast_buffers": False}]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("ddp_switch", SWITCHES, ids=lambda d: next(iter(d)))
+def test_forwards_leave_buffers_alone_and_sync_buffers_spreads_rank_0s(ddp_switch):
     """DDP's in-place buffer broadcast before every forward is what breaks DG-Net's several forwards per
     backward on CUDA; with it off, a forward keeps each rank's own statistics, and sync_buffers (once per
-    iteration) gives every rank rank 0's."""
+    iteration) gives every rank rank 0's. (With DDP's default broadcast, rank 1 ends the forwards with 1.0.)"""
     ctx = torch_mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_buffer_worker, args=(rank, port, results)) for rank in range(2)]
+    procs = [ctx.Process(target=_buffer_worker, args=(rank, port, results, ddp_switch)) for rank in range(2)]
     for proc in procs:
         proc.start()
     got = dict((rank, (forwards, synced)) for rank, forwards, synced in (results.get(timeout=TIMEOUT) for _ in procs))
