@@ -93,8 +93,9 @@ class Dist:
                                                    **_NO_FORWARD_BUFFER_SYNC)
 
     def sync_buffers(self) -> None:
-        """Broadcast every wrapped module's buffers from rank 0, one flat tensor per dtype (once per iteration,
-        before the first forward, when no graph holds them)."""
+        """Broadcast every wrapped module's buffers from rank 0 (once per iteration, before the first forward,
+        when no graph holds them). One flat tensor per dtype, copied back with one foreach call: this runs
+        every iteration, and each extra operator costs a launch (BENCHMARKS.md)."""
         if not self.enabled or self.world_size == 1:
             return
         buffers = [b for module in self.buffer_owners for b in module.buffers()]
@@ -103,8 +104,8 @@ class Dist:
                 group = [b for b in buffers if b.dtype == dtype]
                 flat = torch.cat([b.reshape(-1) for b in group])
                 torch_dist.broadcast(flat, src=0)
-                for b, value in zip(group, flat.split([b.numel() for b in group])):
-                    b.copy_(value.view_as(b))
+                values = [v.view_as(b) for b, v in zip(group, flat.split([b.numel() for b in group]))]
+                torch._foreach_copy_(group, values)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average a tensor over the ranks (used for logged losses, only when they are logged)."""
