@@ -18,7 +18,9 @@ space; `to_unit` maps them back and clips.
   reference answers from above give the scale: the true swap itself at 1/4 and at 1/8 of the resolution
   (average-pooled, then resized back), i.e. exact colours in the right places, only blurred; and the true
   swap's colours on the structure image's brightness (its chroma, the structure image's luma): a perfect
-  colour transfer that keeps the grey levels E_s was given.
+  colour transfer that keeps the grey levels E_s was given. One reference answer from below gives the floor:
+  a flat image of the pairs' mean colour, the same for every pair (`flat_mean_colour`). A swap that does
+  not beat it on the person L1 has learned nothing about where the clothing goes.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -288,7 +290,8 @@ def blurred_key(factor: int) -> str:
 ANSWER_LABELS = {"swap": "generated swap", "structure_image": "structure image",
                  "appearance_image": "appearance image",
                  **{blurred_key(k): f"true swap at 1/{k}" for k in BLUR_FACTORS},
-                 "true_colours_structure_luma": "true colours, B's luma"}
+                 "true_colours_structure_luma": "true colours, B's luma",
+                 "flat_mean_colour": "flat image, mean colour"}
 
 
 def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -306,7 +309,7 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1", "person_luma_l1",
     "person_chroma_l1"}, "structure_image": {...},
     "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
-    "true_colours_structure_luma": {...}}.
+    "true_colours_structure_luma": {...}, "flat_mean_colour": {...}}.
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
@@ -320,6 +323,9 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
         out[blurred_key(k)] = score(downsampled(data.target, k), data.target, data.person)
     recoloured = from_luma_chroma(luma_chroma(data.structure)[0], luma_chroma(data.target)[1])
     out["true_colours_structure_luma"] = score(recoloured, data.target, data.person)
+    # from below: one flat image of the mean colour of every image of the pairs, for every pair
+    flat = torch.cat([data.structure, data.appearance]).mean(dim=(0, 2, 3), keepdim=True)
+    out["flat_mean_colour"] = score(flat.expand_as(data.target), data.target, data.person)
     return out
 
 

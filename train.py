@@ -323,11 +323,11 @@ class SwapFidelity:
             self.writer.add_scalar(tag, value, done)
         s, b, a = r["swap"], r["structure_image"], r["appearance_image"]
         coarsest = quality.BLUR_FACTORS[-1]
-        blur = r[quality.blurred_key(coarsest)]
+        blur, flat = r[quality.blurred_key(coarsest)], r["flat_mean_colour"]
         print(f"swap fidelity at {done}: person L1 {s['person_l1']:.4f} (structure image {b['person_l1']:.4f}, "
-              f"appearance image {a['person_l1']:.4f}, true swap at 1/{coarsest} "
-              f"{blur['person_l1']:.4f}), whole-image SSIM {s['ssim']:.4f} ({b['ssim']:.4f}, {a['ssim']:.4f}, "
-              f"{blur['ssim']:.4f})", flush=True)
+              f"appearance image {a['person_l1']:.4f}, true swap at 1/{coarsest} {blur['person_l1']:.4f}, "
+              f"flat mean colour {flat['person_l1']:.4f}), whole-image SSIM {s['ssim']:.4f} ({b['ssim']:.4f}, "
+              f"{a['ssim']:.4f}, {blur['ssim']:.4f}, {flat['ssim']:.4f})", flush=True)
 
 
 class NullWriter:

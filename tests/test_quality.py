@@ -107,7 +107,7 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert g.training and all(m.training for m in g.modules())
     assert not e.training and e.classifier1.training and not e.classifier2.training
     assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image", "true_swap_blur4",
-                          "true_swap_blur8", "true_colours_structure_luma"}
+                          "true_swap_blur8", "true_colours_structure_luma", "flat_mean_colour"}
     # true colours on the structure image's brightness: the structure image's luma error, almost no chroma error
     recoloured, structure = first["true_colours_structure_luma"], first["structure_image"]
     assert recoloured["person_luma_l1"] == pytest.approx(structure["person_luma_l1"], abs=0.01)
@@ -116,6 +116,9 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     fine, coarse = first["true_swap_blur4"], first["true_swap_blur8"]
     assert 0 < fine["l1"] < coarse["l1"] and 1 > fine["ssim"] > coarse["ssim"]
     assert fine["person_l1"] < coarse["person_l1"]
+    # the floor: one flat image scores worse than the truth blurred, and has no structure (SSIM near 0)
+    flat = first["flat_mean_colour"]
+    assert flat["person_l1"] > coarse["person_l1"] and flat["ssim"] < coarse["ssim"]
     for answer in ("swap", "structure_image", "appearance_image"):
         assert first[answer]["person_luma_l1"] > 0 and first[answer]["person_chroma_l1"] > 0
     assert 0 < first["swap"]["ssim"] < 1 and first["swap"]["l1"] > 0
