@@ -245,6 +245,27 @@ def to_gray(images: torch.Tensor) -> torch.Tensor:
     return images.mean(dim=1, keepdim=True)
 
 
+def remap_gray(gray: torch.Tensor, p: float, knots: int = 5) -> torch.Tensor:
+    """With probability `p` per image, a random intensity curve applied to a grey image (B, 1, H, W).
+
+    The curve is piecewise linear over the image's own [min, max], with `knots` values drawn uniformly in
+    that range, so it is not monotone: shapes and edges survive, while which part is brighter does not.
+    E_s then cannot pass the structure provider's clothing brightness to the decoder, which must take it
+    from the appearance code (not in the original; `structure_jitter`). Draws from the global generator.
+    """
+    n = gray.shape[0]
+    flat = gray.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    t = (flat - lo) / (hi - lo).clamp_min(1e-6) * (knots - 1)
+    left = t.floor().clamp(max=knots - 2)
+    values = torch.rand(n, knots, device=gray.device, dtype=gray.dtype)
+    v0 = values.gather(1, left.long())
+    v1 = values.gather(1, left.long() + 1)
+    remapped = (lo + (v0 + (t - left) * (v1 - v0)) * (hi - lo)).view_as(gray)
+    chosen = torch.rand(n, 1, 1, 1, device=gray.device) < p
+    return torch.where(chosen, remapped, gray)
+
+
 class StructureEncoder(nn.Module):
     """E_s [ContentEncoder, `enc_content`]: image -> structure code.
 

@@ -55,7 +55,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.profiler import record_function
 
-from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss
+from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state
 from utils import UserError, latest_checkpoint, load_checkpoint, load_config
 
@@ -112,6 +112,10 @@ def loss_weights(cfg: dict, it: int) -> dict[str, float]:
     weights = {key: float(cfg[key]) for key in FIXED_WEIGHTS}
     for key, (cap, warm) in RAMPED_WEIGHTS.items():
         weights[key] = min(float(cfg[cap]), cfg[key] + max(0, it - cfg[warm]) * cfg["warm_scale"])
+    # R1's weight: LAMBDA at every D step, or with lazy R1 (dis.r1_every N) N x LAMBDA at every N-th step,
+    # the same penalty on average for 1/N of its cost (StyleGAN2's lazy regularization)
+    every = cfg["dis"]["r1_every"]
+    weights["r1"] = float(cfg["dis"]["LAMBDA"]) * every if it % every == 0 else 0.0
     return weights
 
 
@@ -396,6 +400,12 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         if cfg["teacher_style"] not in TEACHER_STYLES:
             styles = ", ".join(f"{k} ({v})" for k, v in TEACHER_STYLES.items())
             raise UserError(f"teacher_style is {cfg['teacher_style']}: use one of {styles}")
+        if not 0 <= cfg["structure_jitter"] <= 1 or (cfg["structure_jitter"] > 0 and cfg["input_dim_a"] != 1):
+            raise UserError(f"structure_jitter is {cfg['structure_jitter']}: use a probability in [0, 1], and only "
+                            "with input_dim_a: 1 (it remaps the grey image E_s sees)")
+        every = cfg["dis"]["r1_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UserError(f"dis.r1_every is {every!r}: use a whole number of D steps, 1 or more (1 = R1 every step)")
         self.num_classes = num_classes
         gen = self._layout(_built(build_generator, cfg).to(device))
         dis = self._layout(_built(build_discriminator, cfg).to(device))
@@ -468,7 +478,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     def forward(self, a: dict, b: dict, w: dict[str, float]) -> Forward:
         """Codes, swaps, reconstructions and ReID logits of real images [the original's `forward`]."""
         with self._autocast():
-            s_a, s_b = self.run_gen("encode", torch.cat([a["image"], b["image"]])).chunk(2)
+            s_a, s_b = self.run_gen("encode", self._structure_input(torch.cat([a["image"], b["image"]]))).chunk(2)
             need_id = w["id_w"] > 0
             f_a, logits_a = self._encode_real(a["image"], a["image_erased"], need_id)
             f_b, logits_b = self._encode_real(b["image"], b["image_erased"], need_id)
@@ -495,6 +505,13 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
                        logits_a=logits_a, logits_b=logits_b, logits_pos_a=logits_pos_a,
                        logits_pos_b=logits_pos_b)
 
+    def _structure_input(self, real: torch.Tensor) -> torch.Tensor:
+        """What E_s sees of the real images: the images (E_s takes their grey mean), or with
+        `structure_jitter` their grey images, some with a random intensity curve (networks.remap_gray)."""
+        if self.cfg["structure_jitter"] == 0:
+            return real
+        return remap_gray(to_gray(real), self.cfg["structure_jitter"])
+
     def _encode_real(self, image: torch.Tensor, erased: torch.Tensor, logits: bool
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """E_a on one real half: the appearance code of the clean image and, if asked, the logits of the
@@ -506,14 +523,15 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             _, p1, p2 = self.run_id(erased)
         return f, ((p1, p2) if logits else None)
 
-    def _dis_pairs(self, fakes: list[torch.Tensor], reals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dis_pairs(self, fakes: list[torch.Tensor], reals: list[torch.Tensor],
+                   r1_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over (fake, real) pairs of D's loss and its R1 part, fp32 (networks.dis_loss)."""
-        d = self.cfg["dis"]
+        gan_type = self.cfg["dis"]["gan_type"]
         if self.dis_batched:
             # the losses are batch means: one call on equal halves is the mean of the two, hence the factor
-            loss, r1 = dis_loss(self.run_dis, torch.cat(fakes), torch.cat(reals), d["gan_type"], d["LAMBDA"])
+            loss, r1 = dis_loss(self.run_dis, torch.cat(fakes), torch.cat(reals), gan_type, r1_weight)
             return len(fakes) * loss, len(fakes) * r1
-        pairs = [dis_loss(self.run_dis, fake, real, d["gan_type"], d["LAMBDA"]) for fake, real in zip(fakes, reals)]
+        pairs = [dis_loss(self.run_dis, fake, real, gan_type, r1_weight) for fake, real in zip(fakes, reals)]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _adv(self, fakes: list[torch.Tensor]) -> torch.Tensor:
@@ -526,7 +544,8 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     @record_function("DGNet.dis_update")
     def dis_update(self, x_ab: torch.Tensor, x_ba: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor,
                    w: dict[str, float]) -> dict[str, torch.Tensor]:
-        """D step: gan_w * [D(x_ba vs x_a) + D(x_ab vs x_b)], LSGAN on every scale plus R1 on the reals.
+        """D step: gan_w * [D(x_ba vs x_a) + D(x_ab vs x_b)], LSGAN on every scale plus R1 on the reals
+        at weight w["r1"] (0 on the steps that lazy R1 skips).
 
         The generated images are detached (inside dis_loss): only D learns here.
         """
@@ -535,7 +554,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             return {"D": zero, "R1": zero}
         self._zero_grad(("dis",))
         with self._autocast():
-            loss, r1 = self._dis_pairs([x_ba, x_ab], [x_a, x_b])
+            loss, r1 = self._dis_pairs([x_ba, x_ab], [x_a, x_b], w["r1"])
         loss, r1 = w["gan_w"] * loss, w["gan_w"] * r1
         self._step(loss, ("dis",))
         return {"D": loss.detach(), "R1": r1.detach()}

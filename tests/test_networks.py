@@ -451,3 +451,21 @@ def test_ddp_forward_and_frozen_call_through_the_wrapper(tmp_path):
             assert has_grad(gen.dec) and no_grad(dis)
     finally:
         dist.destroy_process_group()
+
+
+def test_remap_gray_is_a_per_image_intensity_curve():
+    torch.manual_seed(0)
+    levels = torch.tensor([-1.5, -0.5, 0.3, 1.2, 2.0])  # 5 grey levels, each on a block of pixels
+    gray = levels[torch.randint(0, 5, (6, 1, 8, 4))]
+    gray[:, 0, 0, 0], gray[:, 0, 0, 1] = -1.5, 2.0  # every image spans the same [min, max]
+    assert torch.equal(N.remap_gray(gray, 0.0), gray)
+    out = N.remap_gray(gray, 1.0)
+    assert out.shape == gray.shape and not torch.equal(out, gray)
+    assert out.min() >= -1.5 - 1e-6 and out.max() <= 2.0 + 1e-6  # stays in each image's own range
+    for g, o in zip(gray, out):  # a function of the grey level: equal inputs give equal outputs
+        for v in levels:
+            assert o[g == v].unique().numel() == 1
+    # different curves per image, and not always monotone (which part is brighter is not kept)
+    curves = torch.stack([torch.stack([o[g == v][0] for v in levels]) for g, o in zip(gray, out)])
+    assert curves.unique(dim=0).shape[0] == 6
+    assert (curves.diff(dim=1) < 0).any()

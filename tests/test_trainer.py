@@ -112,6 +112,20 @@ def test_loss_weights_ramp_like_the_original() -> None:
     assert loss_weights(late, 50)["recon_s_w"] == 0.0 < loss_weights(late, 51)["recon_s_w"]
 
 
+def test_lazy_r1_weights_and_steps() -> None:
+    assert {loss_weights(load_config(None), it)["r1"] for it in range(5)} == {0.01}  # DG-Net: every step
+    lazy = load_config(None, ["dis.r1_every=4"])
+    assert [loss_weights(lazy, it)["r1"] for it in range(9)] == pytest.approx([0.04, 0, 0, 0, 0.04, 0, 0, 0, 0.04])
+    trainer = make_trainer("dis.r1_every=4")
+    x = [torch.randn(2, 3, H, W) for _ in range(4)]
+    on = trainer.dis_update(*x, loss_weights(trainer.cfg, 8))
+    off = trainer.dis_update(*x, loss_weights(trainer.cfg, 9))
+    assert float(on["R1"]) > 0 and float(off["R1"]) == 0
+    for bad in ("0", "1.5", "true"):
+        with pytest.raises(UserError, match="dis.r1_every"):
+            make_trainer(f"dis.r1_every={bad}")
+
+
 def test_learning_rates_match_the_original_step_before_order() -> None:
     """The original stepped MultiStepLR before each iteration's optimizer steps; ours step after and must
     give the same LR at every iteration (first decay at 0-based iteration step_size - 1)."""
