@@ -291,7 +291,7 @@ ANSWER_LABELS = {"swap": "generated swap", "structure_image": "structure image",
                  "appearance_image": "appearance image",
                  **{blurred_key(k): f"true swap at 1/{k}" for k in BLUR_FACTORS},
                  "true_colours_structure_luma": "true colours, B's luma",
-                 "flat_mean_colour": "flat image, mean colour"}
+                 "flat_mean_colour": "flat mean-colour image"}
 
 
 def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
