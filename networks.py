@@ -259,8 +259,8 @@ def remap_gray(gray: torch.Tensor, p: float, knots: int = 5) -> torch.Tensor:
     t = (flat - lo) / (hi - lo).clamp_min(1e-6) * (knots - 1)
     left = t.floor().clamp(max=knots - 2)
     values = torch.rand(n, knots, device=gray.device, dtype=gray.dtype)
-    v0 = values.gather(1, left.long())
-    v1 = values.gather(1, left.long() + 1)
+    index = left.long()
+    v0, v1 = values.gather(1, index), values.gather(1, index + 1)
     remapped = (lo + (v0 + (t - left) * (v1 - v0)) * (hi - lo)).view_as(gray)
     chosen = torch.rand(n, 1, 1, 1, device=gray.device) < p
     return torch.where(chosen, remapped, gray)
