@@ -20,7 +20,11 @@ space; `to_unit` maps them back and clips.
   swap's colours on the structure image's brightness (its chroma, the structure image's luma): a perfect
   colour transfer that keeps the grey levels E_s was given. One reference answer from below gives the floor:
   a flat image of the pairs' mean colour, the same for every pair (`flat_mean_colour`). A swap that does
-  not beat it on the person L1 has learned nothing about where the clothing goes.
+  not beat it on the person L1 has learned nothing about where the clothing goes. One more answer from
+  above shows what the task asks and that it is reachable: A's part colours on the true parts
+  (`appearance_part_colours`), the structure image with each visible body part of the true swap filled
+  flat with the mean colour of that part in A's image (the synthetic data's part labels): what a swap
+  scores that has learned where B's parts are and A's colour for each, and nothing finer.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -226,6 +230,8 @@ class FidelitySet:
     structure: torch.Tensor
     target: torch.Tensor
     person: torch.Tensor  # (N, 1, H, W) bool: where the true swap shows the person (occluders excluded)
+    target_parts: torch.Tensor  # (N, H, W) uint8: the true swap's part labels (synthetic.PART_NAMES)
+    appearance_parts: torch.Tensor  # (N, H, W) uint8: the appearance image's part labels
     pairs: list[tuple[str, str]]  # (appearance file, structure file) names
 
 
@@ -248,13 +254,19 @@ def _true_swap(meta: Any, appearance: Record, structure: Record, size: tuple[int
     return TF.to_tensor(TF.resize(img, list(size), InterpolationMode.BICUBIC))
 
 
-def _true_person(meta: Any, appearance: Record, structure: Record, size: tuple[int, int]) -> torch.Tensor:
-    """The person mask of the true swap (1, H, W), resized (nearest) to the images' size."""
+def _true_parts(meta: Any, appearance: Record, structure: Record, size: tuple[int, int]) -> torch.Tensor:
+    """The part labels of A drawn in B's structure (H, W), resized (nearest) to the images' size."""
     from data import synthetic
 
-    mask = synthetic.person_mask(meta[appearance.path], meta[structure.path])
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
-    return torch.from_numpy(np.asarray(image) > 127)[None]
+    labels = synthetic.part_labels(meta[appearance.path], meta[structure.path])
+    return torch.from_numpy(np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST)).copy())
+
+
+def _person(parts: torch.Tensor) -> torch.Tensor:
+    """Where part labels show the person: any body part, not the background or an occluder (1, H, W)."""
+    from data import synthetic
+
+    return ((parts > 0) & (parts < synthetic.PART_NAMES.index("occluder")))[None]
 
 
 def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, seed: int = 0) -> FidelitySet:
@@ -269,11 +281,14 @@ def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, 
     if key not in _FIDELITY_CACHE:
         meta = synthetic.load_metadata(cfg["data_root"])
         pairs = _pairs(_test_people(splits), n_pairs, seed)
+        target_parts = torch.stack([_true_parts(meta, a, b, size) for a, b in pairs])
         _FIDELITY_CACHE[key] = FidelitySet(
             appearance=torch.stack([load_unit(a.path, size) for a, _ in pairs]),
             structure=torch.stack([load_unit(b.path, size) for _, b in pairs]),
             target=torch.stack([_true_swap(meta, a, b, size) for a, b in pairs]),
-            person=torch.stack([_true_person(meta, a, b, size) for a, b in pairs]),
+            person=torch.stack([_person(p) for p in target_parts]),
+            target_parts=target_parts,
+            appearance_parts=torch.stack([_true_parts(meta, a, a, size) for a, _ in pairs]),
             pairs=[(Path(a.path).name, Path(b.path).name) for a, b in pairs])
     return _FIDELITY_CACHE[key]
 
@@ -291,7 +306,8 @@ ANSWER_LABELS = {"swap": "generated swap", "structure_image": "structure image",
                  "appearance_image": "appearance image",
                  **{blurred_key(k): f"true swap at 1/{k}" for k in BLUR_FACTORS},
                  "true_colours_structure_luma": "true colours, B's luma",
-                 "flat_mean_colour": "flat mean-colour image"}
+                 "flat_mean_colour": "flat mean-colour image",
+                 "appearance_part_colours": "A's colours, B's parts"}
 
 
 def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -300,16 +316,38 @@ def downsampled(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(small, size=images.shape[2:], mode="bilinear", align_corners=False)
 
 
+def part_colours(appearance: torch.Tensor, appearance_parts: torch.Tensor, canvas: torch.Tensor,
+                 target_parts: torch.Tensor) -> torch.Tensor:
+    """`canvas` (N, 3, H, W) with each body part of `target_parts` filled flat with the mean colour of
+    that part in `appearance` (by `appearance_parts`); a part the appearance image does not show (hidden
+    by the pose or an occluder) takes the appearance image's mean person colour. Labels are (N, H, W)."""
+    from data import synthetic
+
+    out = canvas.clone()
+    body = range(1, synthetic.PART_NAMES.index("occluder"))
+    for i in range(len(out)):
+        shown = _person(appearance_parts[i])[0]
+        person_mean = appearance[i][:, shown].mean(1) if shown.any() else appearance[i].mean((1, 2))
+        for part in body:
+            where = target_parts[i] == part
+            if where.any():
+                source = appearance_parts[i] == part
+                colour = appearance[i][:, source].mean(1) if source.any() else person_mean
+                out[i][:, where] = colour[:, None]
+    return out
+
+
 def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
                   splits: DatasetSplits, device: torch.device | None = None, n_pairs: int = 64,
                   seed: int = 0) -> dict[str, Any]:
-    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and three reference
-    answers built from the truth (blurred, or recoloured onto the structure image's brightness).
+    """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and reference answers:
+    from above, the truth blurred, the truth's colours on the structure image's brightness, and A's part
+    colours on the true parts; from below, one flat mean-colour image.
 
     Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1", "person_luma_l1",
     "person_chroma_l1"}, "structure_image": {...},
     "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
-    "true_colours_structure_luma": {...}, "flat_mean_colour": {...}}.
+    "true_colours_structure_luma": {...}, "flat_mean_colour": {...}, "appearance_part_colours": {...}}.
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
@@ -326,6 +364,9 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     # from below: one flat image of the mean colour of every image of the pairs, for every pair
     flat = torch.cat([data.structure, data.appearance]).mean(dim=(0, 2, 3), keepdim=True)
     out["flat_mean_colour"] = score(flat.expand_as(data.target), data.target, data.person)
+    # from above: B's parts (the truth's labels) filled with A's mean colour of each part, over B's image
+    painted = part_colours(data.appearance, data.appearance_parts, data.structure, data.target_parts)
+    out["appearance_part_colours"] = score(painted, data.target, data.person)
     return out
 
 

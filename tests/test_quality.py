@@ -8,6 +8,7 @@ import torch
 from scipy import linalg, ndimage
 
 import quality
+from data import synthetic
 from data.loaders import load_splits
 from utils import UserError
 from visualize import load_run
@@ -107,7 +108,8 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert g.training and all(m.training for m in g.modules())
     assert not e.training and e.classifier1.training and not e.classifier2.training
     assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image", "true_swap_blur4",
-                          "true_swap_blur8", "true_colours_structure_luma", "flat_mean_colour"}
+                          "true_swap_blur8", "true_colours_structure_luma", "flat_mean_colour",
+                          "appearance_part_colours"}
     # true colours on the structure image's brightness: the structure image's luma error, almost no chroma error
     recoloured, structure = first["true_colours_structure_luma"], first["structure_image"]
     assert recoloured["person_luma_l1"] == pytest.approx(structure["person_luma_l1"], abs=0.01)
@@ -119,6 +121,12 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     # the floor: one flat image scores worse than the truth blurred, on the person's pixels and in SSIM
     flat = first["flat_mean_colour"]
     assert flat["person_l1"] > coarse["person_l1"] and flat["ssim"] < coarse["ssim"]
+    # A's part colours on B's parts: beats both trivial answers and the floor on every measure
+    painted = first["appearance_part_colours"]
+    for other in ("structure_image", "appearance_image", "flat_mean_colour"):
+        assert painted["ssim"] > first[other]["ssim"] and painted["l1"] < first[other]["l1"]
+        assert painted["person_ssim"] > first[other]["person_ssim"]
+        assert painted["person_l1"] < first[other]["person_l1"]
     for answer in ("swap", "structure_image", "appearance_image"):
         assert first[answer]["person_luma_l1"] > 0 and first[answer]["person_chroma_l1"] > 0
     assert 0 < first["swap"]["ssim"] < 1 and first["swap"]["l1"] > 0
@@ -129,6 +137,28 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     tags = quality.scalars({"swap_fidelity": first})
     assert tags["generation/swap_fidelity/swap/ssim"] == first["swap"]["ssim"]
     assert "generation/swap_fidelity/pairs" not in tags
+
+
+def test_part_colours_fills_each_target_part_with_the_appearance_images_part_mean():
+    upper, lower, occluder = (synthetic.PART_NAMES.index(n) for n in ("upper", "lower", "occluder"))
+    appearance = torch.zeros(1, 3, 4, 2)
+    appearance[0, 0, :2] = torch.tensor([[0.2, 0.4], [0.6, 0.8]])  # upper rows: red 0.2..0.8, mean 0.5
+    appearance[0, 2, 2:] = 1.0  # lower rows: blue
+    appearance_parts = torch.tensor([[[upper, upper], [upper, upper], [lower, lower], [lower, lower]]],
+                                    dtype=torch.uint8)
+    canvas = torch.full((1, 3, 4, 2), 0.3)
+    target_parts = torch.tensor([[[0, upper], [lower, lower], [occluder, upper], [0, 0]]], dtype=torch.uint8)
+    out = quality.part_colours(appearance, appearance_parts, canvas, target_parts)
+    red, blue = torch.tensor([0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    assert torch.allclose(out[0, :, 0, 1], red) and torch.allclose(out[0, :, 2, 1], red)
+    assert torch.equal(out[0, :, 1, 0], blue) and torch.equal(out[0, :, 1, 1], blue)
+    # background and occluders keep the canvas (the structure image)
+    for y, x in ((0, 0), (2, 0), (3, 0), (3, 1)):
+        assert torch.equal(out[0, :, y, x], canvas[0, :, y, x])
+    # a part the appearance image does not show takes its mean person colour
+    shoes = synthetic.PART_NAMES.index("shoes")
+    out = quality.part_colours(appearance, appearance_parts, canvas, torch.full((1, 4, 2), shoes, dtype=torch.uint8))
+    assert torch.allclose(out[0, :, 0, 0], appearance[0].mean((1, 2)))
 
 
 def test_swap_fidelity_needs_the_synthetic_dataset(tiny):
