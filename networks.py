@@ -542,9 +542,10 @@ def frozen_call(module: nn.Module, *args: Any, train_bn: bool | None = None, **k
     """Call `module(*args, **kwargs)` with its live weights, gradients stopped at the weights.
 
     The output is differentiable with respect to the inputs, but no parameter of `module` receives a
-    gradient, and buffers are passed as copies, so BatchNorm running statistics are not updated. This
-    replaces the original's per-iteration deep copies of E_a (identity loss on generated images) and of
-    E_s (structure re-encoding), without copying any weights.
+    gradient, and BatchNorm running statistics are neither updated nor copied: a BatchNorm in train mode
+    normalizes by the batch's statistics as usual, with its running-statistics tracking off for the call
+    (any other buffer is passed as a copy). This replaces the original's per-iteration deep copies of E_a
+    (identity loss on generated images) and of E_s (structure re-encoding), without copying anything.
 
     train_bn: None calls the module in its current modes. True/False call it in eval mode (no dropout) with
     BatchNorm in train mode (batch statistics) or eval mode (running statistics): True is the original's
@@ -553,10 +554,26 @@ def frozen_call(module: nn.Module, *args: Any, train_bn: bool | None = None, **k
     """
     while isinstance(module, nn.parallel.DistributedDataParallel):
         module = module.module
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norm_buffers = {id(b) for m in norms for b in m.buffers(recurse=False)}
     state = {name: p.detach() for name, p in module.named_parameters()}
-    state.update({name: b.clone() for name, b in module.named_buffers()})
-    with _modes(module, train_bn):
+    state.update({name: b.clone() for name, b in module.named_buffers() if id(b) not in norm_buffers})
+    with _modes(module, train_bn), _running_stats_off(norms):
         return torch.func.functional_call(module, state, args, kwargs)
+
+
+@contextmanager
+def _running_stats_off(norms: list[nn.Module]) -> Iterator[None]:
+    """BatchNorms that neither read nor move their running statistics in train mode (eval mode still reads
+    them). Cheaper than passing copies of the buffers: nothing is copied and no counter is bumped."""
+    saved = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, tracked in zip(norms, saved):
+            m.track_running_stats = tracked
 
 
 def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ import hashlib
 import os
 import re
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,60 @@ from networks import check_state_fits, read_original_state
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 NUM_STRIPES = 4  # horizontal stripes of the appearance code
 DOWNLOAD_TIMEOUT_S = 15.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchNorm over sub-batches: several E_a calls in one
+# ---------------------------------------------------------------------------------------------------------
+
+class _SubBatchNorm:
+    """A BatchNorm that can treat its batch as consecutive sub-batches, each normalized by its own statistics.
+
+    DG-Net runs E_a on several batches per iteration (clean and erased views, positives, both swaps), and in
+    train mode each call's BatchNorm uses that call's statistics and moves the running statistics once. With
+    `sub_batches` set, one call on the concatenated batches gives the same outputs, gradients and running
+    statistics as the separate calls in that order, while every other layer runs once on the whole batch:
+    a fraction of the operator launches that pace DG-Net on a GPU (BENCHMARKS.md). Eval mode uses the
+    running statistics, which do not depend on the batch, so it ignores the sub-batches.
+    """
+
+    sub_batches: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = super().forward  # type: ignore[misc]
+        if len(self.sub_batches) < 2 or not self.training:
+            return norm(x)
+        if sum(self.sub_batches) != len(x):
+            raise ValueError(f"sub-batches {self.sub_batches} do not add up to the batch of {len(x)}")
+        return torch.cat([norm(part) for part in x.split(self.sub_batches)])
+
+
+class SubBatchNorm1d(_SubBatchNorm, nn.BatchNorm1d):
+    """nn.BatchNorm1d with `sub_batches` (same parameters, buffers and state-dict keys)."""
+
+
+class SubBatchNorm2d(_SubBatchNorm, nn.BatchNorm2d):
+    """nn.BatchNorm2d with `sub_batches` (same parameters, buffers and state-dict keys)."""
+
+
+def splits_batches(module: nn.Module) -> bool:
+    """Whether every BatchNorm in `module` can split its batch (none was converted to SyncBatchNorm)."""
+    return all(isinstance(m, _SubBatchNorm) for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@contextmanager
+def sub_batches(module: nn.Module, sizes: list[int]) -> Iterator[None]:
+    """Inside: a call of `module` on `torch.cat` of batches of these sizes normalizes each batch by its own
+    BatchNorm statistics, as separate calls in that order would (`splits_batches(module)` must hold)."""
+    layers = [m for m in module.modules() if isinstance(m, _SubBatchNorm)]
+    for m in layers:
+        m.sub_batches = tuple(sizes)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.sub_batches = ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +208,7 @@ def build_backbone(backbone: str = "resnet50", last_stride: int = 1, pretrained:
         raise ValueError(f"backbone {backbone!r} is not known: use one of {', '.join(BACKBONE_CHANNELS)}")
     if last_stride not in (1, 2):
         raise ValueError(f"ID_stride is {last_stride!r}: use 1 (DG-Net, 16x8 map at 256x128) or 2")
-    net = getattr(torchvision.models, backbone)(weights=None)
+    net = getattr(torchvision.models, backbone)(weights=None, norm_layer=SubBatchNorm2d)
     net.fc = nn.Identity()  # never used; the original kept it (see load_original_state)
     state = _backbone_state_dict(backbone, pretrained)
     if state is not None:
@@ -194,7 +250,7 @@ class ClassBlock(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, droprate: float, num_bottleneck: int = 512,
                  baseline_bn_init: bool = False):
         super().__init__()
-        self.add_block = nn.Sequential(nn.Linear(in_dim, num_bottleneck), nn.BatchNorm1d(num_bottleneck),
+        self.add_block = nn.Sequential(nn.Linear(in_dim, num_bottleneck), SubBatchNorm1d(num_bottleneck),
                                        nn.Dropout(droprate))
         self.classifier = nn.Sequential(nn.Linear(num_bottleneck, num_classes))
         nn.init.kaiming_normal_(self.add_block[0].weight, a=0, mode="fan_out")

@@ -31,13 +31,19 @@ Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py)
   appearance code, so it runs without autograd; with erasing_p 0 one pass gives both the code and the
   logits (the original ran two identical passes, moving the BatchNorm running statistics twice).
 - G, E_s and D see the a and b halves in one batched call (none of them has batch-dependent layers at
-  the defaults; D is called per half when dis.norm is bn). E_a keeps the halves apart, as the original
-  did, because its BatchNorm statistics depend on the batch.
+  the defaults; D is called per half when dis.norm is bn). E_a's BatchNorm statistics depend on the batch,
+  so each of the original's E_a calls keeps its own (reIDmodel.sub_batches), but the calls themselves are
+  merged: the clean images in one, the erased views in one, both swaps of the frozen pass in one, both
+  swaps of the teacher loss in one (4 network passes per iteration instead of 12). Outputs, gradients and
+  running statistics are those of separate calls in the original's order; dropout masks are drawn once
+  per merged call, so the random stream differs.
 - `sample()` runs the display images as one batch in eval mode instead of one at a time: in eval mode no
   layer depends on the batch, so the images are the same.
 - Mixed precision is torch.amp (bf16 autocast, or fp16 with a GradScaler) instead of apex O1; the LSGAN
   losses, R1, the L1 terms, cross-entropies and the teacher KL are computed in fp32.
-- Teacher styles 2 (hard static) and 3 (uniform) do not need the teacher network, so none is loaded.
+- Teacher styles 2 (hard static) and 3 (uniform) do not need the teacher network, so none is loaded. Under
+  mixed precision the frozen teacher's convolution and linear weights are kept in the autocast dtype
+  (autocast would cast them at every call to the same values), and both swaps share one teacher call.
 - The VGG perceptual loss (vgg_w, off by default, its loader broken in the original) is not implemented.
 """
 from __future__ import annotations
@@ -56,7 +62,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
-from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state
+from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, splits_batches, sub_batches
 from utils import UserError, latest_checkpoint, load_checkpoint, load_config
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
@@ -433,6 +439,12 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             teacher = load_teacher(cfg["teacher"], num_classes, device)
         if teacher is not None:
             teacher = self._layout(teacher.to(device).eval().requires_grad_(False))
+        if teacher is not None and self.amp_dtype is not None:
+            # Frozen, so its convolution and linear weights are cast to the autocast dtype once, here, rather
+            # than by autocast at every call: the same values, fewer operators per iteration.
+            for m in teacher.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.to(self.amp_dtype)
         self.teacher = teacher  # outside `parts`: never saved, stepped or switched to train mode
         if cfg["compile"]:
             # In place, before DDP wraps them: G through the one call that serves encode and decode (the
@@ -479,31 +491,29 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         """Codes, swaps, reconstructions and ReID logits of real images [the original's `forward`]."""
         with self._autocast():
             s_a, s_b = self.run_gen("encode", self._structure_input(torch.cat([a["image"], b["image"]]))).chunk(2)
-            need_id = w["id_w"] > 0
-            f_a, logits_a = self._encode_real(a["image"], a["image_erased"], need_id)
-            f_b, logits_b = self._encode_real(b["image"], b["image_erased"], need_id)
-            jobs = {"x_ba": (s_b, f_a), "x_ab": (s_a, f_b)}
-            if w["recon_x_w"] > 0:
-                jobs.update(x_a_recon=(s_a, f_a), x_b_recon=(s_b, f_b))
-            logits_pos_a = logits_pos_b = None
+            # per real batch: (image, erased view, whether its logits are needed), in the original's order
+            reals = {"a": (a["image"], a["image_erased"], w["id_w"] > 0),
+                     "b": (b["image"], b["image_erased"], w["id_w"] > 0)}
             if w["recon_xp_w"] > 0 or w["pid_w"] > 0:
-                need_pid = w["pid_w"] > 0
-                fp_a, pos_a = self._encode_real(a["pos"], a["pos_erased"], need_pid)
-                fp_b, pos_b = self._encode_real(b["pos"], b["pos_erased"], need_pid)
-                if need_pid:
-                    logits_pos_a, logits_pos_b = pos_a[0], pos_b[0]
-                if w["recon_xp_w"] > 0:
-                    jobs.update(x_a_recon_p=(s_a, fp_a), x_b_recon_p=(s_b, fp_b))
+                reals.update(pos_a=(a["pos"], a["pos_erased"], w["pid_w"] > 0),
+                             pos_b=(b["pos"], b["pos_erased"], w["pid_w"] > 0))
+            f, logits = self._encode_reals(reals)
+            jobs = {"x_ba": (s_b, f["a"]), "x_ab": (s_a, f["b"])}
+            if w["recon_x_w"] > 0:
+                jobs.update(x_a_recon=(s_a, f["a"]), x_b_recon=(s_b, f["b"]))
+            if w["recon_xp_w"] > 0:
+                jobs.update(x_a_recon_p=(s_a, f["pos_a"]), x_b_recon_p=(s_b, f["pos_b"]))
             # one decoder call for every image: the decoder has no batch-dependent layer
             s_all = torch.cat([s for s, _ in jobs.values()])
             f_all = torch.cat([f for _, f in jobs.values()])
             images = dict(zip(jobs, self.run_gen("decode", s_all, f_all).chunk(len(jobs))))
         return Forward(x_a=a["image"], x_b=b["image"], l_a=a["label"], l_b=b["label"], s_a=s_a, s_b=s_b,
-                       f_a=f_a, f_b=f_b, x_ab=images["x_ab"], x_ba=images["x_ba"],
+                       f_a=f["a"], f_b=f["b"], x_ab=images["x_ab"], x_ba=images["x_ba"],
                        x_a_recon=images.get("x_a_recon"), x_b_recon=images.get("x_b_recon"),
                        x_a_recon_p=images.get("x_a_recon_p"), x_b_recon_p=images.get("x_b_recon_p"),
-                       logits_a=logits_a, logits_b=logits_b, logits_pos_a=logits_pos_a,
-                       logits_pos_b=logits_pos_b)
+                       logits_a=logits.get("a"), logits_b=logits.get("b"),
+                       logits_pos_a=logits["pos_a"][0] if "pos_a" in logits else None,
+                       logits_pos_b=logits["pos_b"][0] if "pos_b" in logits else None)
 
     def _structure_input(self, real: torch.Tensor) -> torch.Tensor:
         """What E_s sees of the real images: the images (E_s takes their grey mean), or with
@@ -512,16 +522,51 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             return real
         return remap_gray(to_gray(real), self.cfg["structure_jitter"])
 
-    def _encode_real(self, image: torch.Tensor, erased: torch.Tensor, logits: bool
-                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """E_a on one real half: the appearance code of the clean image and, if asked, the logits of the
-        erased view. The code is detached inside E_a, so its pass needs no autograd graph."""
-        one_pass = logits and self.cfg["erasing_p"] == 0  # the erased view is then the image itself
-        with torch.set_grad_enabled(one_pass and torch.is_grad_enabled()):
-            f, p1, p2 = self.run_id(image)
-        if logits and not one_pass:
-            _, p1, p2 = self.run_id(erased)
-        return f, ((p1, p2) if logits else None)
+    def _encode_reals(self, reals: dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """E_a on real batches {name: (image, erased view, logits wanted)}: the appearance codes of the clean
+        images and the logits of the erased views that are wanted, as ({name: f}, {name: (p1, p2)}).
+
+        As in the original, E_a sees every clean image first, then the erased views (reference 4.1): two
+        calls, each over all its batches (`_id_calls`). The codes are detached inside E_a, so the clean pass
+        needs no autograd graph. With erasing_p 0 the erased view is the image: one pass gives both.
+        """
+        one_pass = self.cfg["erasing_p"] == 0
+        clean = [name for name, (_, _, wanted) in reals.items() if not (one_pass and wanted)]
+        erased = [name for name, (_, _, wanted) in reals.items() if wanted]
+        codes, logits = {}, {}
+        with torch.no_grad():
+            for name, (f, _, _) in zip(clean, self._id_calls([reals[name][0] for name in clean])):
+                codes[name] = f
+        for name, (f, p1, p2) in zip(erased, self._id_calls([reals[name][0 if one_pass else 1] for name in erased])):
+            logits[name] = (p1, p2)
+            if one_pass:
+                codes[name] = f
+        return codes, logits
+
+    def _id_calls(self, batches: list[torch.Tensor], frozen: bool = False
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """E_a's (f, logits1, logits2) on each batch, as separate calls in this order would give them, in one
+        call on the concatenation: each batch is normalized by its own BatchNorm statistics, which move the
+        running statistics in turn (reIDmodel.sub_batches). One network pass instead of one per batch: on a
+        GPU, DG-Net's pace is set by the number of operators launched (BENCHMARKS.md). Where E_a's
+        BatchNorms cannot split a batch (SyncBatchNorm), the calls stay separate.
+
+        frozen: E_a's live weights with gradients stopped at them, BatchNorm per `train_bn` (frozen_call).
+        """
+        if frozen:
+            def call(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return frozen_call(self.id_a, x, train_bn=self.cfg["train_bn"])
+        else:
+            call = self.run_id
+        if not batches:
+            return []
+        if len(batches) == 1 or not splits_batches(self.id_a):
+            return [call(x) for x in batches]
+        sizes = [len(x) for x in batches]
+        with sub_batches(self.id_a, sizes):
+            outputs = call(torch.cat(batches))
+        return list(zip(*(t.split(sizes) for t in outputs)))
 
     def _dis_pairs(self, fakes: list[torch.Tensor], reals: list[torch.Tensor],
                    r1_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,7 +613,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         (f is detached, E_a runs frozen on generated images); the ReID losses on real images, the teacher
         KL and the fine-grained loss on detached generated images reach E_a only.
         """
-        cfg, zero = self.cfg, torch.zeros((), device=self.device)
+        zero = torch.zeros((), device=self.device)
         losses = dict.fromkeys(("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher"), zero)
         self._zero_grad(("gen", "id"))
         with self._autocast():
@@ -589,8 +634,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             # the identity loss (appearance provider's label), and the codes for recon_f and the cycle.
             if w["recon_id_w"] > 0 or w["recon_f_w"] > 0 or cyc_on:
                 with torch.set_grad_enabled(w["recon_id_w"] > 0 and torch.is_grad_enabled()):
-                    f_a_recon, p_ba, _ = frozen_call(self.id_a, fw.x_ba, train_bn=cfg["train_bn"])
-                    f_b_recon, p_ab, _ = frozen_call(self.id_a, fw.x_ab, train_bn=cfg["train_bn"])
+                    (f_a_recon, p_ba, _), (f_b_recon, p_ab, _) = self._id_calls([fw.x_ba, fw.x_ab], frozen=True)
                 if w["recon_id_w"] > 0:
                     losses["recon_id"] = w["recon_id_w"] * (_ce(p_ba, fw.l_a) + _ce(p_ab, fw.l_b))
                 if w["recon_f_w"] > 0:  # both codes are detached: reported, no gradient (see module doc)
@@ -644,15 +688,17 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         """
         loss = torch.zeros((), device=self.device)
         # x_ba has a's appearance and b's structure; x_ab the reverse
-        for x, appearance, structure in ((fw.x_ba, fw.l_a, fw.l_b), (fw.x_ab, fw.l_b, fw.l_a)):
-            x = x.detach()
-            _, p1, p2 = self.run_id(x)  # live E_a in train mode, each half on its own (BatchNorm)
+        swaps = [fw.x_ba.detach(), fw.x_ab.detach()]
+        appearance, structure = [fw.l_a, fw.l_b], [fw.l_b, fw.l_a]
+        outputs = self._id_calls(swaps)  # live E_a in train mode, each swap with its own BatchNorm statistics
+        if w["T_w"] > 0:  # one teacher call for both swaps: it is in eval mode, so nothing depends on the batch
+            targets = self.soft_labels(torch.cat(swaps), torch.cat(appearance), torch.cat(structure)).chunk(2)
+        for k, (_, p1, p2) in enumerate(outputs):
             if w["T_w"] > 0:
-                target = self.soft_labels(x, appearance, structure)
-                kl = F.kl_div(F.log_softmax(p1.float(), dim=1), target, reduction="batchmean")
+                kl = F.kl_div(F.log_softmax(p1.float(), dim=1), targets[k], reduction="batchmean")
                 loss = loss + w["T_w"] * kl
             if w["B_w"] > 0:
-                loss = loss + w["B_w"] * _ce(p2, structure)
+                loss = loss + w["B_w"] * _ce(p2, structure[k])
         return loss
 
     @torch.no_grad()
@@ -671,7 +717,8 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             raise UserError(f"teacher_style {style} needs a teacher: set `teacher:` to a trained one "
                             f"({TRAIN_TEACHER})")
         # the teacher is in eval mode, so the image and its mirror can share one call
-        logits = self.teacher(torch.cat([x, x.flip(3)])).float()
+        with self._autocast():  # its matrix weights may be in the autocast dtype (see __init__)
+            logits = self.teacher(torch.cat([x, x.flip(3)])).float()
         probs = F.softmax(logits, dim=1).view(2, len(x), -1).mean(0)
         if style == 1:
             return F.one_hot(probs.argmax(1), n).float()

@@ -297,9 +297,10 @@ def count_ops(job: Job, warmup: int, start: int, top: int = 15) -> dict[str, Any
         hooks.append(module.register_forward_pre_hook(counter(name)))
         hooks += [child.register_forward_pre_hook(counter(f"{name}.{child_name}"))
                   for child_name, child in module.named_children()]
+    batches = job.batches()  # outside the count: the loaders' own operators run in workers on a GPU machine
     try:
         with CountOps():
-            job.trainer.train_step(start + warmup, *job.batches())
+            job.trainer.train_step(start + warmup, *batches)
     finally:
         for hook in hooks:
             hook.remove()

@@ -86,10 +86,11 @@ def test_channels_last_and_fused_optimizers_change_a_cpu_step_only_by_rounding()
             assert d <= 0.1 * n + 1e-7, (name, key, d, n)
             diff, total = diff + d * d, total + n * n
     assert diff ** 0.5 < 1e-2 * total ** 0.5
-    # later steps drift apart a little (those sign flips), and no more
+    # the next step drifts apart a little (those sign flips), and no more: the teacher KL on the swaps, the
+    # most sensitive term, moves by 1-3% depending on the draws (dropout, erasing); the step after is chaotic
     a, b = step(plain, 1), step(fast, 1)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=3e-2, atol=1e-6, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=5e-2, atol=1e-6, msg=key)
 
 
 def test_a_channels_last_checkpoint_resumes_without_it_and_back() -> None:

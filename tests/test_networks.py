@@ -352,6 +352,11 @@ def test_frozen_call_grads_buffers_and_modes():
     torch.testing.assert_close(N.frozen_call(net, x, train_bn=False), copy.deepcopy(net).eval()(x))
     assert net.training and net[1].training and net[2].training
     assert all(torch.equal(v, dict(net.named_buffers())[k]) for k, v in buffers.items())
+    assert net[1].track_running_stats  # switched off for the call only
+    # the running statistics are read in place, not copied: eval mode sees their current values
+    with torch.no_grad():
+        net[1].running_mean.add_(1.0)
+    torch.testing.assert_close(N.frozen_call(net, x, train_bn=False), copy.deepcopy(net).eval()(x))
 
 
 # ---- precision, memory format, compile ----

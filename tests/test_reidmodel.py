@@ -213,3 +213,50 @@ def test_backbone_from_a_reid_checkpoint(tmp_path):
         net = R.build_backbone("resnet18", last_stride=1, pretrained=str(tmp_path / name))
         for key, value in net.state_dict().items():
             assert torch.equal(value, teacher.model.state_dict()[key]), key
+
+
+def test_sub_batches_match_separate_calls():
+    """One call on concatenated batches under `sub_batches`: the outputs, gradients and running statistics
+    of separate calls in that order, including the classifier heads' BatchNorm1d."""
+    import copy
+
+    torch.manual_seed(0)
+    ea = R.AppearanceEncoder(5, backbone="resnet18").train()
+    for m in ea.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # dropout masks would be drawn differently
+    separate = copy.deepcopy(ea)
+    batches = [torch.randn(4, 3, 64, 32) * (k + 1) + k for k in range(3)]  # statistics differ per batch
+    expected = [separate(x) for x in batches]
+    assert R.splits_batches(ea)
+    with R.sub_batches(ea, [4, 4, 4]):
+        got = ea(torch.cat(batches))
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.cat([out[k] for out in expected]))
+    for (name, b), b_separate in zip(ea.named_buffers(), separate.buffers()):
+        torch.testing.assert_close(b, b_separate, msg=name)  # the same order of running-statistic moves
+    sum(out[1].square().sum() for out in expected).backward()
+    got[1].square().sum().backward()
+    for (name, p), p_separate in zip(ea.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(p.grad, p_separate.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # the setting ends with the block; a joint call normalizes over the whole batch, which differs
+    joint = ea(torch.cat(batches))[1]
+    assert not torch.allclose(joint, got[1], atol=1e-3)
+    with pytest.raises(ValueError, match="add up"), R.sub_batches(ea, [4, 4]):
+        ea(torch.cat(batches))
+    # eval mode reads the running statistics: the batch does not matter, nor do the sub-batches
+    ea.eval()
+    with R.sub_batches(ea, [6, 6]):
+        torch.testing.assert_close(ea(torch.cat(batches))[1], ea(torch.cat(batches))[1])
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(ea)
+    assert not R.splits_batches(ea)
+
+
+def test_sub_batch_norm_keeps_the_state_dict_keys():
+    plain = torchvision.models.resnet18(weights=None)
+    plain.fc = torch.nn.Identity()
+    ours = R.build_backbone("resnet18", last_stride=2)
+    assert isinstance(ours.bn1, R.SubBatchNorm2d)
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(plain.state_dict(), strict=True)

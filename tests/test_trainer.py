@@ -312,6 +312,61 @@ def test_state_dict_round_trip_continues_bit_for_bit() -> None:
             assert torch.equal(p, q), (name, key)
 
 
+def test_e_a_runs_clean_then_erased_batches_in_one_call_each() -> None:
+    """E_a's BatchNorm running statistics after the forward are those of the original's eight calls in its
+    order (the four clean images, then the four erased views), from two network calls; the frozen pass on
+    the swaps leaves them alone, and the teacher loss's live pass moves them once per swap."""
+    import copy
+
+    trainer = make_trainer(*ALL_ON)
+    reference = copy.deepcopy(trainer.id_a)
+    calls = []
+    hook = trainer.id_a.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    a, b = make_batch(0), make_batch(1)
+    w = loss_weights(trainer.cfg, 1)
+    fw = trainer.forward(a, b, w)
+    assert calls == [4 * BATCH, 4 * BATCH]
+    with torch.no_grad():
+        for x in (a["image"], b["image"], a["pos"], b["pos"], a["image_erased"], b["image_erased"],
+                  a["pos_erased"], b["pos_erased"]):
+            reference(x)
+    for (name, buf), expected in zip(trainer.id_a.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(buf, expected, msg=name)
+
+    calls.clear()
+    trainer.gen_update(fw, w)
+    hook.remove()
+    assert calls == [2 * BATCH, 2 * BATCH]  # the frozen pass on both swaps, the teacher loss's live pass
+    with torch.no_grad():
+        reference(fw.x_ba)
+        reference(fw.x_ab)
+    for (name, buf), expected in zip(trainer.id_a.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(buf, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_e_a_calls_stay_separate_where_batch_norms_cannot_split() -> None:
+    trainer = make_trainer()
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.id_a)  # what sync_bn does in a process group
+    calls = []
+    trainer.id_a.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    outputs = trainer._id_calls([torch.randn(BATCH, 3, H, W), torch.randn(BATCH, 3, H, W)])
+    assert calls == [BATCH, BATCH] and [out[1].shape for out in outputs] == [(BATCH, NUM_CLASSES)] * 2
+
+
+def test_the_frozen_teacher_keeps_its_weights_in_the_autocast_dtype() -> None:
+    x = torch.randn(BATCH, 3, 32, 16)
+    plain = make_trainer("crop_image_height=32", "crop_image_width=16")
+    cast = make_trainer("amp=bf16", "crop_image_height=32", "crop_image_width=16")
+    convs = [m for m in cast.teacher.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert convs and all(p.dtype == torch.bfloat16 for m in convs for p in m.parameters())
+    norms = [m for m in cast.teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    labels = torch.arange(BATCH) % NUM_CLASSES
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast computes with the fp32 teacher
+        expected = plain.soft_labels(x, labels, labels)
+    torch.testing.assert_close(cast.soft_labels(x, labels, labels), expected)
+
+
 def test_bf16_autocast_train_step_on_cpu() -> None:
     # 32x16 images: CPUs without bf16 instructions run bf16 convolutions on a slow path
     trainer = make_trainer(*ALL_ON, "amp=bf16", "crop_image_height=32", "crop_image_width=16", "dis.pad_type=zero")
