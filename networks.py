@@ -47,13 +47,12 @@ def instance_norm(x: torch.Tensor, scale: torch.Tensor | None = None, bias: torc
 
     `scale`/`bias` are (B, C): each sample gets its own. This equals the original's AdaIN, which ran
     `batch_norm` in training mode on the input reshaped to 1 x (B*C) x H x W. The output scale is used as
-    is (no "1 +"), like the original.
+    is (no "1 +"), like the original. Computed as a group norm with one group per channel: one fused
+    kernel instead of a chain of elementwise operators (G runs about 40 of these per iteration).
     """
-    x32 = x.float()
-    var, mean = torch.var_mean(x32, dim=(2, 3), keepdim=True, correction=0)
-    y = (x32 - mean) * torch.rsqrt(var + eps)
+    y = F.group_norm(x.float(), x.shape[1], eps=eps)
     if scale is not None:
-        y = y * scale.float()[:, :, None, None] + bias.float()[:, :, None, None]
+        y = torch.addcmul(bias.float()[:, :, None, None], y, scale.float()[:, :, None, None])
     return y.to(x.dtype)
 
 

@@ -42,7 +42,7 @@ DOWNLOAD_TIMEOUT_S = 15.0
 # BatchNorm over sub-batches: several E_a calls in one
 # ---------------------------------------------------------------------------------------------------------
 
-class _SubBatchNorm:
+class _SubBatchNorm(nn.modules.batchnorm._BatchNorm):
     """A BatchNorm that can treat its batch as consecutive sub-batches, each normalized by its own statistics.
 
     DG-Net runs E_a on several batches per iteration (clean and erased views, positives, both swaps), and in
@@ -56,12 +56,23 @@ class _SubBatchNorm:
     sub_batches: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = super().forward  # type: ignore[misc]
+        norm = super().forward
         if len(self.sub_batches) < 2 or not self.training:
             return norm(x)
         if sum(self.sub_batches) != len(x):
             raise ValueError(f"sub-batches {self.sub_batches} do not add up to the batch of {len(x)}")
-        return torch.cat([norm(part) for part in x.split(self.sub_batches)])
+        parts = x.split(self.sub_batches)
+        if self.momentum is None:  # a cumulative average: each sub-batch's factor depends on the count
+            return torch.cat([norm(part) for part in parts])
+        # What `norm` does per part, with the batch counter bumped once for all of them (one operator less
+        # per sub-batch, the same count)
+        self._check_input_dim(x)
+        tracked = self.track_running_stats
+        if tracked and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(len(parts))
+        mean, var = (self.running_mean, self.running_var) if tracked else (None, None)
+        return torch.cat([F.batch_norm(part, mean, var, self.weight, self.bias, True,
+                                       self.momentum, self.eps) for part in parts])
 
 
 class SubBatchNorm1d(_SubBatchNorm, nn.BatchNorm1d):

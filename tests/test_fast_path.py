@@ -83,7 +83,8 @@ def test_channels_last_and_fused_optimizers_change_a_cpu_step_only_by_rounding()
             if p.grad is None:
                 continue
             d, n = (q.grad - p.grad).norm().item(), p.grad.norm().item()
-            assert d <= 0.1 * n + 1e-7, (name, key, d, n)
+            # 1e-6: a bias right before an instance norm has a gradient of exactly 0 but for rounding
+            assert d <= 0.1 * n + 1e-6, (name, key, d, n)
             diff, total = diff + d * d, total + n * n
     assert diff ** 0.5 < 1e-2 * total ** 0.5
     # the next step drifts apart a little (those sign flips), and no more: the teacher KL on the swaps, the

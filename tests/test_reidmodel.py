@@ -215,9 +215,10 @@ def test_backbone_from_a_reid_checkpoint(tmp_path):
             assert torch.equal(value, teacher.model.state_dict()[key]), key
 
 
-def test_sub_batches_match_separate_calls():
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: a cumulative average, the count matters
+def test_sub_batches_match_separate_calls(momentum):
     """One call on concatenated batches under `sub_batches`: the outputs, gradients and running statistics
-    of separate calls in that order, including the classifier heads' BatchNorm1d."""
+    (batch counters included) of separate calls in that order, including the heads' BatchNorm1d."""
     import copy
 
     torch.manual_seed(0)
@@ -225,6 +226,8 @@ def test_sub_batches_match_separate_calls():
     for m in ea.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # dropout masks would be drawn differently
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
     separate = copy.deepcopy(ea)
     batches = [torch.randn(4, 3, 64, 32) * (k + 1) + k for k in range(3)]  # statistics differ per batch
     expected = [separate(x) for x in batches]
