@@ -263,3 +263,22 @@ def test_sub_batch_norm_keeps_the_state_dict_keys():
     assert isinstance(ours.bn1, R.SubBatchNorm2d)
     assert list(ours.state_dict()) == list(plain.state_dict())
     ours.load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_sub_batches_compile_in_one_graph():
+    """`compile: true` compiles E_a: the split BatchNorm traces as one graph (aot_eager: no C++ compiler)."""
+    import copy
+
+    torch.manual_seed(0)
+    ea = R.AppearanceEncoder(5, backbone="resnet18").train()
+    for m in ea.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    separate = copy.deepcopy(ea)
+    ea.compile(backend="aot_eager", fullgraph=True)
+    batches = [torch.randn(4, 3, 64, 32) * (k + 1) for k in range(2)]
+    with R.sub_batches(ea, [4, 4]):
+        logits = ea(torch.cat(batches))[1]
+    torch.testing.assert_close(logits, torch.cat([separate(x)[1] for x in batches]))
+    for b, b_separate in zip(ea.buffers(), separate.buffers()):
+        torch.testing.assert_close(b, b_separate)
