@@ -83,23 +83,25 @@ class SubBatchNorm2d(_SubBatchNorm, nn.BatchNorm2d):
     """nn.BatchNorm2d with `sub_batches` (same parameters, buffers and state-dict keys)."""
 
 
-def splits_batches(module: nn.Module) -> bool:
-    """Whether every BatchNorm in `module` can split its batch (none was converted to SyncBatchNorm)."""
-    return all(isinstance(m, _SubBatchNorm) for m in module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+def split_norms(module: nn.Module) -> list[_SubBatchNorm] | None:
+    """The BatchNorms of `module`, for `sub_batches`; None if one of them cannot split its batch (it was
+    converted to SyncBatchNorm)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return norms if all(isinstance(m, _SubBatchNorm) for m in norms) else None
 
 
 @contextmanager
-def sub_batches(module: nn.Module, sizes: list[int]) -> Iterator[None]:
-    """Inside: a call of `module` on `torch.cat` of batches of these sizes normalizes each batch by its own
-    BatchNorm statistics, as separate calls in that order would (`splits_batches(module)` must hold)."""
-    layers = [m for m in module.modules() if isinstance(m, _SubBatchNorm)]
-    for m in layers:
-        m.sub_batches = tuple(sizes)
+def sub_batches(norms: list[_SubBatchNorm], sizes: list[int]) -> Iterator[None]:
+    """Inside: a call of the module that holds `norms` (`split_norms(module)`) on `torch.cat` of batches of
+    these sizes normalizes each batch by its own BatchNorm statistics, as separate calls in that order
+    would. The list is an argument so that a training loop finds the layers once, not at every call."""
+    sizes = tuple(sizes)
+    for m in norms:
+        m.sub_batches = sizes
     try:
         yield
     finally:
-        for m in layers:
+        for m in norms:
             m.sub_batches = ()
 
 

@@ -62,7 +62,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
-from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, splits_batches, sub_batches
+from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
 from utils import UserError, latest_checkpoint, load_checkpoint, load_config
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
@@ -433,6 +433,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         self.run_gen: nn.Module = MethodCall(gen)
         self.run_dis: nn.Module = dis
         self.run_id: nn.Module = id_
+        self.id_norms = split_norms(id_)  # E_a's BatchNorms for `_id_calls` (None: the calls stay separate)
         # D without batch-dependent layers scores the a and b halves in one call
         self.dis_batched = cfg["dis"]["norm"] != "bn"
         if teacher is None and self.needs_teacher(cfg):
@@ -461,6 +462,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         Call once, after a checkpoint was loaded. The frozen-weight passes keep using the bare modules.
         """
         self._sync_bn(self.id_a, dist)
+        self.id_norms = split_norms(self.id_a)  # SyncBatchNorm cannot split a batch
         self.run_gen = dist.wrap(self.run_gen)  # the MethodCall of __init__ (compiled when `compile` is on)
         self.run_dis = dist.wrap(self.dis_a)
         self.run_id = dist.wrap(self.id_a)
@@ -561,10 +563,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             call = self.run_id
         if not batches:
             return []
-        if len(batches) == 1 or not splits_batches(self.id_a):
+        if len(batches) == 1 or self.id_norms is None:
             return [call(x) for x in batches]
         sizes = [len(x) for x in batches]
-        with sub_batches(self.id_a, sizes):
+        with sub_batches(self.id_norms, sizes):
             outputs = call(torch.cat(batches))
         return list(zip(*(t.split(sizes) for t in outputs)))
 

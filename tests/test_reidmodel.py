@@ -231,8 +231,9 @@ def test_sub_batches_match_separate_calls(momentum):
     separate = copy.deepcopy(ea)
     batches = [torch.randn(4, 3, 64, 32) * (k + 1) + k for k in range(3)]  # statistics differ per batch
     expected = [separate(x) for x in batches]
-    assert R.splits_batches(ea)
-    with R.sub_batches(ea, [4, 4, 4]):
+    norms = R.split_norms(ea)
+    assert norms and all(isinstance(m, (R.SubBatchNorm1d, R.SubBatchNorm2d)) for m in norms)
+    with R.sub_batches(norms, [4, 4, 4]):
         got = ea(torch.cat(batches))
     for k in range(3):
         torch.testing.assert_close(got[k], torch.cat([out[k] for out in expected]))
@@ -246,14 +247,14 @@ def test_sub_batches_match_separate_calls(momentum):
     # the setting ends with the block; a joint call normalizes over the whole batch, which differs
     joint = ea(torch.cat(batches))[1]
     assert not torch.allclose(joint, got[1], atol=1e-3)
-    with pytest.raises(ValueError, match="add up"), R.sub_batches(ea, [4, 4]):
+    with pytest.raises(ValueError, match="add up"), R.sub_batches(norms, [4, 4]):
         ea(torch.cat(batches))
     # eval mode reads the running statistics: the batch does not matter, nor do the sub-batches
     ea.eval()
-    with R.sub_batches(ea, [6, 6]):
+    with R.sub_batches(norms, [6, 6]):
         torch.testing.assert_close(ea(torch.cat(batches))[1], ea(torch.cat(batches))[1])
     torch.nn.SyncBatchNorm.convert_sync_batchnorm(ea)
-    assert not R.splits_batches(ea)
+    assert R.split_norms(ea) is None
 
 
 def test_sub_batch_norm_keeps_the_state_dict_keys():
@@ -277,7 +278,7 @@ def test_sub_batches_compile_in_one_graph():
     separate = copy.deepcopy(ea)
     ea.compile(backend="aot_eager", fullgraph=True)
     batches = [torch.randn(4, 3, 64, 32) * (k + 1) for k in range(2)]
-    with R.sub_batches(ea, [4, 4]):
+    with R.sub_batches(R.split_norms(ea), [4, 4]):
         logits = ea(torch.cat(batches))[1]
     torch.testing.assert_close(logits, torch.cat([separate(x)[1] for x in batches]))
     for b, b_separate in zip(ea.buffers(), separate.buffers()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from reIDmodel import Teacher
+from reIDmodel import Teacher, split_norms
 from trainer import (
     BaselineTrainer,
     DGNet_Trainer,
@@ -347,6 +347,8 @@ def test_e_a_runs_clean_then_erased_batches_in_one_call_each() -> None:
 def test_e_a_calls_stay_separate_where_batch_norms_cannot_split() -> None:
     trainer = make_trainer()
     torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.id_a)  # what sync_bn does in a process group
+    trainer.id_norms = split_norms(trainer.id_a)  # as `distribute` does after converting
+    assert trainer.id_norms is None
     calls = []
     trainer.id_a.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
     outputs = trainer._id_calls([torch.randn(BATCH, 3, H, W), torch.randn(BATCH, 3, H, W)])
