@@ -215,20 +215,25 @@ def test_backbone_from_a_reid_checkpoint(tmp_path):
             assert torch.equal(value, teacher.model.state_dict()[key]), key
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])  # None: a cumulative average, the count matters
-def test_sub_batches_match_separate_calls(momentum):
-    """One call on concatenated batches under `sub_batches`: the outputs, gradients and running statistics
-    (batch counters included) of separate calls in that order, including the heads' BatchNorm1d."""
+def encoder_and_copy(momentum: float | None = 0.1) -> tuple[R.AppearanceEncoder, R.AppearanceEncoder]:
+    """A train-mode E_a without dropout (its masks would be drawn differently per call) and a copy of it."""
     import copy
 
     torch.manual_seed(0)
     ea = R.AppearanceEncoder(5, backbone="resnet18").train()
     for m in ea.modules():
         if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0  # dropout masks would be drawn differently
+            m.p = 0.0
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = momentum
-    separate = copy.deepcopy(ea)
+    return ea, copy.deepcopy(ea)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: a cumulative average, the count matters
+def test_sub_batches_match_separate_calls(momentum):
+    """One call on concatenated batches under `sub_batches`: the outputs, gradients and running statistics
+    (batch counters included) of separate calls in that order, including the heads' BatchNorm1d."""
+    ea, separate = encoder_and_copy(momentum)
     batches = [torch.randn(4, 3, 64, 32) * (k + 1) + k for k in range(3)]  # statistics differ per batch
     expected = [separate(x) for x in batches]
     norms = R.split_norms(ea)
@@ -268,14 +273,7 @@ def test_sub_batch_norm_keeps_the_state_dict_keys():
 
 def test_sub_batches_compile_in_one_graph():
     """`compile: true` compiles E_a: the split BatchNorm traces as one graph (aot_eager: no C++ compiler)."""
-    import copy
-
-    torch.manual_seed(0)
-    ea = R.AppearanceEncoder(5, backbone="resnet18").train()
-    for m in ea.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    separate = copy.deepcopy(ea)
+    ea, separate = encoder_and_copy()
     ea.compile(backend="aot_eager", fullgraph=True)
     batches = [torch.randn(4, 3, 64, 32) * (k + 1) for k in range(2)]
     with R.sub_batches(R.split_norms(ea), [4, 4]):
