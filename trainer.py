@@ -11,12 +11,14 @@ Naming follows reference/dgnet.md: x_a, x_b real images with labels l_a, l_b; s 
 x_ab = G(s_a, f_b). Every loss is reference 4.2's, at the weights of 4.6, with the routing of 4.5.
 
 Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py), for the README:
-- The teacher stays frozen in eval mode (no dropout, BatchNorm running statistics) for the whole run. The
-  original's teacher slipped into full train mode at the first image dump (its `sample()` ended with
-  `self.train()`), so its soft labels came from a stochastic, batch-statistics teacher (reference 4.4).
-- Loss weights are a pure function of the iteration: w(it) = min(cap, init + max(0, it - warm) * warm_scale).
-  This is the original's ramp (it added warm_scale inside every gen_update with iteration > warm), up to
-  float rounding of the repeated additions, and it survives a resume (the original's ramps restarted at 0).
+- The teacher stays frozen in eval mode (no dropout, BatchNorm running statistics) for the whole run. With
+  `train_bn: true` (the default) the original's teacher had its BatchNorms in train mode from construction,
+  and slipped into full train mode, dropout too, at the first image dump (its `sample()` ended with
+  `self.train()`), so its soft labels came from a stochastic, batch-statistics teacher.
+- Loss weights are a pure function of the iteration (`loss_weights`), so they survive a resume (the
+  original's ramps restarted at 0). They equal the original's values at every iteration, bit for bit,
+  including its order: a ramped term runs if its weight before this iteration's increment is > 0, and is
+  weighted in the total by the incremented one.
 - LR schedulers step after the optimizers (PyTorch's order); the multiplier used at iteration `it` is the
   original's, which stepped before them (see `lr_multiplier`). The E_a scheduler resumes like the others
   (the original restarted it at 0).
@@ -48,6 +50,7 @@ Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py)
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -112,17 +115,40 @@ def resolve_switch(cfg: dict, key: str, device: torch.device) -> bool:
 def loss_weights(cfg: dict, it: int) -> dict[str, float]:
     """Every loss weight at iteration `it` (completed iterations, 0-based, the original's `iterations`).
 
-    Ramped: w(it) = min(cap, init + max(0, it - warm) * warm_scale), so with the defaults teacher_w is 0 up
-    to iteration 30000, 0.0005 at 30001 and reaches its cap 2 at 34000. Fixed weights are read as they are.
+    Ramped: ramp(k) = min(cap, init + max(0, k - warm) * warm_scale). The original added warm_scale to each
+    ramped weight inside gen_update, after it had used the weight as it stood to decide whether the term
+    runs at all and to weight the fine-grained head on real images, and just before it summed the total
+    with the incremented weight. So each ramped key holds the weight in the total, ramp(it), and
+    `<key>_before` the weight before this iteration's increment, ramp(it - 1), which gates the term: with
+    the defaults teacher_w is 0.0005 at iteration 30001 but teacher_w_before is 0, so the teacher term
+    starts at 30002; teacher_w reaches its cap 2 at 34000. Fixed weights are read as they are.
     """
     weights = {key: float(cfg[key]) for key in FIXED_WEIGHTS}
-    for key, (cap, warm) in RAMPED_WEIGHTS.items():
-        weights[key] = min(float(cfg[cap]), cfg[key] + max(0, it - cfg[warm]) * cfg["warm_scale"])
+    for key in RAMPED_WEIGHTS:
+        weights[key], weights[f"{key}_before"] = _ramp(cfg, key, it), _ramp(cfg, key, it - 1)
     # R1's weight: LAMBDA at every D step, or with lazy R1 (dis.r1_every N) N x LAMBDA at every N-th step,
     # the same penalty on average for 1/N of its cost (StyleGAN2's lazy regularization)
     every = cfg["dis"]["r1_every"]
     weights["r1"] = float(cfg["dis"]["LAMBDA"]) * every if it % every == 0 else 0.0
     return weights
+
+
+def _ramp(cfg: dict, key: str, k: int) -> float:
+    """A ramped weight after the original's increments of iterations warm + 1 .. k."""
+    cap, warm = RAMPED_WEIGHTS[key]
+    steps = _ramp_steps(float(cfg[key]), float(cfg[cap]), float(cfg["warm_scale"]))
+    return steps[min(max(0, k - cfg[warm]), len(steps) - 1)]
+
+
+@functools.lru_cache(maxsize=16)
+def _ramp_steps(init: float, cap: float, scale: float) -> tuple[float, ...]:
+    """The original's ramp as it computed it: one float addition of `scale` per iteration, then the cap, so
+    the weights equal its values bit for bit (init + n * scale differs in the last bits). Ends at the cap:
+    about 4,000 values at the defaults."""
+    steps = [init]
+    while scale > 0 and steps[-1] != cap:
+        steps.append(min(cap, steps[-1] + scale))
+    return tuple(steps)
 
 
 def lr_multiplier(cfg: dict, position: int, gamma: float) -> float:
@@ -626,20 +652,21 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             if w["recon_xp_w"] > 0:
                 losses["xp"] = w["recon_xp_w"] * (_l1(fw.x_a_recon_p, fw.x_a) + _l1(fw.x_b_recon_p, fw.x_b))
 
-            cyc_on = w["recon_x_cyc_w"] > 0
-            if w["recon_s_w"] > 0 or cyc_on:
+            # a ramped term runs if its weight before this iteration's increment is > 0 (loss_weights)
+            cyc_on = w["recon_x_cyc_w_before"] > 0
+            if w["recon_s_w_before"] > 0 or cyc_on:
                 s_a_recon, s_b_recon = self._reencode_structure(fw.x_ab, fw.x_ba)
-                if w["recon_s_w"] > 0:
+                if w["recon_s_w_before"] > 0:
                     losses["s"] = w["recon_s_w"] * (_l1(s_a_recon, fw.s_a) + _l1(s_b_recon, fw.s_b))
 
             # E_a with frozen weights on the generated images [the original's per-iteration copy of id_a]:
             # the identity loss (appearance provider's label), and the codes for recon_f and the cycle.
-            if w["recon_id_w"] > 0 or w["recon_f_w"] > 0 or cyc_on:
+            if w["recon_id_w"] > 0 or w["recon_f_w_before"] > 0 or cyc_on:
                 with torch.set_grad_enabled(w["recon_id_w"] > 0 and torch.is_grad_enabled()):
                     (f_a_recon, p_ba, _), (f_b_recon, p_ab, _) = self._id_calls([fw.x_ba, fw.x_ab], frozen=True)
                 if w["recon_id_w"] > 0:
                     losses["recon_id"] = w["recon_id_w"] * (_ce(p_ba, fw.l_a) + _ce(p_ab, fw.l_b))
-                if w["recon_f_w"] > 0:  # both codes are detached: reported, no gradient (see module doc)
+                if w["recon_f_w_before"] > 0:  # both codes are detached: reported, no gradient (see module doc)
                     losses["f"] = w["recon_f_w"] * (_l1(f_a_recon, fw.f_a) + _l1(f_b_recon, fw.f_b))
                 if cyc_on:  # x_aba = G(E_s(x_ab), E_a(x_ba)), x_bab = G(E_s(x_ba), E_a(x_ab))
                     x_aba, x_bab = self.run_gen("decode", torch.cat([s_a_recon, s_b_recon]),
@@ -652,13 +679,14 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
                 # The fine-grained head on real images follows the teacher ramp. At weight 0 the term is still
                 # there, as in the original: classifier2 gets zero gradients, so SGD's weight decay and momentum
                 # act on it during the warm-up, and every E_a parameter has a gradient at every iteration
-                # (what DDP without find_unused_parameters needs).
-                fine_w = w["teacher_w"] * w["B_w"]
+                # (what DDP without find_unused_parameters needs). Its weight is the teacher's before this
+                # iteration's increment, as the original computed it.
+                fine_w = w["teacher_w_before"] * w["B_w"]
                 ident = ident + fine_w * (_ce(p2_a, fw.l_a) + _ce(p2_b, fw.l_b))
                 losses["id"] = w["id_w"] * ident
             if w["pid_w"] > 0:
                 losses["pid"] = w["pid_w"] * (_ce(fw.logits_pos_a, fw.l_a) + _ce(fw.logits_pos_b, fw.l_b))
-            if w["teacher_w"] > 0 and (w["T_w"] > 0 or w["B_w"] > 0):
+            if w["teacher_w_before"] > 0 and (w["T_w"] > 0 or w["B_w"] > 0):
                 losses["teacher"] = w["teacher_w"] * self._teacher_loss(fw, w)
 
         total = sum(losses.values())

@@ -15,7 +15,7 @@ from utils import UserError, load_config
 CPU = torch.device("cpu")
 NUM_CLASSES, BATCH, H, W = 5, 4, 64, 32
 FAST = ("channels_last=always", "fused_optim=always")
-ALL_ON = ("warm_iter=0", "warm_teacher_iter=0", "warm_scale=10.0")
+ALL_ON = ("recon_s_w=1", "recon_f_w=1", "recon_x_cyc_w=2", "teacher_w=2")
 
 
 def tiny_cfg(*opts: str) -> dict:

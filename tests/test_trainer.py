@@ -13,6 +13,7 @@ import yaml
 
 from reIDmodel import Teacher, split_norms
 from trainer import (
+    RAMPED_WEIGHTS,
     BaselineTrainer,
     DGNet_Trainer,
     batch_hard_triplet,
@@ -27,8 +28,8 @@ from utils import UserError, checkpoint_path, dump_config, load_config, save_che
 CPU = torch.device("cpu")
 NUM_CLASSES = 5
 H, W, BATCH = 64, 32, 4
-# every ramped weight at its cap from iteration 1 on
-ALL_ON = ("warm_iter=0", "warm_teacher_iter=0", "warm_scale=10.0")
+# every ramped weight at its cap from the first iteration on
+ALL_ON = ("recon_s_w=1", "recon_f_w=1", "recon_x_cyc_w=2", "teacher_w=2")
 GEN_TERMS = ("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher")
 
 
@@ -71,9 +72,10 @@ def changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str
 
 
 def only(**weights: float) -> dict[str, float]:
-    """A weight dict with every term off except the given ones."""
+    """A weight dict with every term off except the given ones (a ramped one on since the last iteration)."""
     w = dict.fromkeys(loss_weights(tiny_cfg(), 0), 0.0)
     w.update(weights)
+    w.update({f"{key}_before": value for key, value in weights.items() if key in RAMPED_WEIGHTS})
     return w
 
 
@@ -91,11 +93,45 @@ def test_resolve_amp() -> None:
         resolve_amp("fp32", CPU)
 
 
+def original_warm_up(cfg: dict, iterations: int) -> list[tuple[dict, dict]]:
+    """The original's ramps as its gen_update ran them, per iteration: (the weights it read to decide which
+    ramped terms run and to weight the fine-grained head on real images, the weights in the total). It
+    mutated its hyperparameter dict once per call, after those reads and just before the total."""
+    caps = {"recon_f_w": "max_w", "recon_s_w": "max_w", "recon_x_cyc_w": "max_cyc_w"}
+    hp = {key: cfg[key] for key in RAMPED_WEIGHTS}
+    seen = []
+    for iteration in range(iterations):
+        read = dict(hp)
+        if iteration > cfg["warm_iter"]:
+            for key, cap in caps.items():
+                hp[key] += cfg["warm_scale"]
+                hp[key] = min(hp[key], cfg[cap])
+        if iteration > cfg["warm_teacher_iter"]:
+            hp["teacher_w"] += cfg["warm_scale"]
+            hp["teacher_w"] = min(hp["teacher_w"], cfg["max_teacher_w"])
+        seen.append((read, dict(hp)))
+    return seen
+
+
+@pytest.mark.parametrize("config", [None, "configs/quickstart/dgnet.yaml", "configs/quickstart/dgnet_long.yaml"])
+def test_loss_weights_equal_the_original_at_every_iteration(config: str | None) -> None:
+    cfg = load_config(config)
+    end = max(cfg["warm_iter"], cfg["warm_teacher_iter"]) + 5000  # past every cap
+    for it, (read, total) in enumerate(original_warm_up(cfg, end)):
+        w = loss_weights(cfg, it)
+        assert {k: w[k] for k in RAMPED_WEIGHTS} == total, it  # exactly: the same float additions
+        assert {k: w[f"{k}_before"] for k in RAMPED_WEIGHTS} == read, it
+
+
 def test_loss_weights_ramp_like_the_original() -> None:
     cfg = load_config(None)  # warm-ups at 30000, +0.0005 per iteration
     w = lambda it: loss_weights(cfg, it)
-    assert w(30000)["teacher_w"] == 0.0
-    assert w(30001)["teacher_w"] == pytest.approx(0.0005)
+    assert w(30000)["teacher_w"] == 0.0 == w(30000)["teacher_w_before"]
+    # the first increment: in the total, but the terms it gates are still off (the original's order)
+    assert w(30001)["teacher_w"] == pytest.approx(0.0005) and w(30001)["teacher_w_before"] == 0.0
+    assert w(30001)["recon_s_w"] == pytest.approx(0.0005) and w(30001)["recon_s_w_before"] == 0.0
+    assert w(30002)["teacher_w_before"] == pytest.approx(0.0005)
+    assert w(34000)["teacher_w_before"] == pytest.approx(2.0 - 0.0005)
     assert w(32000)["teacher_w"] == pytest.approx(1.0)
     assert w(34000)["teacher_w"] == pytest.approx(2.0)
     assert w(30000 + 4000 + 1)["teacher_w"] == 2.0 == w(100000)["teacher_w"]  # capped at max_teacher_w
@@ -187,9 +223,10 @@ def test_train_step_trains_every_part_and_reports_weighted_terms() -> None:
 def test_ramped_terms_are_zero_exactly_while_their_weight_is() -> None:
     trainer = make_trainer("warm_iter=3", "warm_teacher_iter=3", "warm_scale=0.5")
     ramped = ("s", "f", "cyc", "teacher")
-    off = trainer.train_step(3, make_batch(0), make_batch(1))
-    assert all(float(off[k]) == 0.0 for k in ramped), off
-    on = trainer.train_step(4, make_batch(2), make_batch(3))
+    for it in (3, 4):  # at 4 the weights are 0.5 in the total, but were 0 when the original read them
+        off = trainer.train_step(it, make_batch(0), make_batch(1))
+        assert all(float(off[k]) == 0.0 for k in ramped), (it, off)
+    on = trainer.train_step(5, make_batch(2), make_batch(3))
     assert all(float(on[k]) > 0.0 for k in ramped), on
 
     no_gan = make_trainer("gan_w=0", "pid_w=0")
