@@ -172,7 +172,7 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     try:
         generator.load_state_dict(weights["gen"])
         encoder.load_state_dict(weights["id"])
-    except (RuntimeError, KeyError) as err:
+    except RuntimeError as err:
         raise UserError(f"{path} does not fit the run's config ({one_line(err)[:200]}); drop the --opts that "
                         "change the networks") from None
     return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, int(state["iteration"]), run_dir)
