@@ -23,6 +23,7 @@ whole batch) is not reproduced.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -575,6 +576,15 @@ def _running_stats_off(norms: list[nn.Module]) -> Iterator[None]:
             m.track_running_stats = tracked
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` failed, in a few words. A refused pickle is named as such:
+    PyTorch's own message suggests weights_only=False, which would run whatever code the file holds."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds pickled Python objects, refused because loading them could run code"
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict saved by the original (`{'a': state_dict}`) or by DataParallel (`module.` keys)."""
     if not os.path.isfile(path):
@@ -582,7 +592,7 @@ def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or pickled objects that weights_only refuses
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = load_failure(exc)
         raise ValueError(f"could not read {path} as a state dict ({reason}): give a file saved with "
                          "torch.save(state_dict) or the original's {'a': state_dict}") from None
     if isinstance(state, dict) and set(state) == {"a"} and isinstance(state["a"], dict):
@@ -645,6 +655,40 @@ def build_generator(cfg: dict) -> Generator:
     return Generator(input_dim=cfg["input_dim_a"], dim=g["dim"], n_downsample=g["n_downsample"],
                      n_res=g["n_res"], mlp_dim=g["mlp_dim"], id_dim=g["id_dim"], activ=g["activ"],
                      pad_type=g["pad_type"], dropout=g["dropout"], tanh=g["tanh"], init=g["init"])
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def check_image_size(cfg: dict) -> None:
+    """Raise one ValueError line when G and D cannot take crop_image_height x crop_image_width images.
+
+    - E_s halves the size `gen.n_downsample` times (rounding up) and the decoder doubles it back: the
+      reconstruction has the input's size only when both sides are multiples of 2^n_downsample.
+    - The ASPP's dilation-9 reflect/replicate padding needs the structure map larger than 9 on each side.
+    - D pools each scale to half (rounding up) and halves it again `dis.n_layer` times; its 3x3 reflect
+      paddings need at least 2 pixels on the smallest map.
+    E_a and the teacher (ResNets with adaptive pooling) take any size.
+    """
+    h, w = cfg["crop_image_height"], cfg["crop_image_width"]
+    g, d = cfg["gen"], cfg["dis"]
+    multiple = 2 ** g["n_downsample"]
+    if h % multiple or w % multiple:
+        raise ValueError(f"crop_image_height x crop_image_width is {h}x{w}: use multiples of {multiple} for both "
+                         f"(2^gen.n_downsample: only then does the decoder give back the input size), e.g. "
+                         f"{_round_up(h, multiple)}x{_round_up(w, multiple)}")
+    if g["pad_type"] != "zero" and min(h, w) // multiple <= 9:
+        least = 10 * multiple
+        raise ValueError(f"crop_image_height x crop_image_width is {h}x{w}: the structure map ({h // multiple}x"
+                         f"{w // multiple}) is too small for the ASPP's {g['pad_type']} padding; use at least "
+                         f"{max(h, least)}x{max(w, least)}, fewer gen.n_downsample stages, or gen.pad_type: zero")
+    halvings = d["num_scales"] - 1 + d["n_layer"] - (0 if d["n_res"] > 0 else 1)
+    if d["pad_type"] == "reflect" and -(-min(h, w) // 2 ** halvings) < 2:
+        least = 2 ** halvings + 1
+        raise ValueError(f"crop_image_height x crop_image_width is {h}x{w}: D's smallest map is under 2 pixels "
+                         f"for its reflect padding; use at least {least} pixels a side, fewer dis.num_scales or "
+                         "dis.n_layer, or dis.pad_type: zero")
 
 
 def build_discriminator(cfg: dict) -> MsImageDis:

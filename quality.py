@@ -58,6 +58,7 @@ from torchvision.transforms import InterpolationMode
 from data.datasets import DatasetSplits, Record
 from data.loaders import image_size, read_image
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from networks import load_failure
 from utils import UserError
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -452,7 +453,7 @@ def load_inception(path: str | Path, device: torch.device) -> nn.Module:
         model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
         model.load_state_dict(state)
     except Exception as err:  # unreadable file or another network's weights: one line either way
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = load_failure(err)
         raise UserError(f"--fid-weights {path} are not torchvision's Inception v3 weights ({reason[:160]}); "
                         f"{fid_hint().split('; ', 1)[1]}") from None
     model.fc = nn.Identity()

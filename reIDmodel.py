@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from networks import check_state_fits, read_original_state
+from networks import check_state_fits, load_failure, read_original_state
 
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 NUM_STRIPES = 4  # horizontal stripes of the appearance code
@@ -139,16 +139,11 @@ def _download(url: str, dst: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
             os.remove(tmp)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_weights_file(path: str, what: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or pickled objects that weights_only refuses
-        raise ValueError(f"could not read {what} {path} as a state dict ({_reason(exc)}): give a file saved "
+        raise ValueError(f"could not read {what} {path} as a state dict ({load_failure(exc)}): give a file saved "
                          "with torch.save(state_dict)") from None
     if not isinstance(state, dict):
         raise ValueError(f"{what} {path} does not hold a state dict: give a file saved with "
@@ -169,7 +164,7 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise FileNotFoundError(
                 f"ImageNet weights for {backbone} are not cached and could not be downloaded "
-                f"({_reason(exc)}): download {url} to {path}, or set `pretrained: none` (or a path to a "
+                f"({load_failure(exc)}): download {url} to {path}, or set `pretrained: none` (or a path to a "
                 "state dict) in the config") from None
     return _load_weights_file(path, "ImageNet weights")
 
@@ -232,7 +227,7 @@ def build_backbone(backbone: str = "resnet50", last_stride: int = 1, pretrained:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"the pretrained weights ({pretrained}) do not fit a torchvision {backbone} "
-                             f"({_reason(exc)}): give {backbone} weights, or set `pretrained: none`"
+                             f"({load_failure(exc)}): give {backbone} weights, or set `pretrained: none`"
                              ) from None
     if last_stride == 1:
         block = net.layer4[0]
@@ -290,7 +285,7 @@ class AppearanceEncoder(nn.Module):
 
     f: the last feature map pooled (max by default) to 4 horizontal stripes and flattened channel-major, so
     f[:, c*4 + k] is channel c in stripe k and the decoder's 4 consecutive chunks are channel groups, as in
-    the original. f is *detached*: generation losses never train E_a (reference 4.5). The heads see the
+    the original. f is *detached*: generation losses never train E_a (as in the original). The heads see the
     global pool (max by default: the original's `pool: max` made its "avgpool" a max pool).
     """
 

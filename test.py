@@ -4,10 +4,10 @@
                    [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
 
-Features follow DG-Net's protocol (reference/dgnet.md §6): each image and its horizontal flip go through
-the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each L2-normalized,
-the two passes are summed and each half normalized again; at query time the fine-grained half is weighted
-by `--alpha` (0.5 is what DG-Net reports). A teacher's feature is its 512-d bottleneck, flip-summed and
+Features follow DG-Net's protocol (the original's reid_eval/test_2label.py): each image and its horizontal
+flip go through the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each
+L2-normalized, the two passes are summed and each half normalized again; at query time the fine-grained half
+is weighted by `--alpha` (0.5 is what DG-Net reports). A teacher's feature is its 512-d bottleneck, flip-summed and
 normalized. `--multi` (Market-1501's gt_bbox/ or a multi-query/ folder) replaces each query by the mean
 feature of the multi-query images of its identity and camera.
 
@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,15 @@ from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
 from data.loaders import build_test_loader, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
-from utils import UserError, checkpoint_path, latest_checkpoint, load_checkpoint, load_config, one_line
+from utils import (
+    UserError,
+    check_run_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_config,
+    one_line,
+    run_folder,
+)
 
 HALF = 512  # each head's bottleneck width
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -72,20 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_run(name: str, output_path: str = ".", which_iter: str = "last", config: str | None = None,
              opts: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(checkpoint state, config, run folder) of a run; `config` replaces the run's config.yaml."""
-    run_dir = Path(output_path) / "outputs" / name
-    if which_iter == "last":
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
-    elif which_iter == "best":  # the best validation mAP (train.py with val_ids > 0)
-        path = run_dir / "checkpoints" / "best.pt"
-        if not path.is_file():
-            raise UserError(f"{run_dir} has no best.pt: it is written when training validates (val_ids > 0)")
-    else:
-        if not which_iter.isdigit():
-            raise UserError(f"--which_iter must be an iteration number, last or best, got {which_iter!r}")
-        path = checkpoint_path(run_dir, int(which_iter))
-    state = load_checkpoint(path)
+    run_dir = run_folder(output_path, name)
+    path = find_checkpoint(run_dir, which_iter)
+    state = check_run_checkpoint(load_checkpoint(path), path)
     cfg_file = Path(config) if config else run_dir / "config.yaml"
     if config and not cfg_file.is_file():
         raise UserError(f"--config {config}: no such file")
@@ -96,14 +93,19 @@ def load_run(name: str, output_path: str = ".", which_iter: str = "last", config
 def load_model(state: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The run's ReID model: E_a of a DG-Net run, or the teacher of a baseline run, in eval mode."""
     models = state["trainer"]["models"]
-    if state["kind"] == "baseline":
-        weights = models["teacher"]
-        model = build_teacher(cfg, weights["classifier.classifier.0.weight"].shape[0], pretrained="none")
-    else:
-        weights = models["id"]
-        model = build_appearance_encoder(cfg, weights["classifier1.classifier.0.weight"].shape[0],
-                                         pretrained="none")
-    model.load_state_dict(weights)
+    try:
+        if state["kind"] == "baseline":
+            weights = models["teacher"]
+            model = build_teacher(cfg, weights["classifier.classifier.0.weight"].shape[0], pretrained="none")
+        else:
+            weights = models["id"]
+            model = build_appearance_encoder(cfg, weights["classifier1.classifier.0.weight"].shape[0],
+                                             pretrained="none")
+        model.load_state_dict(weights)
+    except (KeyError, RuntimeError, ValueError) as err:  # another network's weights, or --opts that change it
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"the checkpoint's {state['kind']} weights do not fit the network of its config "
+                        f"({reason}); drop the --opts or --config that change the network") from None
     return model.to(device).eval()
 
 
@@ -377,11 +379,15 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, alpha=args.alpha,
                                    batch_size=args.batch_size)
     results = predictor.search(query, gallery, args.topk, label=True)
-    out = Path(args.output_path) / "outputs" / args.name / "results" / "search.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "topk": args.topk,
-                               "results": results}, indent=2) + "\n")
-    return {"file": str(out), "results": results}
+    out = run_folder(args.output_path, args.name) / "results" / "search.json"
+
+    def write() -> list[Path]:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "topk": args.topk,
+                                   "results": results}, indent=2) + "\n")
+        return [out]
+
+    return {"results": results, "write": write}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,7 +401,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ranklist K needs K >= 1, got {args.ranklist}")
 
 
-def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
+    """The metrics of a run, and the function that writes them with the features (and rank lists)."""
     _check_args(args)
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
     state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter, args.config, opts)
@@ -425,18 +432,35 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     query_f = weight_query(query_f, halves, args.alpha)
     distmat = reranked_distances(query_f, gf) if args.rerank else None  # the metrics and rank lists share it
     summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat))
-    results = run_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
-    out = results / f"{state['iteration']:08d}{suffix}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    files = [out, *save_features(results, state["iteration"], parts)]
-    if args.ranklist:
-        files.append(results / "ranklist")
-        write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
-                        args.ranklist_queries, distmat=distmat)
-    summary["files"] = [str(f) for f in files]
-    return summary
+
+    def write(results: Path) -> list[Path]:
+        results.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+        out = results / f"{state['iteration']:08d}{suffix}.json"
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        files = [out, *save_features(results, state["iteration"], parts)]
+        if args.ranklist:
+            files.append(results / "ranklist")
+            write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
+                            args.ranklist_queries, distmat=distmat)
+        return files
+
+    return summary, lambda: write(run_dir / "results")
+
+
+def write_results(write: Callable[[], list[Path]]) -> bool:
+    """Run the deferred writes of `evaluate_run` after the metrics were printed; say what was written or,
+    in one line, what could not be (the metrics on the screen are the work that remains)."""
+    try:
+        files = write()
+    except OSError as err:
+        where = err.filename or "the results folder"
+        print(f"error: could not write {where} ({err.strerror or err}); the metrics above were not saved: make the "
+              "run's results/ folder writable and run test.py again", file=sys.stderr)
+        return False
+    for f in files:
+        print(f"written: {f}")
+    return True
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -450,8 +474,6 @@ def print_summary(s: dict[str, Any]) -> None:
     if s.get("multi_query_missing"):
         print(f"{s['multi_query_missing']} queries had no multi-query image of their identity and camera and "
               "kept their own feature")
-    for f in s["files"]:
-        print(f"written: {f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,13 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(r["query"])
                 for m in r["matches"]:
                     print(f"  {m['score']:.4f}  {m['path']}")
-            print(f"written: {found['file']}")
-            return 0
-        print_summary(evaluate_run(args))
+            sys.stdout.flush()
+            return 0 if write_results(found["write"]) else 2
+        summary, write = evaluate_run(args)
+        print_summary(summary)  # first: the metrics are not lost when the run folder cannot be written
+        sys.stdout.flush()
+        return 0 if write_results(write) else 2
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

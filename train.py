@@ -3,10 +3,13 @@
     python train.py --config configs/teacher/market.yaml --trainer baseline   # the teacher
     python train.py --config configs/latest.yaml                              # DG-Net
     python train.py --config configs/latest.yaml --resume                     # continue exactly
+    python train.py --resume --name latest --which_iter 20000                 # continue from an older one
     python train.py --config configs/latest.yaml --gpu_ids 0,1                # DDP, one process per GPU
 
 A run lives in `<output_path>/outputs/<name>/`: `config.yaml` (resolved), `checkpoints/<iteration>.pt`
-(the whole run state), `images/` (grids and index.html), `logs/` (tensorboard), `src/` (the code).
+(the whole run state), `images/` (grids and index.html), `logs/` (tensorboard), `src/` (the code),
+`config_changes.log` (what each `--resume --opts` changed, from which iteration). While it trains, `.lock`
+keeps any second train.py out of the folder. Bad input is refused before the folder is created.
 The loop is at the bottom of this file: one `train_step` per iteration, then the periodic steps.
 """
 from __future__ import annotations
@@ -29,15 +32,20 @@ import distributed
 from data.loaders import TestSet, TrainSet, build_dgnet_loaders, build_teacher_loader, image_size, load_splits
 from utils import (
     REPO_ROOT,
+    RunLock,
     UserError,
+    check_run_checkpoint,
+    check_writable,
     checkpoint_path,
     config_help,
     dump_config,
+    find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_config,
     one_line,
+    run_folder,
     save_checkpoint,
     seed_everything,
     write_grid,
@@ -55,10 +63,14 @@ SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reID
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/latest.yaml", help="YAML config (default: configs/latest.yaml)")
-    p.add_argument("--trainer", default="DGNet", choices=TRAINERS, help="DGNet, or baseline for the teacher")
+    p.add_argument("--trainer", choices=TRAINERS,
+                   help="DGNet (default), or baseline for the teacher; with --resume: the run's own kind")
     p.add_argument("--name", help="run name (default: the config file's base name)")
     p.add_argument("--output_path", default=".", help="runs go to OUTPUT_PATH/outputs/NAME (default: .)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its newest checkpoint")
+    p.add_argument("--which_iter", default="last",
+                   help="with --resume: the checkpoint to continue from, an iteration number, last (default) or "
+                        "best; newer checkpoints are moved to checkpoints/superseded_<date>/")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. max_iter=10")
     p.add_argument("--evaluate", action="store_true",
                    help="with --resume: evaluate the run's newest checkpoint on the test split (as test.py does) "
@@ -68,10 +80,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_run_folder(run_dir: Path, cfg: dict[str, Any]) -> None:
+# Keys a resumed run cannot take from --opts: the checkpoint restores what they decided.
+FIXED_ON_RESUME = {
+    "seed": "the run's random streams continue from the checkpoint",
+    "pretrained": "the weights come from the checkpoint",
+    "gen.init": "the weights come from the checkpoint",
+    "lr_policy": "the LR schedulers are restored from the checkpoint",
+}
+CHANGES_FILE = "config_changes.log"
+
+
+def flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key -> (value in the checkpoint's config, value now) for every key that differs."""
+    old, new = flat(before), flat(after)
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def check_resume_changes(changes: dict[str, tuple[Any, Any]]) -> None:
+    """Refuse an --opts change that a resumed run could only record, not apply."""
+    for key, (old, new) in changes.items():
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"--resume: {key} cannot change from {old!r} to {new!r} ({FIXED_ON_RESUME[key]}); "
+                            f"drop {key} from --opts, or start a new run with another --name")
+
+
+def prepare_run_folder(run_dir: Path, cfg: dict[str, Any], changes: str | None = None) -> None:
+    """The run's subfolders, its resolved config and a copy of its code; `changes` (a resume's --opts) is
+    appended to config_changes.log, so config.yaml and that log together say what ran from when."""
     for sub in ("checkpoints", "images", "logs", "src"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    if changes:
+        with open(run_dir / CHANGES_FILE, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {changes}\n")
     for name in SOURCE_FILES:  # the code that defines the run, as the original kept its copies
         src, dst = REPO_ROOT / name, run_dir / "src" / name
         if src.is_dir():
@@ -206,7 +254,8 @@ def format_seconds(seconds: float) -> str:
 
 
 class ImageGrids:
-    """DG-Net's grids (reference 4.10): rows x, reconstruction, cycle, swap; a2b and b2a; train and test."""
+    """DG-Net's grids (the original trainer's `sample()`): rows x, reconstruction, cycle, swap; a2b and b2a;
+    train and test."""
 
     def __init__(self, cfg: dict[str, Any], splits: Any, trainer: Any, image_dir: Path, writer: Any,
                  device: torch.device):
@@ -387,42 +436,117 @@ def resume_rng(state: dict[str, Any], dist: distributed.Dist) -> None:
               "order continues exactly, dropout and the other random draws do not", flush=True)
 
 
-def setup(args: argparse.Namespace, dist: distributed.Dist) -> tuple[Any, ...]:
-    """Everything that can fail on bad input, before any file is written or any network is shared."""
-    name = args.name or Path(args.config).stem
-    run_dir = Path(args.output_path) / "outputs" / name
-    resume_from = None
-    if args.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None or not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
-        cfg = load_config(run_dir / "config.yaml", args.opts)
-    else:
-        if latest_checkpoint(run_dir) is not None:
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
-        cfg = load_config(args.config, args.opts)
+KINDS = {"DGNet": "DG-Net", "baseline": "teacher (--trainer baseline)"}
+
+
+def check_resume(args: argparse.Namespace, state: dict[str, Any], cfg: dict[str, Any],
+                 run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """A resume continues the run's own kind, forward, with only the --opts changes it can apply."""
+    kind = state["kind"]
+    if args.trainer is not None and args.trainer != kind:
+        raise UserError(f"--resume: {run_dir} is a {KINDS[kind]} run and cannot continue as "
+                        f"{KINDS[args.trainer]}; drop --trainer, or start the new run with another --name")
+    if cfg["max_iter"] < state["iteration"]:
+        raise UserError(f"--resume: the checkpoint is at iteration {state['iteration']}, past max_iter "
+                        f"{cfg['max_iter']}; continue with --opts max_iter=N, N larger than {state['iteration']}")
+    changes = config_changes(state["config"], cfg)
+    check_resume_changes(changes)
+    return changes
+
+
+def check_networks_take(cfg: dict[str, Any], kind: str) -> None:
+    """DG-Net's G and D take only some image sizes (networks.check_image_size); the teacher takes any."""
+    if kind != "DGNet":
+        return
+    from networks import check_image_size
+
+    try:
+        check_image_size(cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None) -> tuple[Any, ...]:
+    """Everything that can fail on bad input, before any file is written or any network is shared.
+
+    The config is read and checked first; only then does rank 0 create and lock the run folder (`lock`),
+    and what is already in the folder (a run, its checkpoints) is looked at under the lock.
+    """
+    name = args.name if args.name is not None else Path(args.config).stem
+    run_dir = run_folder(args.output_path, name)
+    if args.resume and not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: no run in {run_dir} (no config.yaml); check --name and --output_path")
+    cfg = load_config(run_dir / "config.yaml" if args.resume else args.config, args.opts)
     if cfg["sync_bn"] and dist.world_size > 1 and dist.device.type != "cuda":
         raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a CPU run")
+    if not args.resume:  # a resume learns its kind from the checkpoint, below
+        check_networks_take(cfg, args.trainer or "DGNet")
+    if lock is not None:
+        check_writable(run_dir, "the run folder")
+        lock.acquire(run_dir)
+    state, changes = None, {}
+    if args.resume:
+        resume_from = find_checkpoint(run_dir, args.which_iter)
+        state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
+        changes = check_resume(args, state, cfg, run_dir)
+    elif latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
+    kind = state["kind"] if state else (args.trainer or "DGNet")
+    if state:
+        check_networks_take(cfg, kind)
 
     # Each process its own random stream (dropout, the re-encoding coin); the models start from rank 0's
     # weights, which DDP broadcasts.
     seed_everything(cfg["seed"] + dist.rank)
     splits = load_splits(cfg)
-    state = load_checkpoint(resume_from) if resume_from else None
-    kind = state["kind"] if state else args.trainer
     loaders = build_loaders(kind, cfg, splits, dist)
     trainer = build_trainer(kind, cfg, splits.num_classes, dist.device)
     if state:
+        from_config = trainer.optimizer_settings()
         trainer.load_state_dict(state["trainer"])
+        applied = trainer.apply_optimizer_settings(from_config)  # --opts lr_g=... takes effect on resume
+        if applied and dist.is_main:
+            print(f"applied to the restored optimizers: {'; '.join(applied)}", flush=True)
         for key, loader in loaders.items():
             loader.load_state_dict(state["loaders"][key])
-    return name, run_dir, cfg, splits, state, kind, trainer, loaders
+    return name, run_dir, cfg, splits, state, kind, trainer, loaders, changes
+
+
+def supersede_newer(run_dir: Path, start: int) -> None:
+    """Resuming from an older checkpoint: the newer ones belong to the abandoned continuation. They move to
+    checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again."""
+    newer = [p for it, p in list_checkpoints(run_dir) if it > start]
+    if not newer:
+        return
+    folder = run_dir / "checkpoints" / f"superseded_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(exist_ok=True)
+    for path in newer:
+        path.rename(folder / path.name)
+    print(f"moved {len(newer)} newer checkpoint(s) ({', '.join(p.name for p in newer)}) to {folder}: the run "
+          f"continues from iteration {start}", flush=True)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], start: int) -> str | None:
+    if not changes:
+        return None
+    return (f"resumed at iteration {start} with " +
+            ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
 
 
 def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
-    """One process's training: the whole run in a plain run, its share under DDP."""
+    """One process's training: the whole run in a plain run, its share under DDP. Rank 0 holds the run
+    folder's lock from setup to the end, whatever the exit."""
+    lock = RunLock() if dist.is_main else None
     try:
-        setup_error, prepared = None, setup(args, dist)
+        return train_locked(args, dist, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None) -> int:
+    try:
+        setup_error, prepared = None, setup(args, dist, lock)
     except UserError as err:
         setup_error, prepared = err, None
     # Ranks agree before the first collective of the model: a bad input stops every one of them.
@@ -430,13 +554,23 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     first = next((f for f in failures if f is not None), None)
     if first is not None:
         raise distributed.SharedError(first)
-    name, run_dir, cfg, splits, state, kind, trainer, loaders = prepared
-    trainer.distribute(dist)
+    name, run_dir, cfg, splits, state, kind, trainer, loaders, changes = prepared
     start = state["iteration"] if state else 0
+    if start >= cfg["max_iter"]:
+        if dist.is_main:
+            print(f"{run_dir} is complete (iteration {start}, max_iter {cfg['max_iter']}): nothing to train; "
+                  f"continue it with --opts max_iter=N, N larger than {start}", flush=True)
+        return 0
+    trainer.distribute(dist)
 
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:
-        prepare_run_folder(run_dir, cfg)
+        if state:
+            supersede_newer(run_dir, start)
+        prepare_run_folder(run_dir, cfg, describe_changes(changes, start))
+        if changes:
+            print(f"{describe_changes(changes, start)} (recorded in {run_dir / 'config.yaml'} and {CHANGES_FILE})",
+                  flush=True)
         from tensorboardX import SummaryWriter
 
         writer: Any = SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None)
@@ -529,9 +663,10 @@ def evaluate_run(args: argparse.Namespace) -> int:
         raise UserError("--evaluate evaluates an existing run: use it with --resume (and --name)")
     import test
 
-    name = args.name or Path(args.config).stem
+    name = args.name if args.name is not None else Path(args.config).stem
     overrides = ["--opts", *args.opts] if args.opts else []
-    return test.main(["--name", name, "--output_path", args.output_path, *overrides])
+    return test.main(["--name", name, "--output_path", args.output_path, "--which_iter", args.which_iter,
+                      *overrides])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ parts are "gen" (E_s, decoder and MLPs: the original's `gen_a`), "dis" (D, `dis_
 ReID heads, `id_a`); the teacher is frozen and kept outside the table. Loss weights (`loss_weights`) and
 LR multipliers (`lr_multiplier`) are pure functions of the iteration, so a resumed run continues exactly.
 
-Naming follows reference/dgnet.md: x_a, x_b real images with labels l_a, l_b; s = structure code
+Naming follows the original DG-Net's trainer: x_a, x_b real images with labels l_a, l_b; s = structure code
 (E_s, `enc_content`), f = appearance code (E_a); x_ba = G(s_b, f_a) is b's structure in a's appearance,
-x_ab = G(s_a, f_b). Every loss is reference 4.2's, at the weights of 4.6, with the routing of 4.5.
+x_ab = G(s_a, f_b). Every loss term is the original trainer's, at the weights of its warm-up schedules,
+with its gradient routing (which loss reaches which network: see `gen_update`).
 
 Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py), for the README:
 - The teacher stays frozen in eval mode (no dropout, BatchNorm running statistics) for the whole run. With
@@ -393,6 +394,48 @@ class _PartsTrainer:
             self.scaler.load_state_dict(state["scaler"])
 
 
+    def optimizer_settings(self) -> dict[str, list[dict[str, Any]]]:
+        """The config's optimizer settings per part and parameter group (base LR, betas, weight decay), read
+        off the optimizers as built; call before `load_state_dict`, then `apply_optimizer_settings`."""
+        return {name: [{k: group[k] for k in OPTIMIZER_SETTINGS if k in group} | {"lr": base_lr(group)}
+                       for group in part.optimizer.param_groups] for name, part in self.parts.items()}
+
+    def apply_optimizer_settings(self, settings: dict[str, list[dict[str, Any]]]) -> list[str]:
+        """Give the restored optimizers the config's settings where they differ (a resume with --opts lr_g=...),
+        with each LR at the schedule's current multiplier. Returns what changed, e.g. "gen lr 0.0001 -> 5e-05".
+        Nothing is touched when the config is the checkpoint's, so a plain resume stays exact."""
+        changed = []
+        for name, part in self.parts.items():
+            scheduler = part.scheduler
+            for i, (group, want) in enumerate(zip(part.optimizer.param_groups, settings[name])):
+                label = name if i == 0 else f"{name}_{group.get('name', i)}"
+                for key, value in want.items():
+                    if key != "lr" and _differs(group[key], value):
+                        changed.append(f"{label} {key} {group[key]} -> {value}")
+                        group[key] = value
+                if _differs(base_lr(group), want["lr"]):
+                    changed.append(f"{label} base lr {base_lr(group):g} -> {want['lr']:g}")
+                    group["initial_lr" if "initial_lr" in group else "lr"] = want["lr"]
+                if scheduler is not None:
+                    scheduler.base_lrs[i] = group["initial_lr"]
+                    current = group["initial_lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+                    if _differs(group["lr"], current):  # a new base LR, step_size or gamma
+                        group["lr"] = current
+        return changed
+
+
+OPTIMIZER_SETTINGS = ("betas", "weight_decay")
+
+
+def base_lr(group: dict[str, Any]) -> float:
+    """A parameter group's LR before the schedule's multiplier."""
+    return group.get("initial_lr", group["lr"])
+
+
+def _differs(a: Any, b: Any) -> bool:
+    return (tuple(a) != tuple(b)) if isinstance(a, (tuple, list)) else a != b
+
+
 @dataclass
 class Forward:
     """The shared forward pass of one iteration [the original's `forward`], used by both updates.
@@ -555,7 +598,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         """E_a on real batches {name: (image, erased view, logits wanted)}: the appearance codes of the clean
         images and the logits of the erased views that are wanted, as ({name: f}, {name: (p1, p2)}).
 
-        As in the original, E_a sees every clean image first, then the erased views (reference 4.1): two
+        As in the original, E_a sees every clean image first, then the erased views (its iteration order): two
         calls, each over all its batches (`_id_calls`). The codes are detached inside E_a, so the clean pass
         needs no autograd graph. With erasing_p 0 the erased view is the image: one pass gives both.
         """
@@ -636,7 +679,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     def gen_update(self, fw: Forward, w: dict[str, float]) -> dict[str, torch.Tensor]:
         """Joint step of G (Adam) and E_a (SGD) on every generator and ReID loss, one backward.
 
-        The adversarial term uses the D just updated by `dis_update`. Gradient routing (reference 4.5):
+        The adversarial term uses the D just updated by `dis_update`. Gradient routing (the original's):
         reconstructions, the adversarial and the identity loss on generated images reach G and E_s only
         (f is detached, E_a runs frozen on generated images); the ReID losses on real images, the teacher
         KL and the fine-grained loss on detached generated images reach E_a only.
@@ -696,7 +739,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         return {k: v.detach() for k, v in losses.items()}
 
     def _reencode_structure(self, x_ab: torch.Tensor, x_ba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E_s(x_ab), E_s(x_ba)) = (s_a_recon, s_b_recon) on one of the original's two paths (reference 4.5).
+        """(E_s(x_ab), E_s(x_ba)) = (s_a_recon, s_b_recon) on one of the original's two paths.
 
         With probability use_encoder_again: the live E_s on the detached swaps (only E_s learns). Otherwise
         E_s with frozen weights on the swaps themselves: the gradient flows into the swaps and from there

@@ -6,18 +6,29 @@ Values are typed by their defaults, so a typo or a wrong type is caught before a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import math
 import os
 import pickle
 import random
 import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs go unlocked (RunLock says so)
+    fcntl = None
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULTS_PATH = REPO_ROOT / "configs" / "defaults.yaml"
@@ -78,6 +89,57 @@ _NULL_TYPE_TAG = re.compile(r"^\((int|float|str)\)\s*")
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key can take: [low, high], either end open or absent. NaN and the
+    infinities are outside every range."""
+
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and value < self.low:
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, kind: type) -> str:
+        noun = "an integer" if kind is int else "a finite number"
+        if self.high is None:
+            return f"{noun} of {self.low:g} or more" if self.low is not None else noun
+        top = f"below {self.high:g}" if self.high_open else f"{self.high:g}"
+        return f"{noun} from {self.low:g} to {top}"
+
+
+COUNT, SIZE, PROBABILITY = Range(1), Range(0), Range(0, 1)
+# Every int and float key of defaults.yaml is listed (tests/test_config.py checks): a value outside its
+# range is refused when the config is read, before anything runs or is written.
+RANGES: dict[str, Range] = {
+    "crop_image_height": COUNT, "crop_image_width": COUNT, "pad": SIZE, "erasing_p": PROBABILITY,
+    "batch_size": COUNT, "num_instances": COUNT, "num_workers": SIZE, "seed": SIZE,
+    "synthetic.ids": Range(2), "synthetic.images_per_id": Range(4), "synthetic.height": Range(32),
+    "synthetic.width": Range(16), "synthetic.difficulty": PROBABILITY, "synthetic.seed": SIZE,
+    "ID_class": COUNT, "ID_stride": Range(1, 2), "input_dim_a": Range(1, 3),
+    "gen.dim": COUNT, "gen.mlp_dim": COUNT, "gen.id_dim": COUNT, "gen.n_downsample": COUNT,
+    "gen.n_res": COUNT,  # the AdaIN layers live in the residual blocks: 0 would ignore the appearance code
+    "gen.dropout": PROBABILITY,
+    "dis.dim": COUNT, "dis.n_layer": COUNT, "dis.n_res": SIZE, "dis.num_scales": COUNT, "dis.LAMBDA": SIZE,
+    "dis.r1_every": COUNT,
+    **{key: SIZE for key in ("gan_w", "recon_x_w", "recon_xp_w", "recon_id_w", "id_w", "pid_w", "recon_s_w",
+                             "recon_f_w", "recon_x_cyc_w", "teacher_w", "max_w", "max_cyc_w", "max_teacher_w",
+                             "B_w", "T_w", "warm_iter", "warm_teacher_iter", "warm_scale", "triplet_w",
+                             "triplet_margin", "lr_g", "lr_d", "lr2", "weight_decay", "gamma", "gamma2")},
+    "teacher_style": Range(0, 4), "structure_jitter": PROBABILITY, "use_encoder_again": PROBABILITY,
+    "label_smoothing": Range(0, 1, high_open=True), "beta1": Range(0, 1, high_open=True),
+    "beta2": Range(0, 1, high_open=True), "step_size": COUNT, "max_iter": COUNT,
+    "log_iter": COUNT, "image_display_iter": COUNT, "image_save_iter": COUNT, "display_size": COUNT,
+    "snapshot_save_iter": COUNT, "keep_last": COUNT, "val_ids": SIZE, "eval_iter": COUNT,
+    "fidelity_iter": SIZE,  # 0 = off
+}
+
+
 class Schema:
     """Keys, defaults, types and comments, all read from one file (configs/defaults.yaml)."""
 
@@ -128,6 +190,9 @@ class Schema:
         if not ok:
             kind = _TYPE_NAMES.get(want, want.__name__) + (" or null" if nullable else "")
             raise UserError(f"{where}: config key '{key}' must be {kind}, got {value!r}")
+        rule = RANGES.get(key)
+        if rule is not None and not rule.holds(value):
+            raise UserError(f"{where}: config key '{key}' is {value!r}: use {rule.describe(want)}")
         return value
 
 
@@ -308,7 +373,65 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                         "loaded); re-save it as a plain state dict of tensors") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"cannot read checkpoint {path} ({one_line(err)[:200]}); it may be truncated: "
-                        "use an older one") from None
+                        "use an older one (--which_iter N)") from None
+
+
+RUN_PARTS = {"DGNet": ("gen", "dis", "id"), "baseline": ("teacher",)}
+BEST_NAME = "best.pt"
+
+
+def run_folder(output_path: str | os.PathLike, name: str) -> Path:
+    """`<output_path>/outputs/<name>`; `name` must be one plain folder name (no separators, not empty)."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise UserError(f"--name {name!r}: use one plain folder name such as market_dgnet (no '/', not empty, "
+                        "no surrounding spaces)")
+    return Path(output_path) / "outputs" / name
+
+
+def find_checkpoint(run_dir: str | os.PathLike, which_iter: str) -> Path:
+    """The checkpoint `--which_iter` names: an iteration number, last (the newest) or best (the best
+    validation mAP, written when training validates)."""
+    run_dir = Path(run_dir)
+    if which_iter == "last":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise UserError(f"no checkpoint in {run_dir / CHECKPOINT_DIR}; check --name and --output_path")
+        return path
+    if which_iter == "best":
+        path = run_dir / CHECKPOINT_DIR / BEST_NAME
+        if not path.is_file():
+            raise UserError(f"{run_dir} has no {BEST_NAME}: it is written when training validates (val_ids > 0)")
+        return path
+    if not which_iter.isdigit():
+        raise UserError(f"--which_iter must be an iteration number, last or best, got {which_iter!r}")
+    path = checkpoint_path(run_dir, int(which_iter))
+    if not path.is_file():
+        have = ", ".join(str(it) for it, _ in list_checkpoints(run_dir)) or "none"
+        raise UserError(f"no checkpoint of iteration {int(which_iter)} in {run_dir / CHECKPOINT_DIR} (there are: "
+                        f"{have}); give one of those to --which_iter")
+    return path
+
+
+def check_run_checkpoint(state: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`state` if it is a whole-run checkpoint of train.py (kind, iteration, config, the kind's networks),
+    else UserError in one line: a file of the right format with other contents must not fail later with a
+    KeyError deep inside a loader."""
+    def refuse(what: str) -> UserError:
+        return UserError(f"{path} is not a checkpoint written by train.py ({what}); give a run's "
+                         "checkpoints/<iteration>.pt, or another --which_iter")
+
+    if not isinstance(state, dict):
+        raise refuse(f"it holds a {type(state).__name__}, not a run state")
+    missing = [k for k in ("kind", "iteration", "config", "trainer") if k not in state]
+    if missing:
+        raise refuse(f"no {', '.join(repr(k) for k in missing)}")
+    if state["kind"] not in RUN_PARTS:
+        raise refuse(f"unknown kind {state['kind']!r}")
+    models = state["trainer"].get("models") if isinstance(state["trainer"], dict) else None
+    lacking = [p for p in RUN_PARTS[state["kind"]] if not isinstance(models, dict) or p not in models]
+    if lacking or not isinstance(state["config"], dict) or not isinstance(state["iteration"], int):
+        raise refuse(f"a {state['kind']} run state without {', '.join(lacking) or 'a valid config or iteration'}")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,3 +481,132 @@ def write_image_index(image_dir: str | os.PathLike, title: str) -> Path:
     tmp.write_text("\n".join(parts) + "\n")
     os.replace(tmp, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# run folders: one writer at a time
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive `flock` on `<run>/.lock`, held by the one process that writes the run folder.
+
+    flock rather than a pid file: the kernel drops the lock when its holder dies, even by SIGKILL, so a
+    stale lock cannot exist and nothing has to guess whether a recorded pid is still alive (a pid seen from
+    another machine or container, or reused by an unrelated process, would fool that guess). The file
+    records who holds it, for the refusal message only. Loader workers forked while the lock is held close
+    their copy of it, so the lock ends with the run's own process. Where the filesystem has no locks (some
+    network mounts), the run goes on with a warning.
+
+    `acquire` creates the missing folders on the way; `release` (safe to call at any time, and more than
+    once) removes the lock file and every folder it created that is still empty, so a run refused before it
+    wrote anything leaves nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.run_dir, self.path = Path(), Path(LOCK_NAME)
+        self.fd: int | None = None
+        self.created: list[Path] = []
+        os.register_at_fork(after_in_child=self._forget_in_child)
+
+    def acquire(self, run_dir: str | os.PathLike) -> None:
+        """Create `run_dir` as needed and lock it, or raise UserError naming the process that holds it."""
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._make_folders()
+        for _ in range(10):  # the holder may remove the file between our open and lock: lock the new one
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is None:
+                    raise OSError(0, "file locks are not available on this system")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.release()
+                raise UserError(f"{self.run_dir} is in use by another training process{self._holder()}: wait "
+                                "for it to end, or choose another --name") from None
+            except OSError as err:
+                self.fd = fd  # unlocked, but removed on release like a locked one
+                print(f"warning: cannot lock {self.path} ({err.strerror}); make sure no other run writes to "
+                      "this folder", file=sys.stderr, flush=True)
+                return
+            if _same_file(fd, self.path):
+                self.fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                return
+            os.close(fd)
+        raise UserError(f"cannot lock {self.path}: it keeps being replaced; check what else writes to {self.run_dir}")
+
+    def release(self) -> None:
+        """Unlock and remove the lock file (before unlocking: a process that opened the old file sees it gone
+        and locks a new one), then the folders this lock created that are still empty, deepest first."""
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):  # not empty (the run wrote in it) or already gone
+                folder.rmdir()
+        self.created = []
+
+    def _make_folders(self) -> None:
+        missing = []
+        for folder in (self.run_dir, *self.run_dir.parents):
+            if folder.is_dir():
+                break
+            missing.append(folder)
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise UserError(f"cannot create the run folder {self.run_dir}: {folder} is a file") from None
+                continue
+            except OSError as err:
+                self.release()
+                raise UserError(f"cannot create the run folder {self.run_dir} ({err.strerror}): choose a writable "
+                                "--output_path") from None
+            self.created.append(folder)
+
+    def _holder(self) -> str:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return ""
+        return f" ({text})" if text else ""
+
+    def _forget_in_child(self) -> None:
+        # A forked loader worker shares the lock; closing its copy leaves the parent's lock in place.
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.created = []
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open `fd` is still the file at `path` (not one removed and created again meanwhile)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Raise UserError unless `folder` exists as a writable folder or can be created: the nearest existing
+    ancestor must be a folder this process may write in. Writes nothing."""
+    folder = Path(folder)
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            break
+    else:
+        existing = Path(".")
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder} cannot be written ({existing} is read-only to this user); choose "
+                        "another location")

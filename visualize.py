@@ -6,7 +6,7 @@
     python visualize.py generate --name RUN   # DG-Market-style data: every training image, new structures
     python visualize.py metrics  --name RUN   # swap fidelity, reconstruction, SSIM diversity, FID
 
-Common options: --which_iter N|last, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
+Common options: --which_iter N|last|best, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
 overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
 given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination).
 Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation.json and tensorboard).
@@ -41,7 +41,16 @@ from torch import nn
 import quality
 from data.datasets import DatasetSplits, Record, list_images
 from data.loaders import image_size, load_splits
-from utils import UserError, checkpoint_path, latest_checkpoint, load_checkpoint, load_config, one_line, schema
+from utils import (
+    UserError,
+    check_run_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_config,
+    one_line,
+    run_folder,
+    schema,
+)
 
 SPLITS = ("query", "gallery", "train")
 GAP, HEADER_GAP = 2, 6  # pixels between figure cells, and after a header row/column
@@ -56,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--name", help="run name: OUTPUT_PATH/outputs/NAME (with --original: where figures go)")
     common.add_argument("--original", metavar="DIR",
                         help="the original release's checkpoints: DIR with config.yaml, gen_*.pt, id_*.pt")
-    common.add_argument("--which_iter", default="last", help="checkpoint iteration, or last (default)")
+    common.add_argument("--which_iter", default="last",
+                        help="checkpoint iteration, last (default) or best (the best validation mAP)")
     common.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs (default: .)")
     common.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     common.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
@@ -147,20 +157,18 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     from networks import build_generator
     from reIDmodel import build_appearance_encoder
 
-    if which_iter == "last":
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}; check --name and --output_path")
-    else:
-        path = checkpoint_path(run_dir, _iteration(which_iter))
-    state = load_checkpoint(path)
+    path = find_checkpoint(run_dir, which_iter)
+    state = check_run_checkpoint(load_checkpoint(path), path)
     if state.get("kind") != "DGNet":
         raise UserError(f"{path} is a {state.get('kind')} run, which has no generator: give a DG-Net run")
     cfg = load_config(run_dir / "config.yaml", opts) if (run_dir / "config.yaml").is_file() else state["config"]
     weights = state["trainer"]["models"]
     generator = _built(build_generator, cfg)
-    encoder = _built(build_appearance_encoder, cfg, weights["id"]["classifier1.classifier.0.weight"].shape[0],
-                     pretrained="none")
+    head = weights["id"].get("classifier1.classifier.0.weight")
+    if head is None:
+        raise UserError(f"{path} has no appearance-encoder head (classifier1): it is not a DG-Net checkpoint of "
+                        "train.py; give another --which_iter")
+    encoder = _built(build_appearance_encoder, cfg, head.shape[0], pretrained="none")
     try:
         generator.load_state_dict(weights["gen"])
         encoder.load_state_dict(weights["id"])
@@ -252,7 +260,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> Models:
         folder = Path(args.original).expanduser()
         run_dir = Path(args.output_path) / "outputs" / (args.name or folder.resolve().name)
         return load_original(folder, args.which_iter, args.opts, device, run_dir)
-    return load_run(Path(args.output_path) / "outputs" / args.name, args.which_iter, args.opts, device)
+    return load_run(run_folder(args.output_path, args.name), args.which_iter, args.opts, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,6 +542,7 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
                                         fid_images=positive(args.fid_images, "--fid-images"))
     summary = {"run": models.run_dir.name, "iteration": models.iteration, "dataset": splits.name,
                "image_size": list(models.size), **result}
+    print(format_metrics(summary), flush=True)  # first: a folder that cannot be written loses nothing computed
     out = models.run_dir / "results" / "generation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -542,7 +551,6 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
     with SummaryWriter(str(models.run_dir / "logs")) as writer:
         for tag, value in quality.scalars(result).items():
             writer.add_scalar(tag, value, models.iteration)
-    print(format_metrics(summary))
     return [out]
 
 
@@ -591,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         written = run(args)
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a figure or result file that cannot be written
+        print(f"error: could not write {err.filename or 'the output'} ({err.strerror or err}); choose a writable "
+              "--out or --output_path", file=sys.stderr)
         return 2
     if args.command != "metrics":
         for path in written:

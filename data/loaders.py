@@ -225,6 +225,8 @@ def load_splits(cfg: dict[str, Any]) -> DatasetSplits:
         close = difflib.get_close_matches(name, (*DATASETS, "synthetic"), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"dataset: unknown '{name}'{hint}; known: {', '.join(DATASETS)}, synthetic")
+    if Path(cfg["data_root"]).exists() and not Path(cfg["data_root"]).is_dir():
+        raise UserError(f"data_root {cfg['data_root']} is a file: set data_root to the dataset's folder")
     if name == "synthetic":
         _ensure_synthetic(cfg)
         splits = read_dataset("market1501", cfg["data_root"])

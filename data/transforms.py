@@ -1,4 +1,4 @@
-"""Image transforms of DG-Net (reference/dgnet.md §5), with their randomness drawn from an explicit generator.
+"""Image transforms of DG-Net (the original's data pipeline), with their randomness drawn from an explicit generator.
 
 Training: horizontal flip (p 0.5), bicubic resize to (H, W), edge padding, random crop back to (H, W),
 to tensor, ImageNet normalization. Random erasing (Zhong et al.; p `erasing_p`, 2-40 % of the area,

@@ -137,3 +137,38 @@ def test_config_help_lists_every_key():
     text = config_help()
     for key in schema().flat_defaults:
         assert key in text
+
+
+def test_every_numeric_key_has_a_range_that_its_default_is_in():
+    from utils import RANGES
+
+    sch = schema()
+    numeric = {k for k, t in sch.types.items() if t in (int, float)}
+    assert numeric == set(RANGES), "give each int/float key of defaults.yaml a range in utils.RANGES"
+    for key in numeric:
+        default = sch.flat_defaults[key]
+        assert default is None or RANGES[key].holds(default), key
+    for path in (REPO_ROOT / "configs").rglob("*.yaml"):
+        load_config(path)  # the shipped configs are in range too
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["batch_size=0"], "'batch_size' is 0: use an integer of 1 or more"),
+    (["num_workers=-1"], "'num_workers' is -1: use an integer of 0 or more"),
+    (["lr_g=nan"], "'lr_g' is nan: use a finite number of 0 or more"),
+    (["lr_d=.inf"], "'lr_d' is inf"),
+    (["erasing_p=1.01"], "'erasing_p' is 1.01: use a finite number from 0 to 1"),
+    (["beta2=1"], "'beta2' is 1.0: use a finite number from 0 to below 1"),
+    (["dis.r1_every=0"], "'dis.r1_every' is 0"),
+    (["eval_iter=0"], "'eval_iter' is 0"),
+    (["ID_class=0"], "'ID_class' is 0"),
+])
+def test_values_out_of_range_name_the_key_and_what_works(opts, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, opts)
+
+
+def test_out_of_range_values_in_a_file_name_the_file(tmp_path):
+    with pytest.raises(UserError, match=r"bad\.yaml: config key 'keep_last' is 0"):
+        load_config(write(tmp_path / "bad.yaml", "keep_last: 0\n"))
+    assert load_config(None, ["ID_class=null", "fidelity_iter=0", "val_ids=0"])["ID_class"] is None

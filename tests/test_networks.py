@@ -1,5 +1,6 @@
 """networks.py: shapes, parameter counts and key layout of the original, AdaIN, LayerNorm, losses, gradient
-routing (reference/dgnet.md 4.5), frozen-weight calls, autocast, channels_last, torch.compile."""
+routing (which loss reaches which network, as in the original), frozen-weight calls, autocast,
+channels_last, torch.compile."""
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,7 @@ def no_grad(module: torch.nn.Module) -> bool:
     return all(g is None for g in grads(module))
 
 
-# ---- the default config: parameter counts and shapes of reference 3.2-3.5 ----
+# ---- the default config: the original networks' parameter counts and shapes (E_s, E_a, G, D) ----
 
 def test_default_generator_counts_and_shapes():
     torch.manual_seed(0)
@@ -237,7 +238,7 @@ def test_dis_and_gen_losses_sanity_values_and_r1():
     dis = N.build_discriminator(tiny_cfg())
     real, fake = torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32)
     with torch.no_grad():
-        for net in dis.cnns:  # D == 0: the original's printed sanity values (reference 3.5)
+        for net in dis.cnns:  # D == 0: the original's printed sanity values
             net[-1].weight.zero_()
             net[-1].bias.zero_()
     loss, r1 = N.dis_loss(dis, fake, real, "lsgan", 0.01)
@@ -262,7 +263,7 @@ def test_dis_and_gen_losses_sanity_values_and_r1():
     torch.testing.assert_close(r1_amp, r1, rtol=1e-5, atol=0.0)  # R1 is ~1e-13 at init: relative only
 
 
-# ---- gradient routing (reference 4.5) ----
+# ---- gradient routing (which loss reaches which network, as in the original) ----
 
 @pytest.fixture(scope="module")
 def tiny_models():
@@ -474,3 +475,70 @@ def test_remap_gray_is_a_per_image_intensity_curve():
     curves = torch.stack([torch.stack([o[g == v][0] for v in levels]) for g, o in zip(gray, out)])
     assert curves.unique(dim=0).shape[0] == 6
     assert (curves.diff(dim=1) < 0).any()
+
+
+# ---- the image sizes DG-Net's G and D take (check_image_size) against the networks themselves ----
+
+
+@pytest.mark.parametrize("gen_opts, sizes", [
+    (["gen.n_downsample=2", "gen.pad_type=reflect"], [(40, 40), (40, 36), (44, 40), (42, 40), (36, 40), (40, 41)]),
+    (["gen.n_downsample=1", "gen.pad_type=zero"], [(6, 8), (8, 6), (7, 8), (8, 9)]),
+])
+def test_check_image_size_agrees_with_the_generator(gen_opts, sizes, no_onednn):
+    from utils import load_config
+
+    cfg = load_config(None, [*gen_opts, "gen.dim=2", "gen.mlp_dim=4", "gen.id_dim=4", "gen.n_res=1",
+                             "dis.pad_type=zero"])
+    g = N.build_generator(cfg).eval()
+    for h, w in sizes:
+        cfg["crop_image_height"], cfg["crop_image_width"] = h, w
+        try:
+            with torch.no_grad():
+                works = g.decode(g.encode(torch.zeros(1, 3, h, w)), torch.zeros(1, 16)).shape[-2:] == (h, w)
+        except (RuntimeError, ValueError):
+            works = False
+        try:
+            N.check_image_size(cfg)
+            accepted = True
+        except ValueError as err:
+            accepted = False
+            assert "crop_image_height x crop_image_width" in str(err) and "use " in str(err)
+        assert accepted == works, (gen_opts, h, w)
+
+
+@pytest.mark.parametrize("dis_opts", [["dis.num_scales=3", "dis.n_layer=2", "dis.n_res=1"],
+                                      ["dis.num_scales=2", "dis.n_layer=1", "dis.n_res=0"]])
+def test_check_image_size_agrees_with_the_discriminator(dis_opts, no_onednn):
+    from utils import load_config
+
+    cfg = load_config(None, [*dis_opts, "dis.dim=2", "dis.pad_type=reflect", "gen.n_downsample=1",
+                             "gen.pad_type=zero"])
+    d = N.build_discriminator(cfg)
+    for side in (2, 4, 6, 8, 10, 16, 18):
+        cfg["crop_image_height"], cfg["crop_image_width"] = side, 18
+        try:
+            d(torch.zeros(2, 3, side, 18))
+            works = True
+        except RuntimeError:
+            works = False
+        try:
+            N.check_image_size(cfg)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == works, (dis_opts, side)
+
+
+class Payload:
+    """Unpickling it would run code: weights_only refuses it."""
+
+
+def test_a_refused_pickle_says_why_without_the_unsafe_advice(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"a": Payload()}, path)
+    for load in (N.read_original_state, lambda p: R.load_original_state(R.Teacher(4, "resnet18"), p),
+                 lambda p: R._load_weights_file(str(p), "pretrained weights")):
+        with pytest.raises(ValueError) as info:
+            load(path)
+        message = str(info.value)
+        assert "could run code" in message and "weights_only" not in message and len(message.splitlines()) == 1

@@ -50,7 +50,7 @@ def test_default_appearance_encoder():
         f, logits1, logits2 = ea(x)
         assert f.shape == (1, 8192) and logits1.shape == logits2.shape == (1, 751)
         assert ea.classifier1.add_block[2].p == 0.5 and ea.classifier2.add_block[2].p == 0.75
-    # initialisation of the heads (reference 3.3)
+    # initialisation of the heads (the original ft_netAB's)
     assert ea.classifier1.classifier[0].weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert torch.equal(ea.classifier1.add_block[1].weight, torch.ones(512))
     assert ea.classifier1.add_block[0].weight.std().item() == pytest.approx((2 / 512) ** 0.5, rel=0.05)

@@ -155,3 +155,17 @@ def test_bench_quick_runs(tmp_path):
     cases = json.loads(out.read_text())["cases"]
     assert [c["case"] for c in cases] == ["quick-distmat", "quick-distmat-reference"]
     assert cases[0]["mAP"] == pytest.approx(cases[1]["mAP"], abs=1e-6)
+
+
+def test_metrics_are_printed_before_an_unwritable_results_folder_fails(tiny_run, tmp_path, capsys):
+    """The results/ folder cannot be made (a file stands in its place: a robust stand-in for a read-only
+    folder, which root could write anyway). Everything is computed and printed, then one line says what could
+    not be written."""
+    copy = tmp_path / "outputs" / "tiny"
+    shutil.copytree(tiny_run[0] / "outputs" / "tiny", copy, ignore=shutil.ignore_patterns("results"))
+    (copy / "results").write_text("in the way")
+    assert evaluation.main(["--name", "tiny", "--output_path", str(tmp_path), "--batch_size", "16"]) == 2
+    captured = capsys.readouterr()
+    assert "mAP" in captured.out and "queries with a match" in captured.out and "written:" not in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("error: could not write") and "results" in err and "metrics above were not saved" in err

@@ -1,5 +1,5 @@
 """trainer.py: loss weights and LR schedules against the original's, every loss term switching with its
-weight, gradient routing (reference/dgnet.md 4.5), the frozen teacher, sample(), exact state round trips,
+weight, gradient routing (the original's), the frozen teacher, sample(), exact state round trips,
 the baseline (teacher) trainer with its batch-hard triplet loss, teacher loading, mixed precision."""
 from __future__ import annotations
 

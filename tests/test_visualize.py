@@ -189,7 +189,7 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
         (["swap", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--which_iter", "abc"],
          "--which_iter"),
         (["swap", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--which_iter", "7"],
-         "checkpoint not found"),
+         "no checkpoint of iteration 7"),
         (["swap", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--appearance",
           str(tmp_path)], "both --appearance"),
         (["smooth", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--steps", "1"], "--steps"),
