@@ -583,9 +583,9 @@ def as_user_error(err: RuntimeError | OSError, resume_hint: str) -> BaseExceptio
     if died is not None:
         return UserError(died)
     if isinstance(err, OSError):
-        what = err.filename or "to the run folder"
-        return UserError(f"cannot write {what} ({err.strerror or err}); free space or fix the folder, then resume "
-                         f"with: {resume_hint}")
+        where = f": {err.filename}" if err.filename else ""
+        return UserError(f"{err.strerror or err}{where}; free space or fix the folder, then resume with: "
+                         f"{resume_hint}")
     return err
 
 

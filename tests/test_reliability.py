@@ -23,7 +23,7 @@ import visualize
 from utils import REPO_ROOT, NonFiniteState, checkpoint_path, load_checkpoint, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
-PROMPT_S = 90  # a hang shows as a timeout; a healthy end takes the start-up and a few iterations
+PROMPT_S = 300  # a hang shows as a timeout; generous, for a busy machine: a healthy end takes seconds
 
 
 def train_cmd(tmp_path: Path, name: str, data_root: Path, *extra: str, kind: str = "DGNet") -> list[str]:
@@ -81,8 +81,7 @@ def test_corrupt_image_in_a_worker_ends_the_run(tmp_path, data_root, kind):
     root = copy_of(data_root, tmp_path)
     bad = second_batch_only_image(root, kind)
     bad.write_bytes(bad.read_bytes()[:300])
-    extra = ("batch_size=8", "num_instances=2") if kind == "baseline" else ()
-    proc = start(train_cmd(tmp_path, "corrupt", root, "num_workers=2", "max_iter=20", *extra, kind=kind))
+    proc = start(train_cmd(tmp_path, "corrupt", root, "num_workers=2", "max_iter=20", kind=kind))
     out, err = proc.communicate(timeout=PROMPT_S)
     assert proc.returncode == 2, err
     lines = error_lines(err)
@@ -197,35 +196,35 @@ def test_write_failure_with_workers_ends_the_run(tmp_path, data_root):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 
-    proc = start(train_cmd(tmp_path, "limited", data_root, "num_workers=2", "max_iter=20"),
-                 preexec_fn=limit_file_size)
+    proc = start(train_cmd(tmp_path, "limited", data_root, "num_workers=2", "max_iter=20", "snapshot_save_iter=1",
+                           kind="baseline"), preexec_fn=limit_file_size)
     out, err = proc.communicate(timeout=PROMPT_S)
     assert proc.returncode == 2, err
     lines = error_lines(err)
-    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "00000002.pt" in lines[0], err
+    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "00000001.pt" in lines[0], err
     assert not leftovers(tmp_path / "outputs" / "limited")
 
 
 def test_killed_loader_worker_ends_the_run(tmp_path, data_root):
     """A worker killed by SIGKILL (the out-of-memory killer): one line naming it, exit 2, no traceback."""
     proc = start(train_cmd(tmp_path, "oom", data_root, "num_workers=2", "max_iter=100000",
-                           "snapshot_save_iter=1000", "image_display_iter=1000", "image_save_iter=1000"))
+                           "snapshot_save_iter=1000", kind="baseline"))
     wait_for_training(proc)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     os.kill(int(children[0]), signal.SIGKILL)
     out, err = proc.communicate(timeout=PROMPT_S)
     assert proc.returncode == 2, err
     lines = error_lines(err)
-    assert len(lines) == 1 and "data loader worker" in lines[0] and "killed by signal" in lines[0], err
-    assert "lower num_workers" in lines[0]
+    # torch notices the death in its SIGCHLD handler (killed by signal) or when the batch is late (exited)
+    assert len(lines) == 1 and "data loader worker" in lines[0] and "died" in lines[0], err
+    assert "lower num_workers" in lines[0] and "Traceback" not in err
 
 
 def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
     """Ctrl-C twice in a terminal (to the whole process group, loader workers included): the second one
     aborts without a traceback."""
     proc = start(train_cmd(tmp_path, "twice", data_root, "num_workers=1", "max_iter=100000",
-                           "snapshot_save_iter=1000", "image_display_iter=1000", "image_save_iter=1000"),
-                 start_new_session=True)
+                           "snapshot_save_iter=1000", kind="baseline"), start_new_session=True)
     wait_for_training(proc)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.2)
