@@ -43,6 +43,7 @@ from utils import (
     config_help,
     dump_config,
     first_non_finite,
+    interrupted,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -532,12 +533,14 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
             if dist.is_main:
                 print(f"error: {err}; stopping ({last_good(run_dir)})", file=sys.stderr, flush=True)
             return 3
-        except KeyboardInterrupt:  # a second Ctrl-C
-            if dist.is_main:
-                print(f"aborted without saving ({last_good(run_dir)})", file=sys.stderr, flush=True)
-            return 128 + signal.SIGINT
-        except (RuntimeError, OSError) as err:
-            raise as_user_error(err, resume_hint) from None
+        except BaseException as err:
+            if interrupted(err):  # a second Ctrl-C, also when it broke a save or a loader on its way
+                if dist.is_main:
+                    print(f"aborted without saving ({last_good(run_dir)})", file=sys.stderr, flush=True)
+                return 128 + signal.SIGINT
+            if isinstance(err, (RuntimeError, OSError)):
+                raise as_user_error(err, resume_hint) from None
+            raise
         finally:
             writer.close()
             for loader in loaders.values():

@@ -340,12 +340,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     except BaseException as err:  # also a signal or Ctrl-C mid-write: no temporary file stays behind
         tmp.unlink(missing_ok=True)
+        if interrupted(err):
+            raise KeyboardInterrupt from None
         if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
             reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)[:200]
             raise UserError(f"cannot write checkpoint {path} ({reason}); nothing was replaced: free space (or "
                             "fix the folder), then resume from the newest checkpoint") from None
         raise
     _sync_folder(path.parent)
+
+
+def interrupted(err: BaseException | None) -> bool:
+    """Whether `err` is a Ctrl-C, or came while one was handled (torch.save's cleanup then fails on its own)."""
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__context__
+    return False
 
 
 def _sync_folder(folder: Path) -> None:
