@@ -390,3 +390,7 @@ def _call(target: str, args: argparse.Namespace, d: Dist) -> int:
         elif not isinstance(err, SharedError):  # this process's own trouble: rank 0 does not know it
             print(f"error (process {d.rank}): {one_line(err)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop handles it (which stops safely, with a save)
+        if d.is_main:
+            print("aborted (Ctrl-C) before training began; nothing was saved", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT

@@ -29,9 +29,18 @@ import numpy as np
 import torch
 
 import distributed
-from data.loaders import TestSet, TrainSet, build_dgnet_loaders, build_teacher_loader, image_size, load_splits
+from data.loaders import (
+    TestSet,
+    TrainSet,
+    build_dgnet_loaders,
+    build_teacher_loader,
+    image_size,
+    load_splits,
+    worker_death,
+)
 from utils import (
     REPO_ROOT,
+    NonFiniteState,
     RunLock,
     UserError,
     check_run_checkpoint,
@@ -40,6 +49,8 @@ from utils import (
     config_help,
     dump_config,
     find_checkpoint,
+    first_non_finite,
+    interrupted,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -175,6 +186,9 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:
             if signum == signal.SIGINT:
+                # The loader workers die of this press too; torch's SIGCHLD check would then raise its own
+                # error, with a traceback, over the quiet abort.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 raise KeyboardInterrupt
             return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
@@ -185,6 +199,17 @@ class StopRequest:
 
 class NonFiniteLoss(Exception):
     pass
+
+
+def write_state(state: dict[str, Any], path: Path, dist: distributed.Dist) -> None:
+    """Rank 0 writes a checkpoint, unless some process's state holds NaN or infinity: every process checks
+    its own (they stop together), and only here, when a checkpoint is due, never per iteration."""
+    bad = first_non_finite(state["trainer"])
+    if dist.max_flag(int(bad is not None)):
+        where = f"trainer.{bad}" if bad else "another process's state"
+        raise NonFiniteState(f"not saving {path}: {where} holds NaN or infinity; the run has diverged")
+    if dist.is_main:
+        save_checkpoint(state, path)
 
 
 class LossValues:
@@ -307,9 +332,8 @@ class Snapshots:
     def save(self, done: int, losses: dict[str, torch.Tensor]) -> Path:
         self.values(done, losses)  # never write a checkpoint of a diverged model
         path = checkpoint_path(self.run_dir, done)
-        state = self.state_of(done)
+        write_state(self.state_of(done), path, self.dist)
         if self.dist.is_main:
-            save_checkpoint(state, path)
             for it, old in list_checkpoints(self.run_dir)[:-max(self.keep_last, 1)]:
                 if it != self.max_iter:
                     old.unlink()
@@ -349,9 +373,7 @@ class Validation:
                   f"{100 * r['mINP']:.2f} ({r['num_valid_queries']} queries, {self.cfg['val_ids']} held-out "
                   f"identities){'; best so far, saved ' + str(self.best_path) if improved else ''}", flush=True)
         if self.dist.max_flag(int(improved)):  # every process takes part in a checkpoint (its RNG state)
-            state = self.state_of(done)
-            if self.dist.is_main:
-                save_checkpoint(state, self.best_path)
+            write_state(self.state_of(done), self.best_path, self.dist)
 
 
 class SwapFidelity:
@@ -616,11 +638,16 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     resume_hint = f"python train.py --resume --name {name}" + (
         f" --output_path {args.output_path}" if args.output_path != "." else "")
     trainer.train()
+    losses: dict[str, torch.Tensor] = {}
     with StopRequest(quiet=not dist.is_main) as stop:
         try:
             for it in range(start, max_iter):
                 tick = time.perf_counter()
-                batches = [next(loader) for loader in loaders.values()]
+                try:
+                    batches = [next(loader) for loader in loaders.values()]
+                except UserError:  # an unreadable image, a dead worker
+                    rescue(snapshots, loaders, it, losses, dist, resume_hint)
+                    raise
                 logger.record(time.perf_counter() - tick)
                 dist.sync_buffers()
                 losses = trainer.train_step(it, *batches)
@@ -636,12 +663,18 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                     if dist.is_main:
                         print(f"stopped at iteration {done}; resume with: {resume_hint}", flush=True)
                     return 128 + stop_signal
-        except NonFiniteLoss as err:
+        except (NonFiniteLoss, NonFiniteState) as err:
             if dist.is_main:
-                last = latest_checkpoint(run_dir)
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-                print(f"error: {err}; stopping ({kept})", file=sys.stderr, flush=True)
+                print(f"error: {err}; stopping ({last_good(run_dir)})", file=sys.stderr, flush=True)
             return 3
+        except BaseException as err:
+            if interrupted(err):  # a second Ctrl-C, also when it broke a save or a loader on its way
+                if dist.is_main:
+                    print(f"aborted without saving ({last_good(run_dir)})", file=sys.stderr, flush=True)
+                return 128 + signal.SIGINT
+            if isinstance(err, (RuntimeError, OSError)):
+                raise as_user_error(err, resume_hint) from None
+            raise
         finally:
             writer.close()
             for loader in loaders.values():
@@ -655,6 +688,42 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     if dist.is_main:
         print(f"finished {max_iter} iterations; checkpoint {checkpoint_path(run_dir, max_iter)}", flush=True)
     return 0
+
+
+def last_good(run_dir: Path) -> str:
+    """Which checkpoint a stopped run can resume from (none holds NaN: write_state refuses those)."""
+    last = latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+
+
+def rescue(snapshots: Snapshots, loaders: dict[str, Any], done: int, losses: dict[str, torch.Tensor],
+           dist: distributed.Dist, resume_hint: str) -> None:
+    """A loader failed before iteration done+1 began: the models and random streams are exactly the state
+    after `done` iterations, so save it, with the loaders rewound there. One process only (under DDP the
+    others are elsewhere in their iteration); nothing when a snapshot of `done` exists or none ran yet."""
+    if dist.world_size > 1 or not losses or checkpoint_path(snapshots.run_dir, done).is_file():
+        return
+    for loader in loaders.values():
+        loader.load_state_dict({"batches_taken": done})
+    try:
+        path = snapshots.save(done, losses)
+    except (NonFiniteLoss, UserError):  # a diverged state or a full disk: the error that stops the run is enough
+        return
+    print(f"saved {path} before stopping; once the cause is fixed, resume with: {resume_hint}", flush=True)
+
+
+def as_user_error(err: RuntimeError | OSError, resume_hint: str) -> BaseException:
+    """One line for what a long run meets: a killed loader worker (torch's SIGCHLD check raises it wherever
+    the loop is) and a failed write (a full disk, a lost mount) of images, logs or the config. Anything else
+    stays itself, with its traceback: a bug."""
+    died = worker_death(err)
+    if died is not None:
+        return UserError(died)
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        return UserError(f"{err.strerror or err}{where}; free space or fix the folder, then resume with: "
+                         f"{resume_hint}")
+    return err
 
 
 def evaluate_run(args: argparse.Namespace) -> int:

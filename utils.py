@@ -349,16 +349,93 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+class NonFiniteState(UserError):
+    """A run state holding NaN or infinity (a diverged run): never written, and refused when loaded."""
+
+
+def first_non_finite(tree: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in `tree` (nested dicts, lists) holding a NaN or an
+    infinity, or None. One device sync per device: the per-tensor flags are reduced before being read."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if (node.is_floating_point() or node.is_complex()) and node.numel():
+                found.append((where, torch.isfinite(node).all()))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}" if where else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(tree, prefix)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, flag) in enumerate(found):
+        by_device.setdefault(flag.device, []).append(i)
+    for indices in by_device.values():
+        flags = torch.stack([found[i][1] for i in indices])
+        if not bool(flags.all()):
+            return found[indices[int((~flags).nonzero()[0])]][0]
+    return None
+
+
+def require_finite(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise NonFiniteState when a checkpoint's state holds NaN or infinity in any tensor."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise NonFiniteState(f"{path}: {bad} holds NaN or infinity (a diverged run)")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a kill mid-save never leaves a broken file."""
+    """Write to a temporary file, flush it to disk, then rename: a kill mid-save never leaves a broken file.
+
+    A state holding NaN or infinity is refused (NonFiniteState) before anything is written. A failed write (a
+    full disk, say) removes the temporary file, leaves the file at `path` as it was, and raises UserError.
+    """
     path = Path(path)
+    require_finite(state, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:  # also a signal or Ctrl-C mid-write: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        if interrupted(err):
+            raise KeyboardInterrupt from None
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)[:200]
+            raise UserError(f"cannot write checkpoint {path} ({reason}); nothing was replaced: free space (or "
+                            "fix the folder), then resume from the newest checkpoint") from None
+        raise
+    _sync_folder(path.parent)
+
+
+def interrupted(err: BaseException | None) -> bool:
+    """Whether `err` is a Ctrl-C, or came while one was handled (torch.save's cleanup then fails on its own)."""
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__context__
+    return False
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable (the folder entry reaches the disk too); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -367,13 +444,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
                         "loaded); re-save it as a plain state dict of tensors") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"cannot read checkpoint {path} ({one_line(err)[:200]}); it may be truncated: "
                         "use an older one (--which_iter N)") from None
+    refuse_non_finite(state, path)
+    return state
+
+
+def refuse_non_finite(state: Any, path: str | os.PathLike) -> None:
+    """A checkpoint holding NaN or infinity is refused as a diverged run's, whoever loads it."""
+    if isinstance(state, dict):
+        try:
+            require_finite(state, path)
+        except NonFiniteState as err:
+            raise NonFiniteState(f"{err}: refused; use a checkpoint from before the run diverged") from None
 
 
 RUN_PARTS = {"DGNet": ("gen", "dis", "id"), "baseline": ("teacher",)}

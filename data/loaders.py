@@ -14,7 +14,11 @@ and a checkpoint stores how many batches were taken, from which the loader resta
 """
 from __future__ import annotations
 
+import atexit
 import difflib
+import gc
+import multiprocessing
+import re
 import signal
 import warnings
 from collections import defaultdict
@@ -83,6 +87,66 @@ def init_worker(worker_id: int) -> None:
 def _pass_once(signum: int, frame: Any) -> None:
     """A worker's first SIGINT/SIGTERM: ignored; the next one gets the default action."""
     signal.signal(signum, signal.SIG_DFL)
+
+
+# How torch reports a loader worker that died (killed by a signal, or exited) instead of returning a batch.
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+                          r"(is killed by signal: [\w ]+|exited unexpectedly)")
+
+
+def worker_death(err: BaseException) -> str | None:
+    """The one-line explanation of `err` when it says that a loader worker died, else None."""
+    m = _WORKER_DIED.search(str(err))
+    if not isinstance(err, RuntimeError) or m is None:
+        return None
+    how = m.group(2).rstrip(".").replace("is killed by signal: ", "killed by signal: ")
+    if "Killed" in how:
+        how += ", usually by the out-of-memory killer"
+    return (f"a data loader worker (pid {m.group(1).strip()}) died ({how}); lower num_workers or batch_size, "
+            "then resume")
+
+
+def shut_down(iterator: Any) -> None:
+    """Stop a DataLoader iterator's workers (and pin-memory thread) now, whoever still holds the iterator.
+
+    Dropping the last reference is not enough after an error: the exception's traceback keeps the iterator
+    alive, and at interpreter exit multiprocessing SIGTERMs the workers and waits for them, while a worker
+    lets its first SIGTERM pass (init_worker), so the process never ended. torch's own shutdown asks the
+    workers to finish through their queues; a worker still alive after it is killed.
+    """
+    stop = getattr(iterator, "_shutdown_workers", None)  # single-process iterators have no workers
+    if stop is None:
+        return
+    stop()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+def _end_leftover_workers() -> None:
+    """Exit hook, run before multiprocessing's (registered later): end the workers of loaders that an error
+    left unclosed (a test loader's, say). Collecting garbage shuts their iterators down the normal way;
+    a worker left after that is killed, with torch's SIGCHLD check off so its death raises nothing."""
+    gc.collect()
+    leftover = [p for p in multiprocessing.active_children() if p.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in leftover:
+        p.kill()
+        p.join(timeout=5)
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Once, after the first workers started: multiprocessing's exit hook exists by then, and atexit runs
+    hooks last-registered first, so ours runs before it."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_end_leftover_workers)
+        _exit_hook_registered = True
 
 
 class TrainSet(Dataset):
@@ -166,7 +230,10 @@ class ResumableLoader:
                             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
                             generator=base_seed, worker_init_fn=init_worker,
                             prefetch_factor=4 if self.num_workers else None)
-        return iter(loader)
+        iterator = iter(loader)
+        if self.num_workers:
+            _register_exit_hook()
+        return iterator
 
     def __iter__(self) -> ResumableLoader:
         return self
@@ -174,7 +241,13 @@ class ResumableLoader:
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except RuntimeError as err:
+            died = worker_death(err)
+            if died is None:
+                raise
+            raise UserError(died) from None
         self.batches_taken += 1
         return batch
 
@@ -183,10 +256,12 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batches_taken = int(state["batches_taken"])
-        self._iterator = None  # restarted lazily at the saved position
+        self.close()  # restarted lazily at the saved position
 
     def close(self) -> None:
-        self._iterator = None  # drops the DataLoader iterator, which shuts its workers down
+        """Stop the workers now; the next `next()` starts new ones at the same position."""
+        iterator, self._iterator = self._iterator, None
+        shut_down(iterator)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""How a run ends when something goes wrong: promptly, with one line and a non-zero code, loader workers
+gone, no checkpoint holding NaN, nothing good overwritten, no temporary file left behind."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import run, tiny
+
+import distributed
+import test as test_script
+import train
+import visualize
+from utils import REPO_ROOT, NonFiniteState, checkpoint_path, load_checkpoint, load_config, save_checkpoint
+
+CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
+PROMPT_S = 300  # a hang shows as a timeout; generous, for a busy machine: a healthy end takes seconds
+
+
+def train_cmd(tmp_path: Path, name: str, data_root: Path, *extra: str, kind: str = "DGNet") -> list[str]:
+    return [sys.executable, "train.py", "--config", CONFIG, "--trainer", kind, "--name", name, "--output_path",
+            str(tmp_path), *tiny(data_root, *extra)]
+
+
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def wait_for_training(proc: subprocess.Popen) -> None:
+    """Read the output until the first log line: the loop runs, and its loader workers with it."""
+    deadline = time.time() + PROMPT_S
+    for line in proc.stdout:
+        if line.startswith("[") and "/100000]" in line:
+            return
+        assert time.time() < deadline, "training never started"
+    raise AssertionError(f"the run ended before training: {proc.communicate()[1]}")
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob(".*.tmp"))
+
+
+def copy_of(data_root: Path, tmp_path: Path) -> Path:
+    """The shared tiny dataset, copied: these tests damage their images."""
+    return Path(shutil.copytree(data_root, tmp_path / "data"))
+
+
+def second_batch_only_image(root: Path, kind: str) -> Path:
+    """A training image that the first iteration does not read and the second does (for DG-Net, positives
+    included): a failure there comes after one finished iteration, which can be saved."""
+    cfg = load_config(CONFIG, tiny(root)[1:])
+    splits = train.load_splits(cfg)
+    loaders = train.build_loaders(kind, cfg, splits, distributed.Dist(device=torch.device("cpu")))
+
+    def read(batch: dict) -> set[int]:
+        return {int(i) for key in ("index", "pos_index") if key in batch for i in batch[key]}
+
+    first = set().union(*(read(next(loader)) for loader in loaders.values()))
+    second = set().union(*(read(next(loader)) for loader in loaders.values()))
+    return Path(splits.train[min(second - first)].path)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "DGNet"])
+def test_corrupt_image_in_a_worker_ends_the_run(tmp_path, data_root, kind):
+    """A truncated JPEG met by a loader worker: the message, exit 2, no hang (multiprocessing's exit hook
+    waited forever for workers that let its SIGTERM pass), and the iteration before it saved."""
+    root = copy_of(data_root, tmp_path)
+    bad = second_batch_only_image(root, kind)
+    bad.write_bytes(bad.read_bytes()[:300])
+    proc = start(train_cmd(tmp_path, "corrupt", root, "num_workers=2", "max_iter=20", kind=kind))
+    out, err = proc.communicate(timeout=PROMPT_S)
+    assert proc.returncode == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read image") and bad.name in lines[0], err
+    assert "skip_corrupt_images" in lines[0]
+    run_dir = tmp_path / "outputs" / "corrupt"
+    saved = load_checkpoint(checkpoint_path(run_dir, 1))
+    assert f"saved {checkpoint_path(run_dir, 1)} before stopping" in out
+    assert all(state == {"batches_taken": 1} for state in saved["loaders"].values())
+    assert not leftovers(run_dir)
+
+
+def test_exit_ends_workers_an_error_left_running(tmp_path, data_root):
+    """A test loader's worker fails and the error, holding the loader's iterator, lives on to the end: the
+    process still exits at once."""
+    root = copy_of(data_root, tmp_path)
+    for image in sorted((root / "query").glob("*.jpg"))[:2]:
+        image.write_bytes(image.read_bytes()[:300])
+    script = textwrap.dedent(f"""
+        import sys
+        from data.loaders import build_test_loader, load_splits
+        from utils import UserError, load_config
+        cfg = load_config({CONFIG!r}, {tiny(root, 'num_workers=2')[1:]!r})
+        try:
+            for batch in build_test_loader(cfg, load_splits(cfg).query, batch_size=2):
+                pass
+        except UserError as err:
+            kept = err  # its traceback holds the DataLoader iterator, whose workers still run
+            print("failed as expected", flush=True)
+        sys.exit(2)
+    """)
+    proc = start([sys.executable, "-c", script])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "failed as expected" in out, err
+
+
+def test_diverged_state_is_never_saved(tmp_path, data_root, capsys, no_onednn):
+    """A learning rate that blows up the weights: at the second snapshot the logged loss is still finite but
+    BatchNorm's running variance is NaN. That snapshot is refused, and the one the message names is good."""
+    code = run(tmp_path, "diverged", data_root, "lr2=1e10", "batch_size=8", "num_instances=2",
+               "snapshot_save_iter=1", "max_iter=3", args=("--trainer", "baseline"))
+    err = capsys.readouterr().err
+    assert code == 3, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "the run has diverged" in lines[0] and "holds NaN or infinity" in lines[0], err
+    run_dir = tmp_path / "outputs" / "diverged"
+    named = lines[0].split("the last good checkpoint is ")[1].rstrip(")")
+    assert load_checkpoint(named)["iteration"] == 1
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        load_checkpoint(path)  # every checkpoint written is finite (loading refuses any other)
+    assert not leftovers(run_dir)
+
+
+def poisoned_copy(tiny_dgnet_run, tmp_path: Path) -> tuple[Path, Path]:
+    """The shared tiny DG-Net run, copied, with a NaN in its newest checkpoint (as an older release wrote)."""
+    base, name, _ = tiny_dgnet_run
+    run_dir = Path(shutil.copytree(base / "outputs" / name, tmp_path / "outputs" / name))
+    path = checkpoint_path(run_dir, 2)
+    state = load_checkpoint(path)
+    weight = next(iter(state["trainer"]["models"]["gen"].values()))
+    weight.view(-1)[0] = float("nan")
+    torch.save(state, path)
+    return run_dir, path
+
+
+def test_non_finite_checkpoint_is_refused_by_every_loader(tmp_path, tiny_dgnet_run, capsys):
+    run_dir, path = poisoned_copy(tiny_dgnet_run, tmp_path)
+    with pytest.raises(NonFiniteState, match=r"trainer\.models\.gen\..* holds NaN or infinity.*refused"):
+        load_checkpoint(path)
+    _, name, data_root = tiny_dgnet_run
+    capsys.readouterr()
+    assert train.main(["--resume", "--name", name, "--output_path", str(tmp_path), "--opts", "max_iter=3"]) == 2
+    assert test_script.main(["--name", name, "--output_path", str(tmp_path)]) == 2
+    assert visualize.main(["swap", "--name", name, "--output_path", str(tmp_path)]) == 2
+    for err in capsys.readouterr().err.strip().split("\n"):
+        assert err.startswith("error: ") and "holds NaN or infinity" in err, err
+    from trainer import load_teacher
+
+    with pytest.raises(NonFiniteState):
+        load_teacher(str(path), 4, torch.device("cpu"))
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, data_root, monkeypatch, capsys,
+                                                              no_onednn):
+    """ENOSPC halfway through the second snapshot: one line, exit 2, the first snapshot intact, no
+    temporary file."""
+    real_save = torch.save
+    saves = []
+
+    def full_disk(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run(tmp_path, "full", data_root, "snapshot_save_iter=2") == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "No space left on device" in lines[0]
+    run_dir = tmp_path / "outputs" / "full"
+    assert load_checkpoint(checkpoint_path(run_dir, 2))["iteration"] == 2
+    assert not checkpoint_path(run_dir, 4).exists() and not leftovers(run_dir)
+
+
+def test_ctrl_c_during_a_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A Ctrl-C mid-write, after which torch.save's own cleanup fails too: still a Ctrl-C (the quiet abort),
+    not a write error, and the temporary file is gone."""
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos")  # what torch.save's zip writer says on its way out
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"x": torch.zeros(2)}, tmp_path / "00000001.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_failure_with_workers_ends_the_run(tmp_path, data_root):
+    """A file-size limit below a checkpoint's size (the kernel refuses the write, as a full disk does), with
+    loader workers running: one line and exit 2, at once."""
+    def limit_file_size():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    proc = start(train_cmd(tmp_path, "limited", data_root, "num_workers=2", "max_iter=20", "snapshot_save_iter=1",
+                           kind="baseline"), preexec_fn=limit_file_size)
+    out, err = proc.communicate(timeout=PROMPT_S)
+    assert proc.returncode == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "00000001.pt" in lines[0], err
+    assert not leftovers(tmp_path / "outputs" / "limited")
+
+
+def test_killed_loader_worker_ends_the_run(tmp_path, data_root):
+    """A worker killed by SIGKILL (the out-of-memory killer): one line naming it, exit 2, no traceback."""
+    proc = start(train_cmd(tmp_path, "oom", data_root, "num_workers=2", "max_iter=100000",
+                           "snapshot_save_iter=1000", kind="baseline"))
+    wait_for_training(proc)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=PROMPT_S)
+    assert proc.returncode == 2, err
+    lines = error_lines(err)
+    # torch notices the death in its SIGCHLD handler (killed by signal) or when the batch is late (exited)
+    assert len(lines) == 1 and "data loader worker" in lines[0] and "died" in lines[0], err
+    assert "lower num_workers" in lines[0] and "Traceback" not in err
+
+
+def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
+    """Ctrl-C twice in a terminal (to the whole process group, loader workers included): the second one
+    aborts without a traceback."""
+    proc = start(train_cmd(tmp_path, "twice", data_root, "num_workers=1", "max_iter=100000",
+                           "snapshot_save_iter=1000", kind="baseline"), start_new_session=True)
+    wait_for_training(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    for line in proc.stdout:
+        if line.startswith("SIGINT: finishing this iteration"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=PROMPT_S)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "aborted without saving" in err, err
+    assert not leftovers(tmp_path / "outputs" / "twice")
