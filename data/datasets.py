@@ -298,6 +298,13 @@ def _locate(layout: _Layout, root: Path) -> Path:
                             "set data_root to one of them")
         if found:
             return found[0]
+    raw, prepared = _holds(_MARKET, root), _holds(_FOLDER, root)
+    if layout is _FOLDER and raw:
+        raise UserError(f"folder: {root} holds bounding_box_train/, a raw dataset, not per-identity folders; set "
+                        "dataset to market1501, dukemtmc or cuhk03 to read it, or run prepare.py on it")
+    if layout is not _FOLDER and prepared:
+        raise UserError(f"{layout.name}: {root} holds train_all/, the per-identity layout prepare.py writes; set "
+                        "dataset: folder to read it, or data_root to the raw dataset")
     raise _missing(layout, _marker_name(layout), root)
 
 

@@ -375,6 +375,16 @@ def test_search_below_never_takes_another_datasets_folder(tmp_path):
     assert read_dataset("folder", tmp_path / "prepared").root == str(tmp_path / "prepared" / "Market")
 
 
+def test_the_other_layout_is_named(tmp_path):
+    """Raw folders read as per-identity folders, or the reverse, say which dataset setting reads them."""
+    raw, prepared = make_market(tmp_path / "raw"), make_folder(tmp_path / "prepared")
+    message = error_of(read_dataset, "folder", raw)
+    assert "holds bounding_box_train/, a raw dataset" in message and "market1501" in message
+    for name in ("market1501", "msmt17", "cuhk03"):
+        message = error_of(read_dataset, name, prepared)
+        assert message.startswith(f"{name}: ") and "set dataset: folder" in message
+
+
 def test_a_file_is_not_a_data_root(tmp_path):
     archive = tmp_path / "Market-1501-v15.09.15.zip"
     archive.write_bytes(b"PK")
