@@ -105,7 +105,11 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
     """Write the per-identity layout of `dataset` read from `src` into `dst`; returns a summary."""
     if dataset not in RAW_DATASETS:
         raise UserError(f"prepare: --dataset must be one of {', '.join(RAW_DATASETS)}, not {dataset!r}")
-    data = read_dataset(dataset, src, cuhk03_labeled=cuhk03_labeled)
+    try:
+        data = read_dataset(dataset, src, cuhk03_labeled=cuhk03_labeled)
+    except UserError as error:  # the readers name the config's keys; here the same settings are options
+        message = str(error).replace("data_root", "--src").replace("data root", "--src")
+        raise UserError(message.replace("cuhk03_labeled", "--cuhk03-labeled")) from None
     dst = Path(os.path.abspath(os.path.expanduser(dst)))
     if dst.exists() and not dst.is_dir():
         raise UserError(f"prepare: --dst {dst} is a file; give a folder (it is created when missing)")
@@ -115,7 +119,7 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
         linked = sum(place(src_file, target, copy) for src_file, target in todo)
     except OSError as error:
         raise UserError(f"prepare: cannot write under {dst}: {error}") from error
-    lines = [f"prepare: {data.name} from {data.root} -> {dst}"]
+    lines = [f"prepare: {data.title} from {data.root} -> {dst}"]
     for split, pairs in splits.items():
         ids = len({target.parent.name for _, target in pairs})
         lines.append(f"  {split:<12}{len(pairs):>7} images {ids:>6} identity folders")
@@ -127,7 +131,9 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, choices=RAW_DATASETS)
-    parser.add_argument("--src", required=True, help="the raw dataset folder (or its parent)")
+    parser.add_argument("--src", required=True,
+                        help="the raw dataset folder or a folder holding it (cuhk03: cuhk03-np/, or its detected/ "
+                        "or labeled/)")
     parser.add_argument("--dst", required=True, help="output folder, e.g. ../Market/pytorch")
     parser.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
     parser.add_argument("--cuhk03-labeled", action="store_true",

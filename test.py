@@ -3,6 +3,7 @@
     python test.py --name latest [--which_iter N|last|best] [--config FILE] [--data_root DIR] [--multi] [--rerank]
                    [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
+    python test.py --name latest --onnx FILE                               # an exported model (export.py)
 
 Features follow DG-Net's protocol (the original's reid_eval/test_2label.py): each image and its horizontal
 flip go through the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each
@@ -13,7 +14,7 @@ feature of the multi-query images of its identity and camera.
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
 pytorch_result.mat (the original's layout, unweighted features), ranklist/ (with --ranklist) and
-search.json (with --query/--gallery).
+search.json (with --query/--gallery), <iteration>_onnx.json (with --onnx).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gallery", help="search: folder of gallery images (with --query)")
     p.add_argument("--topk", type=int, default=10, help="search: matches per query (default 10)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. data_root=...)")
+    p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
+                   "the run's dataset, instead of the run's checkpoint")
     return p.parse_args(argv)
 
 
@@ -463,6 +466,61 @@ def write_results(write: Callable[[], list[Path]]) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------------------
+# An exported model
+# ---------------------------------------------------------------------------------------------------------
+
+def onnx_features(exported: Any, cfg: dict[str, Any], records: Sequence[Record], *, batch_size: int = 128,
+                  label: str | None = None) -> torch.Tensor:
+    """The features an exported model (export.OnnxReID) gives for `records`, fed by test.py's loader."""
+    loader = build_test_loader(cfg, records, batch_size)
+    progress = Progress(len(records), label)
+    feats = []
+    for batch in loader:
+        feats.append(torch.from_numpy(exported.features(batch["image"])))
+        progress.update(len(batch["image"]))
+    return torch.cat(feats) if feats else torch.empty(0, int(exported.metadata["feature_dim"]))
+
+
+def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    """test.py's protocol on an exported model instead of the run's checkpoint: the dataset comes from the
+    run's config (or --config, --data_root, --opts), the input size, flip and feature from the file."""
+    from export import OnnxReID  # onnxruntime is optional: only --onnx needs it
+
+    _check_args(args)
+    if args.multi or args.rerank or args.ranklist or args.query or args.gallery:
+        raise UserError("--onnx evaluates query against gallery: leave out --multi, --rerank, --ranklist, "
+                        "--query and --gallery")
+    exported = OnnxReID(args.onnx)
+    if not args.flip and exported.flip:
+        raise UserError(f"--no-flip: {args.onnx} computes the flipped image in its graph; export with "
+                        "python export.py --no-flip for that feature")
+    run_dir = Path(args.output_path) / "outputs" / args.name
+    cfg_file = Path(args.config) if args.config else run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"no config {cfg_file}: give the run the file was exported from (--name) or --config")
+    opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    cfg = load_config(cfg_file, opts)
+    cfg["crop_image_height"], cfg["crop_image_width"] = exported.size  # the size the graph takes
+    splits = load_splits(cfg)
+    if not splits.query or not splits.gallery:
+        raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
+    qf = onnx_features(exported, cfg, splits.query, batch_size=args.batch_size, label="query")
+    gf = onnx_features(exported, cfg, splits.gallery, batch_size=args.batch_size, label="gallery")
+    meta = exported.metadata
+    iteration = int(meta["iteration"])
+    summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
+                               "dataset": splits.name, "ap": args.ap, "flip": exported.flip,
+                               "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False}
+    summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
+                         ap=args.ap))
+    out = run_dir / "results" / f"{iteration:08d}_onnx.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["files"] = [str(out)]
+    return summary
+
+
 def print_summary(s: dict[str, Any]) -> None:
     extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"])) if on]
     print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {s['dataset']}: {s['num_valid_queries']}/"
@@ -479,6 +537,11 @@ def print_summary(s: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.onnx:
+            summary = evaluate_onnx(args)
+            print(f"exported model {args.onnx}, run by onnxruntime on the CPU")
+            print_summary(summary)
+            return 0
         if args.query or args.gallery:
             found = run_search(args)
             for r in found["results"]:

@@ -6,9 +6,11 @@ follow the Market-1501 protocol everywhere: pid -1 is junk (ignored in evaluatio
 training), pid 0 is a distractor (a true negative in the gallery), every real person has another
 integer. Camera ids are the numbers written in the file names (Market c1..c6 -> 1..6).
 
-Layouts (`read_dataset(name, root)`; `root` may be the dataset folder itself or a parent holding
-exactly one folder with one of the usual names, e.g. `Market-1501-v15.09.15`; one more level is
-searched, so torchreid's `reid-data/market1501/Market-1501-v15.09.15` works from `reid-data`):
+Layouts (`read_dataset(name, root)`). `root` may be the dataset folder itself or a folder holding it
+one or two levels down (torchreid's `reid-data/market1501/Market-1501-v15.09.15` works from
+`reid-data`); when several dataset folders are found there, the one with a usual name (e.g.
+`Market-1501-v15.09.15` for market1501) is taken, and several of those is an error. A `root` inside
+the dataset folder (`Market-1501-v15.09.15/bounding_box_train`) is an error naming the folder to use.
 
 market1501
     `bounding_box_train/`, `bounding_box_test/` (gallery), `query/`, optional `gt_bbox/`
@@ -19,7 +21,9 @@ dukemtmc
     (8 cameras); no multi-query.
 cuhk03
     CUHK03-NP (the 767/700 protocol): `cuhk03-np/{detected, labeled}/{bounding_box_train,
-    bounding_box_test, query}`, names `0001_c1_1.png`; `cuhk03_labeled` picks `labeled/`.
+    bounding_box_test, query}`, names `0001_c1_1.png`; `cuhk03_labeled` picks `labeled/`. `root` may
+    also be `detected/` or `labeled/` itself (each has the Market layout): those boxes are read, and
+    `cuhk03_labeled` with `detected/` is an error. `variant` says which boxes were read.
 msmt17
     V1: `MSMT17_V1/{train/, test/, list_train.txt, list_val.txt, list_query.txt, list_gallery.txt}`;
     V2: the same with `mask_train_v2/` and `mask_test_v2/`. List lines are `<relative path> <pid>`,
@@ -80,6 +84,7 @@ class DatasetSplits:
     query: list[Record]
     gallery: list[Record]
     multi_query: list[Record] | None = None
+    variant: str = ""  # which version of the dataset was read, when it has several: "detected boxes" (CUHK03-NP)
     # held-out training identities for validation during training (`val_ids`): never trained on
     val_query: list[Record] = field(default_factory=list)
     val_gallery: list[Record] = field(default_factory=list)
@@ -100,11 +105,16 @@ class DatasetSplits:
         label_of = {pid: i for i, pid in enumerate(self.train_pids)}
         return [label_of[r.pid] for r in self.train]
 
+    @property
+    def title(self) -> str:
+        """The name with the variant, for messages: `cuhk03 (labeled boxes)`."""
+        return f"{self.name} ({self.variant})" if self.variant else self.name
+
     def summary(self) -> str:
         splits = [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
         if self.multi_query is not None:
             splits.append(("multi-query", self.multi_query))
-        lines = [f"{self.name} at {self.root}"]
+        lines = [f"{self.title} at {self.root}"]
         if self.val_query:
             splits += [("val query", self.val_query), ("val gallery", self.val_gallery)]
         lines += [_split_line(label, records, label == "train") for label, records in splits]
@@ -203,7 +213,7 @@ _DUKE = _Layout(
 )
 _CUHK03_EXPECTED = (
     "the CUHK03-NP folder (cuhk03-np/) with detected/ and labeled/, each holding bounding_box_train/, "
-    "bounding_box_test/, query/, or its parent"
+    "bounding_box_test/, query/, or its parent, or detected/ or labeled/ itself"
 )
 _MSMT_EXPECTED = (
     "the MSMT17_V1 folder with train/, test/, list_train.txt, list_val.txt, list_query.txt, "
@@ -215,6 +225,14 @@ _FOLDER = _Layout(
     "a per-identity folder with train_all/<ID>/ images and optionally query/, gallery/, multi-query/ "
     "(as prepare.py writes)",
 )
+_CUHK03_NAMES = ("cuhk03-np", "cuhk03_np", "cuhk03np", "cuhk03")
+_CUHK03_BOXES = ("detected", "labeled")
+# Every dataset's usual folder names, so that a search for one never takes another's folder
+_LAYOUTS = (_MARKET, _DUKE, _MSMT, _FOLDER, _Layout("cuhk03", "detected", _CUHK03_NAMES, _CUHK03_EXPECTED))
+
+
+def _marker_name(layout: _Layout) -> str:
+    return layout.marker + ("" if "." in layout.marker else "/")
 
 
 def _missing(layout: _Layout, what: str, where: Path) -> UserError:
@@ -223,30 +241,71 @@ def _missing(layout: _Layout, what: str, where: Path) -> UserError:
     )
 
 
+def _inside(layout: _Layout, root: Path, dataset_folder: Path, what: str = "") -> UserError:
+    return UserError(f"{layout.name}: no {what or _marker_name(layout)} under {root}: it is a folder inside the "
+                     f"dataset; set data_root to {dataset_folder}")
+
+
+def _holds(layout: _Layout, folder: Path) -> bool:
+    return (folder / layout.marker).exists()
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except OSError:  # an unreadable folder holds nothing we can read
+        return []
+
+
+def _other_datasets_names(layout: _Layout) -> set[str]:
+    """The usual names of the other datasets with the same marker (Market-1501's and DukeMTMC-reID's)."""
+    return {n for other in _LAYOUTS if other.name != layout.name and other.marker == layout.marker
+            for n in other.folder_names}
+
+
 def _locate(layout: _Layout, root: Path) -> Path:
-    """The dataset folder: `root` itself, or the one usual-named folder inside it (two levels deep)."""
+    """The dataset folder: `root` itself, or the one dataset folder one or two levels below it.
+
+    A `root` one or two levels inside the dataset folder is an error naming the folder to use: reading a
+    split folder (bounding_box_train/) as the whole dataset would be wrong, and going up silently would
+    hide which data is read.
+    """
+    if root.is_file():
+        raise UserError(f"{layout.name}: data root {root} is a file, not a folder; extract it if it is an archive "
+                        f"and set data_root to {layout.expected}")
     if not root.is_dir():
         raise UserError(
             f"{layout.name}: data root {root} does not exist; set data_root to {layout.expected}"
         )
-    folder = root
+    if _holds(layout, root):
+        return root
+    for above in (root.parent, root.parent.parent):
+        if above != root and _holds(layout, above):
+            raise _inside(layout, root, above)
+    # Below: one level, then two; another dataset's usual folder (DukeMTMC-reID for market1501, which has
+    # the same marker) is never taken.
+    others = _other_datasets_names(layout)
+    level = [root]
     for _ in range(2):
-        if (folder / layout.marker).exists():
-            return folder
-        known = sorted(
-            child for child in folder.iterdir()
-            if child.is_dir() and child.name.lower() in layout.folder_names
-        )
-        if len(known) > 1:
-            names = ", ".join(k.name for k in known)
-            raise UserError(f"{layout.name}: {folder} holds several dataset folders ({names}); "
+        level = [sub for folder in level for sub in _subfolders(folder)]
+        found = [f for f in level if _holds(layout, f) and f.name.lower() not in others]
+        if len(found) > 1:  # e.g. Market-1501-v15.09.15 next to a copy: the usual name decides
+            usual = [f for f in found if f.name.lower() in layout.folder_names]
+            if len(usual) == 1:
+                return usual[0]
+            names = ", ".join(str(f.relative_to(root)) for f in (usual or found))
+            raise UserError(f"{layout.name}: {root} holds several dataset folders ({names}); "
                             "set data_root to one of them")
-        if not known:
-            break
-        folder = known[0]
-    if (folder / layout.marker).exists():
-        return folder
-    raise _missing(layout, layout.marker + ("" if "." in layout.marker else "/"), folder)
+        if found:
+            return found[0]
+    raw, prepared = _holds(_MARKET, root), _holds(_FOLDER, root)
+    if layout is _FOLDER and raw:
+        raise UserError(f"folder: {root} holds bounding_box_train/, a raw dataset, not per-identity folders; set "
+                        "dataset to market1501, dukemtmc or cuhk03 to read it, or run prepare.py on it")
+    if layout is not _FOLDER and prepared:
+        raise UserError(f"{layout.name}: {root} holds train_all/, the per-identity layout prepare.py writes; set "
+                        "dataset: folder to read it, or data_root to the raw dataset")
+    raise _missing(layout, _marker_name(layout), root)
 
 
 def _require_dir(layout: _Layout, folder: Path, sub: str) -> Path:
@@ -282,7 +341,8 @@ def _read_box_folder(dataset: str, folder: Path) -> list[Record]:
     return records
 
 
-def _read_box_layout(layout: _Layout, folder: Path, multi_query: str | None = None) -> DatasetSplits:
+def _read_box_layout(layout: _Layout, folder: Path, multi_query: str | None = None,
+                     variant: str = "") -> DatasetSplits:
     def split(sub: str) -> list[Record]:
         return _read_box_folder(layout.name, folder / sub)
 
@@ -294,7 +354,7 @@ def _read_box_layout(layout: _Layout, folder: Path, multi_query: str | None = No
                         "check that the dataset was extracted completely")
     query, gallery = split("query"), split("bounding_box_test")
     multi = split(multi_query) if multi_query and (folder / multi_query).is_dir() else None
-    return DatasetSplits(layout.name, str(folder), train, query, gallery, multi)
+    return DatasetSplits(layout.name, str(folder), train, query, gallery, multi, variant=variant)
 
 
 def _read_market(root: Path) -> DatasetSplits:
@@ -307,9 +367,18 @@ def _read_duke(root: Path) -> DatasetSplits:
 
 def _read_cuhk03(root: Path, labeled: bool) -> DatasetSplits:
     split = "labeled" if labeled else "detected"
-    layout = _Layout("cuhk03", split, ("cuhk03-np", "cuhk03_np", "cuhk03np", "cuhk03"), _CUHK03_EXPECTED)
+    layout = _Layout("cuhk03", split, _CUHK03_NAMES, _CUHK03_EXPECTED)
+    if (root / "bounding_box_train").is_dir() and not (root / split).is_dir():
+        # root is detected/ or labeled/ itself, which has the Market layout: its boxes are read
+        boxes = next((b for b in _CUHK03_BOXES if b in root.name.lower()), None)
+        if labeled and boxes == "detected":
+            raise UserError(f"cuhk03: the labeled boxes were asked for (cuhk03_labeled) but {root} holds the "
+                            f"detected ones; set data_root to {root.parent / 'labeled'} or to {root.parent}")
+        return _read_box_layout(layout, root, variant=f"{boxes or root.name + '/'} boxes")
+    if root.is_dir() and (root.parent / "bounding_box_train").is_dir():  # e.g. cuhk03-np/detected/query
+        raise _inside(layout, root, root.parent, "bounding_box_train/")
     folder = _locate(layout, root)
-    return _read_box_layout(layout, _require_dir(layout, folder, split))
+    return _read_box_layout(layout, _require_dir(layout, folder, split), variant=f"{split} boxes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,9 +284,15 @@ def _ensure_synthetic(cfg: dict[str, Any]) -> None:
     """Generate the synthetic dataset into data_root the first time a config names it."""
     from data import synthetic  # imported here: only synthetic configs need the generator
 
-    root = Path(cfg["data_root"])
+    root = Path(cfg["data_root"]).expanduser().absolute()
     if (root / synthetic.METADATA_FILE).is_file():
         return
+    # One level too deep or too high would otherwise generate a second dataset there (or fail on the files)
+    below = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in [root.parent, root.parent.parent, *below]:
+        if (folder / synthetic.METADATA_FILE).is_file():
+            raise UserError(f"synthetic: data_root {root} is not the synthetic dataset but "
+                            f"{'holds' if folder.parent == root else 'lies inside'} one; set data_root to {folder}")
     s = cfg["synthetic"]
     print(f"generating the synthetic dataset into {root} ...", flush=True)
     synthetic.generate(root, ids=s["ids"], images_per_id=s["images_per_id"], height=s["height"],

@@ -283,6 +283,115 @@ def test_cuhk03_detected_and_labeled(tmp_path):
     assert f"cuhk03: no detected/ under {root} " in message and "labeled/" in message
 
 
+def test_cuhk03_detected_or_labeled_folder_itself(tmp_path):
+    """cuhk03-np/detected (or labeled) has the Market layout: pointing at it reads those boxes and says so."""
+    root = make_cuhk03(tmp_path / "cuhk03-np")
+    from_root = read_dataset("cuhk03", root)
+    detected = read_dataset("cuhk03", root / "detected")
+    assert detected.root == from_root.root == str(root / "detected")
+    assert key(detected.train) == key(from_root.train) and key(detected.gallery) == key(from_root.gallery)
+    assert detected.variant == from_root.variant == "detected boxes"
+    assert detected.summary().splitlines()[0] == f"cuhk03 (detected boxes) at {root / 'detected'}"
+    # the folder decides: labeled/ gives the labeled boxes without cuhk03_labeled, and with it
+    labeled = read_dataset("cuhk03", root / "labeled")
+    assert labeled.variant == "labeled boxes"
+    assert key(labeled.train) == key(read_dataset("cuhk03", root, cuhk03_labeled=True).train)
+    assert key(read_dataset("cuhk03", root / "labeled", cuhk03_labeled=True).train) == key(labeled.train)
+    # ... but asking for the labeled boxes while pointing at the detected ones is a contradiction
+    message = error_of(read_dataset, "cuhk03", root / "detected", cuhk03_labeled=True)
+    assert "labeled boxes" in message and str(root / "labeled") in message
+    # one level deeper still names the folder to use
+    message = error_of(read_dataset, "cuhk03", root / "detected" / "query")
+    assert message.endswith(f"set data_root to {root / 'detected'}")
+
+
+def test_cuhk03_boxes_from_a_config_and_prepare(tmp_path, capsys):
+    from data.loaders import load_splits
+    from utils import load_config
+
+    root = make_cuhk03(tmp_path / "cuhk03-np")
+    cfg = load_config(None, ["dataset=cuhk03", f"data_root={root / 'labeled'}", "val_ids=0", "ID_class=null"])
+    assert load_splits(cfg).title == "cuhk03 (labeled boxes)"
+
+    out = tmp_path / "out"
+    assert prepare.main(["--dataset", "cuhk03", "--src", str(root / "detected"), "--dst", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"prepare: cuhk03 (detected boxes) from {root / 'detected'} -> {out}")
+    assert_round_trip(read_dataset("cuhk03", root), out)
+    # the reader's message speaks of the options prepare.py has
+    assert prepare.main(["--dataset", "cuhk03", "--src", str(root / "detected"), "--dst", str(out),
+                         "--cuhk03-labeled"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cuhk03-labeled" in err and f"set --src to {root / 'labeled'}" in err
+
+
+@pytest.mark.parametrize("dataset,inner,outer", [
+    ("market1501", "Market-1501-v15.09.15/bounding_box_train", "Market-1501-v15.09.15"),
+    ("market1501", "Market-1501-v15.09.15/gt_bbox", "Market-1501-v15.09.15"),
+    ("dukemtmc", "DukeMTMC-reID/bounding_box_test", "DukeMTMC-reID"),
+    ("msmt17", "MSMT17_V1/train", "MSMT17_V1"),
+    ("msmt17", "MSMT17_V1/test/0004", "MSMT17_V1"),  # two levels inside
+    ("folder", "pytorch/train_all", "pytorch"),
+    ("folder", "pytorch/query/0003", "pytorch"),
+    ("cuhk03", "cuhk03-np/detected", "cuhk03-np"),  # with cuhk03_labeled: labeled/ is a sibling
+])
+def test_a_folder_inside_the_dataset_names_the_dataset_folder(tmp_path, dataset, inner, outer):
+    make = {"market1501": make_market, "dukemtmc": make_duke, "msmt17": make_msmt, "folder": make_folder,
+            "cuhk03": make_cuhk03}[dataset]
+    make(tmp_path / outer)
+    kwargs = {"cuhk03_labeled": True} if dataset == "cuhk03" else {}
+    message = error_of(read_dataset, dataset, tmp_path / inner, **kwargs)
+    assert message.startswith(f"{dataset}: ") and str(tmp_path / inner) in message
+    assert message.endswith(f"set data_root to {tmp_path / outer}") or str(tmp_path / outer / "labeled") in message
+
+
+@pytest.mark.parametrize("dataset", ["market1501", "dukemtmc", "msmt17", "folder", "cuhk03"])
+def test_any_name_one_or_two_levels_down(tmp_path, dataset):
+    """An extra parent folder, or a dataset folder with an unusual name, still finds the one dataset."""
+    make = {"market1501": make_market, "dukemtmc": make_duke, "msmt17": make_msmt, "folder": make_folder,
+            "cuhk03": make_cuhk03}[dataset]
+    folder = make(tmp_path / "downloads" / "unpacked" / "my copy")
+    direct = read_dataset(dataset, folder)
+    for root in (tmp_path / "downloads" / "unpacked", tmp_path / "downloads"):
+        found = read_dataset(dataset, root)
+        assert found.root == direct.root and key(found.train) == key(direct.train)
+    assert "no " in error_of(read_dataset, dataset, tmp_path)  # three levels up: not searched
+
+
+def test_search_below_never_takes_another_datasets_folder(tmp_path):
+    make_duke(tmp_path / "datasets" / "DukeMTMC-reID")  # the same marker (bounding_box_train/) as Market
+    message = error_of(read_dataset, "market1501", tmp_path / "datasets")
+    assert message.startswith(f"market1501: no bounding_box_train/ under {tmp_path / 'datasets'} ")
+    market = make_market(tmp_path / "datasets" / "Market-1501-v15.09.15")
+    assert read_dataset("market1501", tmp_path / "datasets").root == str(market)
+    assert read_dataset("dukemtmc", tmp_path / "datasets").root == str(tmp_path / "datasets" / "DukeMTMC-reID")
+    # two copies under unusual names are ambiguous; the message names both
+    make_market(tmp_path / "other" / "copy a")
+    make_market(tmp_path / "other" / "copy b")
+    message = error_of(read_dataset, "market1501", tmp_path / "other")
+    assert "several dataset folders (copy a, copy b)" in message
+    # prepare.py's output may carry a dataset's name: it is found, as no other layout has train_all/
+    make_folder(tmp_path / "prepared" / "Market")
+    assert read_dataset("folder", tmp_path / "prepared").root == str(tmp_path / "prepared" / "Market")
+
+
+def test_the_other_layout_is_named(tmp_path):
+    """Raw folders read as per-identity folders, or the reverse, say which dataset setting reads them."""
+    raw, prepared = make_market(tmp_path / "raw"), make_folder(tmp_path / "prepared")
+    message = error_of(read_dataset, "folder", raw)
+    assert "holds bounding_box_train/, a raw dataset" in message and "market1501" in message
+    for name in ("market1501", "msmt17", "cuhk03"):
+        message = error_of(read_dataset, name, prepared)
+        assert message.startswith(f"{name}: ") and "set dataset: folder" in message
+
+
+def test_a_file_is_not_a_data_root(tmp_path):
+    archive = tmp_path / "Market-1501-v15.09.15.zip"
+    archive.write_bytes(b"PK")
+    message = error_of(read_dataset, "market1501", archive)
+    assert "is a file" in message and "extract it" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # MSMT17
 

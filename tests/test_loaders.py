@@ -202,6 +202,18 @@ def test_missing_data_root_and_unknown_dataset_are_clear_errors(tmp_path):
         load_splits(config(tmp_path, "dataset=synthtic"))
 
 
+def test_synthetic_data_root_one_level_off_names_the_dataset(data_root):
+    """A data_root inside or above the synthetic dataset names it instead of generating a second one there."""
+    train_dir = data_root / "bounding_box_train"
+    before = sorted(train_dir.iterdir())
+    for off in (train_dir, data_root.parent):
+        with pytest.raises(UserError) as info:
+            load_splits(config(off, "dataset=synthetic"))
+        assert str(info.value).endswith(f"set data_root to {data_root}")
+    assert sorted(train_dir.iterdir()) == before
+    assert load_splits(config(data_root, "dataset=synthetic")).name == "synthetic"
+
+
 def test_cli_summary_and_error(market, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO_ROOT, capture_output=True,
                                        text=True, timeout=120)
