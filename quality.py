@@ -25,6 +25,12 @@ space; `to_unit` maps them back and clips.
   (`appearance_part_colours`), the structure image with each visible body part of the true swap filled
   flat with the mean colour of that part in A's image (the synthetic data's part labels): what a swap
   scores that has learned where B's parts are and A's colour for each, and nothing finer.
+- `identity_judge` (inside `swap_fidelity`): whose clothes each swap wears. Every test identity is drawn in
+  B's exact structure; the swap is pooled through each candidate's body parts, and the candidate whose
+  per-part mean colours (CIELAB) are nearest is the verdict. It reports top-1 and top-5 accuracy for A, the
+  share judged as B and A's mean rank, in full CIELAB and on chroma alone (a*b*), for the swap and for the
+  references (the true swap, the structure image, the appearance image, the flat floor, the true swap's
+  colours on B's brightness, A's colours on B's parts). Chance is 1 / number of test identities.
 - `reconstruction`: G(E_s(x), E_a(x)) against x on test images.
 - `ssim_diversity`: the intra-identity SSIM the DG-Net paper reports: the mean SSIM over pairs of images
   generated with one appearance and different structures, beside the same for pairs of real images of one
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -340,7 +347,7 @@ def part_colours(appearance: torch.Tensor, appearance_parts: torch.Tensor, canva
 
 def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict[str, Any],
                   splits: DatasetSplits, device: torch.device | None = None, n_pairs: int = 64,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, judge: bool = True) -> dict[str, Any]:
     """SSIM and L1 of the swaps against the ground truth, beside the two trivial answers and reference answers:
     from above, the truth blurred, the truth's colours on the structure image's brightness, and A's part
     colours on the true parts; from below, one flat mean-colour image.
@@ -348,7 +355,8 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     Returns {"pairs", "seed", "swap": {"ssim", "l1", "person_ssim", "person_l1", "person_luma_l1",
     "person_chroma_l1"}, "structure_image": {...},
     "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
-    "true_colours_structure_luma": {...}, "flat_mean_colour": {...}, "appearance_part_colours": {...}}.
+    "true_colours_structure_luma": {...}, "flat_mean_colour": {...}, "appearance_part_colours": {...},
+    "identity_judge": {...}} (with `judge`: `identity_judge` on the swaps and the references).
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
@@ -368,6 +376,212 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     # from above: B's parts (the truth's labels) filled with A's mean colour of each part, over B's image
     painted = part_colours(data.appearance, data.appearance_parts, data.structure, data.target_parts)
     out["appearance_part_colours"] = score(painted, data.target, data.person)
+    if judge:
+        candidates = judge_set(cfg, splits, n_pairs, seed)
+        if candidates.references is None:  # the references do not change as G trains: judged once
+            candidates.references = identity_judge(
+                {"true_swap": data.target, "structure_image": data.structure, "appearance_image": data.appearance,
+                 "flat_mean_colour": flat.expand_as(data.target), "true_colours_structure_luma": recoloured,
+                 "appearance_part_colours": painted}, candidates)
+        out["identity_judge"] = {**identity_judge({"swap": generated}, candidates), **candidates.references}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the identity judge: whose clothes does the swap wear? (synthetic data only)
+
+
+def srgb_to_lab(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] sRGB (..., 3) -> CIELAB (..., 3) under D65: L in [0, 100], a and b about [-110, 110]."""
+    rgb = images.float().clamp(0, 1)
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _RGB_TO_XYZ.to(rgb.device).T / _D65_WHITE.to(rgb.device)
+    eps, kappa = 216 / 24389, 24389 / 27
+    f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1 / 3), (kappa * xyz + 16) / 116)
+    return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                            [0.0193339, 0.1191920, 0.9503041]])
+_D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+
+
+@dataclass
+class JudgeSet:
+    """Every test identity drawn in the structure of each fixed pair's structure image B.
+
+    candidate_parts: (N, K, H, W) uint8, identity k's part labels in B's structure; candidate_lab: (N, K,
+    P, 3), the mean CIELAB colour of each body part (1..P) of that drawing (0 where the part is absent);
+    appearance_index / structure_index: (N,) the candidates that are A's and B's identities.
+    """
+
+    pids: list[int]
+    candidate_parts: torch.Tensor
+    candidate_lab: torch.Tensor
+    appearance_index: torch.Tensor
+    structure_index: torch.Tensor
+    bins: tuple[torch.Tensor, int] | None = None  # _part_bins(candidate_parts), made on first use
+    references: dict[str, Any] | None = None  # swap_fidelity's reference answers, judged once
+
+
+_JUDGE_CACHE: dict[tuple, JudgeSet] = {}
+
+
+def _body_parts() -> int:
+    """The number of body-part labels (skin .. bag): 1..P in synthetic.PART_NAMES, before the occluder."""
+    from data import synthetic
+
+    return synthetic.PART_NAMES.index("occluder") - 1
+
+
+def _part_bins(parts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Part labels (N, K, H, W) -> a flat bin index per pixel, (n, k, label), and the bins per (n, k)."""
+    n, k = parts.shape[:2]
+    bins = _body_parts() + 2  # labels 0..P and the occluder; only 1..P are kept
+    labels = parts.flatten(2).long().clamp(max=bins - 1)
+    return (torch.arange(n * k).view(n, k, 1) * bins + labels).flatten(), bins
+
+
+def part_means_lab(images: torch.Tensor, parts: torch.Tensor,
+                   bins: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CIELAB colour of each body part. images: (N, 3, H, W) in [0, 1]; parts: (N, K, H, W) labels.
+
+    Returns (means (N, K, P, 3), pixel counts (N, K, P)), parts 1..P (background and occluder left out):
+    image n's colours pooled over each of the K layouts of `parts[n]`, so one image is read through every
+    candidate's silhouette at once. One bincount per channel over N*K*H*W pixels; `bins` is
+    `_part_bins(parts)` when the caller keeps it.
+    """
+    n, k = parts.shape[:2]
+    index, per = bins if bins is not None else _part_bins(parts)
+    lab = srgb_to_lab(images.permute(0, 2, 3, 1)).flatten(1, 2)  # (N, H*W, 3)
+    counts = torch.bincount(index, minlength=n * k * per).view(n, k, per).float()
+    sums = torch.stack([torch.bincount(index, weights=lab[:, None, :, c].expand(n, k, -1).flatten(),
+                                       minlength=n * k * per) for c in range(3)], -1).view(n, k, per, 3)
+    counts, sums = counts[:, :, 1:per - 1], sums[:, :, 1:per - 1].float()
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts
+
+
+def _judge_cache_file(cfg: dict[str, Any], size: tuple[int, int], n_pairs: int, seed: int) -> Path:
+    return Path(cfg["data_root"]) / f".identity-judge-{size[0]}x{size[1]}-{n_pairs}-{seed}.pt"
+
+
+def _metadata_stamp(cfg: dict[str, Any]) -> list[int]:
+    """Size and modification time of the dataset's metadata: a regenerated dataset invalidates the cache."""
+    from data import synthetic
+
+    info = (Path(cfg["data_root"]) / synthetic.METADATA_FILE).stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _draw_candidates(cfg: dict[str, Any], splits: DatasetSplits, data: FidelitySet) -> JudgeSet:
+    from data import synthetic
+
+    size = image_size(cfg)
+    meta = synthetic.load_metadata(cfg["data_root"])
+    people = _test_people(splits)
+    first: dict[int, Record] = {}
+    for r in people:
+        first.setdefault(r.pid, r)  # appearance belongs to the identity: any of its images draws it
+    pids = sorted(first)
+    by_name = {Path(r.path).name: r for r in people}
+    parts, labs, a_index, b_index = [], [], [], []
+    for a_name, b_name in data.pairs:
+        b = by_name[b_name]
+        drawn = torch.stack([_true_swap(meta, first[p], b, size) for p in pids])
+        layout = torch.stack([_true_parts(meta, first[p], b, size) for p in pids])
+        parts.append(layout)
+        labs.append(part_means_lab(drawn, layout.unsqueeze(1))[0][:, 0])
+        a_index.append(pids.index(by_name[a_name].pid))
+        b_index.append(pids.index(b.pid))
+    return JudgeSet(pids=pids, candidate_parts=torch.stack(parts), candidate_lab=torch.stack(labs),
+                    appearance_index=torch.tensor(a_index), structure_index=torch.tensor(b_index))
+
+
+def judge_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, seed: int = 0) -> JudgeSet:
+    """The identity judge's candidates for `fidelity_set`'s pairs: every test identity drawn in each B's
+    structure, JPEG-encoded as B's file was (as the true swaps are).
+
+    Drawing them takes n_pairs * identities renders (about 20 ms each at 64x32 on a CPU, a minute or more
+    for 64 pairs of 60 identities), so they are kept in memory and in a file beside the dataset
+    (`.identity-judge-HxW-PAIRS-SEED.pt`, a few MB), valid while the dataset's metadata is unchanged: a
+    training run and `visualize.py metrics` on the same data draw them once between them, and the judge
+    then costs only the comparison.
+    """
+    data = fidelity_set(cfg, splits, n_pairs, seed)
+    size = image_size(cfg)
+    key = (str(Path(splits.root).resolve()), size, n_pairs, seed)
+    if key in _JUDGE_CACHE:
+        return _JUDGE_CACHE[key]
+    path, stamp = _judge_cache_file(cfg, size, n_pairs, seed), _metadata_stamp(cfg)
+    judge = None
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("stamp") == stamp and saved.get("pairs") == [list(p) for p in data.pairs]:
+                judge = JudgeSet(**saved["judge"])
+        except Exception:  # unreadable or from another version: draw again and overwrite it
+            judge = None
+    if judge is None:
+        judge = _draw_candidates(cfg, splits, data)
+        try:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            fields = {k: v for k, v in vars(judge).items() if k not in ("bins", "references")}
+            torch.save({"stamp": stamp, "pairs": [list(p) for p in data.pairs], "judge": fields}, tmp)
+            os.replace(tmp, path)
+        except OSError:  # a read-only dataset: keep the candidates in memory only
+            pass
+    _JUDGE_CACHE[key] = judge
+    return judge
+
+
+def judge_distances(images: torch.Tensor, judge: JudgeSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) distances of each image (N, 3, H, W; [0, 1]) to each candidate identity drawn in its pair's
+    structure, in full CIELAB and on chroma alone: over the candidate's own body parts, the colour difference
+    (CIE76 Delta E; a*b* alone for chroma) between the image's and the candidate's mean colour of that part,
+    weighted by the part's share of the candidate's person pixels."""
+    if judge.bins is None:  # the same for every image judged against this set
+        judge.bins = _part_bins(judge.candidate_parts)
+    means, counts = part_means_lab(images, judge.candidate_parts, judge.bins)
+    diff = means - judge.candidate_lab
+    weights = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return (diff.norm(dim=-1) * weights).sum(-1), (diff[..., 1:].norm(dim=-1) * weights).sum(-1)
+
+
+def judge_verdicts(distances: torch.Tensor, judge: JudgeSet) -> dict[str, float]:
+    """From (N, K) distances: top1 / top5, the share of pairs whose nearest (5 nearest) candidate is A's
+    identity; as_structure, the share whose nearest is B's; mean_rank_appearance, A's mean rank (1 best)."""
+    order = distances.argsort(dim=1, stable=True)
+    rank_a = (order == judge.appearance_index[:, None]).float().argmax(1) + 1
+    return {"top1": float((rank_a == 1).float().mean()), "top5": float((rank_a <= 5).float().mean()),
+            "as_structure": float((order[:, 0] == judge.structure_index).float().mean()),
+            "mean_rank_appearance": float(rank_a.float().mean())}
+
+
+# the judge's answers in display order, with their labels
+JUDGE_LABELS = {"swap": "generated swap", "true_swap": "true swap", "structure_image": "structure image",
+                "appearance_image": "appearance image", "flat_mean_colour": "flat mean-colour image",
+                "true_colours_structure_luma": "true colours, B's luma",
+                "appearance_part_colours": "A's colours, B's parts"}
+
+
+def identity_judge(answers: dict[str, torch.Tensor], judge: JudgeSet) -> dict[str, Any]:
+    """Judge each answer (N, 3, H, W in [0, 1], one image per pair): which test identity's clothes it wears,
+    in full CIELAB and on chroma alone (a*b*).
+
+    Why per-part mean colours and not pixels: a synthetic identity *is* its part colours (skin, hair, upper,
+    lower, shoes, bag; a pattern averages to its mean), and a swap is judged on what a viewer reads, whose
+    clothes. Pixel distances would be dominated by alignment and sharpness (a blurred true swap would lose
+    to a sharp wrong identity), and the decoder only ever sees B's shape. Each candidate is drawn in B's
+    exact structure, so its part means already carry B's lighting and colour cast, and the image is pooled
+    through that candidate's own silhouette (its build, sleeves and skirt differ). CIELAB is close to
+    perceptually uniform, so a Delta E means the same at every colour; the chroma variant drops L*, which
+    DG-Net's grey structure input hands to the decoder from B by design.
+    """
+    out: dict[str, Any] = {"identities": len(judge.pids), "chance": 1 / len(judge.pids)}
+    for key, images in answers.items():
+        full, chroma = judge_distances(images, judge)
+        out[key] = {**judge_verdicts(full, judge),
+                    **{f"chroma_{k}": v for k, v in judge_verdicts(chroma, judge).items()}}
     return out
 
 
@@ -533,7 +747,7 @@ def scalars(metrics: dict[str, Any], prefix: str = "generation") -> dict[str, fl
 
     Counts and seeds (pairs, images, seed, ...) are settings, not measurements: they are left out.
     """
-    settings = {"pairs", "seed", "images", "identities", "structures_per_identity"}
+    settings = {"pairs", "seed", "images", "identities", "structures_per_identity", "chance"}
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):

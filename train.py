@@ -378,7 +378,8 @@ class Validation:
 
 class SwapFidelity:
     """On the synthetic dataset: SSIM and L1 of swaps against the true swap every `fidelity_iter`, beside
-    the two trivial answers (quality.swap_fidelity), to tensorboard and the console (rank 0)."""
+    the two trivial answers, and the identity judge's verdicts (quality.swap_fidelity), to tensorboard and
+    the console (rank 0)."""
 
     def __init__(self, cfg: dict[str, Any], splits: Any, trainer: Any, writer: Any):
         self.cfg, self.splits, self.trainer, self.writer = cfg, splits, trainer, writer
@@ -399,6 +400,12 @@ class SwapFidelity:
               f"appearance image {a['person_l1']:.4f}, true swap at 1/{coarsest} {blur['person_l1']:.4f}, "
               f"flat mean colour {flat['person_l1']:.4f}), whole-image SSIM {s['ssim']:.4f} ({b['ssim']:.4f}, "
               f"{a['ssim']:.4f}, {blur['ssim']:.4f}, {flat['ssim']:.4f})", flush=True)
+        j = r["identity_judge"]
+        print(f"identity judge at {done}: judged A (top-1 / top-5) {j['swap']['top1']:.3f} / {j['swap']['top5']:.3f}, "
+              f"judged B {j['swap']['as_structure']:.3f}; chroma alone {j['swap']['chroma_top1']:.3f} / "
+              f"{j['swap']['chroma_top5']:.3f}, B {j['swap']['chroma_as_structure']:.3f} (chance {j['chance']:.3f}; "
+              f"structure image judged A {j['structure_image']['top1']:.3f}, appearance image "
+              f"{j['appearance_image']['top1']:.3f}, flat {j['flat_mean_colour']['top1']:.3f})", flush=True)
 
 
 class NullWriter:

@@ -567,6 +567,9 @@ def format_metrics(s: dict[str, Any]) -> str:
             lines.append(f"  {label:<22} {f['ssim']:6.4f}  {f['l1']:6.4f}    {f['person_ssim']:6.4f}  "
                          f"{f['person_l1']:6.4f}  {f['person_luma_l1']:6.4f}   "
                          f"{f['person_chroma_l1']:6.4f}")
+        judge = fidelity.get("identity_judge")
+        if judge:
+            lines.extend(format_judge(judge))
     else:
         lines.append("swap fidelity: needs the synthetic dataset (its swaps have a true answer)")
     rec = s["reconstruction"]
@@ -577,6 +580,19 @@ def format_metrics(s: dict[str, Any]) -> str:
                  f"{div['generated']:.4f}, real {real}")
     lines.append(f"FID ({s['fid']['images']} images): {s['fid']['fid']:.2f}" if s["fid"] else quality.fid_hint())
     return "\n".join(lines)
+
+
+def format_judge(judge: dict[str, Any]) -> list[str]:
+    """The identity judge's table: top-1/top-5 for A, share judged B, in CIELAB and on chroma alone."""
+    lines = [f"identity judge: whose clothes does each answer wear, among {judge['identities']} test identities "
+             f"drawn in B's structure (chance {judge['chance']:.4f}):",
+             f"{'':<26}full CIELAB                 chroma (a*b*) alone",
+             f"{'':<26}top-1  top-5  judged B       top-1  top-5  judged B"]
+    for key, label in quality.JUDGE_LABELS.items():
+        j = judge[key]
+        lines.append(f"  {label:<22} {j['top1']:6.3f} {j['top5']:6.3f}  {j['as_structure']:6.3f}       "
+                     f"{j['chroma_top1']:6.3f} {j['chroma_top5']:6.3f}  {j['chroma_as_structure']:6.3f}")
+    return lines
 
 
 COMMANDS = {"swap": cmd_swap, "rainbow": cmd_rainbow, "smooth": cmd_smooth, "generate": cmd_generate,

@@ -109,7 +109,12 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert not e.training and e.classifier1.training and not e.classifier2.training
     assert set(first) == {"pairs", "seed", "swap", "structure_image", "appearance_image", "true_swap_blur4",
                           "true_swap_blur8", "true_colours_structure_luma", "flat_mean_colour",
-                          "appearance_part_colours"}
+                          "appearance_part_colours", "identity_judge"}
+    judged = first["identity_judge"]
+    assert set(judged) == {"identities", "chance", *quality.JUDGE_LABELS}
+    assert judged["identities"] == 4 and judged["chance"] == 0.25
+    assert judged["true_swap"]["top1"] == 1.0 and judged["structure_image"]["as_structure"] == 1.0
+    assert all(0 <= v <= 1 for k, v in judged["swap"].items() if "rank" not in k)
     # true colours on the structure image's brightness: the structure image's luma error, almost no chroma error
     recoloured, structure = first["true_colours_structure_luma"], first["structure_image"]
     assert recoloured["person_luma_l1"] == pytest.approx(structure["person_luma_l1"], abs=0.01)
@@ -136,6 +141,8 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert other.pairs != quality.fidelity_set(models.cfg, splits, n_pairs=8, seed=3).pairs
     tags = quality.scalars({"swap_fidelity": first})
     assert tags["generation/swap_fidelity/swap/ssim"] == first["swap"]["ssim"]
+    assert tags["generation/swap_fidelity/identity_judge/swap/chroma_top1"] == judged["swap"]["chroma_top1"]
+    assert "generation/swap_fidelity/identity_judge/chance" not in tags
     assert "generation/swap_fidelity/pairs" not in tags
 
 
@@ -224,3 +231,93 @@ def test_fid_weights_must_exist(tmp_path):
     with pytest.raises(UserError, match="not torchvision's Inception v3 weights"):
         quality.load_inception(tmp_path / "junk.pth", torch.device("cpu"))
     assert "--fid-weights" in quality.fid_hint() and "\n" not in quality.fid_hint()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the identity judge
+
+
+def test_srgb_to_lab_known_values():
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]])
+    lab = quality.srgb_to_lab(rgb)
+    expected = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.24, 80.09, 67.20], [32.30, 79.19, -107.86],
+                             [53.39, 0.0, 0.0]])
+    assert torch.allclose(lab, expected, atol=0.05)
+
+
+def test_part_means_pool_each_image_through_every_layout():
+    upper, lower, occluder = (synthetic.PART_NAMES.index(n) for n in ("upper", "lower", "occluder"))
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, :, 0, :] = 1.0  # top row white, bottom row black
+    layouts = torch.tensor([[[[upper, upper], [lower, lower]], [[upper, lower], [occluder, 0]]]], dtype=torch.uint8)
+    means, counts = quality.part_means_lab(image, layouts)
+    u, lo = upper - 1, lower - 1
+    assert means.shape == (1, 2, quality._body_parts(), 3)
+    assert counts[0, 0, u] == 2 and counts[0, 0, lo] == 2 and counts[0, 1, u] == 1 and counts[0, 1, lo] == 1
+    assert means[0, 0, u, 0] == pytest.approx(100, abs=0.01) and means[0, 0, lo, 0] == pytest.approx(0, abs=0.01)
+    assert means[0, 1, lo, 0] == pytest.approx(100, abs=0.01)  # the second layout reads the top row as lower
+    assert counts[0, 1].sum() == 2  # background and occluder are no part
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """12 test identities at 64x32, 16 seeded pairs, every reference answer judged."""
+    from utils import load_config
+
+    root = tmp_path_factory.mktemp("judge") / "data"
+    synthetic.generate(root, ids=24, images_per_id=4, height=64, width=32, seed=2)
+    cfg = load_config(None, ["dataset=synthetic", f"data_root={root}", "crop_image_height=64",
+                             "crop_image_width=32"])
+    splits = load_splits(cfg)
+    data = quality.fidelity_set(cfg, splits, n_pairs=16, seed=0)
+    judge = quality.judge_set(cfg, splits, n_pairs=16, seed=0)
+    flat = torch.cat([data.structure, data.appearance]).mean(dim=(0, 2, 3), keepdim=True).expand_as(data.target)
+    recoloured = quality.from_luma_chroma(quality.luma_chroma(data.structure)[0], quality.luma_chroma(data.target)[1])
+    answers = {"true_swap": data.target, "structure_image": data.structure, "appearance_image": data.appearance,
+               "flat_mean_colour": flat, "true_colours_structure_luma": recoloured}
+    return cfg, splits, data, judge, quality.identity_judge(answers, judge)
+
+
+def test_judge_knows_the_answers(judged):
+    _, _, data, judge, verdict = judged
+    assert verdict["identities"] == len(judge.pids) == 12 and verdict["chance"] == pytest.approx(1 / 12)
+    assert judge.candidate_parts.shape == (16, 12, 64, 32)
+    for (a, b), ia, ib in zip(data.pairs, judge.appearance_index, judge.structure_index):
+        assert judge.pids[int(ia)] == int(a.split("_")[0]) and judge.pids[int(ib)] == int(b.split("_")[0])
+    # the true swap is A's identity in B's structure: judged A, in full and on chroma alone
+    truth = verdict["true_swap"]
+    assert truth["top1"] == truth["chroma_top1"] == 1.0 and truth["as_structure"] == 0.0
+    assert truth["mean_rank_appearance"] == 1.0
+    # the structure image is B's identity in B's structure: judged B, never A
+    structure = verdict["structure_image"]
+    assert structure["as_structure"] == structure["chroma_as_structure"] == 1.0 and structure["top1"] == 0.0
+    # A's colours on B's brightness: chroma alone finds A, the full judge is pulled towards B by L*
+    recoloured = verdict["true_colours_structure_luma"]
+    assert recoloured["chroma_top1"] >= 0.8 and recoloured["top1"] < recoloured["chroma_top1"]
+    # A's own image in another pose: A's colours in the wrong places, well above chance and rarely B
+    appearance = verdict["appearance_image"]
+    assert appearance["top5"] > 0.5 and appearance["top1"] > 2 * verdict["chance"]
+    assert appearance["as_structure"] <= 0.125
+    # one flat image for every pair carries no identity: about chance, far below the truth
+    flat = verdict["flat_mean_colour"]
+    assert flat["top1"] <= 0.25 and flat["mean_rank_appearance"] > 3
+
+
+def test_judge_candidates_are_cached_beside_the_dataset(judged):
+    cfg, splits, data, judge, _ = judged
+    cached = quality._judge_cache_file(cfg, (64, 32), 16, 0)
+    assert cached.is_file()
+    quality._JUDGE_CACHE.clear()
+    again = quality.judge_set(cfg, splits, n_pairs=16, seed=0)  # read back from the file
+    assert again is not judge and torch.equal(again.candidate_parts, judge.candidate_parts)
+    assert torch.equal(again.candidate_lab, judge.candidate_lab) and again.pids == judge.pids
+    d_again, d_first = quality.judge_distances(data.target, again), quality.judge_distances(data.target, judge)
+    assert torch.equal(d_again[0], d_first[0]) and torch.equal(d_again[1], d_first[1])
+    # a file that does not match the dataset's metadata (another dataset, or a damaged file) is drawn again
+    saved = torch.load(cached, weights_only=True)
+    saved["stamp"] = [0, 0]
+    saved["judge"]["candidate_lab"] = torch.zeros_like(saved["judge"]["candidate_lab"])
+    torch.save(saved, cached)
+    quality._JUDGE_CACHE.clear()
+    redrawn = quality.judge_set(cfg, splits, n_pairs=16, seed=0)
+    assert torch.equal(redrawn.candidate_lab, judge.candidate_lab)
