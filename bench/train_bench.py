@@ -6,18 +6,23 @@
     python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
     python bench/train_bench.py --bench profile --iters 10        # torch.profiler: phases and top kernels
     python bench/train_bench.py --bench ops --device cpu          # operators and network calls per iteration
+    python bench/train_bench.py --bench syncs --device cpu        # host-device syncs per iteration, by source line
+    python bench/train_bench.py --bench data                      # only generate the synthetic data
+    python bench/train_bench.py --config configs/quickstart/dgnet.yaml --teacher_config ...  # quickstart sizes
     python bench/train_bench.py --tiny --device cpu               # the CPU/CI size
 
 Default size: configs/latest.yaml (256x128, batch 8 + 8, ResNet-50 E_a) and configs/teacher/market.yaml
-(batch 32), on synthetic pedestrians rendered at the crop size into bench/results/data/ (generated once,
-so it runs anywhere), `pretrained: none`. DG-Net's teacher is a random ResNet-50 built in-process and used
+(batch 32), or the configs --config and --teacher_config name (e.g. the quickstart's), on synthetic
+pedestrians rendered at the crop size into bench/results/data/ (generated once, so it runs anywhere),
+`pretrained: none`. DG-Net's teacher is a random network of the backbone's shape built in-process and used
 with the default teacher_style 0: it costs what a trained one costs, and no file is needed.
 
 Modes: `reference` follows the original's costs (fp32, eager, contiguous NCHW, per-parameter optimizer
 loops; cuDNN autotuning stays on, as the original had it); `fast` is the config's defaults on this device
 (amp, channels_last, fused_optim: auto; compile as configured), which `--amp`, `--compile` and
-`--channels_last` change. `--phase full` (default) times iterations with every loss term on
-(iteration 34000 onwards at the defaults, the dearer 70% of a run); `--phase early` the first 30000.
+`--channels_last` change and `--fast_opts` (e.g. dis.r1_every=16) adds to. `--phase full` (default) times
+iterations with every loss term on (iteration 34000 onwards at the defaults, the dearer 70% of a run);
+`--phase early` the first 30000.
 
 Every timed loop warms up first (cuDNN autotuning, compilation), synchronizes the GPU before reading the
 clock, and fetches loss values only after the clock stops. Prints a table; writes JSON to bench/results/.
@@ -55,6 +60,8 @@ TINY = ("crop_image_height=64", "crop_image_width=32", "pad=2", "batch_size=4", 
         "synthetic.width=32")
 # the original's costs: fp32, eager, NCHW, per-parameter optimizer loops (cudnn_benchmark stays: it had it)
 REFERENCE = ("amp=none", "channels_last=never", "fused_optim=never", "compile=false")
+# keys of a captured step, where the config has one: never in the reference, which keeps the original's costs
+CAPTURE_KEYS = ("cuda_graph",)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,7 +71,8 @@ REFERENCE = ("amp=none", "channels_last=never", "fused_optim=never", "compile=fa
 def variant_opts(args: argparse.Namespace, mode: str) -> list[str]:
     """--opts of one mode: the reference is always the original's costs; the switches change the fast mode."""
     if mode == "reference":
-        return list(REFERENCE)
+        defaults = load_config(None)
+        return list(REFERENCE) + [f"{key}=never" for key in CAPTURE_KEYS if key in defaults]
     opts = []
     if args.amp:
         opts.append(f"amp={args.amp}")
@@ -72,13 +80,20 @@ def variant_opts(args: argparse.Namespace, mode: str) -> list[str]:
         opts.append("compile=true")
     if args.channels_last:
         opts.append("channels_last=always")
-    return opts
+    return opts + list(args.fast_opts)
 
 
 def bench_config(kind: str, args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """The config of one measurement: the default (or tiny) config on the bench's synthetic data."""
-    size = (64, 32) if args.tiny else (256, 128)
-    data_root = args.data or REPO / "bench" / "results" / "data" / f"synthetic_{size[0]}x{size[1]}"
+    path = args.config if kind == "dgnet" else args.teacher_config
+    if args.tiny:
+        size = (64, 32)
+    else:
+        own = load_config(args.config)  # DG-Net's size, which the teacher shares (as a teacher of it must)
+        size = (own["crop_image_height"], own["crop_image_width"])
+    # tiny data has fewer identities than full data of the same size: it gets its own folder
+    name = f"synthetic_{size[0]}x{size[1]}" + ("_tiny" if args.tiny else "")
+    data_root = args.data or (args.data_dir or REPO / "bench" / "results" / "data") / name
     opts = ["dataset=synthetic", f"data_root={data_root}", "ID_class=null", "pretrained=none",
             f"synthetic.height={size[0]}", f"synthetic.width={size[1]}", "synthetic.ids=60"]
     if args.tiny:
@@ -88,7 +103,7 @@ def bench_config(kind: str, args: argparse.Namespace, mode: str) -> dict[str, An
     if args.workers is not None:
         opts.append(f"num_workers={args.workers}")
     extra = [o for o in args.opts if kind == "dgnet" or not o.startswith(("gen.", "dis."))]
-    return load_config(DGNET_CONFIG if kind == "dgnet" else TEACHER_CONFIG, opts + variant_opts(args, mode) + extra)
+    return load_config(path, opts + variant_opts(args, mode) + extra)
 
 
 def first_iteration(cfg: dict[str, Any], phase: str) -> int:
@@ -318,6 +333,76 @@ def print_ops(o: dict[str, Any]) -> None:
     print("network calls:  " + ", ".join(f"{name} {n}" for name, n in o["network_calls"].items()))
 
 
+# aten operators after which the host waits for the device: a value read on the host (`.item()`, `float(t)`,
+# `bool(t)`, `if t:` all reach _local_scalar_dense) or an output whose shape depends on the data
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+            "masked_select", "equal"}
+# torch's decorators and dispatch plumbing: never the line that reads a value
+WRAPPER_FILES = {"_compile.py", "_contextlib.py", "eval_frame.py", "_python_dispatch.py", "_jit_internal.py"}
+
+
+def count_syncs(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
+    """The host-device synchronizations that `iters` training iterations make, per source line. A CUDA graph
+    cannot capture an iteration that makes one on a device tensor, and each one stalls the launch queue.
+    On the CPU every tensor is a host tensor, so the count says where the syncs are and `device` says which
+    are real only on a GPU run (a CPU tensor there, e.g. the eager optimizers' step counters, waits on
+    nothing but still fixes a branch at capture time)."""
+    import traceback
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    warm_up(job, warmup, start)
+    sites: Counter[tuple[str, str, str, str]] = Counter()
+    repo = str(REPO)
+
+    def where() -> tuple[str, str]:
+        """The innermost line of this project (not the bench) and, if the call went on into a library,
+        the library's line that made the read."""
+        frames = traceback.extract_stack()[:-3]  # less this function and the mode's own frames
+        own = [f for f in frames if f.filename.startswith(repo) and "/bench/" not in f.filename]
+        site = f"{Path(own[-1].filename).relative_to(REPO)}:{own[-1].lineno} {own[-1].name}" if own else "?"
+        library = [f for f in frames[frames.index(own[-1]) + 1 if own else 0:]
+                   if Path(f.filename).name not in WRAPPER_FILES]
+        last = library[-1] if library else None
+        via = "" if last is None else f"{'/'.join(Path(last.filename).parts[-2:])}:{last.lineno} {last.name}"
+        return site, via
+
+    class CountSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            to_host = (name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "cpu"
+                       and any(t.device.type != "cpu" for t in tensors))
+            if name in SYNC_OPS or to_host:
+                site, via = where()
+                device = tensors[-1 if name == "copy_" else 0].device.type if tensors else "?"
+                sites[(site, via, name, device)] += 1
+            return out
+
+    batches = [job.batches() for _ in range(iters)]  # the loaders' own work is not the step's
+    with CountSyncs():
+        for i, batch in enumerate(batches):
+            job.trainer.train_step(start + warmup + i, *batch)
+    total = sum(sites.values())
+    by_device = Counter()
+    for (_, _, _, device), n in sites.items():
+        by_device[device] += n
+    return {"iters": iters, "first_iteration": start + warmup, "syncs_per_iteration": round(total / iters, 2),
+            "by_device": {k: round(v / iters, 2) for k, v in by_device.items()},
+            "sites": [{"site": site, "via": via, "op": op, "device": device, "per_iteration": round(n / iters, 2)}
+                      for (site, via, op, device), n in sites.most_common()]}
+
+
+def print_syncs(o: dict[str, Any]) -> None:
+    print(f"{o['syncs_per_iteration']:g} host-device syncs per iteration ({o['iters']} iterations from "
+          f"{o['first_iteration']}); by tensor device: {o['by_device']}")
+    for s in o["sites"]:
+        print(f"  {s['per_iteration']:>7g}  {s['op']:<20} {s['device']:<5} {s['site']}"
+              + (f"  (in {s['via']})" if s["via"] else ""))
+
+
 def time_loaders(job: Job, iters: int, warmup: int) -> dict[str, Any]:
     """What the loaders alone deliver, in iterations' worth of batches per second (all loaders of a step)."""
     for _ in range(warmup):  # starts the workers
@@ -358,7 +443,11 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
     rngs = dict.fromkeys(jobs, rng_state(device))
     curves: dict[str, dict[str, list[float]]] = {mode: {} for mode in jobs}
     loader_job = jobs["reference"]
+    tick, done = time.perf_counter(), 0
     for i in range(args.iters):
+        if args.time_limit and time.perf_counter() - tick > args.time_limit:
+            break  # a budgeted run keeps the curves it has rather than losing them to a kill
+        done = i + 1
         batches = loader_job.batches()
         for mode, job in jobs.items():
             set_rng(rngs[mode], device)
@@ -368,7 +457,7 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
                 curves[mode].setdefault(key, []).append(float(value))
     for job in jobs.values():
         job.close()
-    window = max(1, args.iters // 10)
+    window = max(1, done // 10)
     terms = {}
     for key, ref in curves["reference"].items():
         fast = curves["fast"][key]
@@ -384,7 +473,8 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
             # the curves' trend: means over windows of a tenth of the run
             "max_window_rel_diff": max(abs(f - r) for r, f in means) / scale if scale > 0 else 0.0,
         }
-    return {"iters": args.iters, "first_iteration": start, "window": window,
+    return {"iters": done, "iters_asked": args.iters, "seconds": round(time.perf_counter() - tick, 2),
+            "first_iteration": start, "window": window,
             "reference": settings(jobs["reference"]), "fast": settings(jobs["fast"]), "terms": terms,
             "curves": curves}
 
@@ -418,26 +508,44 @@ def describe_device(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def cuda_facts(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "capability": f"{props.major}.{props.minor}", "gpu_memory_gib": round(props.total_memory / 2**30, 2)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="speed", choices=("speed", "loaders", "numerics", "profile", "ops"),
+    p.add_argument("--bench", default="speed",
+                   choices=("speed", "loaders", "numerics", "profile", "ops", "syncs", "data"),
                    help="speed (default): it/s, images/s, data share, peak memory; loaders: what the loaders "
                         "deliver vs what training consumes; numerics: fast vs reference loss curves; profile: "
                         "torch.profiler on DG-Net (the fast mode unless --mode reference): phases, top "
                         "operators; ops: operators dispatched and network calls in one DG-Net iteration (the fast "
-                        "mode unless --mode reference)")
+                        "mode unless --mode reference); syncs: host-device syncs per iteration by source line "
+                        "(the fast mode unless --mode reference); data: generate the synthetic data and stop")
     p.add_argument("--top", type=int, default=15, help="profile, ops: how many operators to list")
     p.add_argument("--trace", type=Path, help="profile: also write a Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--shapes", action="store_true", help="profile: rank operators per input shape")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every measured run (e.g. dis.LAMBDA=0: R1 off)")
+    p.add_argument("--config", type=Path, default=DGNET_CONFIG, help="DG-Net's config (default: configs/latest.yaml)")
+    p.add_argument("--teacher_config", type=Path, default=TEACHER_CONFIG,
+                   help="the teacher's config (default: configs/teacher/market.yaml)")
+    p.add_argument("--fast_opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for the fast mode only (e.g. cuda_graph=always, dis.r1_every=16)")
     p.add_argument("--mode", default="both", choices=("reference", "fast", "both"),
                    help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults")
     p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="the fast mode's amp (default: the config's, auto)")
     p.add_argument("--compile", action="store_true", help="the fast mode compiles G and E_a (and the teacher)")
     p.add_argument("--channels_last", action="store_true", help="the fast mode uses channels_last on any device")
-    p.add_argument("--iters", type=int, default=50, help="timed iterations (numerics: compared iterations)")
+    p.add_argument("--iters", type=int, default=50,
+                   help="timed iterations (numerics: compared iterations; syncs: counted iterations)")
+    p.add_argument("--time_limit", type=float, default=0.0,
+                   help="numerics: stop comparing after this many seconds and report the iterations done (0: none)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     p.add_argument("--phase", default="full", choices=("full", "early"),
                    help="full: every loss term on (iteration 34000+); early: the ramped terms still off")
@@ -445,6 +553,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, help="num_workers per loader (default: the config's)")
     p.add_argument("--data", type=Path, help="synthetic data folder (default: bench/results/data/...)")
+    p.add_argument("--data_dir", type=Path,
+                   help="where the per-size synthetic data folders go (default: bench/results/data)")
     p.add_argument("--json", type=Path, help="output (default: bench/results/train_bench[_tiny][_<bench>].json)")
     return p.parse_args(argv)
 
@@ -475,6 +585,7 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         "benchmark": "train_bench", "bench": args.bench, "tiny": args.tiny,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(device), "device_name": describe_device(device), "torch": torch.__version__,
+        **cuda_facts(device),
         "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "size": size,
         "num_classes": splits.num_classes, "train_images": len(splits.train), "phase": args.phase,
         "teacher": "DG-Net's teacher: a random network built in-process, teacher_style 0 (a trained one's cost)",
@@ -483,19 +594,28 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
     print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
           f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")
 
-    if args.bench in ("profile", "ops"):  # one DG-Net job in one mode, examined
+    if args.bench == "data":  # load_splits above generated what was missing
+        result["data"] = {"data_root": str(first["data_root"]), "train_images": len(splits.train)}
+        if args.model != "dgnet":  # the teacher's config may name other data
+            teacher_cfg = bench_config("teacher", args, modes[0])
+            result["data"]["teacher_train_images"] = len(load_splits(teacher_cfg).train)
+    elif args.bench in ("profile", "ops", "syncs"):  # one DG-Net job in one mode, examined
         mode = "reference" if args.mode == "reference" else "fast"
         cfg = bench_config("dgnet", args, mode)
         job = Job("dgnet", cfg, splits, device)
         start = first_iteration(cfg, args.phase)
         try:
-            out = (profile_training(job, args.iters, args.warmup, start, args.top, args.trace, args.shapes)
-                   if args.bench == "profile" else count_ops(job, args.warmup, start, args.top))
+            if args.bench == "profile":
+                out = profile_training(job, args.iters, args.warmup, start, args.top, args.trace, args.shapes)
+            elif args.bench == "ops":
+                out = count_ops(job, args.warmup, start, args.top)
+            else:
+                out = count_syncs(job, args.iters, args.warmup, start)
         finally:
             job.close()
         out.update(mode=mode, settings=settings(job))
         result[args.bench] = out
-        (print_profile if args.bench == "profile" else print_ops)(out)
+        {"profile": print_profile, "ops": print_ops, "syncs": print_syncs}[args.bench](out)
     elif args.bench == "numerics":
         start = first_iteration(bench_config("dgnet", args, "reference"), args.phase)
         out = compare_numerics(args, splits, device, start)

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# bench/gpu_run.sh [--tiny] OUTDIR: every GPU figure the open issues need, in one device call of at most
+# 9 minutes (GPU time comes in 15-minute slots, start-up included, at most 10 minutes a command). Run it
+# FIRST in any session that has a GPU, before anything else, and copy summary.md into BENCHMARKS.md.
+#
+# The device call (prepared and proven on the CPU, 2026-11-28):
+#   1. here, once, for the quickstart step's tensorboardX (missing on the lent machines; the benches
+#      themselves need nothing beyond torch):   bash bench/gpu_run.sh --wheels
+#   2. run(command="bash bench/gpu_run.sh $OUT", carry=[".whl"], timeout_s=600)
+#      It needs no kind: an H100 is what it is sized for (an H200 works; name the card it ran on).
+#      The synthetic data is generated there (about 20 s); nothing else travels.
+#   3. What comes back: $OUT/results.json (every figure and each step's full JSON), summary.md (tables
+#      for BENCHMARKS.md), log.txt, steps.tar.gz (the steps' JSON, the profiler trace, the quickstart's
+#      files): four files, within the tool's 8.
+#
+# Steps, most valuable first; each under `timeout` with its own budget, cut to what is left of the whole
+# (GPU_RUN_BUDGET, 530 s; a step that cannot get its minimum is skipped, recorded as such). A failing step
+# is recorded and the next one runs; results.json and summary.md are rewritten after every step.
+#   setup             60 s  wheels, nvidia-smi, env.json, synthetic data at 256x128 and 64x32
+#   dgnet_default    110 s  DG-Net at configs/latest.yaml: reference (fp32, the original's costs) and fast
+#                           (the GPU defaults): it/s, images/s, peak GPU memory
+#   dgnet_captured    80 s  the fast mode with cuda_graph=always, when configs/defaults.yaml has that key
+#   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
+#                           operators, phases; a Chrome trace in steps.tar.gz
+#   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
+#   teacher_default   50 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory
+#   numerics         200 s  fast (captured, when there is a capture key) vs fp32 reference loss curves,
+#                           300 iterations from the same seed; stops itself in time and keeps its curves
+#   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes, both modes
+#   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
+#   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
+#                           GPU_QUICKSTART_MIN (150) s are left; it reads its limit from GPU_RUN_STEP_LIMIT
+#
+# --tiny runs every step at the tests' tiny sizes on the CPU in a minute or two (tests/test_bench.py);
+# there the quickstart step runs only if GPU_QUICKSTART names a script. Other knobs: PYTHON (python3),
+# GPU_RUN_DATA (where the synthetic data goes; bench/results/data).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+COMMAND="bash bench/gpu_run.sh $*"
+
+if [[ ${1:-} == --wheels ]]; then  # runs here, where pip can reach the index; the device cannot
+  cd "$REPO"
+  # the version this checkout is tested with, else the newest
+  version=$("$PY" -c 'import tensorboardX; print(tensorboardX.__version__)' 2>/dev/null || true)
+  mkdir -p .whl
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "tensorboardX${version:+==$version}"
+  ls -l .whl
+  exit 0
+fi
+
+TINY=0
+if [[ ${1:-} == --tiny ]]; then TINY=1; shift; fi
+if [[ $# -ne 1 ]]; then
+  echo "usage: bash bench/gpu_run.sh [--tiny] OUTDIR   |   bash bench/gpu_run.sh --wheels" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$REPO"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")
+LOG="$OUT/log.txt"
+: >"$LOG"
+
+START=$(date +%s)
+BUDGET=${GPU_RUN_BUDGET:-$((TINY ? 900 : 530))}
+RESERVE=10  # seconds kept for the last report and the tar
+export GPU_RUN_START=$START GPU_RUN_BUDGET=$BUDGET GPU_RUN_TINY=$TINY GPU_RUN_COMMAND=$COMMAND
+export PYTHONUNBUFFERED=1
+DATA=(--data_dir "${GPU_RUN_DATA:-$REPO/bench/results/data}")
+QUICKSTART_CONFIGS=(--config configs/quickstart/dgnet.yaml --teacher_config configs/quickstart/teacher.yaml)
+
+if ((TINY)); then
+  SIZE=(--tiny --device cpu)
+  SPEED=(--iters 1 --warmup 0)  # every Python process costs seconds of imports here: the fewest iterations
+  TEACHER=(--iters 2 --warmup 0)
+  PROFILE=(--iters 1 --warmup 0 --top 10)
+  SYNCS=(--iters 1 --warmup 0)
+  NUMERICS=(--iters 1)
+  LAZY=(--iters 1 --warmup 0)
+  QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
+  QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}
+else
+  SIZE=()
+  SPEED=(--iters 30 --warmup 5)
+  TEACHER=(--iters 60 --warmup 5)
+  PROFILE=(--iters 3 --warmup 3 --top 25)
+  SYNCS=(--iters 2 --warmup 2)
+  NUMERICS=(--iters 300)
+  LAZY=(--iters 32 --warmup 5)  # two lazy R1 steps in any 32 iterations: a fair average
+  QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
+  QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
+fi
+# the captured iteration (issue 17), once the config has its key: timed on its own, and the numerics' fast side
+CAPTURED=()
+if grep -q '^cuda_graph:' configs/defaults.yaml; then CAPTURED=(--fast_opts cuda_graph=always); fi
+
+say() { echo "[gpu_run $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+report() { "$PY" bench/gpu_report.py report "$WORK" "$OUT" || say "report failed (rc $?)"; }
+left() { echo $((BUDGET - ($(date +%s) - START) - RESERVE)); }
+
+finish() {
+  local rc=$?
+  report
+  # one archive for everything else: the tool brings back at most 8 files
+  tar czf "$OUT/steps.tar.gz" -C "$WORK" . 2>/dev/null || true
+  if [[ -f $OUT/steps.tar.gz ]] && (($(stat -c %s "$OUT/steps.tar.gz") > 15 * 1024 * 1024)); then
+    tar czf "$OUT/steps.tar.gz" -C "$WORK" --exclude='*trace*' . || true  # over the tool's 16 MiB a file
+  fi
+  say "done in $(($(date +%s) - START)) s; $OUT: $(cd "$OUT" && echo *)"
+  [[ -f $OUT/summary.md ]] && cat "$OUT/summary.md"
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap finish EXIT
+
+# step NAME BUDGET MIN CMD...: CMD under `timeout` for BUDGET seconds or what is left, if that is at least MIN
+step() {
+  local name=$1 budget=$2 min=$3
+  shift 3
+  local limit rc status t0 t1
+  limit=$(left)
+  ((budget < limit)) && limit=$budget
+  if ((limit < min)); then
+    say "== $name: skipped, ${limit} s left and it needs ${min} s"
+    "$PY" bench/gpu_report.py step "$WORK" "$name" skipped 0 0 "$limit" -- "$@"
+    report
+    return 0
+  fi
+  say "== $name (limit ${limit} s): $*"
+  t0=$(date +%s.%N)
+  set +e
+  # timeout kills the step's whole process group (the loader workers too); KILL 15 s after TERM
+  GPU_RUN_STEP_LIMIT=$limit timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  set -e
+  t1=$(date +%s.%N)
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  say "== $name: $status (rc $rc)"
+  "$PY" bench/gpu_report.py step "$WORK" "$name" "$status" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$limit" -- "$@"
+  report
+}
+
+BENCH=("$PY" bench/train_bench.py "${SIZE[@]}" "${DATA[@]}")
+say "$COMMAND: budget $BUDGET s, work folder $WORK"
+
+# ---- setup: what a bare machine lacks, what it is, the data (generated there, never carried)
+if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tensorboardX") is None)'; then
+  if compgen -G '.whl/*.whl' >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_run_site \
+      .whl/*.whl 2>&1 | tee -a "$LOG" || say "wheel install failed"
+    export PYTHONPATH=/tmp/gpu_run_site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    say "tensorboardX is missing and .whl/ holds no wheels: train.py (the quickstart step) will fail"
+  fi
+fi
+if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | tee -a "$LOG" || true; fi
+step env 30 1 "$PY" bench/gpu_report.py env "$WORK"
+if ((!TINY)) && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  say "no CUDA device: this script measures a GPU (use --tiny on a CPU)"
+  exit 2
+fi
+mkdir -p "$WORK/setup"
+step data_default 40 10 "${BENCH[@]}" --bench data --json "$WORK/setup/data_default.json"
+if ((!TINY)); then  # tiny sizes are one dataset for both configs
+  step data_quickstart 30 5 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --bench data --json "$WORK/setup/data_quickstart.json"
+fi
+
+# ---- the measurements, most valuable first
+step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
+if ((${#CAPTURED[@]})); then
+  step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast "${SPEED[@]}" --json "$WORK/dgnet_captured.json" \
+    "${CAPTURED[@]}"
+fi
+step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
+  --json "$WORK/profile.json"
+step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"
+step teacher_default 50 20 "${BENCH[@]}" --model teacher "${TEACHER[@]}" --json "$WORK/teacher_default.json"
+# numerics stops comparing 30 s before its limit (start-up and writing included) and keeps what it has
+limit=$(left)
+((limit > 200)) && limit=200
+step numerics 200 60 "${BENCH[@]}" --bench numerics "${NUMERICS[@]}" --time_limit $((limit - 30 > 5 ? limit - 30 : 5)) \
+  --json "$WORK/numerics.json" "${CAPTURED[@]}"
+step quickstart_sizes 70 30 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" "${SPEED[@]}" --json "$WORK/quickstart_sizes.json"
+step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --json "$WORK/dgnet_lazy_r1.json" \
+  --fast_opts dis.r1_every=16
+
+# ---- the GPU quickstart (bench/gpu_quickstart.sh, written separately), with whatever time is left
+if [[ -n $QUICKSTART_SCRIPT && -f $QUICKSTART_SCRIPT ]]; then
+  mkdir -p "$WORK/quickstart"
+  step quickstart 100000 "$QUICKSTART_MIN" bash "$QUICKSTART_SCRIPT" "$WORK/quickstart"
+else
+  say "== quickstart: skipped, no script (${QUICKSTART_SCRIPT:-none in --tiny without GPU_QUICKSTART})"
+  "$PY" bench/gpu_report.py step "$WORK" quickstart skipped 0 0 0 -- bash "${QUICKSTART_SCRIPT:-bench/gpu_quickstart.sh}"
+fi
