@@ -26,7 +26,7 @@ The TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`) writes t
 torch this project supports (2.4 on), needs only the `onnx` package, and this graph has no control flow and
 one dynamic dimension, which is what it handles well. The torch.export-based exporter (the default since
 torch 2.9) needs onnxscript as well and changed between those releases. onnx and onnxruntime are optional:
-training never imports them (requirements.txt lists them with the development packages).
+training never imports them (requirements-dev.txt lists them; `make test` installs it).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def require(module: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{what} needs the {module} package: pip install onnx onnxruntime "
-                        "(requirements.txt lists them; make test installs them)") from None
+                        "(pip install -r requirements-dev.txt, or make install-dev)") from None
 
 
 class FeatureGraph(nn.Module):

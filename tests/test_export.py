@@ -18,8 +18,8 @@ from data.loaders import load_splits
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils import REPO_ROOT
 
-onnx = pytest.importorskip("onnx", reason="onnx is a development requirement (requirements.txt)")
-pytest.importorskip("onnxruntime", reason="onnxruntime is a development requirement (requirements.txt)")
+onnx = pytest.importorskip("onnx", reason="onnx is an export extra (requirements-dev.txt)")
+pytest.importorskip("onnxruntime", reason="onnxruntime is an export extra (requirements-dev.txt)")
 
 # onnxruntime and PyTorch sum in different orders: on these unit-length features they differ by at most
 # 4e-7 (measured 2026-11-28, torch 2.14 and onnxruntime 1.32 on the CPU); 1e-5 leaves room for other
