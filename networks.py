@@ -601,6 +601,10 @@ def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} does not hold a state dict: give a file saved with torch.save(state_dict)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged run's weights: refused like our own checkpoints (utils.refuse_non_finite)
+        raise ValueError(f"{path} holds NaN or infinity in {bad}: refused; use weights from before the run diverged")
     return state
 
 

@@ -542,3 +542,17 @@ def test_a_refused_pickle_says_why_without_the_unsafe_advice(tmp_path):
             load(path)
         message = str(info.value)
         assert "could run code" in message and "weights_only" not in message and len(message.splitlines()) == 1
+
+
+def test_original_weights_holding_nan_are_refused(tmp_path):
+    """A diverged run's weights in the original's format (`{'a': state_dict}`) are refused like ours."""
+    gen = N.Generator(dim=4, mlp_dim=8, id_dim=8, n_res=1)
+    state = gen.state_dict()
+    state["dec.model.1.model.0.model.0.conv.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "gen_00100000.pt"
+    torch.save({"a": state}, path)
+    with pytest.raises(ValueError, match="NaN or infinity in dec.model.1.model.0.model.0.conv.weight"):
+        N.read_original_state(path)
+    state["dec.model.1.model.0.model.0.conv.weight"][0, 0, 0, 0] = 0.0
+    torch.save({"a": state}, path)
+    assert set(N.read_original_state(path)) == set(state)
