@@ -640,7 +640,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             print(f"resumed {run_dir} at iteration {start}", flush=True)
     if dist.is_main:
         where = f"{dist.world_size} processes ({dist.device.type})" if dist.world_size > 1 else str(dist.device)
-        print(f"{kind} on {splits.name} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
+        print(f"{kind} on {splits.title} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
               f"run folder {run_dir}", flush=True)
     resume_hint = f"python train.py --resume --name {name}" + (
         f" --output_path {args.output_path}" if args.output_path != "." else "")
