@@ -523,6 +523,9 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     kind = state["kind"] if state else (args.trainer or "DGNet")
     if state:
         check_networks_take(cfg, kind)
+    from capture import resolve_cuda_graph  # imported here so --help stays fast
+
+    resolve_cuda_graph(cfg, dist.device, kind, dist.world_size)  # a bad cuda_graph stops here, before any file
 
     # Each process its own random stream (dropout, the re-encoding coin); the models start from rank 0's
     # weights, which DDP broadcasts.
@@ -591,6 +594,9 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                   f"continue it with --opts max_iter=N, N larger than {start}", flush=True)
         return 0
     trainer.distribute(dist)
+    from capture import training_step
+
+    train_step = training_step(trainer, cfg, kind, dist.device, dist.world_size)  # or its replay from CUDA graphs
 
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:
@@ -640,8 +646,9 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             print(f"resumed {run_dir} at iteration {start}", flush=True)
     if dist.is_main:
         where = f"{dist.world_size} processes ({dist.device.type})" if dist.world_size > 1 else str(dist.device)
+        captured = "; iterations replayed from CUDA graphs" if cfg["cuda_graph"] == "always" else ""
         print(f"{kind} on {splits.title} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
-              f"run folder {run_dir}", flush=True)
+              f"run folder {run_dir}{captured}", flush=True)
     resume_hint = f"python train.py --resume --name {name}" + (
         f" --output_path {args.output_path}" if args.output_path != "." else "")
     trainer.train()
@@ -657,7 +664,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                     raise
                 logger.record(time.perf_counter() - tick)
                 dist.sync_buffers()
-                losses = trainer.train_step(it, *batches)
+                losses = train_step(it, *batches)
                 done = it + 1
                 for step in periodic:
                     step(done, losses)

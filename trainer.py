@@ -380,9 +380,15 @@ class _PartsTrainer:
             raise UserError(f"the checkpoint has no {', '.join(missing)} network: it was written by another "
                             "trainer (--trainer)")
         for name, part in self.parts.items():
+            # Adam's `capturable` is how this process steps (capture.py sets it), not part of the run: a
+            # checkpoint of a captured run resumes eagerly, and on the CPU
+            built = [group.get("capturable") for group in part.optimizer.param_groups]
             try:
                 part.module.load_state_dict(state["models"][name])
                 part.optimizer.load_state_dict(state["optimizers"][name])
+                for group, capturable in zip(part.optimizer.param_groups, built):
+                    if capturable is not None:
+                        group["capturable"] = capturable
             except (RuntimeError, ValueError) as err:
                 first = str(err).strip().splitlines()[0]
                 raise UserError(f"the checkpoint's {name} network does not fit this config ({first}): resume "
@@ -551,11 +557,31 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         w = loss_weights(self.cfg, it)
         a = {k: self._to_device(batch_a[k]) for k in BATCH_KEYS}
         b = {k: self._to_device(batch_b[k]) for k in BATCH_KEYS}
-        fw = self.forward(a, b, w)
-        losses = self.dis_update(fw.x_ab, fw.x_ba, fw.x_a, fw.x_b, w)
-        losses.update(self.gen_update(fw, w))
+        losses = self.device_step(a, b, w)
         self._step_schedulers()
         return losses
+
+    def device_step(self, a: dict, b: dict, w: dict[str, float], coin: bool | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """The iteration's work on the device: forward, D step, joint G + E_a step (no LR step), on batches
+        already there. capture.py records exactly this in a CUDA graph. `coin`: the use_encoder_again
+        outcome when the caller drew it before the iteration (`draw_coin`); None draws it where the
+        structure is re-encoded."""
+        fw = self.forward(a, b, w)
+        losses = self.dis_update(fw.x_ab, fw.x_ba, fw.x_a, fw.x_b, w)
+        losses.update(self.gen_update(fw, w, coin))
+        return losses
+
+    @staticmethod
+    def reencodes(w: dict[str, float]) -> bool:
+        """Whether an iteration at weights `w` re-encodes the swaps' structure, and so draws the coin: a
+        ramped term runs if its weight before this iteration's increment is > 0 (loss_weights)."""
+        return w["recon_s_w_before"] > 0 or w["recon_x_cyc_w_before"] > 0
+
+    def draw_coin(self) -> bool:
+        """use_encoder_again's coin, from torch's CPU generator: reproducible, and part of a checkpoint's RNG
+        state. True: the live E_s re-encodes the detached swaps (see `_reencode_structure`)."""
+        return float(torch.rand(())) < self.cfg["use_encoder_again"]
 
     @record_function("DGNet.forward")
     def forward(self, a: dict, b: dict, w: dict[str, float]) -> Forward:
@@ -676,13 +702,13 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         return {"D": loss.detach(), "R1": r1.detach()}
 
     @record_function("DGNet.gen_update")
-    def gen_update(self, fw: Forward, w: dict[str, float]) -> dict[str, torch.Tensor]:
+    def gen_update(self, fw: Forward, w: dict[str, float], coin: bool | None = None) -> dict[str, torch.Tensor]:
         """Joint step of G (Adam) and E_a (SGD) on every generator and ReID loss, one backward.
 
         The adversarial term uses the D just updated by `dis_update`. Gradient routing (the original's):
         reconstructions, the adversarial and the identity loss on generated images reach G and E_s only
         (f is detached, E_a runs frozen on generated images); the ReID losses on real images, the teacher
-        KL and the fine-grained loss on detached generated images reach E_a only.
+        KL and the fine-grained loss on detached generated images reach E_a only. `coin`: see `device_step`.
         """
         zero = torch.zeros((), device=self.device)
         losses = dict.fromkeys(("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher"), zero)
@@ -697,8 +723,8 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
 
             # a ramped term runs if its weight before this iteration's increment is > 0 (loss_weights)
             cyc_on = w["recon_x_cyc_w_before"] > 0
-            if w["recon_s_w_before"] > 0 or cyc_on:
-                s_a_recon, s_b_recon = self._reencode_structure(fw.x_ab, fw.x_ba)
+            if self.reencodes(w):
+                s_a_recon, s_b_recon = self._reencode_structure(fw.x_ab, fw.x_ba, coin)
                 if w["recon_s_w_before"] > 0:
                     losses["s"] = w["recon_s_w"] * (_l1(s_a_recon, fw.s_a) + _l1(s_b_recon, fw.s_b))
 
@@ -738,16 +764,17 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         losses["total"] = total
         return {k: v.detach() for k, v in losses.items()}
 
-    def _reencode_structure(self, x_ab: torch.Tensor, x_ba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reencode_structure(self, x_ab: torch.Tensor, x_ba: torch.Tensor, coin: bool | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """(E_s(x_ab), E_s(x_ba)) = (s_a_recon, s_b_recon) on one of the original's two paths.
 
         With probability use_encoder_again: the live E_s on the detached swaps (only E_s learns). Otherwise
         E_s with frozen weights on the swaps themselves: the gradient flows into the swaps and from there
-        into the decoder, the MLPs and E_s through the s that made them. The coin comes from torch's CPU
-        generator, so it is reproducible and part of a checkpoint's RNG state.
+        into the decoder, the MLPs and E_s through the s that made them. The coin (`draw_coin`) is drawn
+        here unless the caller drew it before the iteration.
         """
         swaps = torch.cat([x_ab, x_ba])
-        if float(torch.rand(())) < self.cfg["use_encoder_again"]:
+        if self.draw_coin() if coin is None else coin:
             s = self.run_gen("encode", swaps.detach())
         else:
             s = frozen_call(self.gen_a.enc_content, swaps)

@@ -1,0 +1,204 @@
+"""DG-Net's training iteration replayed from CUDA graphs (config key `cuda_graph`).
+
+On a GPU, DG-Net at batch 8 is paced by the host launching a few thousand operators per iteration, not by
+the arithmetic (BENCHMARKS.md). A CUDA graph records the whole iteration once: forward, the D step with R1,
+the joint G + E_a step, both optimizers; a replay launches it all at once. The iteration is captured whole
+with torch.cuda.graph: make_graphed_callables and torch.compile's autograd do not take R1's double backward.
+
+`CapturedStep(trainer)(it, batch_a, batch_b)` does what `trainer.train_step` does. What a replay cannot do,
+and what takes its place:
+- Host values are baked into a graph. The loss weights (which also decide which terms run), the
+  use_encoder_again coin and the learning rates are host values, so each combination of them is a *key*
+  with its own graph. They are floats in the key, not device tensors: they are constant before the warm-up,
+  after it and between LR milestones, so a run needs two graphs at a time (the coin's two paths), four with
+  lazy R1 (dis.r1_every), and captures anew after each LR milestone. During the ramp every iteration has new
+  weights (4,000 of 100,000 iterations at the defaults); a key runs eagerly until it has been seen WARMUP
+  times, so the ramp runs eagerly.
+- The coin is drawn on the host before the iteration (`DGNet_Trainer.draw_coin`), from torch's CPU
+  generator as the eager step draws it. On a CUDA device nothing else in the step draws from that generator
+  (dropout and structure jitter draw from the CUDA one, which torch.cuda.graph advances at each replay as
+  the eager kernels would), so both paths get the same coins and random numbers. On the CPU, dropout shares
+  the CPU generator, so there the earlier draw shifts the dropout masks (tests/test_capture.py).
+- Inputs: static buffers, into which each batch is copied before the iteration.
+- No host read inside the iteration: Adam is made capturable here (its capture check asks for it; the fused
+  kernel computes the same with it). The step of the fused optimizers reads nothing on the host; the
+  per-parameter loops (fused_optim: never) work too, with Adam's capturable loop.
+- Outputs: the loss terms stacked in one tensor, which the next replay overwrites; the step returns a copy.
+- Warm-up: a key's first WARMUP iterations run eagerly on a side stream (cuDNN autotuning, optimizer state
+  and SGD momentum created outside the graph); the next one captures it, then replays it.
+- Memory: every graph allocates from one shared pool, although their replays come in any order. That is safe
+  here: what a replay leaves for later (parameters, optimizer state, BatchNorm statistics) and what it reads
+  from before (the input buffers) were allocated outside the pool; the losses are copied right after their
+  replay; the gradients a graph leaves behind are never read (every step begins by dropping them). At most
+  MAX_GRAPHS graphs are kept, the least recently used is dropped.
+
+Limits: one process (DDP's collectives in a graph need more care), amp bf16 or none (fp16's GradScaler reads
+its found-inf flag on the host at every step), DG-Net only (the teacher's trainer runs eagerly). Build the
+step after a checkpoint is loaded: graphs hold the optimizer state's tensors.
+
+`CapturedStep(trainer, graphs=False)` runs the same host flow with the captured function called eagerly
+(the graph-safe form): how the CPU tests and `bench/train_bench.py --tiny` check it.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainer import BATCH_KEYS, DGNet_Trainer, loss_weights
+from utils import UserError
+
+CUDA_GRAPH = ("auto", "always", "never")
+WARMUP = 3  # eager iterations of a key before it is captured
+MAX_GRAPHS = 4  # the coin's two paths, each with and without lazy R1
+SEEN = 64  # keys remembered for their warm-up count (the ramp makes one per iteration)
+Key = tuple[Any, ...]
+
+
+def resolve_cuda_graph(cfg: dict, device: torch.device, kind: str = "DGNet", world_size: int = 1) -> bool:
+    """Whether training replays captured iterations. auto means never until a GPU measurement shows the
+    captured iteration faster (bench/gpu_run.sh's dgnet_captured step has not run yet)."""
+    value = cfg["cuda_graph"]
+    if value not in CUDA_GRAPH:
+        raise UserError(f"cuda_graph is {value!r}: use auto (never for now), always or never")
+    if value != "always":
+        return False
+    if device.type != "cuda":
+        raise UserError(f"cuda_graph: always needs a CUDA device, the device is {device}; use cuda_graph: never")
+    if kind != "DGNet":
+        raise UserError("cuda_graph: always captures DG-Net's iteration; the teacher (--trainer baseline) trains "
+                        "eagerly: use cuda_graph: never")
+    if world_size > 1:
+        raise UserError(f"cuda_graph: always runs in one process, not {world_size}: use cuda_graph: never with "
+                        "several GPUs")
+    if cfg["amp"] == "fp16":
+        raise UserError("cuda_graph: always cannot capture fp16's loss scaling (it reads the GPU at every step): "
+                        "use amp: bf16 or none, or cuda_graph: never")
+    return True
+
+
+def training_step(trainer: Any, cfg: dict, kind: str, device: torch.device, world_size: int = 1) -> Callable:
+    """What train.py's loop calls each iteration: `trainer.train_step`, or its replay from CUDA graphs."""
+    if resolve_cuda_graph(cfg, device, kind, world_size):
+        return CapturedStep(trainer)
+    return trainer.train_step
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Adam steps inside a graph only with capturable=True: its step counts then live on the parameters'
+    device (a checkpoint of an eager run keeps them on the CPU)."""
+    groups = [group for group in optimizer.param_groups if "capturable" in group]
+    for group in groups:
+        group["capturable"] = True
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(p.device)
+
+
+class CapturedStep:
+    """`trainer.train_step` with every iteration of a recurring key replayed from a CUDA graph (see the
+    module's docstring). `counts`: iterations run eagerly, captured (each then replayed once) and replayed."""
+
+    def __init__(self, trainer: DGNet_Trainer, graphs: bool = True):
+        if graphs and trainer.device.type != "cuda":
+            raise UserError(f"cuda_graph: always needs a CUDA device, the device is {trainer.device}")
+        self.trainer, self.graphs = trainer, graphs
+        self.inputs: dict[str, dict[str, torch.Tensor]] | None = None  # the static buffers of batches a, b
+        self.seen: OrderedDict[Key, int] = OrderedDict()
+        self.captured: OrderedDict[Key, tuple[Any, tuple[str, ...], torch.Tensor]] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        if graphs:
+            for part in trainer.parts.values():
+                make_capturable(part.optimizer)
+            self.side = torch.cuda.Stream(trainer.device)
+            self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, it: int, batch_a: dict, batch_b: dict) -> dict[str, torch.Tensor]:
+        trainer = self.trainer
+        w = loss_weights(trainer.cfg, it)
+        coin = trainer.draw_coin() if trainer.reencodes(w) else None  # on the host, as the eager step draws it
+        if self._copy_in(batch_a, batch_b):
+            key = (tuple(w.items()), coin, tuple(trainer.learning_rates().values()))
+            names, out = self._run(key, w, coin)
+        else:  # another batch shape (not from train.py's loaders): eagerly, on the batch itself
+            a = {k: trainer._to_device(batch_a[k]) for k in BATCH_KEYS}
+            b = {k: trainer._to_device(batch_b[k]) for k in BATCH_KEYS}
+            names, out = self._eager(lambda: _stacked(trainer.device_step(a, b, w, coin)))
+        trainer._step_schedulers()
+        return dict(zip(names, out.clone().unbind()))
+
+    def step_function(self, w: dict[str, float], coin: bool | None) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The captured function: the trainer's device step on the static buffers; (loss names, values)."""
+        assert self.inputs is not None
+        return _stacked(self.trainer.device_step(self.inputs["a"], self.inputs["b"], w, coin))
+
+    def _run(self, key: Key, w: dict[str, float], coin: bool | None) -> tuple[tuple[str, ...], torch.Tensor]:
+        if key in self.captured:
+            self.captured.move_to_end(key)
+            self.counts["replayed"] += 1
+            graph, names, out = self.captured[key]
+            if graph is None:  # the graph-safe form: the captured function, called
+                return self.step_function(w, coin)
+            graph.replay()
+            return names, out
+        seen = self.seen.pop(key, 0)
+        if seen < WARMUP:
+            self.seen[key] = seen + 1
+            while len(self.seen) > SEEN:
+                self.seen.popitem(last=False)
+            self.counts["eager"] += 1
+            return self._eager(lambda: self.step_function(w, coin))
+        self.counts["captured"] += 1
+        if not self.graphs:
+            names, out = self.step_function(w, coin)
+            self._keep(key, (None, names, out))
+            return names, out
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            names, out = self.step_function(w, coin)
+        self._keep(key, (graph, names, out))
+        graph.replay()  # capturing recorded the iteration without running it
+        return names, out
+
+    def _keep(self, key: Key, entry: tuple[Any, tuple[str, ...], torch.Tensor]) -> None:
+        self.captured[key] = entry
+        while len(self.captured) > MAX_GRAPHS:
+            self.captured.popitem(last=False)
+
+    def _eager(self, step: Callable[[], tuple[tuple[str, ...], torch.Tensor]]
+               ) -> tuple[tuple[str, ...], torch.Tensor]:
+        """An iteration run eagerly; on a GPU on a side stream, as warm-ups before a capture want."""
+        if not self.graphs:
+            return step()
+        current = torch.cuda.current_stream(self.trainer.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True.*running without")  # the warm-ups
+            names, out = step()
+        current.wait_stream(self.side)
+        out.record_stream(current)
+        return names, out
+
+    def _copy_in(self, batch_a: dict, batch_b: dict) -> bool:
+        """Copy the batches into the static buffers (made from the first ones); False if their shapes differ."""
+        batches = {"a": batch_a, "b": batch_b}
+        if self.inputs is None:
+            self.inputs = {side: {k: self.trainer._to_device(batch[k]).clone() for k in BATCH_KEYS}
+                           for side, batch in batches.items()}
+            return True
+        if any(self.inputs[side][k].shape != batch[k].shape or self.inputs[side][k].dtype != batch[k].dtype
+               for side, batch in batches.items() for k in BATCH_KEYS):
+            return False
+        for side, batch in batches.items():
+            for k in BATCH_KEYS:
+                self.inputs[side][k].copy_(batch[k], non_blocking=True)
+        return True
+
+
+def _stacked(losses: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The loss terms as (names, one fp32 tensor): one output buffer for a graph, one copy after it."""
+    return tuple(losses), torch.stack([v.float() for v in losses.values()])
