@@ -158,7 +158,10 @@ class CapturedStep:
             self._keep(key, (None, names, out))
             return names, out
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the loaders' pin-memory thread may allocate pinned memory meanwhile, which the default
+        # (global) mode turns into a broken capture; the backward's kernels, issued from autograd's thread onto
+        # the capturing stream, are captured in either mode
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             names, out = self.step_function(w, coin)
         self._keep(key, (graph, names, out))
         graph.replay()  # capturing recorded the iteration without running it
@@ -167,6 +170,8 @@ class CapturedStep:
     def _keep(self, key: Key, entry: tuple[Any, tuple[str, ...], torch.Tensor]) -> None:
         self.captured[key] = entry
         while len(self.captured) > MAX_GRAPHS:
+            if self.graphs:  # a graph is destroyed without waiting for its replays in flight
+                torch.cuda.synchronize(self.trainer.device)
             self.captured.popitem(last=False)
 
     def _eager(self, step: Callable[[], tuple[tuple[str, ...], torch.Tensor]]

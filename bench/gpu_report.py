@@ -83,7 +83,7 @@ def _speed_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
                      "ms_per_iteration": round(1000 / r["iterations_per_s"], 2),
                      "peak_memory_gib": r["peak_memory_gib"], "peak_memory_kind": r["peak_memory_kind"],
                      "data_share": r["data_share"], "iters": r["iters"], "warmup": r["warmup"],
-                     "first_iteration": r["first_iteration"]})
+                     "first_iteration": r["first_iteration"], "capture_counts": r.get("capture_counts")})
     return rows
 
 
@@ -95,6 +95,7 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     for name in SPEED_STEPS:
         if name in raw:
             out[name] = {"rows": _speed_rows(raw[name]), "speedup": raw[name].get("speedup", {}),
+                         "speedup_captured": raw[name].get("speedup_captured", {}),
                          "command": raw[name].get("command")}
     if "numerics" in raw:
         n = raw["numerics"]["numerics"]
@@ -104,6 +105,7 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         out["numerics"] = {"iters": n["iters"], "iters_asked": n.get("iters_asked", n["iters"]),
                            "seconds": n.get("seconds"), "first_iteration": n["first_iteration"],
                            "window": n["window"], "reference": n["reference"], "fast": n["fast"],
+                           "compared": n.get("compared", "fast"), "capture_counts": n.get("capture_counts"),
                            "worst_window_rel_diff": max(finite) if finite else None, "terms": terms,
                            "command": raw["numerics"].get("command")}
     if "profile" in raw:
@@ -129,8 +131,9 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _settings_text(s: dict[str, Any]) -> str:
+    captured = {"graphs": ", CUDA graphs", "graph-safe": ", graph-safe eager"}.get(s.get("captured", "no"), "")
     return (f"{s['amp']}, {'NHWC' if s['channels_last'] else 'NCHW'}, "
-            f"{'fused' if s['fused_optim'] else 'per-param'}{', compiled' if s['compile'] else ''}")
+            f"{'fused' if s['fused_optim'] else 'per-param'}{', compiled' if s['compile'] else ''}{captured}")
 
 
 def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -159,6 +162,8 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
         for name in SPEED_STEPS:
             for model, x in figs.get(name, {}).get("speedup", {}).items():
                 lines.append(f"\n{name}: {model} fast path {x:.2f}x the reference")
+            for model, x in figs.get(name, {}).get("speedup_captured", {}).items():
+                lines.append(f"\n{name}: {model} captured iterations {x:.2f}x the eager fast path")
     if "profile" in figs:
         p = figs["profile"]
         busy = p["device_busy_ms"]
@@ -179,8 +184,9 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
                   for x in s["sites"]]
     if "numerics" in figs:
         n = figs["numerics"]
-        lines += ["", f"## Numerics: fast ({_settings_text(n['fast'])}) vs fp32 reference, {n['iters']} iterations "
-                      f"(of {n['iters_asked']} asked) from {n['first_iteration']}, windows of {n['window']}", "",
+        lines += ["", f"## Numerics: {n['compared']} ({_settings_text(n['fast'])}) vs fp32 reference, "
+                      f"{n['iters']} iterations (of {n['iters_asked']} asked) from {n['first_iteration']}, "
+                      f"windows of {n['window']}", "",
                   "| term | mean abs ref | max rel diff | first iteration | windows |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {t['mean_abs_reference']:.4g} | {t['max_rel_diff']:.3g} | "
                   f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g} |"

@@ -19,13 +19,14 @@
 #   setup             60 s  wheels, nvidia-smi, env.json, synthetic data at 256x128 and 64x32
 #   dgnet_default    110 s  DG-Net at configs/latest.yaml: reference (fp32, the original's costs) and fast
 #                           (the GPU defaults): it/s, images/s, peak GPU memory
-#   dgnet_captured    80 s  the fast mode with cuda_graph=always, when configs/defaults.yaml has that key
+#   dgnet_captured    80 s  DG-Net's fast mode eager and captured (capture.py: iterations replayed from CUDA
+#                           graphs), one process: it/s of both, captured over eager
 #   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
 #                           operators, phases; a Chrome trace in steps.tar.gz
 #   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
 #   teacher_default   50 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory
-#   numerics         200 s  fast (captured, when there is a capture key) vs fp32 reference loss curves,
-#                           300 iterations from the same seed; stops itself in time and keeps its curves
+#   numerics         200 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
+#                           itself in time and keeps its curves
 #   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes, both modes
 #   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
 #   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
@@ -93,9 +94,9 @@ else
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
 fi
-# the captured iteration (issue 17), once the config has its key: timed on its own, and the numerics' fast side
-CAPTURED=()
-if grep -q '^cuda_graph:' configs/defaults.yaml; then CAPTURED=(--fast_opts cuda_graph=always); fi
+# the captured iteration (issue 17): timed beside the eager fast mode, and the numerics' compared side (on the CPU,
+# --tiny, capture.py's graph-safe form runs eagerly)
+CAPTURED=(--mode captured)
 
 say() { echo "[gpu_run $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 report() { "$PY" bench/gpu_report.py report "$WORK" "$OUT" || say "report failed (rc $?)"; }
@@ -174,10 +175,8 @@ fi
 
 # ---- the measurements, most valuable first
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
-if ((${#CAPTURED[@]})); then
-  step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast "${SPEED[@]}" --json "$WORK/dgnet_captured.json" \
-    "${CAPTURED[@]}"
-fi
+step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
+  --json "$WORK/dgnet_captured.json"
 step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
   --json "$WORK/profile.json"
 step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"

@@ -4,6 +4,8 @@
     python bench/train_bench.py --mode fast --amp fp16 --compile  # one variant
     python bench/train_bench.py --bench loaders                   # loaders' delivery vs training's consumption
     python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
+    python bench/train_bench.py --model dgnet --mode fast,captured  # eager vs CUDA-graph replayed iterations
+    python bench/train_bench.py --bench numerics --mode captured  # captured vs reference loss curves
     python bench/train_bench.py --bench profile --iters 10        # torch.profiler: phases and top kernels
     python bench/train_bench.py --bench ops --device cpu          # operators and network calls per iteration
     python bench/train_bench.py --bench syncs --device cpu        # host-device syncs per iteration, by source line
@@ -22,7 +24,10 @@ loops; cuDNN autotuning stays on, as the original had it); `fast` is the config'
 (amp, channels_last, fused_optim: auto; compile as configured), which `--amp`, `--compile` and
 `--channels_last` change and `--fast_opts` (e.g. dis.r1_every=16) adds to. `--phase full` (default) times
 iterations with every loss term on (iteration 34000 onwards at the defaults, the dearer 70% of a run);
-`--phase early` the first 30000.
+`--phase early` the first 30000. `captured` is the fast mode with its iterations replayed from CUDA graphs
+(capture.py, `cuda_graph: always`); on the CPU it runs capture.py's graph-safe form eagerly (static input
+buffers, the coin drawn before the iteration), which is what `--tiny` checks. `--mode` takes one mode, a
+comma-separated list, or `both` (reference,fast).
 
 Every timed loop warms up first (cuDNN autotuning, compilation), synchronizes the GPU before reading the
 clock, and fetches loss values only after the clock stops. Prints a table; writes JSON to bench/results/.
@@ -46,6 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from capture import CapturedStep  # noqa: E402
 from data.loaders import build_dgnet_loaders, build_teacher_loader, load_splits  # noqa: E402
 from reIDmodel import Teacher  # noqa: E402
 from trainer import RAMPED_WEIGHTS, BaselineTrainer, DGNet_Trainer  # noqa: E402
@@ -60,8 +66,9 @@ TINY = ("crop_image_height=64", "crop_image_width=32", "pad=2", "batch_size=4", 
         "synthetic.width=32")
 # the original's costs: fp32, eager, NCHW, per-parameter optimizer loops (cudnn_benchmark stays: it had it)
 REFERENCE = ("amp=none", "channels_last=never", "fused_optim=never", "compile=false")
-# keys of a captured step, where the config has one: never in the reference, which keeps the original's costs
+# keys of a captured step: never in the reference, which keeps the original's costs
 CAPTURE_KEYS = ("cuda_graph",)
+MODES = ("reference", "fast", "captured")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,9 +78,9 @@ CAPTURE_KEYS = ("cuda_graph",)
 def variant_opts(args: argparse.Namespace, mode: str) -> list[str]:
     """--opts of one mode: the reference is always the original's costs; the switches change the fast mode."""
     if mode == "reference":
-        defaults = load_config(None)
-        return list(REFERENCE) + [f"{key}=never" for key in CAPTURE_KEYS if key in defaults]
-    opts = []
+        return list(REFERENCE) + [f"{key}=never" for key in CAPTURE_KEYS]
+    # captured on a CPU: capture.py's graph-safe form, run eagerly by the Job (no graphs without CUDA)
+    opts = [f"cuda_graph={'always' if args.device.startswith('cuda') else 'never'}"] if mode == "captured" else []
     if args.amp:
         opts.append(f"amp={args.amp}")
     if args.compile:
@@ -139,11 +146,13 @@ def random_teacher(cfg: dict[str, Any], num_classes: int) -> Teacher:
 
 class Job:
     """The loaders of one model (train.py's), and its trainer unless `loaders_only`; steps as train.py does:
-    a batch from each loader, one train_step."""
+    a batch from each loader, one `step` (the trainer's train_step, or capture.py's CapturedStep when
+    `captured`: CUDA graphs on a GPU, the graph-safe form run eagerly elsewhere)."""
 
     def __init__(self, kind: str, cfg: dict[str, Any], splits: Any, device: torch.device,
-                 teacher: Teacher | None = None, loaders_only: bool = False):
+                 teacher: Teacher | None = None, loaders_only: bool = False, captured: bool = False):
         self.kind, self.cfg, self.device = kind, cfg, device
+        self.captured: CapturedStep | None = None
         seed_everything(cfg["seed"])
         share = {"pin_memory": device.type == "cuda"}
         if kind == "dgnet":
@@ -162,6 +171,9 @@ class Job:
         else:
             self.trainer = BaselineTrainer(cfg, splits.num_classes, device)
         self.trainer.train()
+        self.step: Any = self.trainer.train_step
+        if captured and kind == "dgnet":
+            self.step = self.captured = CapturedStep(self.trainer, graphs=device.type == "cuda")
 
     def batches(self) -> list[dict]:
         return [next(loader) for loader in self.loaders]
@@ -171,19 +183,31 @@ class Job:
             loader.close()
 
 
-def warm_up(job: Job, warmup: int, start: int) -> float:
-    """`warmup` untimed training iterations from `start` (autotuning, compilation); their seconds."""
-    tick = time.perf_counter()
-    for i in range(warmup):
-        job.trainer.train_step(start + i, *job.batches())
+# a captured job warms up until this many iterations in a row were replays (every key it meets is captured),
+# at most CAPTURE_WARMUP_MAX iterations in all
+CAPTURE_SETTLED, CAPTURE_WARMUP_MAX = 8, 80
+
+
+def warm_up(job: Job, warmup: int, start: int) -> int:
+    """Untimed training iterations from `start` (autotuning, compilation): `warmup`, and with CUDA graphs
+    until every key is captured; how many ran."""
+    graphs = job.captured is not None and job.captured.graphs
+    done = streak = 0
+    while done < warmup or (graphs and streak < CAPTURE_SETTLED and done < CAPTURE_WARMUP_MAX):
+        replays = job.captured.counts["replayed"] if job.captured is not None else 0
+        job.step(start + done, *job.batches())
+        done += 1
+        streak = streak + 1 if job.captured is not None and job.captured.counts["replayed"] > replays else 0
     sync(job.device)
-    return time.perf_counter() - tick
+    return done
 
 
 def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
     """Iterations/s, images/s, the share of wall time spent waiting for data, peak memory."""
     device = job.device
-    warmup_s = warm_up(job, warmup, start)
+    tick = time.perf_counter()
+    warmup = warm_up(job, warmup, start)
+    warmup_s = time.perf_counter() - tick
     warm_peak, _ = peak_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -193,7 +217,7 @@ def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, An
         t = time.perf_counter()
         batches = job.batches()
         data_s += time.perf_counter() - t
-        losses = job.trainer.train_step(start + warmup + i, *batches)
+        losses = job.step(start + warmup + i, *batches)
     sync(device)
     seconds = time.perf_counter() - tick
     peak, peak_kind = peak_memory(device)
@@ -205,7 +229,8 @@ def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, An
             "images_per_s": round(iters * job.images_per_iter / seconds, 2),
             "data_share": round(data_s / seconds, 4), "peak_memory_gib": round(peak, 3),
             "peak_memory_with_warmup_gib": round(max(peak, warm_peak), 3), "peak_memory_kind": peak_kind,
-            "last_losses": {k: round(v, 6) for k, v in values.items()}}
+            "last_losses": {k: round(v, 6) for k, v in values.items()},
+            **({"capture_counts": dict(job.captured.counts)} if job.captured is not None else {})}
 
 
 # the trainer's profiler labels (trainer.py): the phases of a DG-Net iteration, and inside the D and G
@@ -222,13 +247,13 @@ def profile_training(job: Job, iters: int, warmup: int, start: int, top: int = 1
     from torch.profiler import ProfilerActivity, profile
 
     device = job.device
-    warm_up(job, warmup, start)
+    warmup = warm_up(job, warmup, start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=shapes) as prof:
         tick = time.perf_counter()
         for i in range(iters):
-            job.trainer.train_step(start + warmup + i, *job.batches())
+            job.step(start + warmup + i, *job.batches())
         sync(device)
         seconds = time.perf_counter() - tick
     if trace is not None:
@@ -290,7 +315,7 @@ def count_ops(job: Job, warmup: int, start: int, top: int = 15) -> dict[str, Any
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    warm_up(job, warmup, start)
+    warmup = warm_up(job, warmup, start)
     kinds: Counter[str] = Counter()
     calls: Counter[str] = Counter()
 
@@ -315,7 +340,7 @@ def count_ops(job: Job, warmup: int, start: int, top: int = 15) -> dict[str, Any
     batches = job.batches()  # outside the count: the loaders' own operators run in workers on a GPU machine
     try:
         with CountOps():
-            job.trainer.train_step(start + warmup, *batches)
+            job.step(start + warmup, *batches)
     finally:
         for hook in hooks:
             hook.remove()
@@ -341,52 +366,80 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "
 WRAPPER_FILES = {"_compile.py", "_contextlib.py", "eval_frame.py", "_python_dispatch.py", "_jit_internal.py"}
 
 
+class SyncCounter:
+    """A dispatch mode that counts, per source line, the operators after which the host waits for a value
+    (SYNC_OPS, and copies from a device to the host): `with SyncCounter() as counter: ...`, then
+    `counter.sites` {(project line, library line, operator, tensor device): count}. On the CPU every tensor
+    is a host tensor, so it says where the reads are, and `device` which are real only on a GPU run."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.sites: Counter[tuple[str, str, str, str]] = Counter()
+        sites = self.sites
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                to_host = (name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor)
+                           and out.device.type == "cpu" and any(t.device.type != "cpu" for t in tensors))
+                if name in SYNC_OPS or to_host:
+                    site, via = _read_site()
+                    device = tensors[-1 if name == "copy_" else 0].device.type if tensors else "?"
+                    sites[(site, via, name, device)] += 1
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self) -> SyncCounter:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+
+def _read_site() -> tuple[str, str]:
+    """The innermost line of this project (not the bench) and, if the call went on into a library, the
+    library's line that made the read."""
+    import traceback
+
+    frames = traceback.extract_stack()[:-3]  # less this function and the mode's own frames
+    repo = str(REPO)
+    own = [f for f in frames if f.filename.startswith(repo) and "/bench/" not in f.filename
+           and "site-packages" not in f.filename]  # a virtual environment inside the checkout is not the project
+    site = f"{Path(own[-1].filename).relative_to(REPO)}:{own[-1].lineno} {own[-1].name}" if own else "?"
+    library = [f for f in frames[frames.index(own[-1]) + 1 if own else 0:]
+               if Path(f.filename).name not in WRAPPER_FILES]
+    last = library[-1] if library else None
+    via = "" if last is None else f"{'/'.join(Path(last.filename).parts[-2:])}:{last.lineno} {last.name}"
+    return site, via
+
+
 def count_syncs(job: Job, iters: int, warmup: int, start: int) -> dict[str, Any]:
     """The host-device synchronizations that `iters` training iterations make, per source line. A CUDA graph
     cannot capture an iteration that makes one on a device tensor, and each one stalls the launch queue.
     On the CPU every tensor is a host tensor, so the count says where the syncs are and `device` says which
     are real only on a GPU run (a CPU tensor there, e.g. the eager optimizers' step counters, waits on
     nothing but still fixes a branch at capture time)."""
-    import traceback
     from collections import Counter
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    warm_up(job, warmup, start)
-    sites: Counter[tuple[str, str, str, str]] = Counter()
-    repo = str(REPO)
-
-    def where() -> tuple[str, str]:
-        """The innermost line of this project (not the bench) and, if the call went on into a library,
-        the library's line that made the read."""
-        frames = traceback.extract_stack()[:-3]  # less this function and the mode's own frames
-        own = [f for f in frames if f.filename.startswith(repo) and "/bench/" not in f.filename]
-        site = f"{Path(own[-1].filename).relative_to(REPO)}:{own[-1].lineno} {own[-1].name}" if own else "?"
-        library = [f for f in frames[frames.index(own[-1]) + 1 if own else 0:]
-                   if Path(f.filename).name not in WRAPPER_FILES]
-        last = library[-1] if library else None
-        via = "" if last is None else f"{'/'.join(Path(last.filename).parts[-2:])}:{last.lineno} {last.name}"
-        return site, via
-
-    class CountSyncs(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
-            out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            to_host = (name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "cpu"
-                       and any(t.device.type != "cpu" for t in tensors))
-            if name in SYNC_OPS or to_host:
-                site, via = where()
-                device = tensors[-1 if name == "copy_" else 0].device.type if tensors else "?"
-                sites[(site, via, name, device)] += 1
-            return out
-
+    warmup = warm_up(job, warmup, start)
     batches = [job.batches() for _ in range(iters)]  # the loaders' own work is not the step's
-    with CountSyncs():
+    with SyncCounter() as counter:
         for i, batch in enumerate(batches):
-            job.trainer.train_step(start + warmup + i, *batch)
-    total = sum(sites.values())
-    by_device = Counter()
+            job.step(start + warmup + i, *batch)
+    sites = counter.sites
+    total = counter.total
+    by_device: Counter[str] = Counter()
     for (_, _, _, device), n in sites.items():
         by_device[device] += n
     return {"iters": iters, "first_iteration": start + warmup, "syncs_per_iteration": round(total / iters, 2),
@@ -428,13 +481,16 @@ def set_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.devic
 
 def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device, start: int) -> dict[str, Any]:
     """Two DG-Net trainers from the same seed (same weights, same batches, same random draws), reference
-    and fast, stepped side by side; per loss term, how far the fast curve strays from the reference one."""
-    cfgs = {mode: bench_config("dgnet", args, mode) for mode in ("reference", "fast")}
+    and fast (captured with --mode captured), stepped side by side; per loss term, how far the fast curve
+    strays from the reference one. The result calls the compared side "fast" whichever mode it is."""
+    compared = "captured" if "captured" in modes_of(args) else "fast"
+    cfgs = {"reference": bench_config("dgnet", args, "reference"), "fast": bench_config("dgnet", args, compared)}
     torch.manual_seed(cfgs["reference"]["seed"])
     teacher = random_teacher(cfgs["reference"], splits.num_classes)
     jobs = {}
     for mode, cfg in cfgs.items():
-        jobs[mode] = Job("dgnet", cfg, splits, device, teacher=copy.deepcopy(teacher))
+        jobs[mode] = Job("dgnet", cfg, splits, device, teacher=copy.deepcopy(teacher),
+                         captured=mode == "fast" and compared == "captured")
     ref_state = jobs["reference"].trainer.state_dict()["models"]
     fast_state = jobs["fast"].trainer.state_dict()["models"]
     same_start = all(torch.equal(ref_state[n][k], fast_state[n][k]) for n in ref_state for k in ref_state[n])
@@ -451,7 +507,7 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
         batches = loader_job.batches()
         for mode, job in jobs.items():
             set_rng(rngs[mode], device)
-            losses = job.trainer.train_step(start + i, *batches)
+            losses = job.step(start + i, *batches)
             rngs[mode] = rng_state(device)
             for key, value in losses.items():
                 curves[mode].setdefault(key, []).append(float(value))
@@ -474,7 +530,8 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
             "max_window_rel_diff": max(abs(f - r) for r, f in means) / scale if scale > 0 else 0.0,
         }
     return {"iters": done, "iters_asked": args.iters, "seconds": round(time.perf_counter() - tick, 2),
-            "first_iteration": start, "window": window,
+            "first_iteration": start, "window": window, "compared": compared,
+            **({"capture_counts": dict(jobs["fast"].captured.counts)} if jobs["fast"].captured else {}),
             "reference": settings(jobs["reference"]), "fast": settings(jobs["fast"]), "terms": terms,
             "curves": curves}
 
@@ -482,9 +539,10 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
 def settings(job: Job) -> dict[str, Any]:
     """The fast-path settings a trainer resolved to."""
     t = job.trainer
+    captured = "graphs" if job.captured and job.captured.graphs else "graph-safe" if job.captured else "no"
     return {"amp": str(t.amp_dtype).removeprefix("torch.") if t.amp_dtype else "none",
             "channels_last": t.channels_last, "fused_optim": t.fused_optim, "compile": job.cfg["compile"],
-            "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"]}
+            "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"], "captured": captured}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,12 +550,12 @@ def settings(job: Job) -> dict[str, Any]:
 
 
 def print_speed_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<8} {'mode':<10} {'amp':<9} {'NHWC':<5} {'fused':<6} {'compile':<8} {'it/s':>8} "
-          f"{'images/s':>9} {'data':>6} {'peak GiB':>9}")
+    print(f"{'model':<8} {'mode':<10} {'amp':<9} {'NHWC':<5} {'fused':<6} {'compile':<8} {'graphs':<11} "
+          f"{'it/s':>8} {'images/s':>9} {'data':>6} {'peak GiB':>9}")
     for r in rows:
         s = r["settings"]
         print(f"{r['model']:<8} {r['mode']:<10} {s['amp']:<9} {'yes' if s['channels_last'] else 'no':<5} "
-              f"{'yes' if s['fused_optim'] else 'no':<6} {'yes' if s['compile'] else 'no':<8} "
+              f"{'yes' if s['fused_optim'] else 'no':<6} {'yes' if s['compile'] else 'no':<8} {s['captured']:<11} "
               f"{r['iterations_per_s']:>8.3f} {r['images_per_s']:>9.1f} {r['data_share']:>6.1%} "
               f"{r['peak_memory_gib']:>9.2f}")
 
@@ -536,8 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the teacher's config (default: configs/teacher/market.yaml)")
     p.add_argument("--fast_opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for the fast mode only (e.g. cuda_graph=always, dis.r1_every=16)")
-    p.add_argument("--mode", default="both", choices=("reference", "fast", "both"),
-                   help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults")
+    p.add_argument("--mode", default="both",
+                   help="reference: fp32, eager, NCHW, per-parameter optimizers; fast: the config's defaults; "
+                        "captured: fast with iterations replayed from CUDA graphs (the graph-safe form run eagerly "
+                        "on a CPU); a comma-separated list of them, or both (reference,fast). numerics compares "
+                        "captured with the reference when the list holds it, else fast")
     p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="the fast mode's amp (default: the config's, auto)")
     p.add_argument("--compile", action="store_true", help="the fast mode compiles G and E_a (and the teacher)")
@@ -559,10 +620,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("reference", "fast") if args.mode == "both" else tuple(args.mode.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         print("error: --iters must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    if not set(modes_of(args)) <= set(MODES):
+        print(f"error: --mode {args.mode}: use both, or one or more of {', '.join(MODES)} separated by commas",
+              file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -576,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
-    modes = ("reference", "fast") if args.mode == "both" else (args.mode,)
+    modes = modes_of(args)
     models = ("dgnet", "teacher") if args.model == "both" else (args.model,)
     first = bench_config("dgnet", args, modes[0])
     splits = load_splits(first)  # generates the data the first time
@@ -600,9 +669,9 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
             teacher_cfg = bench_config("teacher", args, modes[0])
             result["data"]["teacher_train_images"] = len(load_splits(teacher_cfg).train)
     elif args.bench in ("profile", "ops", "syncs"):  # one DG-Net job in one mode, examined
-        mode = "reference" if args.mode == "reference" else "fast"
+        mode = modes[-1] if args.mode != "both" else "fast"
         cfg = bench_config("dgnet", args, mode)
-        job = Job("dgnet", cfg, splits, device)
+        job = Job("dgnet", cfg, splits, device, captured=mode == "captured")
         start = first_iteration(cfg, args.phase)
         try:
             if args.bench == "profile":
@@ -629,8 +698,10 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         rows = []
         for model in models if args.bench == "speed" else ("dgnet",):
             for mode in modes if args.bench == "speed" else ("fast",):
+                if mode == "captured" and model != "dgnet":
+                    continue  # the teacher's trainer runs eagerly
                 cfg = bench_config(model, args, mode)
-                job = Job(model, cfg, splits, device)
+                job = Job(model, cfg, splits, device, captured=mode == "captured")
                 try:
                     row = time_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase)
                                         if model == "dgnet" else 0)
@@ -658,6 +729,10 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
                 speedup = by_mode["fast"]["iterations_per_s"] / by_mode["reference"]["iterations_per_s"]
                 result.setdefault("speedup", {})[model] = round(speedup, 3)
                 print(f"{model}: fast path {speedup:.2f}x the reference")
+            if {"fast", "captured"} <= by_mode.keys():
+                speedup = by_mode["captured"]["iterations_per_s"] / by_mode["fast"]["iterations_per_s"]
+                result.setdefault("speedup_captured", {})[model] = round(speedup, 3)
+                print(f"{model}: captured iterations {speedup:.2f}x the eager fast path")
         for r in rows:
             if "loaders" in r:
                 lo = r["loaders"]

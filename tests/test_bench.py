@@ -62,8 +62,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
     assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
     steps = {s["name"]: s for s in result["steps"]}
-    assert list(steps) == ["env", "data_default", "dgnet_default", "profile", "syncs", "teacher_default",
-                           "numerics", "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
+    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "profile", "syncs",
+                           "teacher_default", "numerics", "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
@@ -75,7 +75,12 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     for run in runs.values():
         assert run["iterations_per_s"] > 0 and run["peak_memory_gib"] > 0 and 0 <= run["data_share"] <= 1
     assert runs[("dgnet", "reference")]["settings"] == {"amp": "none", "channels_last": False, "fused_optim": False,
-                                                       "compile": False, "cudnn_benchmark": False}
+                                                       "compile": False, "cudnn_benchmark": False, "captured": "no"}
+    # eager and captured in one process; on the CPU the captured side is capture.py's graph-safe form
+    captured = {r["mode"]: r for r in figures["dgnet_captured"]["rows"]}
+    assert captured.keys() == {"fast", "captured"} and captured["captured"]["settings"]["captured"] == "graph-safe"
+    assert captured["captured"]["capture_counts"] == {"eager": 1}  # one iteration: its key's first, eager
+    assert set(figures["dgnet_captured"]["speedup_captured"]) == {"dgnet"}
     assert runs[("dgnet", "fast")]["first_iteration"] == 34000  # every loss term on
     assert set(figures["dgnet_default"]["speedup"]) == {"dgnet"}
     dgnet = result["raw"]["dgnet_default"]
@@ -89,6 +94,7 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert figures["syncs"]["per_iteration"] >= 1  # at least the use_encoder_again coin
     numerics = figures["numerics"]
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()
+    assert numerics["compared"] == "captured" and numerics["fast"]["captured"] == "graph-safe"
     summary = (out / "summary.md").read_text()
     for heading in ("## Training speed", "## Profile", "## Host-device syncs", "## Numerics"):
         assert heading in summary
