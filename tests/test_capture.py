@@ -8,17 +8,15 @@ import io
 
 import pytest
 import torch
+from test_fast_path import CPU, NUM_CLASSES, batch, tiny_cfg  # the tiny DG-Net and batches, every term on
 
 import capture
 import train
 from capture import CapturedStep, make_capturable, resolve_cuda_graph
 from reIDmodel import Teacher
 from trainer import DGNet_Trainer
-from utils import REPO_ROOT, UserError, load_config
+from utils import REPO_ROOT, UserError
 
-CPU = torch.device("cpu")
-NUM_CLASSES, BATCH, H, W = 5, 4, 64, 32
-ALL_ON = ("recon_s_w=1", "recon_f_w=1", "recon_x_cyc_w=2", "teacher_w=2")  # every ramped weight at its cap
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -29,20 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-def tiny_cfg(*opts: str) -> dict:
-    return load_config(None, [f"crop_image_height={H}", f"crop_image_width={W}", "backbone=resnet18",
-                              "pretrained=none", "gen.dim=4", "gen.mlp_dim=16", "gen.id_dim=512", "gen.n_res=1",
-                              "gen.pad_type=zero", "dis.dim=8", "dis.n_res=1", f"batch_size={BATCH}", *ALL_ON,
-                              *opts])
-
-
-def batch(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    image, pos = torch.randn(BATCH, 3, H, W, generator=g), torch.randn(BATCH, 3, H, W, generator=g)
-    return {"image": image, "label": torch.randint(NUM_CLASSES, (BATCH,), generator=g), "pos": pos,
-            "image_erased": image.flip(3), "pos_erased": pos.flip(3)}
 
 
 def dgnet(*opts: str, device: torch.device = CPU, dropout: bool = True) -> DGNet_Trainer:
