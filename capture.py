@@ -48,10 +48,9 @@ from typing import Any
 
 import torch
 
-from trainer import BATCH_KEYS, DGNet_Trainer, loss_weights
+from trainer import BATCH_KEYS, SWITCHES, DGNet_Trainer, loss_weights
 from utils import UserError
 
-CUDA_GRAPH = ("auto", "always", "never")
 WARMUP = 3  # eager iterations of a key before it is captured
 MAX_GRAPHS = 4  # the coin's two paths, each with and without lazy R1
 SEEN = 64  # keys remembered for their warm-up count (the ramp makes one per iteration)
@@ -62,7 +61,7 @@ def resolve_cuda_graph(cfg: dict, device: torch.device, kind: str = "DGNet", wor
     """Whether training replays captured iterations. auto means never until a GPU measurement shows the
     captured iteration faster (bench/gpu_run.sh's dgnet_captured step has not run yet)."""
     value = cfg["cuda_graph"]
-    if value not in CUDA_GRAPH:
+    if value not in SWITCHES:
         raise UserError(f"cuda_graph is {value!r}: use auto (never for now), always or never")
     if value != "always":
         return False

@@ -78,7 +78,7 @@ RAMPED_WEIGHTS = {
 }
 FIXED_WEIGHTS = ("gan_w", "recon_x_w", "recon_xp_w", "recon_id_w", "id_w", "pid_w", "B_w", "T_w")
 LR_POLICIES = ("multistep", "step", "constant")
-SWITCHES = ("auto", "always", "never")  # values of the fast-path keys channels_last and fused_optim
+SWITCHES = ("auto", "always", "never")  # values of the fast-path keys channels_last, fused_optim, cuda_graph
 TEACHER_STYLES = {0: "smooth dynamic", 1: "hard dynamic", 2: "hard static", 3: "uniform", 4: "two-label"}
 TEACHER_NETWORK_STYLES = (0, 1, 4)  # the styles that run the teacher network
 TRAIN_TEACHER = "python train.py --config configs/teacher/<dataset>.yaml --trainer baseline"
