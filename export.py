@@ -42,12 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from test import HALF, has_halves, load_model, load_run  # one checkpoint-loading path for evaluation and export
-from utils import UserError, one_line
+from test import HALF, evaluated_feature, has_halves, load_model, load_run  # evaluation's loading and feature
+from utils import UserError, add_run_arguments, one_line
 
 FORMATS = ("onnx",)
 OPSET = 17  # supported by the TorchScript exporter of torch 2.4 and by every onnxruntime release since 1.14
@@ -71,19 +70,8 @@ class FeatureGraph(nn.Module):
         super().__init__()
         self.model, self.halves, self.flip = model, halves, flip
 
-    def _normalize(self, f: torch.Tensor) -> torch.Tensor:
-        if self.halves:
-            return torch.cat([F.normalize(h, dim=1) for h in f.split(HALF, dim=1)], dim=1)
-        return F.normalize(f, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two calls, as test.py makes them, rather than one on the doubled batch: the same numbers
-        views = [x, x.flip(3)] if self.flip else [x]
-        total = 0
-        for view in views:
-            f = self.model.features(view)
-            total = total + (self._normalize(f) if self.halves else f)  # a teacher sums the raw features
-        return self._normalize(total)
+        return evaluated_feature(self.model, x, self.halves, self.flip)
 
 
 def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool, flip: bool) -> dict[str, str]:
@@ -195,10 +183,7 @@ def default_out(run_dir: Path, name: str, iteration: int, flip: bool) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="run name: outputs/NAME (DG-Net or a teacher run)")
-    p.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
-    p.add_argument("--which_iter", default="last",
-                   help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)")
+    add_run_arguments(p, "run name: outputs/NAME (DG-Net or a teacher run)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="file format (default: onnx)")
     p.add_argument("--out", help="file to write (default: outputs/NAME/export/NAME_<iteration>.onnx)")
     p.add_argument("--no-flip", dest="flip", action="store_false",

@@ -38,6 +38,7 @@ from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
 from utils import (
     UserError,
+    add_run_arguments,
     check_run_checkpoint,
     find_checkpoint,
     load_checkpoint,
@@ -52,10 +53,7 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="run name: outputs/NAME")
-    p.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
-    p.add_argument("--which_iter", default="last",
-                   help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)")
+    add_run_arguments(p)
     p.add_argument("--config", help="config to use instead of the run's config.yaml (e.g. another dataset)")
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
@@ -145,6 +143,19 @@ def _inference_context(device: torch.device) -> contextlib.AbstractContextManage
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def evaluated_feature(model: torch.nn.Module, x: torch.Tensor, halves: bool, flip: bool = True,
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """The evaluated feature of a batch of normalized images: the image and its mirror image summed (DG-Net:
+    each 512-d half normalized before and after the sum; a teacher: its raw features, normalized after).
+    `context` wraps each call of the model (autocast); export.py traces this function into its graph."""
+    total = 0
+    for view in ([x, x.flip(3)] if flip else [x]):
+        with context():
+            f = model.features(view).float()
+        total = total + (_normalize_halves(f) if halves else f)
+    return _normalize_halves(total) if halves else F.normalize(total, dim=1)
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Sequence[Record], device: torch.device,
                      *, flip: bool = True, batch_size: int = 128, label: str | None = None) -> torch.Tensor:
@@ -155,12 +166,7 @@ def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Seque
     feats = []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
-        total = 0
-        for view in ([x, x.flip(3)] if flip else [x]):
-            with _inference_context(device):
-                f = model.features(view).float()
-            total = total + (_normalize_halves(f) if halves else f)
-        feats.append((_normalize_halves(total) if halves else F.normalize(total, dim=1)).cpu())
+        feats.append(evaluated_feature(model, x, halves, flip, lambda: _inference_context(device)).cpu())
         progress.update(len(x))
     width = 2 * HALF if halves else HALF
     return torch.cat(feats) if feats else torch.empty(0, width)

@@ -476,6 +476,15 @@ def run_folder(output_path: str | os.PathLike, name: str) -> Path:
     return Path(output_path) / "outputs" / name
 
 
+def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME") -> None:
+    """The arguments that pick a finished run's checkpoint (test.py, export.py): --name, --output_path and
+    --which_iter, resolved by `run_folder` and `find_checkpoint`."""
+    parser.add_argument("--name", required=True, help=name_help)
+    parser.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
+    parser.add_argument("--which_iter", default="last",
+                        help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)")
+
+
 def find_checkpoint(run_dir: str | os.PathLike, which_iter: str) -> Path:
     """The checkpoint `--which_iter` names: an iteration number, last (the newest) or best (the best
     validation mAP, written when training validates)."""
