@@ -1,20 +1,23 @@
-"""DG-Net's training iteration replayed from CUDA graphs (config key `cuda_graph`).
+"""Training iterations replayed from CUDA graphs (config key `cuda_graph`): DG-Net's and the teacher's.
 
 On a GPU, DG-Net at batch 8 is paced by the host launching a few thousand operators per iteration, not by
-the arithmetic (BENCHMARKS.md). A CUDA graph records the whole iteration once: forward, the D step with R1,
-the joint G + E_a step, both optimizers; a replay launches it all at once. The iteration is captured whole
-with torch.cuda.graph: make_graphed_callables and torch.compile's autograd do not take R1's double backward.
+the arithmetic (BENCHMARKS.md); the teacher at batch 32 too, less so. A CUDA graph records the whole
+iteration once: for DG-Net the forward, the D step with R1, the joint G + E_a step, both optimizers; for the
+teacher its forward, backward and SGD step. A replay launches it all at once. The iteration is captured
+whole with torch.cuda.graph: make_graphed_callables and torch.compile's autograd do not take R1's double
+backward.
 
-`CapturedStep(trainer)(it, batch_a, batch_b)` does what `trainer.train_step` does. What a replay cannot do,
-and what takes its place:
-- Host values are baked into a graph. The loss weights (which also decide which terms run), the
-  use_encoder_again coin and the learning rates are host values, so each combination of them is a *key*
-  with its own graph. They are floats in the key, not device tensors: they are constant before the warm-up,
-  after it and between LR milestones, so a run needs two graphs at a time (the coin's two paths), four with
-  lazy R1 (dis.r1_every), and captures anew after each LR milestone. During the ramp every iteration has new
-  weights (4,000 of 100,000 iterations at the defaults); a key runs eagerly until it has been seen WARMUP
-  times, so the ramp runs eagerly.
-- The coin is drawn on the host before the iteration (`DGNet_Trainer.draw_coin`), from torch's CPU
+`CapturedStep(trainer)(it, *batches)` does what `trainer.train_step` does, for either trainer; the trainer's
+`capture_plan(it)` says what of iteration `it` is decided on the host. What a replay cannot do, and what
+takes its place:
+- Host values are baked into a graph, so each combination of them is a *key* with its own graph. DG-Net's
+  are the loss weights (which also decide which terms run), the use_encoder_again coin and the learning
+  rates; the teacher's, its learning rate. They are floats in the key, not device tensors: DG-Net's are
+  constant before the warm-up, after it and between LR milestones, so a run needs two graphs at a time
+  (the coin's two paths), four with lazy R1 (dis.r1_every), and captures anew after each LR milestone; the
+  teacher needs one. During DG-Net's ramp every iteration has new weights (4,000 of 100,000 iterations at
+  the defaults); a key runs eagerly until it has been seen WARMUP times, so the ramp runs eagerly.
+- DG-Net's coin is drawn on the host before the iteration (`DGNet_Trainer.capture_plan`), from torch's CPU
   generator as the eager step draws it. On a CUDA device nothing else in the step draws from that generator
   (dropout and structure jitter draw from the CUDA one, which torch.cuda.graph advances at each replay as
   the eager kernels would), so both paths get the same coins and random numbers. On the CPU, dropout shares
@@ -32,9 +35,18 @@ and what takes its place:
   replay; the gradients a graph leaves behind are never read (every step begins by dropping them). At most
   MAX_GRAPHS graphs are kept, the least recently used is dropped.
 
-Limits: one process (DDP's collectives in a graph need more care), amp bf16 or none (fp16's GradScaler reads
-its found-inf flag on the host at every step), DG-Net only (the teacher's trainer runs eagerly). Build the
-step after a checkpoint is loaded: graphs hold the optimizer state's tensors.
+Several processes (one per GPU): DDP's backward hooks and bucket bookkeeping run on the host, so a captured
+step does without DDP. Its networks are bare (`Dist.share`: rank 0's weights at the start, its buffers each
+iteration as before) and the step averages the gradients itself after each backward (`_PartsTrainer._step`,
+`Dist.average_gradients`): one flat NCCL all-reduce per optimizer step, inside the graph, where DDP overlaps
+bucketed all-reduces with the backward; the averaged gradients are the same up to summation order. NCCL
+requires every rank to replay the graph that was captured together with the others', so the keys must agree:
+the loss weights and learning rates do; the coin is rank 0's (`Dist.main_value`), where eager DDP has each
+rank draw its own.
+
+Limits: amp bf16 or none (fp16's GradScaler reads its found-inf flag on the host at every step); no sync_bn in
+several processes (its collectives inside the networks are not captured). Build the step after a checkpoint is
+loaded: graphs hold the optimizer state's tensors.
 
 `CapturedStep(trainer, graphs=False)` runs the same host flow with the captured function called eagerly
 (the graph-safe form): how the CPU tests and `bench/train_bench.py --tiny` check it.
@@ -48,7 +60,7 @@ from typing import Any
 
 import torch
 
-from trainer import BATCH_KEYS, SWITCHES, DGNet_Trainer, loss_weights
+from trainer import SWITCHES
 from utils import UserError
 
 WARMUP = 3  # eager iterations of a key before it is captured
@@ -57,9 +69,9 @@ SEEN = 64  # keys remembered for their warm-up count (the ramp makes one per ite
 Key = tuple[Any, ...]
 
 
-def resolve_cuda_graph(cfg: dict, device: torch.device, kind: str = "DGNet", world_size: int = 1) -> bool:
+def resolve_cuda_graph(cfg: dict, device: torch.device, world_size: int = 1) -> bool:
     """Whether training replays captured iterations. auto means never until a GPU measurement shows the
-    captured iteration faster (bench/gpu_run.sh's dgnet_captured step has not run yet)."""
+    captured iteration faster (bench/gpu_run.sh's dgnet_captured and teacher_default steps have not run)."""
     value = cfg["cuda_graph"]
     if value not in SWITCHES:
         raise UserError(f"cuda_graph is {value!r}: use auto (never for now), always or never")
@@ -67,23 +79,22 @@ def resolve_cuda_graph(cfg: dict, device: torch.device, kind: str = "DGNet", wor
         return False
     if device.type != "cuda":
         raise UserError(f"cuda_graph: always needs a CUDA device, the device is {device}; use cuda_graph: never")
-    if kind != "DGNet":
-        raise UserError("cuda_graph: always captures DG-Net's iteration; the teacher (--trainer baseline) trains "
-                        "eagerly: use cuda_graph: never")
-    if world_size > 1:
-        raise UserError(f"cuda_graph: always runs in one process, not {world_size}: use cuda_graph: never with "
-                        "several GPUs")
+    if world_size > 1 and cfg["sync_bn"]:
+        raise UserError("cuda_graph: always does not capture sync_bn's collectives inside the networks: use "
+                        "sync_bn: false, or cuda_graph: never")
     if cfg["amp"] == "fp16":
         raise UserError("cuda_graph: always cannot capture fp16's loss scaling (it reads the GPU at every step): "
                         "use amp: bf16 or none, or cuda_graph: never")
     return True
 
 
-def training_step(trainer: Any, cfg: dict, kind: str, device: torch.device, world_size: int = 1) -> Callable:
-    """What train.py's loop calls each iteration: `trainer.train_step`, or its replay from CUDA graphs."""
-    if resolve_cuda_graph(cfg, device, kind, world_size):
-        return CapturedStep(trainer)
-    return trainer.train_step
+def training_step(trainer: Any, cfg: dict, dist: Any) -> Callable:
+    """Distribute `trainer` over `dist`'s processes (`trainer.distribute`) and return what train.py's loop
+    calls each iteration: `trainer.train_step` (DDP in a process group), or its replay from CUDA graphs
+    (gradients averaged by the step itself, inside the graph)."""
+    captured = resolve_cuda_graph(cfg, dist.device, dist.world_size)
+    trainer.distribute(dist, in_step=captured)
+    return CapturedStep(trainer) if captured else trainer.train_step
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -100,13 +111,14 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
 
 class CapturedStep:
     """`trainer.train_step` with every iteration of a recurring key replayed from a CUDA graph (see the
-    module's docstring). `counts`: iterations run eagerly, captured (each then replayed once) and replayed."""
+    module's docstring); `trainer` is a DGNet_Trainer or a BaselineTrainer. `counts`: iterations run eagerly,
+    captured (each then replayed once) and replayed."""
 
-    def __init__(self, trainer: DGNet_Trainer, graphs: bool = True):
+    def __init__(self, trainer: Any, graphs: bool = True):
         if graphs and trainer.device.type != "cuda":
             raise UserError(f"cuda_graph: always needs a CUDA device, the device is {trainer.device}")
         self.trainer, self.graphs = trainer, graphs
-        self.inputs: dict[str, dict[str, torch.Tensor]] | None = None  # the static buffers of batches a, b
+        self.inputs: list[dict[str, torch.Tensor]] | None = None  # the static buffers, one per loader's batch
         self.seen: OrderedDict[Key, int] = OrderedDict()
         self.captured: OrderedDict[Key, tuple[Any, tuple[str, ...], torch.Tensor]] = OrderedDict()
         self.counts: Counter[str] = Counter()
@@ -116,32 +128,29 @@ class CapturedStep:
             self.side = torch.cuda.Stream(trainer.device)
             self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, it: int, batch_a: dict, batch_b: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, it: int, *batches: dict) -> dict[str, torch.Tensor]:
         trainer = self.trainer
-        w = loss_weights(trainer.cfg, it)
-        coin = trainer.draw_coin() if trainer.reencodes(w) else None  # on the host, as the eager step draws it
-        if self._copy_in(batch_a, batch_b):
-            key = (tuple(w.items()), coin, tuple(trainer.learning_rates().values()))
-            names, out = self._run(key, w, coin)
-        else:  # another batch shape (not from train.py's loaders): eagerly, on the batch itself
-            a = {k: trainer._to_device(batch_a[k]) for k in BATCH_KEYS}
-            b = {k: trainer._to_device(batch_b[k]) for k in BATCH_KEYS}
-            names, out = self._eager(lambda: _stacked(trainer.device_step(a, b, w, coin)))
+        key, step = trainer.capture_plan(it)  # the host values of iteration `it`, fixed before it runs
+        if self._copy_in(batches):
+            names, out = self._run(key, step)
+        else:  # another batch shape (not from train.py's loaders): eagerly, on the batches themselves
+            on_device = [{k: trainer._to_device(batch[k]) for k in trainer.batch_keys} for batch in batches]
+            names, out = self._eager(lambda: _stacked(step(*on_device)))
         trainer._step_schedulers()
         return dict(zip(names, out.clone().unbind()))
 
-    def step_function(self, w: dict[str, float], coin: bool | None) -> tuple[tuple[str, ...], torch.Tensor]:
+    def step_function(self, step: Callable[..., dict[str, torch.Tensor]]) -> tuple[tuple[str, ...], torch.Tensor]:
         """The captured function: the trainer's device step on the static buffers; (loss names, values)."""
         assert self.inputs is not None
-        return _stacked(self.trainer.device_step(self.inputs["a"], self.inputs["b"], w, coin))
+        return _stacked(step(*self.inputs))
 
-    def _run(self, key: Key, w: dict[str, float], coin: bool | None) -> tuple[tuple[str, ...], torch.Tensor]:
+    def _run(self, key: Key, step: Callable[..., dict[str, torch.Tensor]]) -> tuple[tuple[str, ...], torch.Tensor]:
         if key in self.captured:
             self.captured.move_to_end(key)
             self.counts["replayed"] += 1
             graph, names, out = self.captured[key]
             if graph is None:  # the graph-safe form: the captured function, called
-                return self.step_function(w, coin)
+                return self.step_function(step)
             graph.replay()
             return names, out
         seen = self.seen.pop(key, 0)
@@ -150,10 +159,10 @@ class CapturedStep:
             while len(self.seen) > SEEN:
                 self.seen.popitem(last=False)
             self.counts["eager"] += 1
-            return self._eager(lambda: self.step_function(w, coin))
+            return self._eager(lambda: self.step_function(step))
         self.counts["captured"] += 1
         if not self.graphs:
-            names, out = self.step_function(w, coin)
+            names, out = self.step_function(step)
             self._keep(key, (None, names, out))
             return names, out
         graph = torch.cuda.CUDAGraph()
@@ -161,7 +170,7 @@ class CapturedStep:
         # (global) mode turns into a broken capture; the backward's kernels, issued from autograd's thread onto
         # the capturing stream, are captured in either mode
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            names, out = self.step_function(w, coin)
+            names, out = self.step_function(step)
         self._keep(key, (graph, names, out))
         graph.replay()  # capturing recorded the iteration without running it
         return names, out
@@ -187,19 +196,19 @@ class CapturedStep:
         out.record_stream(current)
         return names, out
 
-    def _copy_in(self, batch_a: dict, batch_b: dict) -> bool:
+    def _copy_in(self, batches: tuple[dict, ...]) -> bool:
         """Copy the batches into the static buffers (made from the first ones); False if their shapes differ."""
-        batches = {"a": batch_a, "b": batch_b}
+        keys = self.trainer.batch_keys
         if self.inputs is None:
-            self.inputs = {side: {k: self.trainer._to_device(batch[k]).clone() for k in BATCH_KEYS}
-                           for side, batch in batches.items()}
+            self.inputs = [{k: self.trainer._to_device(batch[k]).clone() for k in keys} for batch in batches]
             return True
-        if any(self.inputs[side][k].shape != batch[k].shape or self.inputs[side][k].dtype != batch[k].dtype
-               for side, batch in batches.items() for k in BATCH_KEYS):
+        if len(batches) != len(self.inputs) or any(
+                buffer[k].shape != batch[k].shape or buffer[k].dtype != batch[k].dtype
+                for buffer, batch in zip(self.inputs, batches) for k in keys):
             return False
-        for side, batch in batches.items():
-            for k in BATCH_KEYS:
-                self.inputs[side][k].copy_(batch[k], non_blocking=True)
+        for buffer, batch in zip(self.inputs, batches):
+            for k in keys:
+                buffer[k].copy_(batch[k], non_blocking=True)
         return True
 
 

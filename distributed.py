@@ -92,20 +92,45 @@ class Dist:
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None,
                                                    **_NO_FORWARD_BUFFER_SYNC)
 
+    def share(self, module: nn.Module) -> nn.Module:
+        """`module` itself, made ready for a training step that averages its own gradients (a captured step,
+        capture.py: DDP's backward hooks cannot be replayed from a CUDA graph): rank 0's parameters and
+        buffers on every rank, as DDP's constructor broadcasts them, and its buffers in `sync_buffers`."""
+        if not self.enabled:
+            return module
+        _broadcast_flat([*module.parameters(), *module.buffers()])
+        self.buffer_owners.append(module)
+        return module
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of `params` over the ranks, in place: DDP's all-reduce, issued by the step
+        itself after its backward (inside the graph when captured). One flat all-reduce per dtype; the
+        parameters holding a gradient are the same on every rank, since every rank runs the same graph."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        with torch.no_grad():
+            for dtype in dict.fromkeys(g.dtype for g in grads):
+                group = [g for g in grads if g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in group]).div_(self.world_size)
+                torch_dist.all_reduce(flat)
+                torch._foreach_copy_(group, _pieces(flat, group))
+
+    def main_value(self, value: int) -> int:
+        """Rank 0's `value` on every rank (through the control group): what the ranks must agree on before an
+        iteration, such as the graph a captured step replays."""
+        if not self.enabled or self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch_dist.broadcast(t, src=0, group=self.control)
+        return int(t.item())
+
     def sync_buffers(self) -> None:
         """Broadcast every wrapped module's buffers from rank 0 (once per iteration, before the first forward,
-        when no graph holds them). One flat tensor per dtype, copied back with one foreach call: this runs
-        every iteration, and each extra operator costs a launch (BENCHMARKS.md)."""
+        when no graph holds them)."""
         if not self.enabled or self.world_size == 1:
             return
-        buffers = [b for module in self.buffer_owners for b in module.buffers()]
-        with torch.no_grad():
-            for dtype in dict.fromkeys(b.dtype for b in buffers):
-                group = [b for b in buffers if b.dtype == dtype]
-                flat = torch.cat([b.reshape(-1) for b in group])
-                torch_dist.broadcast(flat, src=0)
-                values = [v.view_as(b) for b, v in zip(group, flat.split([b.numel() for b in group]))]
-                torch._foreach_copy_(group, values)
+        _broadcast_flat([b for module in self.buffer_owners for b in module.buffers()])
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average a tensor over the ranks (used for logged losses, only when they are logged)."""
@@ -142,6 +167,22 @@ class Dist:
     def close(self) -> None:
         if self.enabled:
             torch_dist.destroy_process_group()
+
+
+def _broadcast_flat(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of `tensors` on every rank: one flat tensor per dtype, copied back with one foreach
+    call (this runs every iteration, and each extra operator costs a launch: BENCHMARKS.md)."""
+    with torch.no_grad():
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            torch_dist.broadcast(flat, src=0)
+            torch._foreach_copy_(group, _pieces(flat, group))
+
+
+def _pieces(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into views shaped as `like` (in their logical order, whatever their memory format)."""
+    return [v.view_as(t) for t, v in zip(like, flat.split([t.numel() for t in like]))]
 
 
 # ---------------------------------------------------------------------------------------------------

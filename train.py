@@ -525,7 +525,7 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
         check_networks_take(cfg, kind)
     from capture import resolve_cuda_graph  # imported here so --help stays fast
 
-    resolve_cuda_graph(cfg, dist.device, kind, dist.world_size)  # a bad cuda_graph stops here, before any file
+    resolve_cuda_graph(cfg, dist.device, dist.world_size)  # a bad cuda_graph stops here, before any file
 
     # Each process its own random stream (dropout, the re-encoding coin); the models start from rank 0's
     # weights, which DDP broadcasts.
@@ -593,10 +593,9 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             print(f"{run_dir} is complete (iteration {start}, max_iter {cfg['max_iter']}): nothing to train; "
                   f"continue it with --opts max_iter=N, N larger than {start}", flush=True)
         return 0
-    trainer.distribute(dist)
     from capture import training_step
 
-    train_step = training_step(trainer, cfg, kind, dist.device, dist.world_size)  # or its replay from CUDA graphs
+    train_step = training_step(trainer, cfg, dist)  # DDP, or the replay of CUDA graphs
 
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:

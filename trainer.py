@@ -273,6 +273,10 @@ class _PartsTrainer:
     """
 
     parts: dict[str, Part]
+    batch_keys: tuple[str, ...]  # what a step reads of each loader's batch (capture.py copies these in)
+    # the process group's Dist when the step averages its own gradients (`distribute(dist, in_step=True)`);
+    # None: one process, or DDP's hooks do it
+    in_step_sync: Any = None
 
     def __init__(self, cfg: dict, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -314,6 +318,9 @@ class _PartsTrainer:
         optimizers = [self.parts[name].optimizer for name in names]
         with record_function("backward"):  # profiler labels (bench/train_bench.py --bench profile)
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.in_step_sync is not None:
+            self.in_step_sync.average_gradients([p for opt in optimizers for group in opt.param_groups
+                                                 for p in group["params"]])
         with record_function("optimizer_step"):
             if self.scaler is None:
                 for opt in optimizers:
@@ -333,6 +340,15 @@ class _PartsTrainer:
         for part in self.parts.values():
             if part.scheduler is not None:
                 part.scheduler.step()
+
+    def _wrapper(self, dist: Any, in_step: bool) -> Callable[[nn.Module], nn.Module]:
+        """How `distribute` readies each network: DDP (`dist.wrap`), or with `in_step` the bare network
+        (`dist.share`) whose gradients `_step` averages: a captured step (capture.py) cannot replay DDP's
+        backward hooks, but it can replay an all-reduce it issues itself."""
+        if not in_step:
+            return dist.wrap
+        self.in_step_sync = dist if dist.enabled else None
+        return dist.share
 
     def _sync_bn(self, module: nn.Module, dist: Any) -> None:
         """`sync_bn: true` in a process group: BatchNorm statistics over the global batch (small per-GPU
@@ -475,6 +491,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
     """DG-Net's joint training: one D step, then one joint step of G (Adam) and E_a (SGD) per iteration."""
 
     LOSS_KEYS = ("D", "R1", "gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher", "total")
+    batch_keys = BATCH_KEYS
 
     def __init__(self, cfg: dict, num_classes: int, device: torch.device, teacher: nn.Module | None = None):
         super().__init__(cfg, device)
@@ -531,16 +548,18 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             if teacher is not None:
                 teacher.compile()
 
-    def distribute(self, dist: Any) -> None:
-        """Wrap G, D and E_a for DDP (`distributed.Dist.wrap`; nothing changes in a single process).
+    def distribute(self, dist: Any, in_step: bool = False) -> None:
+        """Wrap G, D and E_a for DDP (`distributed.Dist.wrap`; nothing changes in a single process), or with
+        `in_step` (a captured step) leave them bare and average their gradients in the step.
 
         Call once, after a checkpoint was loaded. The frozen-weight passes keep using the bare modules.
         """
         self._sync_bn(self.id_a, dist)
         self.id_norms = split_norms(self.id_a)  # SyncBatchNorm cannot split a batch
-        self.run_gen = dist.wrap(self.run_gen)  # the MethodCall of __init__ (compiled when `compile` is on)
-        self.run_dis = dist.wrap(self.dis_a)
-        self.run_id = dist.wrap(self.id_a)
+        wrap = self._wrapper(dist, in_step)
+        self.run_gen = wrap(self.run_gen)  # the MethodCall of __init__ (compiled when `compile` is on)
+        self.run_dis = wrap(self.dis_a)
+        self.run_id = wrap(self.id_a)
 
     @staticmethod
     def needs_teacher(cfg: dict) -> bool:
@@ -560,6 +579,19 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         losses = self.device_step(a, b, w)
         self._step_schedulers()
         return losses
+
+    def capture_plan(self, it: int) -> tuple[tuple[Any, ...], Callable[..., dict[str, torch.Tensor]]]:
+        """Iteration `it` for capture.py: the host values a CUDA graph bakes in (the loss weights, which also
+        decide which terms run; the coin, drawn now; the learning rates) as the graph's key, and the device
+        step on batches a, b (`batch_keys`) that they fix."""
+        w = loss_weights(self.cfg, it)
+        coin = self.draw_coin() if self.reencodes(w) else None  # on the host, as the eager step draws it
+        if coin is not None and self.in_step_sync is not None:
+            # Every rank must replay the same graph (its all-reduces are collectives): rank 0's coin, where
+            # eager DDP runs each rank's own. Every rank still draws, so its random stream moves as before.
+            coin = bool(self.in_step_sync.main_value(int(coin)))
+        key = (tuple(w.items()), coin, tuple(self.learning_rates().values()))
+        return key, lambda a, b: self.device_step(a, b, w, coin)
 
     def device_step(self, a: dict, b: dict, w: dict[str, float], coin: bool | None = None
                     ) -> dict[str, torch.Tensor]:
@@ -865,6 +897,8 @@ class BaselineTrainer(_PartsTrainer):
     """The teacher's trainer (`--trainer baseline`): a ResNet with one bottleneck head, cross-entropy on
     the erased view, optionally a batch-hard triplet loss on the pooled feature."""
 
+    batch_keys = ("image_erased", "label")
+
     def __init__(self, cfg: dict, num_classes: int, device: torch.device):
         super().__init__(cfg, device)
         self.num_classes = num_classes
@@ -876,17 +910,27 @@ class BaselineTrainer(_PartsTrainer):
         if cfg["compile"]:
             self.run_teacher.compile()  # in place, before DDP wraps it
 
-    def distribute(self, dist: Any) -> None:
-        """Wrap the model for DDP (nothing changes in a single process); call once, after any resume."""
+    def distribute(self, dist: Any, in_step: bool = False) -> None:
+        """Wrap the model for DDP (nothing changes in a single process), or with `in_step` (a captured step)
+        average its gradients in the step; call once, after any resume."""
         teacher = self.parts["teacher"].module
         self._sync_bn(teacher, dist)
-        self.run_teacher = dist.wrap(self.run_teacher)  # the MethodCall of __init__
+        self.run_teacher = self._wrapper(dist, in_step)(self.run_teacher)  # the MethodCall of __init__
 
     def train_step(self, it: int, batch: dict) -> dict[str, torch.Tensor]:
         """One SGD step. Returns the weighted terms "ce", "triplet" (when triplet_w > 0), "acc", "total"."""
+        losses = self.device_step({k: self._to_device(batch[k]) for k in self.batch_keys})
+        self._step_schedulers()
+        return losses
+
+    def capture_plan(self, it: int) -> tuple[tuple[Any, ...], Callable[..., dict[str, torch.Tensor]]]:
+        """Iteration `it` for capture.py: the learning rate is the only host value the step bakes in."""
+        return tuple(self.learning_rates().values()), self.device_step
+
+    def device_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The SGD step on a batch already on the device (no LR step): what capture.py records."""
         cfg = self.cfg
-        x = self._to_device(batch["image_erased"])
-        labels = self._to_device(batch["label"])
+        x, labels = batch["image_erased"], batch["label"]
         self._zero_grad(("teacher",))
         with self._autocast():
             pooled, logits = self.run_teacher("pooled_logits", x)
@@ -895,7 +939,6 @@ class BaselineTrainer(_PartsTrainer):
             losses["triplet"] = cfg["triplet_w"] * batch_hard_triplet(pooled, labels, cfg["triplet_margin"])
         total = sum(losses.values())
         self._step(total, ("teacher",))
-        self._step_schedulers()
         losses = {k: v.detach() for k, v in losses.items()}
         losses["acc"] = (logits.detach().argmax(1) == labels).float().mean()
         losses["total"] = total.detach()

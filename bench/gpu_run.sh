@@ -21,10 +21,14 @@
 #                           (the GPU defaults): it/s, images/s, peak GPU memory
 #   dgnet_captured    80 s  DG-Net's fast mode eager and captured (capture.py: iterations replayed from CUDA
 #                           graphs), one process: it/s of both, captured over eager
+#   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k gpu): captured iterations of DG-Net and
+#                           the teacher against eager ones, a resumed captured run, the all-reduce in the graph
+#                           (NCCL, a group of one); on the CPU they are skipped
 #   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
 #                           operators, phases; a Chrome trace in steps.tar.gz
 #   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
-#   teacher_default   50 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory
+#   teacher_default   60 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory; reference,
+#                           fast and captured (its SGD steps replayed from CUDA graphs)
 #   numerics         200 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
 #                           itself in time and keeps its curves
 #   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes, both modes
@@ -177,10 +181,12 @@ fi
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
+step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k gpu
 step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
   --json "$WORK/profile.json"
 step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"
-step teacher_default 50 20 "${BENCH[@]}" --model teacher "${TEACHER[@]}" --json "$WORK/teacher_default.json"
+step teacher_default 60 20 "${BENCH[@]}" --model teacher --mode reference,fast,captured "${TEACHER[@]}" \
+  --json "$WORK/teacher_default.json"
 # numerics stops comparing 30 s before its limit (start-up and writing included) and keeps what it has
 limit=$(left)
 ((limit > 200)) && limit=200

@@ -5,6 +5,7 @@
     python bench/train_bench.py --bench loaders                   # loaders' delivery vs training's consumption
     python bench/train_bench.py --bench numerics --iters 300      # fast vs reference loss curves, same seed
     python bench/train_bench.py --model dgnet --mode fast,captured  # eager vs CUDA-graph replayed iterations
+    python bench/train_bench.py --model teacher --mode reference,fast,captured  # the teacher, the same three
     python bench/train_bench.py --bench numerics --mode captured  # captured vs reference loss curves
     python bench/train_bench.py --bench profile --iters 10        # torch.profiler: phases and top kernels
     python bench/train_bench.py --bench ops --device cpu          # operators and network calls per iteration
@@ -172,7 +173,7 @@ class Job:
             self.trainer = BaselineTrainer(cfg, splits.num_classes, device)
         self.trainer.train()
         self.step: Any = self.trainer.train_step
-        if captured and kind == "dgnet":
+        if captured:
             self.step = self.captured = CapturedStep(self.trainer, graphs=device.type == "cuda")
 
     def batches(self) -> list[dict]:
@@ -698,8 +699,6 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         rows = []
         for model in models if args.bench == "speed" else ("dgnet",):
             for mode in modes if args.bench == "speed" else ("fast",):
-                if mode == "captured" and model != "dgnet":
-                    continue  # the teacher's trainer runs eagerly
                 cfg = bench_config(model, args, mode)
                 job = Job(model, cfg, splits, device, captured=mode == "captured")
                 try:

@@ -62,8 +62,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
     assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
     steps = {s["name"]: s for s in result["steps"]}
-    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "profile", "syncs",
-                           "teacher_default", "numerics", "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
+    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests", "profile",
+                           "syncs", "teacher_default", "numerics", "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
@@ -71,7 +71,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     _finite_numbers(figures)
     assert figures["quickstart"]["stub.json"]["limit"] > 0
     runs = {(r["model"], r["mode"]): r for r in figures["dgnet_default"]["rows"] + figures["teacher_default"]["rows"]}
-    assert runs.keys() == {(m, mode) for m in ("dgnet", "teacher") for mode in ("reference", "fast")}
+    both = {(m, mode) for m in ("dgnet", "teacher") for mode in ("reference", "fast")}
+    assert runs.keys() == both | {("teacher", "captured")}
     for run in runs.values():
         assert run["iterations_per_s"] > 0 and run["peak_memory_gib"] > 0 and 0 <= run["data_share"] <= 1
     assert runs[("dgnet", "reference")]["settings"] == {"amp": "none", "channels_last": False, "fused_optim": False,
@@ -81,13 +82,15 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert captured.keys() == {"fast", "captured"} and captured["captured"]["settings"]["captured"] == "graph-safe"
     assert captured["captured"]["capture_counts"] == {"eager": 1}  # one iteration: its key's first, eager
     assert set(figures["dgnet_captured"]["speedup_captured"]) == {"dgnet"}
+    assert runs[("teacher", "captured")]["settings"]["captured"] == "graph-safe"
+    assert set(figures["teacher_default"]["speedup_captured"]) == {"teacher"}
     assert runs[("dgnet", "fast")]["first_iteration"] == 34000  # every loss term on
     assert set(figures["dgnet_default"]["speedup"]) == {"dgnet"}
     dgnet = result["raw"]["dgnet_default"]
     assert dgnet["benchmark"] == "train_bench" and dgnet["tiny"] and dgnet["device"] == "cpu"
     assert all(RUN_FIELDS <= r.keys() for r in dgnet["runs"]) and dgnet["runs"][1]["last_losses"]["teacher"] > 0
     quick = {(r["model"], r["mode"]) for r in figures["quickstart_sizes"]["rows"]}
-    assert quick == set(runs) and "quickstart/dgnet.yaml" in figures["quickstart_sizes"]["command"]
+    assert quick == both and "quickstart/dgnet.yaml" in figures["quickstart_sizes"]["command"]
     assert "dis.r1_every=16" in figures["dgnet_lazy_r1"]["command"]
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]
     assert figures["profile"]["device_busy_ms"] is None  # no GPU here

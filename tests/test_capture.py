@@ -1,6 +1,6 @@
-"""capture.py: DG-Net's iteration in the graph-safe form that CUDA graphs record, checked on the CPU (the same
-result as the eager step, no host read inside the step, exact resume), the `cuda_graph` key, and on a CUDA
-device (skipped elsewhere) the captured iteration itself."""
+"""capture.py: DG-Net's and the teacher's iterations in the graph-safe form that CUDA graphs record, checked on
+the CPU (the same result as the eager step, no host read inside the step, exact resume), the `cuda_graph` key,
+and on a CUDA device (skipped elsewhere) the captured iterations themselves."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,13 +8,16 @@ import io
 
 import pytest
 import torch
-from test_fast_path import CPU, NUM_CLASSES, batch, tiny_cfg  # the tiny DG-Net and batches, every term on
+import torch.distributed as torch_dist
+import torch.multiprocessing as torch_mp
+from test_fast_path import BATCH, CPU, NUM_CLASSES, batch, tiny_cfg  # the tiny DG-Net and batches, every term on
 
 import capture
 import train
 from capture import CapturedStep, make_capturable, resolve_cuda_graph
+from distributed import Dist, free_port
 from reIDmodel import Teacher
-from trainer import DGNet_Trainer
+from trainer import BaselineTrainer, DGNet_Trainer
 from utils import REPO_ROOT, UserError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,11 +88,25 @@ def test_graph_safe_step_equals_the_eager_step(monkeypatch) -> None:
 def test_graph_safe_step_makes_no_host_read() -> None:
     """The function a CUDA graph records reads nothing on the host (bench/train_bench.py's SyncCounter) with
     the fused optimizers that a GPU uses; the eager step reads at least its coin."""
+    bench = train_bench()
+    trainer = dgnet("fused_optim=always")
+    recorded = host_reads(bench, CapturedStep(trainer, graphs=False), lambda step: run(step, range(2)))
+    assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
+    with bench.SyncCounter() as counter:
+        run(trainer.train_step, range(2, 3))
+    assert any("draw_coin" in site for site, *_ in counter.sites), counter.sites
+
+
+def train_bench():
     spec = importlib.util.spec_from_file_location("train_bench", REPO_ROOT / "bench" / "train_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    trainer = dgnet("fused_optim=always")
-    step = CapturedStep(trainer, graphs=False)
+    return bench
+
+
+def host_reads(bench, step: CapturedStep, drive) -> list[list]:
+    """The host reads (bench/train_bench.py's SyncCounter) of each call of `step`'s captured function while
+    `drive(step)` runs iterations."""
     recorded = []
     inner = step.step_function
 
@@ -100,11 +117,8 @@ def test_graph_safe_step_makes_no_host_read() -> None:
         return out
 
     step.step_function = counted
-    run(step, range(2))
-    assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
-    with bench.SyncCounter() as counter:
-        run(trainer.train_step, range(2, 3))
-    assert any("draw_coin" in site for site, *_ in counter.sites), counter.sites
+    drive(step)
+    return recorded
 
 
 def test_graph_safe_resume_is_exact() -> None:
@@ -150,13 +164,15 @@ def test_cuda_graph_key(tmp_path, data_root, capsys) -> None:
         resolve_cuda_graph(tiny_cfg("cuda_graph=always"), CPU)
     with pytest.raises(UserError, match="cuda_graph is 'sometimes'"):
         resolve_cuda_graph(tiny_cfg("cuda_graph=sometimes"), CPU)
-    always = tiny_cfg("cuda_graph=always")
-    for cfg, kind, world in ((always, "baseline", 1), (always, "DGNet", 2), (tiny_cfg("cuda_graph=always", "amp=fp16"),
-                                                                               "DGNet", 1)):
+    assert resolve_cuda_graph(tiny_cfg("cuda_graph=always"), cuda, 2)  # one process per GPU
+    assert resolve_cuda_graph(tiny_cfg("cuda_graph=always", "sync_bn=true"), cuda, 1)  # no SyncBatchNorm in one
+    for cfg, world in ((tiny_cfg("cuda_graph=always", "sync_bn=true"), 2),
+                       (tiny_cfg("cuda_graph=always", "amp=fp16"), 1)):
         with pytest.raises(UserError, match="cuda_graph"):
-            resolve_cuda_graph(cfg, cuda, kind, world)
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        CapturedStep(dgnet())
+            resolve_cuda_graph(cfg, cuda, world)
+    for trainer in (dgnet(), teacher()):
+        with pytest.raises(UserError, match="needs a CUDA device"):
+            CapturedStep(trainer)
     # train.py: one line, nothing written
     code = train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", "graph",
                        "--output_path", str(tmp_path), "--opts", "dataset=synthetic", f"data_root={data_root}",
@@ -165,6 +181,131 @@ def test_cuda_graph_key(tmp_path, data_root, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "cuda_graph: always needs a CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the teacher
+
+
+def teacher(*opts: str, device: torch.device = CPU) -> BaselineTrainer:
+    """The tiny teacher with every term on (triplet, label smoothing) and an LR decay at iteration 3."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("triplet_w=1.0", "label_smoothing=0.1", "lr_policy=step", "step_size=3", *opts)
+    trainer = BaselineTrainer(cfg, NUM_CLASSES, device)
+    trainer.train()
+    return trainer
+
+
+def run_teacher(step, iters: range) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for it in iters:
+        torch.manual_seed(100 + it)
+        labels = torch.arange(BATCH) % 2  # two identities: every anchor has a positive and a negative
+        out.append(step(it, dict(batch(it), label=labels)))
+    return out
+
+
+def test_graph_safe_teacher_step_equals_the_eager_step(monkeypatch) -> None:
+    """The teacher's graph-safe step (static input buffers, the learning rate its key) gives the eager step's
+    losses and weights bit for bit over an LR decay, which starts a new key; its dropout masks are the eager
+    ones (nothing is drawn on the host before the step)."""
+    monkeypatch.setattr(capture, "WARMUP", 1)
+    eager, safe = teacher(), teacher()
+    step = CapturedStep(safe, graphs=False)
+    iters = range(6)
+    expected, got = run_teacher(eager.train_step, iters), run_teacher(step, iters)
+    for it, (e, g) in enumerate(zip(expected, got)):
+        assert e.keys() == g.keys() == {"ce", "triplet", "acc", "total"}
+        for key in e:
+            assert torch.equal(e[key].float(), g[key]), (it, key, e[key], g[key])
+    assert all(float(e["triplet"]) > 0 for e in expected)
+    assert_same_parameters(eager, safe)
+    assert eager.learning_rates() == safe.learning_rates()
+    # iterations 0-2 at the first LR, 3-5 at a tenth of it: per key one eager warm-up, a capture, a replay
+    assert step.counts == {"eager": 2, "captured": 2, "replayed": 2}, step.counts
+    assert len({key for key in step.captured}) == 2
+
+
+def test_graph_safe_teacher_step_makes_no_host_read() -> None:
+    """The teacher's captured function reads nothing on the host, with the foreach SGD a GPU uses."""
+    recorded = host_reads(train_bench(), CapturedStep(teacher("fused_optim=always"), graphs=False),
+                          lambda step: run_teacher(step, range(2)))
+    assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several processes: the step averages its own gradients (gloo on the CPU)
+
+
+def _ranks_worker(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: three iterations of DG-Net under eager DDP and in the graph-safe form with the
+    step's own gradient averaging, on this rank's batches; then the coins a captured step would use."""
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out = {}
+        for mode in ("ddp", "in_step"):
+            d = Dist(device=CPU, rank=rank, world_size=2)
+            trainer = dgnet("use_encoder_again=1.0", dropout=False)  # one coin for every rank and both modes
+            trainer.distribute(d, in_step=mode == "in_step")
+            step = CapturedStep(trainer, graphs=False) if mode == "in_step" else trainer.train_step
+            losses = []
+            for it in range(3):
+                torch.manual_seed(100 + 10 * rank + it)
+                d.sync_buffers()
+                a, b = batch(4 * it + 2 * rank), batch(4 * it + 2 * rank + 1)
+                losses.append({k: v.float() for k, v in step(it, a, b).items()})
+            out[mode] = (losses, {name: part.module.state_dict() for name, part in trainer.parts.items()})
+        trainer = dgnet("use_encoder_again=0.5")
+        trainer.distribute(Dist(device=CPU, rank=rank, world_size=2), in_step=True)
+        torch.manual_seed(rank)  # each rank its own CPU stream, as train.py seeds them
+        own = []
+        coins = []
+        for it in range(12):
+            state = torch.get_rng_state()
+            own.append(trainer.draw_coin())
+            torch.set_rng_state(state)
+            coins.append(trainer.capture_plan(it)[0][1])
+        buffer = io.BytesIO()  # bytes, not tensors: a queue's tensors live in this process's shared memory
+        torch.save(out, buffer)
+        results.put((rank, buffer.getvalue(), own, coins))
+    except Exception as exc:  # reported to the test instead of leaving it waiting
+        results.put((rank, repr(exc), None, None))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_two_processes_average_gradients_in_the_step_as_ddp_does() -> None:
+    """Two ranks with different batches: the step that averages its own gradients (what a captured step runs
+    in several processes) gives eager DDP's losses and weights up to summation order, leaves the ranks with
+    identical weights, and every rank replays rank 0's coin."""
+    ctx = torch_mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ranks_worker, args=(rank, port, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    got = {rank: rest for rank, *rest in (results.get(timeout=300) for _ in procs)}
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert all(isinstance(out, bytes) for out, _, _ in got.values()), got  # else a worker's exception
+    for rank, (out, own, coins) in got.items():
+        got[rank] = (torch.load(io.BytesIO(out), weights_only=True), own, coins)
+    for out, _, _ in got.values():
+        (ddp_losses, ddp_weights), (losses, weights) = out["ddp"], out["in_step"]
+        for e, g in zip(ddp_losses, losses):
+            for key in e:
+                torch.testing.assert_close(g[key], e[key], rtol=1e-5, atol=1e-6, msg=key)
+        for name in ddp_weights:
+            for key, value in ddp_weights[name].items():
+                torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-6, msg=(name, key))
+    other = got[1][0]["in_step"][1]
+    for name, state in got[0][0]["in_step"][1].items():  # the weights; BatchNorm statistics are each rank's own
+        weights = [key for key in state if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert all(torch.equal(state[key], other[name][key]) for key in weights), name
+    (_, own0, coins0), (_, own1, coins1) = got[0], got[1]
+    assert coins0 == coins1 == own0 and own1 != own0  # rank 1 drew its own coins, and replays rank 0's
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,3 +337,44 @@ def test_captured_iterations_follow_the_eager_ones_on_a_gpu(monkeypatch) -> None
     for e, g in zip(after, again):
         for key in e:
             torch.testing.assert_close(g[key], e[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+@CUDA
+def test_captured_teacher_iterations_follow_the_eager_ones_on_a_gpu(monkeypatch) -> None:
+    """The teacher's captured iterations against eager ones from the same state, over an LR decay."""
+    monkeypatch.setattr(capture, "WARMUP", 1)
+    cuda = torch.device("cuda")
+    eager, captured = teacher("fused_optim=always", "amp=none", device=cuda), teacher(
+        "fused_optim=always", "amp=none", device=cuda)
+    step = CapturedStep(captured)
+    iters = range(8)
+    expected, got = run_teacher(eager.train_step, iters), run_teacher(step, iters)
+    assert step.counts["captured"] == 2 and step.counts["replayed"] >= 2, step.counts
+    for e, g in zip(expected, got):
+        for key in e:
+            torch.testing.assert_close(g[key], e[key].float(), rtol=1e-3, atol=1e-5, msg=key)
+
+
+@CUDA
+def test_captured_iterations_with_the_all_reduce_in_the_graph_on_a_gpu(monkeypatch) -> None:
+    """A process group of one on NCCL: the captured step averages its gradients with an all-reduce inside the
+    graph (what one process per GPU runs), and follows the eager step as in one process without a group."""
+    monkeypatch.setattr(capture, "WARMUP", 1)
+    cuda = torch.device("cuda")
+    opts = ("fused_optim=always", "amp=none", "use_encoder_again=1.0")
+    eager = dgnet(*opts, device=cuda)
+    torch_dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                  device_id=cuda)
+    try:
+        captured = dgnet(*opts, device=cuda)
+        captured.distribute(Dist(device=cuda), in_step=True)
+        assert captured.in_step_sync is not None and captured.run_dis is captured.dis_a  # no DDP wrapper
+        step = CapturedStep(captured)
+        iters = range(5)
+        expected, got = run(eager.train_step, iters), run(step, iters)
+        assert step.counts["replayed"] >= 2, step.counts
+        for e, g in zip(expected, got):
+            for key in e:
+                torch.testing.assert_close(g[key], e[key].float(), rtol=1e-3, atol=1e-5, msg=key)
+    finally:
+        torch_dist.destroy_process_group()
