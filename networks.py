@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1conv import r1_convs, weight_grads_skipped
+
 PAD_MODES = {"reflect": "reflect", "replicate": "replicate", "zero": "zeros"}
 ACTIVATIONS = ("relu", "lrelu", "prelu", "selu", "tanh", "none")
 INITS = ("gaussian", "kaiming", "xavier", "orthogonal", "default")
@@ -473,7 +475,7 @@ def _adv_term(out: torch.Tensor, target: float, gan_type: str) -> torch.Tensor:
 
 
 def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: str = "lsgan",
-             r1_weight: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+             r1_weight: float = 0.01, r1_conv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """D's loss on one (fake, real) pair [MsImageDis.calc_dis_loss]; returns (loss, weighted R1), fp32.
 
     Summed over scales: mean(D(fake)^2) + mean((D(real) - 1)^2) (LSGAN) plus r1_weight * R1, where R1 =
@@ -487,17 +489,22 @@ def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: s
     (aot_autograd has no double backward): with r1_weight > 0, pass an uncompiled D. With R1 on, D's pass on
     the reals runs in fp32 even under autocast: the penalty is that pass's input gradient, which bf16 would
     round to 3 significant digits and fp16 can overflow (the original's fp16 R1 gave NaNs).
+
+    r1_conv: D's convolutions on the reals differentiate twice on ordinary backward kernels (r1conv.py; the
+    same values up to rounding), and R1's input-gradient pass skips their weight gradients.
     """
+    routed = r1_conv and r1_weight > 0
     real = real.detach().float().requires_grad_(r1_weight > 0)
     outs_fake = dis(fake.detach())
-    with torch.autocast(real.device.type, enabled=False) if r1_weight > 0 else nullcontext():
+    with torch.autocast(real.device.type, enabled=False) if r1_weight > 0 else nullcontext(), r1_convs(routed):
         outs_real = dis(real)
     loss = torch.zeros((), device=real.device)
     r1 = torch.zeros((), device=real.device)
     for out_fake, out_real in zip(outs_fake, outs_real):
         loss = loss + _adv_term(out_fake, 0.0, gan_type) + _adv_term(out_real, 1.0, gan_type)
         if r1_weight > 0:
-            (grad,) = torch.autograd.grad(out_real.float().sum(), real, create_graph=True)
+            with weight_grads_skipped(routed):
+                (grad,) = torch.autograd.grad(out_real.float().sum(), real, create_graph=True)
             r1 = r1 + grad.float().pow(2).flatten(1).sum(1).mean()
     r1 = r1_weight * r1
     return loss + r1, r1

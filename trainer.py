@@ -78,7 +78,7 @@ RAMPED_WEIGHTS = {
 }
 FIXED_WEIGHTS = ("gan_w", "recon_x_w", "recon_xp_w", "recon_id_w", "id_w", "pid_w", "B_w", "T_w")
 LR_POLICIES = ("multistep", "step", "constant")
-SWITCHES = ("auto", "always", "never")  # values of the fast-path keys channels_last, fused_optim, cuda_graph
+SWITCHES = ("auto", "always", "never")  # values of the fast-path keys channels_last, fused_optim, cuda_graph, r1_conv
 TEACHER_STYLES = {0: "smooth dynamic", 1: "hard dynamic", 2: "hard static", 3: "uniform", 4: "two-label"}
 TEACHER_NETWORK_STYLES = (0, 1, 4)  # the styles that run the teacher network
 TRAIN_TEACHER = "python train.py --config configs/teacher/<dataset>.yaml --trainer baseline"
@@ -504,6 +504,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         every = cfg["dis"]["r1_every"]
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UserError(f"dis.r1_every is {every!r}: use a whole number of D steps, 1 or more (1 = R1 every step)")
+        if cfg["r1_conv"] not in SWITCHES:
+            raise UserError(f"r1_conv is {cfg['r1_conv']!r}: use auto (never for now), always or never")
+        # auto: never until a GPU measurement shows it faster (bench/gpu_run.sh's dgnet_r1_conv step)
+        self.r1_conv = cfg["r1_conv"] == "always"
         self.num_classes = num_classes
         gen = self._layout(_built(build_generator, cfg).to(device))
         dis = self._layout(_built(build_discriminator, cfg).to(device))
@@ -703,9 +707,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         gan_type = self.cfg["dis"]["gan_type"]
         if self.dis_batched:
             # the losses are batch means: one call on equal halves is the mean of the two, hence the factor
-            loss, r1 = dis_loss(self.run_dis, torch.cat(fakes), torch.cat(reals), gan_type, r1_weight)
+            loss, r1 = dis_loss(self.run_dis, torch.cat(fakes), torch.cat(reals), gan_type, r1_weight, self.r1_conv)
             return len(fakes) * loss, len(fakes) * r1
-        pairs = [dis_loss(self.run_dis, fake, real, gan_type, r1_weight) for fake, real in zip(fakes, reals)]
+        pairs = [dis_loss(self.run_dis, fake, real, gan_type, r1_weight, self.r1_conv)
+                 for fake, real in zip(fakes, reals)]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _adv(self, fakes: list[torch.Tensor]) -> torch.Tensor:

@@ -23,8 +23,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 # the measured steps; each writes WORK/NAME.json (train_bench's JSON)
-SPEED_STEPS = ("dgnet_default", "dgnet_captured", "teacher_default", "quickstart_sizes", "dgnet_lazy_r1")
-STEPS = (*SPEED_STEPS, "profile", "syncs", "numerics")
+SPEED_STEPS = ("dgnet_default", "dgnet_captured", "dgnet_r1_conv", "teacher_default", "quickstart_sizes",
+               "dgnet_lazy_r1")
+STEPS = (*SPEED_STEPS, "r1_bench", "profile", "syncs", "numerics")
 
 
 def _run(cmd: list[str]) -> str:
@@ -108,6 +109,10 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                            "compared": n.get("compared", "fast"), "capture_counts": n.get("capture_counts"),
                            "worst_window_rel_diff": max(finite) if finite else None, "terms": terms,
                            "command": raw["numerics"].get("command")}
+    if "r1_bench" in raw:  # bench/r1_bench.py's own JSON: D's step alone, built-in vs r1conv.py
+        r = raw["r1_bench"]
+        out["r1_bench"] = {key: r.get(key) for key in ("size", "batch", "iters", "rows", "speedup",
+                                                        "max_rel_grad_diff", "command")}
     if "profile" in raw:
         p = raw["profile"]["profile"]
         busy = p.get("device_busy_ms")
@@ -133,7 +138,8 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _settings_text(s: dict[str, Any]) -> str:
     captured = {"graphs": ", CUDA graphs", "graph-safe": ", graph-safe eager"}.get(s.get("captured", "no"), "")
     return (f"{s['amp']}, {'NHWC' if s['channels_last'] else 'NCHW'}, "
-            f"{'fused' if s['fused_optim'] else 'per-param'}{', compiled' if s['compile'] else ''}{captured}")
+            f"{'fused' if s['fused_optim'] else 'per-param'}{', compiled' if s['compile'] else ''}{captured}"
+            f"{', r1_conv' if s.get('r1_conv') else ''}")
 
 
 def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -164,6 +170,14 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
                 lines.append(f"\n{name}: {model} fast path {x:.2f}x the reference")
             for model, x in figs.get(name, {}).get("speedup_captured", {}).items():
                 lines.append(f"\n{name}: {model} captured iterations {x:.2f}x the eager fast path")
+    if "r1_bench" in figs:
+        r = figs["r1_bench"]
+        lines += ["", f"## D's step with R1 alone: {r['batch']} reals at {r['size']} (bench/r1_bench.py)", "",
+                  "| R1 double backward | ms/step | peak GiB |", "|---|---|---|"]
+        lines += [f"| {'r1conv.py' if x['r1_conv'] else 'built-in'} | {x['ms_per_step']:.2f} | "
+                  f"{x['peak_memory_gib'] if x['peak_memory_gib'] is not None else '-'} |" for x in r["rows"]]
+        lines.append(f"\nr1conv.py {r['speedup']:.2f}x the built-in; D's gradients agree to "
+                     f"{r['max_rel_grad_diff']:.2e} (relative to the largest)")
     if "profile" in figs:
         p = figs["profile"]
         busy = p["device_busy_ms"]

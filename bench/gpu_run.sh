@@ -24,6 +24,9 @@
 #   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k gpu): captured iterations of DG-Net and
 #                           the teacher against eager ones, a resumed captured run, the all-reduce in the graph
 #                           (NCCL, a group of one); on the CPU they are skipped
+#   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary
+#                           backward kernels), against dgnet_default's and dgnet_captured's figures
+#   r1_bench          30 s  D's step with R1 alone at 256x128, 16 reals: built-in double backward vs r1conv.py
 #   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
 #                           operators, phases; a Chrome trace in steps.tar.gz
 #   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
@@ -85,6 +88,7 @@ if ((TINY)); then
   SYNCS=(--iters 1 --warmup 0)
   NUMERICS=(--iters 1)
   LAZY=(--iters 1 --warmup 0)
+  R1=(--device cpu --height 64 --width 32 --batch 2 --iters 1 --warmup 0)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}
 else
@@ -95,6 +99,7 @@ else
   SYNCS=(--iters 2 --warmup 2)
   NUMERICS=(--iters 300)
   LAZY=(--iters 32 --warmup 5)  # two lazy R1 steps in any 32 iterations: a fair average
+  R1=(--iters 20 --warmup 3)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
 fi
@@ -182,6 +187,9 @@ step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WOR
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
 step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k gpu
+step dgnet_r1_conv 60 25 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" --fast_opts r1_conv=always \
+  --json "$WORK/dgnet_r1_conv.json"
+step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.json"
 step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
   --json "$WORK/profile.json"
 step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"

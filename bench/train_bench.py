@@ -543,7 +543,8 @@ def settings(job: Job) -> dict[str, Any]:
     captured = "graphs" if job.captured and job.captured.graphs else "graph-safe" if job.captured else "no"
     return {"amp": str(t.amp_dtype).removeprefix("torch.") if t.amp_dtype else "none",
             "channels_last": t.channels_last, "fused_optim": t.fused_optim, "compile": job.cfg["compile"],
-            "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"], "captured": captured}
+            "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"], "captured": captured,
+            "r1_conv": getattr(t, "r1_conv", False)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -62,8 +62,9 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
     assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
     steps = {s["name"]: s for s in result["steps"]}
-    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests", "profile",
-                           "syncs", "teacher_default", "numerics", "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
+    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests",
+                           "dgnet_r1_conv", "r1_bench", "profile", "syncs", "teacher_default", "numerics",
+                           "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
@@ -76,7 +77,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     for run in runs.values():
         assert run["iterations_per_s"] > 0 and run["peak_memory_gib"] > 0 and 0 <= run["data_share"] <= 1
     assert runs[("dgnet", "reference")]["settings"] == {"amp": "none", "channels_last": False, "fused_optim": False,
-                                                       "compile": False, "cudnn_benchmark": False, "captured": "no"}
+                                                       "compile": False, "cudnn_benchmark": False, "captured": "no",
+                                                       "r1_conv": False}
     # eager and captured in one process; on the CPU the captured side is capture.py's graph-safe form
     captured = {r["mode"]: r for r in figures["dgnet_captured"]["rows"]}
     assert captured.keys() == {"fast", "captured"} and captured["captured"]["settings"]["captured"] == "graph-safe"
@@ -92,6 +94,11 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     quick = {(r["model"], r["mode"]) for r in figures["quickstart_sizes"]["rows"]}
     assert quick == both and "quickstart/dgnet.yaml" in figures["quickstart_sizes"]["command"]
     assert "dis.r1_every=16" in figures["dgnet_lazy_r1"]["command"]
+    assert "r1_conv=always" in figures["dgnet_r1_conv"]["command"]
+    assert {r["mode"] for r in figures["dgnet_r1_conv"]["rows"]} == {"fast", "captured"}
+    assert all(r["settings"]["r1_conv"] for r in figures["dgnet_r1_conv"]["rows"])
+    r1 = figures["r1_bench"]
+    assert [x["r1_conv"] for x in r1["rows"]] == [False, True] and r1["max_rel_grad_diff"] < 1e-3
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]
     assert figures["profile"]["device_busy_ms"] is None  # no GPU here
     assert figures["syncs"]["per_iteration"] >= 1  # at least the use_encoder_again coin
@@ -99,7 +106,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()
     assert numerics["compared"] == "captured" and numerics["fast"]["captured"] == "graph-safe"
     summary = (out / "summary.md").read_text()
-    for heading in ("## Training speed", "## Profile", "## Host-device syncs", "## Numerics"):
+    for heading in ("## Training speed", "## D's step with R1 alone", "## Profile", "## Host-device syncs",
+                    "## Numerics"):
         assert heading in summary
     with tarfile.open(out / "steps.tar.gz") as tar:
         names = tar.getnames()
