@@ -128,7 +128,9 @@ def loss_weights(cfg: dict, it: int) -> dict[str, float]:
     for key in RAMPED_WEIGHTS:
         weights[key], weights[f"{key}_before"] = _ramp(cfg, key, it), _ramp(cfg, key, it - 1)
     # R1's weight: LAMBDA at every D step, or with lazy R1 (dis.r1_every N) N x LAMBDA at every N-th step,
-    # the same penalty on average for 1/N of its cost (StyleGAN2's lazy regularization)
+    # the same penalty on average for 1/N of its cost (StyleGAN2's lazy regularization). StyleGAN2 takes the
+    # penalty in an extra optimizer step and so scales Adam's lr and betas by N / (N + 1); here it joins the
+    # iteration's one D step, which keeps D's number of Adam steps and needs no such adjustment.
     every = cfg["dis"]["r1_every"]
     weights["r1"] = float(cfg["dis"]["LAMBDA"]) * every if it % every == 0 else 0.0
     return weights
