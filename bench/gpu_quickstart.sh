@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The quickstart on a GPU, end to end, in about 5 minutes on an H100 (6-7 DG-Net iterations/s there,
-# BENCHMARKS.md 2026-11-23): synthetic data, the quickstart teacher and its R1/mAP, DG-Net on a 1,500-
-# iteration schedule with the original's proportions (warm-ups from 30 %, LR decay at 60 %, ramped
-# weights at their caps by 40 %), E_a's R1/mAP beside the teacher's, then `visualize.py metrics` (swap
-# fidelity and the identity judge) and the swap grids. Everything it makes goes to OUTDIR:
+# BENCHMARKS.md 2026-11-23): synthetic data, the quickstart teacher and its R1/mAP, DG-Net at
+# configs/quickstart/dgnet_gpu.yaml (what `make quickstart` trains on a GPU: 1,500 iterations with the
+# original's proportions), E_a's R1/mAP beside the teacher's, then `visualize.py metrics` (swap fidelity
+# and the identity judge) and the swap grids. Everything it makes goes to OUTDIR:
 #   OUTDIR/work/       datasets and runs (outputs/quickstart-teacher, outputs/quickstart-gpu)
 #   OUTDIR/*.json      teacher.json, dgnet_reid.json, generation.json, summary.json
 #   OUTDIR/*.jpg       the training grids of the last iteration, swap.jpg, rainbow.jpg
@@ -13,7 +13,7 @@
 #   QUICKSTART_TINY=1 bash bench/gpu_quickstart.sh OUTDIR   # CPU smoke run: tiny data, 2 iterations each
 #
 # PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
-# (the warm-ups and decay follow it). The script stops at the first failing step.
+# (the warm-ups and decay follow it in the config's proportions). The script stops at the first failing step.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -30,6 +30,8 @@ RUN=quickstart-gpu
 mkdir -p "$WORK"
 cd "$REPO"
 
+CONFIG=configs/quickstart/dgnet_gpu.yaml
+CONFIG_ITERS=1500  # its max_iter
 if [ "${QUICKSTART_TINY:-0}" = "1" ]; then
     ITERS=${QUICKSTART_ITERS:-2}
     DATA_OPTS=(synthetic.ids=8 synthetic.images_per_id=6)
@@ -37,18 +39,20 @@ if [ "${QUICKSTART_TINY:-0}" = "1" ]; then
     # the conftest's tiny networks: the CPU smoke run checks the wiring, not the results
     DGNET_OPTS=(batch_size=4 num_workers=0 gen.dim=4 gen.mlp_dim=16 dis.dim=8 dis.n_res=1 display_size=2)
 else
-    ITERS=${QUICKSTART_ITERS:-1500}
+    ITERS=${QUICKSTART_ITERS:-$CONFIG_ITERS}
     DATA_OPTS=()
     TEACHER_OPTS=()
-    # gen.dim 16, the original's own width: the conditioning probe (BENCHMARKS.md, "Why the decoder does not
-    # read f") learns per-region colour from f twice as fast per iteration as the CPU quickstart's 8
-    DGNET_OPTS=(num_workers=4 gen.dim=16)
+    DGNET_OPTS=()
 fi
-WARM=$((ITERS * 3 / 10))
-STEP=$((ITERS * 6 / 10))
-# every ramped weight (caps 1, 2, 2) reaches its cap by 40 % of the run: 2 / (10 % of ITERS) per iteration
-RAMP=$($PY -c "print(2 / max(1, $ITERS // 10))")
-EVERY=$((ITERS / 6 > 0 ? ITERS / 6 : 1))
+SCHEDULE=()
+if [ "$ITERS" != "$CONFIG_ITERS" ]; then  # the config's proportions at another length
+    # every ramped weight (caps 1, 2, 2) reaches its cap by 40 % of the run: 2 / (10 % of ITERS) per iteration
+    RAMP=$($PY -c "print(2 / max(1, $ITERS // 10))")
+    EVERY=$((ITERS / 6 > 0 ? ITERS / 6 : 1))
+    SCHEDULE=(max_iter="$ITERS" warm_iter=$((ITERS * 3 / 10)) warm_teacher_iter=$((ITERS * 3 / 10))
+              warm_scale="$RAMP" step_size=$((ITERS * 6 / 10)) log_iter="$EVERY" fidelity_iter="$EVERY"
+              image_display_iter="$ITERS" image_save_iter="$ITERS" snapshot_save_iter="$ITERS")
+fi
 COMMON=(data_root="$DATA" "${DATA_OPTS[@]}")
 
 step() {  # step NAME COMMAND...: run, keep the console output in OUTDIR/NAME.log
@@ -64,11 +68,8 @@ step data "$PY" -m data --config configs/quickstart/dgnet.yaml --opts "${COMMON[
 step teacher "$PY" train.py --config configs/quickstart/teacher.yaml --trainer baseline --name quickstart-teacher \
     --output_path "$WORK" --opts "${COMMON[@]}" "${TEACHER_OPTS[@]}"
 step teacher_test "$PY" test.py --name quickstart-teacher --output_path "$WORK"
-step dgnet "$PY" train.py --config configs/quickstart/dgnet.yaml --name "$RUN" --output_path "$WORK" --opts \
-    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" \
-    max_iter="$ITERS" warm_iter="$WARM" warm_teacher_iter="$WARM" warm_scale="$RAMP" step_size="$STEP" \
-    log_iter="$EVERY" fidelity_iter="$EVERY" image_display_iter="$ITERS" image_save_iter="$ITERS" \
-    snapshot_save_iter="$ITERS"
+step dgnet "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
+    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}"
 step dgnet_test "$PY" test.py --name "$RUN" --output_path "$WORK"
 step metrics "$PY" visualize.py metrics --name "$RUN" --output_path "$WORK"
 step swap "$PY" visualize.py swap --name "$RUN" --output_path "$WORK" --count 8 --zoom 2 --out "$OUT/swap.jpg" \

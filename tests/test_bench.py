@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
 
 import pytest
 
-from utils import REPO_ROOT
+from utils import REPO_ROOT, load_config
 
 BENCH = REPO_ROOT / "bench" / "train_bench.py"
 GPU_RUN = REPO_ROOT / "bench" / "gpu_run.sh"
@@ -198,3 +199,23 @@ def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
         assert (out / name).is_file(), name
     assert "identity judge at 2" in (out / "dgnet.log").read_text()
     assert list(out.glob("gen_*00000002*.jpg")) or list(out.glob("*00000002*.jpg"))
+
+
+def test_gpu_quickstart_config_has_the_scripts_proportions():
+    """configs/quickstart/dgnet_gpu.yaml (what `make quickstart` trains on a GPU) and bench/gpu_quickstart.sh
+    (which rescales it for QUICKSTART_ITERS) agree: the script's CONFIG_ITERS is the config's max_iter, and
+    the config's schedule is the script's proportions at that length."""
+    script = (REPO_ROOT / "bench" / "gpu_quickstart.sh").read_text()
+    iters = int(re.search(r"^CONFIG_ITERS=(\d+)", script, re.M).group(1))
+    cfg = load_config(REPO_ROOT / "configs" / "quickstart" / "dgnet_gpu.yaml")
+    cpu = load_config(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
+    assert cfg["max_iter"] == iters
+    assert cfg["warm_iter"] == cfg["warm_teacher_iter"] == iters * 3 // 10 and cfg["step_size"] == iters * 6 // 10
+    assert cfg["warm_scale"] == pytest.approx(2 / (iters // 10))
+    assert cfg["log_iter"] == cfg["fidelity_iter"] == iters // 6
+    assert cfg["image_save_iter"] == cfg["snapshot_save_iter"] == iters
+    # the same recipe and sizes as the CPU quickstart, only wider G and longer
+    differs = {k for k in cfg if cfg[k] != cpu[k]}
+    assert differs == {"num_workers", "gen", "max_iter", "warm_iter", "warm_teacher_iter", "warm_scale", "step_size",
+                       "log_iter", "fidelity_iter", "image_display_iter", "image_save_iter", "snapshot_save_iter"}
+    assert {k for k in cfg["gen"] if cfg["gen"][k] != cpu["gen"][k]} == {"dim"}
