@@ -34,7 +34,7 @@
 #                           fast and captured (its SGD steps replayed from CUDA graphs)
 #   numerics         200 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
 #                           itself in time and keeps its curves
-#   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes, both modes
+#   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes: reference, fast, captured
 #   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
 #   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
 #                           GPU_QUICKSTART_MIN (150) s are left; it reads its limit from GPU_RUN_STEP_LIMIT
@@ -200,7 +200,8 @@ limit=$(left)
 ((limit > 200)) && limit=200
 step numerics 200 60 "${BENCH[@]}" --bench numerics "${NUMERICS[@]}" --time_limit $((limit - 30 > 5 ? limit - 30 : 5)) \
   --json "$WORK/numerics.json" "${CAPTURED[@]}"
-step quickstart_sizes 70 30 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" "${SPEED[@]}" --json "$WORK/quickstart_sizes.json"
+step quickstart_sizes 70 30 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --mode reference,fast,captured "${SPEED[@]}" \
+  --json "$WORK/quickstart_sizes.json"
 step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --json "$WORK/dgnet_lazy_r1.json" \
   --fast_opts dis.r1_every=16
 
