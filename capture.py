@@ -41,8 +41,8 @@ iteration as before) and the step averages the gradients itself after each backw
 `Dist.average_gradients`): one flat NCCL all-reduce per optimizer step, inside the graph, where DDP overlaps
 bucketed all-reduces with the backward; the averaged gradients are the same up to summation order. NCCL
 requires every rank to replay the graph that was captured together with the others', so the keys must agree:
-the loss weights and learning rates do; the coin is rank 0's (`Dist.main_value`), where eager DDP has each
-rank draw its own.
+the loss weights and learning rates do; the coin is rank 0's (`Dist.main_value`, one small broadcast on the
+host per iteration through the gloo control group), where eager DDP has each rank draw its own.
 
 Limits: amp bf16 or none (fp16's GradScaler reads its found-inf flag on the host at every step); no sync_bn in
 several processes (its collectives inside the networks are not captured). Build the step after a checkpoint is

@@ -105,10 +105,11 @@ class Dist:
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Average the gradients of `params` over the ranks, in place: DDP's all-reduce, issued by the step
         itself after its backward (inside the graph when captured). One flat all-reduce per dtype; the
-        parameters holding a gradient are the same on every rank, since every rank runs the same graph."""
+        parameters holding a gradient are the same on every rank, since every rank runs the same graph. A
+        group of one all-reduces too (`--dist_url auto`: how one GPU checks the collective in a graph)."""
         if not self.enabled:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None]  # each parameter once
         with torch.no_grad():
             for dtype in dict.fromkeys(g.dtype for g in grads):
                 group = [g for g in grads if g.dtype == dtype]

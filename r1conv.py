@@ -47,7 +47,10 @@ class _Conv(torch.autograd.Function):
                 conf: Conf) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conf, ctx.has_bias = conf, bias is not None
-        return F.conv2d(x, weight, bias, *conf)
+        # fp32 as the built-in double backward, also where _InputGrad and _WeightGrad call this in a backward
+        # that would run under autocast (D's R1 pass itself runs with autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x, weight, bias, *conf)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -97,7 +100,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class _RouteConvs(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
+        if func is F.conv2d and "input" in kwargs:  # F.conv2d(input=x, ...): the first argument by name
+            args = (kwargs.pop("input"), *args)
         if func is F.conv2d and not isinstance(kwargs.get("padding", args[4] if len(args) > 4 else 0), str):
             return conv2d(*args, **kwargs)
         return func(*args, **kwargs)

@@ -369,7 +369,7 @@ def test_captured_iterations_with_the_all_reduce_in_the_graph_on_a_gpu(monkeypat
     opts = ("fused_optim=always", "amp=none", "use_encoder_again=1.0")
     eager = dgnet(*opts, device=cuda)
     torch_dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                                  device_id=cuda)
+                                  device_id=torch.device("cuda", torch.cuda.current_device()))  # an index: required
     try:
         captured = dgnet(*opts, device=cuda)
         captured.distribute(Dist(device=cuda), in_step=True)

@@ -99,3 +99,11 @@ def test_dgnet_iteration_with_r1_conv_matches_the_builtin_one() -> None:
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(UserError, match="r1_conv is 'sometimes'"):
         dgnet("r1_conv=sometimes")
+
+
+def test_routing_takes_keyword_arguments() -> None:
+    """F.conv2d called with keywords inside the routed pass gives what it gives outside."""
+    x, w = torch.randn(1, 2, 6, 5), torch.randn(3, 2, 3, 3)
+    with r1conv.r1_convs():
+        routed = F.conv2d(input=x, weight=w, stride=2, padding=1)
+    torch.testing.assert_close(routed, F.conv2d(x, w, stride=2, padding=1))
