@@ -98,7 +98,7 @@ class Dist:
         buffers on every rank, as DDP's constructor broadcasts them, and its buffers in `sync_buffers`."""
         if not self.enabled:
             return module
-        _broadcast_flat([*module.parameters(), *module.buffers()])
+        _through_flat([*module.parameters(), *module.buffers()], _from_rank_0)
         self.buffer_owners.append(module)
         return module
 
@@ -110,12 +110,7 @@ class Dist:
         if not self.enabled:
             return
         grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None]  # each parameter once
-        with torch.no_grad():
-            for dtype in dict.fromkeys(g.dtype for g in grads):
-                group = [g for g in grads if g.dtype == dtype]
-                flat = torch.cat([g.reshape(-1) for g in group]).div_(self.world_size)
-                torch_dist.all_reduce(flat)
-                torch._foreach_copy_(group, _pieces(flat, group))
+        _through_flat(grads, lambda flat: torch_dist.all_reduce(flat.div_(self.world_size)))
 
     def main_value(self, value: int) -> int:
         """Rank 0's `value` on every rank (through the control group): what the ranks must agree on before an
@@ -131,7 +126,7 @@ class Dist:
         when no graph holds them)."""
         if not self.enabled or self.world_size == 1:
             return
-        _broadcast_flat([b for module in self.buffer_owners for b in module.buffers()])
+        _through_flat([b for module in self.buffer_owners for b in module.buffers()], _from_rank_0)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average a tensor over the ranks (used for logged losses, only when they are logged)."""
@@ -170,20 +165,20 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
-def _broadcast_flat(tensors: list[torch.Tensor]) -> None:
-    """Rank 0's values of `tensors` on every rank: one flat tensor per dtype, copied back with one foreach
-    call (this runs every iteration, and each extra operator costs a launch: BENCHMARKS.md)."""
+def _through_flat(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """Run `collective` in place on `tensors`: one flat tensor per dtype, copied back with one foreach call
+    (this runs every iteration, and each extra operator costs a launch: BENCHMARKS.md). The pieces are cut
+    in the tensors' logical order, whatever their memory format."""
     with torch.no_grad():
         for dtype in dict.fromkeys(t.dtype for t in tensors):
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group])
-            torch_dist.broadcast(flat, src=0)
-            torch._foreach_copy_(group, _pieces(flat, group))
+            collective(flat)
+            torch._foreach_copy_(group, [v.view_as(t) for t, v in zip(group, flat.split([t.numel() for t in group]))])
 
 
-def _pieces(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`flat` cut into views shaped as `like` (in their logical order, whatever their memory format)."""
-    return [v.view_as(t) for t, v in zip(like, flat.split([t.numel() for t in like]))]
+def _from_rank_0(flat: torch.Tensor) -> None:
+    torch_dist.broadcast(flat, src=0)
 
 
 # ---------------------------------------------------------------------------------------------------

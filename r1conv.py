@@ -101,11 +101,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class _RouteConvs(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        if func is F.conv2d and "input" in kwargs:  # F.conv2d(input=x, ...): the first argument by name
+        if func is not F.conv2d:
+            return func(*args, **kwargs)
+        if "input" in kwargs:  # F.conv2d(input=x, ...): the first argument by name
             args = (kwargs.pop("input"), *args)
-        if func is F.conv2d and not isinstance(kwargs.get("padding", args[4] if len(args) > 4 else 0), str):
-            return conv2d(*args, **kwargs)
-        return func(*args, **kwargs)
+        if isinstance(kwargs.get("padding", args[4] if len(args) > 4 else 0), str):  # "same", "valid"
+            return func(*args, **kwargs)
+        return conv2d(*args, **kwargs)
 
 
 @contextmanager

@@ -47,12 +47,21 @@ def dgnet(*opts: str, device: torch.device = CPU, dropout: bool = True) -> DGNet
     return trainer
 
 
-def run(step, iters: range) -> list[dict[str, torch.Tensor]]:
+def dgnet_batches(it: int) -> tuple[dict, ...]:
+    return batch(2 * it), batch(2 * it + 1)
+
+
+def teacher_batches(it: int) -> tuple[dict, ...]:
+    labels = torch.arange(BATCH) % 2  # two identities: every anchor has a positive and a negative
+    return (dict(batch(it), label=labels),)
+
+
+def run(step, iters: range, batches=dgnet_batches) -> list[dict[str, torch.Tensor]]:
     """Iterations `iters`, each on its own batches after seeding the CPU generator as train.py's seed would."""
     out = []
     for it in iters:
         torch.manual_seed(100 + it)
-        out.append(step(it, batch(2 * it), batch(2 * it + 1)))
+        out.append(step(it, *batches(it)))
     return out
 
 
@@ -198,15 +207,6 @@ def teacher(*opts: str, device: torch.device = CPU) -> BaselineTrainer:
     return trainer
 
 
-def run_teacher(step, iters: range) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for it in iters:
-        torch.manual_seed(100 + it)
-        labels = torch.arange(BATCH) % 2  # two identities: every anchor has a positive and a negative
-        out.append(step(it, dict(batch(it), label=labels)))
-    return out
-
-
 def test_graph_safe_teacher_step_equals_the_eager_step(monkeypatch) -> None:
     """The teacher's graph-safe step (static input buffers, the learning rate its key) gives the eager step's
     losses and weights bit for bit over an LR decay, which starts a new key; its dropout masks are the eager
@@ -215,7 +215,7 @@ def test_graph_safe_teacher_step_equals_the_eager_step(monkeypatch) -> None:
     eager, safe = teacher(), teacher()
     step = CapturedStep(safe, graphs=False)
     iters = range(6)
-    expected, got = run_teacher(eager.train_step, iters), run_teacher(step, iters)
+    expected, got = run(eager.train_step, iters, teacher_batches), run(step, iters, teacher_batches)
     for it, (e, g) in enumerate(zip(expected, got)):
         assert e.keys() == g.keys() == {"ce", "triplet", "acc", "total"}
         for key in e:
@@ -231,7 +231,7 @@ def test_graph_safe_teacher_step_equals_the_eager_step(monkeypatch) -> None:
 def test_graph_safe_teacher_step_makes_no_host_read() -> None:
     """The teacher's captured function reads nothing on the host, with the foreach SGD a GPU uses."""
     recorded = host_reads(train_bench(), CapturedStep(teacher("fused_optim=always"), graphs=False),
-                          lambda step: run_teacher(step, range(2)))
+                          lambda step: run(step, range(2), teacher_batches))
     assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
 
 
@@ -353,7 +353,7 @@ def test_captured_teacher_iterations_follow_the_eager_ones_on_a_gpu(monkeypatch)
         "fused_optim=always", "amp=none", device=cuda)
     step = CapturedStep(captured)
     iters = range(8)
-    expected, got = run_teacher(eager.train_step, iters), run_teacher(step, iters)
+    expected, got = run(eager.train_step, iters, teacher_batches), run(step, iters, teacher_batches)
     assert step.counts["captured"] == 2 and step.counts["replayed"] >= 2, step.counts
     for e, g in zip(expected, got):
         for key in e:
