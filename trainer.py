@@ -113,6 +113,17 @@ def resolve_switch(cfg: dict, key: str, device: torch.device) -> bool:
     return value == "always" or (value == "auto" and device.type == "cuda")
 
 
+def resolve_compile_backend(cfg: dict) -> str | None:
+    """torch.compile's backend for config key `compile_backend`, or None when `compile` is off."""
+    if not cfg["compile"]:
+        return None
+    backend = cfg["compile_backend"]
+    known = [name for name in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in name]
+    if backend not in known:
+        raise UserError(f"compile_backend is {backend!r}: use inductor, or one of {', '.join(known)}")
+    return backend
+
+
 def loss_weights(cfg: dict, it: int) -> dict[str, float]:
     """Every loss weight at iteration `it` (completed iterations, 0-based, the original's `iterations`).
 
@@ -287,9 +298,16 @@ class _PartsTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.channels_last = resolve_switch(cfg, "channels_last", device)
         self.fused_optim = resolve_switch(cfg, "fused_optim", device)
+        self.compile_backend = resolve_compile_backend(cfg)
         if device.type == "cuda" and cfg["cudnn_benchmark"]:
             # the input sizes never change during training: autotune each convolution once (as the original)
             torch.backends.cudnn.benchmark = True
+
+    def _compile(self, *modules: nn.Module) -> None:
+        """torch.compile `modules` in place with `compile_backend`, when `compile` is true."""
+        if self.compile_backend is not None:
+            for module in modules:
+                module.compile(backend=self.compile_backend)
 
     def _layout(self, module: nn.Module) -> nn.Module:
         """`module` in the trainer's memory format (in place: the parameter objects stay the same)."""
@@ -545,14 +563,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     m.to(self.amp_dtype)
         self.teacher = teacher  # outside `parts`: never saved, stepped or switched to train mode
-        if cfg["compile"]:
-            # In place, before DDP wraps them: G through the one call that serves encode and decode (the
-            # frozen re-encoding and `sample` use the bare G, eager); E_a whole, which its frozen calls
-            # also use; the teacher. D stays eager: R1 needs a double backward.
-            self.run_gen.compile()
-            id_.compile()
-            if teacher is not None:
-                teacher.compile()
+        # In place, before DDP wraps them: G through the one call that serves encode and decode (the frozen
+        # re-encoding and `sample` use the bare G, eager); E_a whole, which its frozen calls also use; the
+        # teacher. D stays eager: R1 needs a double backward.
+        self._compile(self.run_gen, id_, *([teacher] if teacher is not None else []))
 
     def distribute(self, dist: Any, in_step: bool = False) -> None:
         """Wrap G, D and E_a for DDP (`distributed.Dist.wrap`; nothing changes in a single process), or with
@@ -914,8 +928,7 @@ class BaselineTrainer(_PartsTrainer):
         # no original order to match here: the LR decays at iteration step_size exactly
         self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
         self.run_teacher: nn.Module = MethodCall(teacher)  # a DDP wrapper after `distribute`
-        if cfg["compile"]:
-            self.run_teacher.compile()  # in place, before DDP wraps it
+        self._compile(self.run_teacher)  # in place, before DDP wraps it
 
     def distribute(self, dist: Any, in_step: bool = False) -> None:
         """Wrap the model for DDP (nothing changes in a single process), or with `in_step` (a captured step)

@@ -23,8 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 # the measured steps; each writes WORK/NAME.json (train_bench's JSON)
-SPEED_STEPS = ("dgnet_default", "dgnet_captured", "dgnet_r1_conv", "teacher_default", "quickstart_sizes",
-               "dgnet_lazy_r1")
+SPEED_STEPS = ("dgnet_default", "dgnet_captured", "dgnet_r1_conv", "dgnet_compiled", "teacher_default",
+               "quickstart_sizes", "dgnet_lazy_r1")
 STEPS = (*SPEED_STEPS, "r1_bench", "profile", "syncs", "numerics")
 
 
@@ -137,8 +137,9 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _settings_text(s: dict[str, Any]) -> str:
     captured = {"graphs": ", CUDA graphs", "graph-safe": ", graph-safe eager"}.get(s.get("captured", "no"), "")
+    compiled = f", compiled ({s['compile']})" if s["compile"] else ""  # the backend's name
     return (f"{s['amp']}, {'NHWC' if s['channels_last'] else 'NCHW'}, "
-            f"{'fused' if s['fused_optim'] else 'per-param'}{', compiled' if s['compile'] else ''}{captured}"
+            f"{'fused' if s['fused_optim'] else 'per-param'}{compiled}{captured}"
             f"{', r1_conv' if s.get('r1_conv') else ''}")
 
 

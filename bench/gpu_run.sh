@@ -26,6 +26,10 @@
 #                           (NCCL, a group of one); on the CPU they are skipped
 #   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary
 #                           backward kernels), against dgnet_default's and dgnet_captured's figures
+#   dgnet_compiled   120 s  fast and captured with compile=true (torch.compile of G and E_a, inductor; its
+#                           compilation falls in the untimed warm-up)
+#   compile_tests     90 s  test_capture.py's compiled GPU test: captured compiled iterations against eager
+#                           compiled ones
 #   r1_bench          30 s  D's step with R1 alone at 256x128, 16 reals: built-in double backward vs r1conv.py
 #   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
 #                           operators, phases; a Chrome trace in steps.tar.gz
@@ -89,6 +93,7 @@ if ((TINY)); then
   NUMERICS=(--iters 1)
   LAZY=(--iters 1 --warmup 0)
   R1=(--device cpu --height 64 --width 32 --batch 2 --iters 1 --warmup 0)
+  COMPILE=(--compile aot_eager)  # dynamo's tracing without inductor's C++ code generation (minutes on a CPU)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}
 else
@@ -100,6 +105,7 @@ else
   NUMERICS=(--iters 300)
   LAZY=(--iters 32 --warmup 5)  # two lazy R1 steps in any 32 iterations: a fair average
   R1=(--iters 20 --warmup 3)
+  COMPILE=(--compile inductor)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
 fi
@@ -186,9 +192,12 @@ fi
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
-step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k gpu
+step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
 step dgnet_r1_conv 60 25 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" --fast_opts r1_conv=always \
   --json "$WORK/dgnet_r1_conv.json"
+step dgnet_compiled 120 60 "${BENCH[@]}" --model dgnet --mode fast,captured "${COMPILE[@]}" "${SPEED[@]}" \
+  --json "$WORK/dgnet_compiled.json"
+step compile_tests 90 40 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and compiled"
 step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.json"
 step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
   --json "$WORK/profile.json"

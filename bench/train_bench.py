@@ -85,7 +85,7 @@ def variant_opts(args: argparse.Namespace, mode: str) -> list[str]:
     if args.amp:
         opts.append(f"amp={args.amp}")
     if args.compile:
-        opts.append("compile=true")
+        opts += ["compile=true", f"compile_backend={args.compile}"]
     if args.channels_last:
         opts.append("channels_last=always")
     return opts + list(args.fast_opts)
@@ -542,7 +542,8 @@ def settings(job: Job) -> dict[str, Any]:
     t = job.trainer
     captured = "graphs" if job.captured and job.captured.graphs else "graph-safe" if job.captured else "no"
     return {"amp": str(t.amp_dtype).removeprefix("torch.") if t.amp_dtype else "none",
-            "channels_last": t.channels_last, "fused_optim": t.fused_optim, "compile": job.cfg["compile"],
+            "channels_last": t.channels_last, "fused_optim": t.fused_optim,
+            "compile": t.compile_backend or False,  # the backend's name when compiled
             "cudnn_benchmark": job.device.type == "cuda" and job.cfg["cudnn_benchmark"], "captured": captured,
             "r1_conv": getattr(t, "r1_conv", False)}
 
@@ -557,7 +558,7 @@ def print_speed_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         s = r["settings"]
         print(f"{r['model']:<8} {r['mode']:<10} {s['amp']:<9} {'yes' if s['channels_last'] else 'no':<5} "
-              f"{'yes' if s['fused_optim'] else 'no':<6} {'yes' if s['compile'] else 'no':<8} {s['captured']:<11} "
+              f"{'yes' if s['fused_optim'] else 'no':<6} {s['compile'] or 'no':<8} {s['captured']:<11} "
               f"{r['iterations_per_s']:>8.3f} {r['images_per_s']:>9.1f} {r['data_share']:>6.1%} "
               f"{r['peak_memory_gib']:>9.2f}")
 
@@ -603,7 +604,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "captured with the reference when the list holds it, else fast")
     p.add_argument("--model", default="both", choices=("dgnet", "teacher", "both"), help="what --bench speed times")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="the fast mode's amp (default: the config's, auto)")
-    p.add_argument("--compile", action="store_true", help="the fast mode compiles G and E_a (and the teacher)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="the fast mode compiles G and E_a (and the teacher) with torch.compile's BACKEND "
+                        "(default inductor; aot_eager traces without generating code, for the CPU)")
     p.add_argument("--channels_last", action="store_true", help="the fast mode uses channels_last on any device")
     p.add_argument("--iters", type=int, default=50,
                    help="timed iterations (numerics: compared iterations; syncs: counted iterations)")

@@ -64,7 +64,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
     steps = {s["name"]: s for s in result["steps"]}
     assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests",
-                           "dgnet_r1_conv", "r1_bench", "profile", "syncs", "teacher_default", "numerics",
+                           "dgnet_r1_conv", "dgnet_compiled", "compile_tests", "r1_bench", "profile", "syncs",
+                           "teacher_default", "numerics",
                            "quickstart_sizes", "dgnet_lazy_r1", "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
@@ -99,6 +100,9 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert "r1_conv=always" in figures["dgnet_r1_conv"]["command"]
     assert {r["mode"] for r in figures["dgnet_r1_conv"]["rows"]} == {"fast", "captured"}
     assert all(r["settings"]["r1_conv"] for r in figures["dgnet_r1_conv"]["rows"])
+    compiled = {r["mode"]: r for r in figures["dgnet_compiled"]["rows"]}
+    assert compiled.keys() == {"fast", "captured"}
+    assert all(r["settings"]["compile"] == "aot_eager" for r in compiled.values())  # inductor on a GPU
     r1 = figures["r1_bench"]
     assert [x["r1_conv"] for x in r1["rows"]] == [False, True] and r1["max_rel_grad_diff"] < 1e-3
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]

@@ -108,6 +108,33 @@ def test_graph_safe_step_makes_no_host_read(r1_conv: str) -> None:
     assert any("draw_coin" in site for site, *_ in counter.sites), counter.sites
 
 
+def test_compiled_graph_safe_step_follows_the_eager_step(monkeypatch) -> None:
+    """compile: true inside the captured step: G and E_a traced by dynamo (compile_backend aot_eager: the same
+    tracing and autograd as inductor without its C++ code generation), compiled during the warm-ups, then
+    the graph-safe form reads nothing on the host and follows the uncompiled eager step."""
+    monkeypatch.setattr(capture, "WARMUP", 1)
+    bench = train_bench()
+    eager = dgnet("fused_optim=always", dropout=False)
+    compiled = dgnet("fused_optim=always", "compile=true", "compile_backend=aot_eager", dropout=False)
+    assert compiled.compile_backend == "aot_eager" and eager.compile_backend is None
+    step = CapturedStep(compiled, graphs=False)
+    iters = range(4)
+    expected = run(eager.train_step, iters)
+    got = []
+    recorded = host_reads(bench, step, lambda step: got.extend(run(step, iters)))
+    assert step.counts["captured"] >= 1 and step.counts["replayed"] >= 1, step.counts
+    assert all(not sites for sites in recorded[step.counts["eager"]:]), recorded  # after the warm-ups
+    for e, g in zip(expected, got):
+        for key in e:
+            torch.testing.assert_close(g[key], e[key].float(), rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_compile_backend_key() -> None:
+    with pytest.raises(UserError, match="compile_backend is 'inducter': use inductor, or one of .*aot_eager"):
+        dgnet("compile=true", "compile_backend=inducter")
+    assert dgnet("compile_backend=inducter").compile_backend is None  # read only when compile is on
+
+
 def train_bench():
     spec = importlib.util.spec_from_file_location("train_bench", REPO_ROOT / "bench" / "train_bench.py")
     bench = importlib.util.module_from_spec(spec)
@@ -342,6 +369,24 @@ def test_captured_iterations_follow_the_eager_ones_on_a_gpu(monkeypatch, amp) ->
     for e, g in zip(after, again):
         for key in e:
             torch.testing.assert_close(g[key], e[key], **tol, msg=key)
+
+
+@CUDA
+def test_captured_compiled_iterations_follow_the_eager_ones_on_a_gpu(monkeypatch) -> None:
+    """compile: true (inductor) inside the captured step, bf16 as on a GPU by default: inductor's kernels,
+    compiled during the warm-ups on the side stream, captured and replayed, against the same compiled
+    trainer run eagerly from the same state."""
+    monkeypatch.setattr(capture, "WARMUP", 2)
+    cuda = torch.device("cuda")
+    opts = ("fused_optim=always", "amp=bf16", "compile=true", "dis.r1_every=2", "use_encoder_again=1.0")
+    eager, captured = dgnet(*opts, device=cuda), dgnet(*opts, device=cuda)
+    step = CapturedStep(captured)
+    iters = range(8)  # two keys (R1 on, off), each eager twice, then captured, then replayed
+    expected, got = run(eager.train_step, iters), run(step, iters)
+    assert step.counts["captured"] == 2 and step.counts["replayed"] == 2, step.counts
+    for e, g in zip(expected, got):
+        for key in e:
+            torch.testing.assert_close(g[key], e[key].float(), rtol=2e-2, atol=1e-3, msg=key)
 
 
 @CUDA
