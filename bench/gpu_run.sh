@@ -21,27 +21,31 @@
 #                           (the GPU defaults): it/s, images/s, peak GPU memory
 #   dgnet_captured    80 s  DG-Net's fast mode eager and captured (capture.py: iterations replayed from CUDA
 #                           graphs), one process: it/s of both, captured over eager
-#   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k gpu): captured iterations of DG-Net and
-#                           the teacher against eager ones, a resumed captured run, the all-reduce in the graph
-#                           (NCCL, a group of one); on the CPU they are skipped
 #   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary
 #                           backward kernels), against dgnet_default's and dgnet_captured's figures
-#   dgnet_compiled   120 s  fast and captured with compile=true (torch.compile of G and E_a, inductor; its
-#                           compilation falls in the untimed warm-up)
-#   compile_tests     90 s  test_capture.py's compiled GPU test: captured compiled iterations against eager
-#                           compiled ones
-#   r1_bench          30 s  D's step with R1 alone at 256x128, 16 reals: built-in double backward vs r1conv.py
-#   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
-#                           operators, phases; a Chrome trace in steps.tar.gz
-#   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
+#   dgnet_compiled   120 s  captured with compile=true (torch.compile of G and E_a, inductor; its compilation
+#                           falls in the untimed warm-up), against dgnet_captured's figures
 #   teacher_default   60 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory; reference,
 #                           fast and captured (its SGD steps replayed from CUDA graphs)
 #   numerics         200 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
 #                           itself in time and keeps its curves
+#   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k "gpu and not compiled"): captured
+#                           iterations of DG-Net and the teacher against eager ones, a resumed captured run, the
+#                           all-reduce in the graph (NCCL, a group of one); on the CPU they are skipped
+#   compile_tests     90 s  test_capture.py's compiled GPU test: captured compiled iterations (inductor, bf16)
+#                           against the same compiled trainer run eagerly
 #   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes: reference, fast, captured
+#   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
+#                           operators, phases; a Chrome trace in steps.tar.gz
+#   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
+#   r1_bench          30 s  D's step with R1 alone at 256x128, 16 reals: built-in double backward vs r1conv.py
 #   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
 #   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
 #                           GPU_QUICKSTART_MIN (150) s are left; it reads its limit from GPU_RUN_STEP_LIMIT
+# The budgets add up to more than 530 s: most steps end well within theirs, and what one call leaves
+# skipped (summary.md lists it) a second call runs while the machine is still warm (it stays so for about
+# 30 s after a call): GPU_RUN_STEPS=a,b,... runs only those steps (setup always runs), e.g.
+#   run(command="GPU_RUN_STEPS=numerics,quickstart bash bench/gpu_run.sh $OUT", carry=[".whl"], timeout_s=...)
 #
 # --tiny runs every step at the tests' tiny sizes on the CPU in a minute or two (tests/test_bench.py);
 # there the quickstart step runs only if GPU_QUICKSTART names a script. Other knobs: PYTHON (python3),
@@ -137,6 +141,9 @@ step() {
   local name=$1 budget=$2 min=$3
   shift 3
   local limit rc status t0 t1
+  if [[ -n ${GPU_RUN_STEPS:-} && $name != env && $name != data_* && ,$GPU_RUN_STEPS, != *",$name,"* ]]; then
+    return 0  # not among the steps this call runs
+  fi
   limit=$(left)
   ((budget < limit)) && limit=$budget
   if ((limit < min)); then
@@ -188,20 +195,16 @@ if ((!TINY)); then  # tiny sizes are one dataset for both configs
   step data_quickstart 30 5 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --bench data --json "$WORK/setup/data_quickstart.json"
 fi
 
-# ---- the measurements, most valuable first
+# ---- the measurements, most valuable first: the speed of each way of running DG-Net, the teacher's, the
+# captured numerics; then the GPU tests, the sizes of the quickstart, where the time goes
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
-step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
 step dgnet_r1_conv 60 25 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" --fast_opts r1_conv=always \
   --json "$WORK/dgnet_r1_conv.json"
-step dgnet_compiled 120 60 "${BENCH[@]}" --model dgnet --mode fast,captured "${COMPILE[@]}" "${SPEED[@]}" \
+# captured only (dgnet_captured has the eager row): one compilation, not two
+step dgnet_compiled 120 60 "${BENCH[@]}" --model dgnet --mode captured "${COMPILE[@]}" "${SPEED[@]}" \
   --json "$WORK/dgnet_compiled.json"
-step compile_tests 90 40 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and compiled"
-step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.json"
-step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
-  --json "$WORK/profile.json"
-step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"
 step teacher_default 60 20 "${BENCH[@]}" --model teacher --mode reference,fast,captured "${TEACHER[@]}" \
   --json "$WORK/teacher_default.json"
 # numerics stops comparing 30 s before its limit (start-up and writing included) and keeps what it has
@@ -209,8 +212,14 @@ limit=$(left)
 ((limit > 200)) && limit=200
 step numerics 200 60 "${BENCH[@]}" --bench numerics "${NUMERICS[@]}" --time_limit $((limit - 30 > 5 ? limit - 30 : 5)) \
   --json "$WORK/numerics.json" "${CAPTURED[@]}"
+step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
+step compile_tests 90 40 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and compiled"
 step quickstart_sizes 70 30 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --mode reference,fast,captured "${SPEED[@]}" \
   --json "$WORK/quickstart_sizes.json"
+step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
+  --json "$WORK/profile.json"
+step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.json"
+step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.json"
 step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --json "$WORK/dgnet_lazy_r1.json" \
   --fast_opts dis.r1_every=16
 
@@ -218,7 +227,7 @@ step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --
 if [[ -n $QUICKSTART_SCRIPT && -f $QUICKSTART_SCRIPT ]]; then
   mkdir -p "$WORK/quickstart"
   step quickstart 100000 "$QUICKSTART_MIN" bash "$QUICKSTART_SCRIPT" "$WORK/quickstart"
-else
+elif [[ -z ${GPU_RUN_STEPS:-} || ,$GPU_RUN_STEPS, == *",quickstart,"* ]]; then
   say "== quickstart: skipped, no script (${QUICKSTART_SCRIPT:-none in --tiny without GPU_QUICKSTART})"
   "$PY" bench/gpu_report.py step "$WORK" quickstart skipped 0 0 0 -- bash "${QUICKSTART_SCRIPT:-bench/gpu_quickstart.sh}"
 fi
