@@ -119,8 +119,9 @@ COUNT, SIZE, PROBABILITY = Range(1), Range(0), Range(0, 1)
 RANGES: dict[str, Range] = {
     "crop_image_height": COUNT, "crop_image_width": COUNT, "pad": SIZE, "erasing_p": PROBABILITY,
     "batch_size": COUNT, "num_instances": COUNT, "num_workers": SIZE, "seed": SIZE,
-    "synthetic.ids": Range(2), "synthetic.images_per_id": Range(4), "synthetic.height": Range(32),
-    "synthetic.width": Range(16), "synthetic.difficulty": PROBABILITY, "synthetic.seed": SIZE,
+    "synthetic.ids": Range(2), "synthetic.test_ids": COUNT, "synthetic.images_per_id": Range(4),
+    "synthetic.height": Range(32), "synthetic.width": Range(16), "synthetic.difficulty": PROBABILITY,
+    "synthetic.seed": SIZE,
     "ID_class": COUNT, "ID_stride": Range(1, 2), "input_dim_a": Range(1, 3),
     "gen.dim": COUNT, "gen.mlp_dim": COUNT, "gen.id_dim": COUNT, "gen.n_downsample": COUNT,
     "gen.n_res": COUNT,  # the AdaIN layers live in the residual blocks: 0 would ignore the appearance code

@@ -296,7 +296,7 @@ def _ensure_synthetic(cfg: dict[str, Any]) -> None:
     s = cfg["synthetic"]
     print(f"generating the synthetic dataset into {root} ...", flush=True)
     synthetic.generate(root, ids=s["ids"], images_per_id=s["images_per_id"], height=s["height"],
-                       width=s["width"], difficulty=s["difficulty"], seed=s["seed"])
+                       width=s["width"], difficulty=s["difficulty"], seed=s["seed"], test_ids=s["test_ids"])
 
 
 def load_splits(cfg: dict[str, Any]) -> DatasetSplits:

@@ -897,7 +897,9 @@ def _sample_identities(params: dict) -> list[dict]:
     seed, d = params["seed"], params["difficulty"]
     pids = range(1, params["ids"] + 1)
     rngs = {pid: np.random.default_rng([seed, _STREAM_IDENTITY, pid]) for pid in pids}
-    splits = {pid: "train" if pid <= params["ids"] // 2 else "test" for pid in pids}
+    # the last test_ids identities are held out (half of them when the parameter is absent)
+    train_ids = params["ids"] - params.get("test_ids", params["ids"] - params["ids"] // 2)
+    splits = {pid: "train" if pid <= train_ids else "test" for pid in pids}
     appearances = {pid: _sample_appearance(rngs[pid], d) for pid in pids}
     look_alike = {pid: bool(rngs[pid].random() < 0.15 + 0.35 * d) for pid in pids}
     identities = []
@@ -983,12 +985,12 @@ def _check_int(name: str, value: Any, low: int, high: int, why: str = "") -> int
     return int(value)
 
 
-def _validated_params(ids, images_per_id, height, width, difficulty, seed, cameras) -> dict:
+def _validated_params(ids, images_per_id, height, width, difficulty, seed, cameras, test_ids=None) -> dict:
     if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float)) or not 0.0 <= difficulty <= 1.0:
         raise UserError(f"difficulty must be a number from 0 to 1, got {difficulty!r}")
-    return {
+    params = {
         "generator_version": GENERATOR_VERSION,
-        "ids": _check_int("ids", ids, 2, 9999, " (half train, half test; pids have 4 digits)"),
+        "ids": _check_int("ids", ids, 2, 9999, " (training and test identities; pids have 4 digits)"),
         "images_per_id": _check_int("images_per_id", images_per_id, 4, 10000,
                                     " (at least 2 images in each of at least 2 cameras)"),
         "height": _check_int("height", height, 32, 2048),
@@ -997,6 +999,10 @@ def _validated_params(ids, images_per_id, height, width, difficulty, seed, camer
         "seed": _check_int("seed", seed, 0, 2**63 - 1),
         "cameras": _check_int("cameras", cameras, 2, 9, " (Market names have one camera digit)"),
     }
+    if test_ids is not None:  # absent by default, so datasets made before the parameter existed still match
+        params["test_ids"] = _check_int("test_ids", test_ids, 1, params["ids"] - 1,
+                                        f" (the rest of the {params['ids']} ids train)")
+    return params
 
 
 def _describe(params: Mapping) -> str:
@@ -1046,15 +1052,18 @@ def _write_metadata(out: Path, params: dict, summary: dict, identities: list[dic
 
 
 def generate(out: str | os.PathLike, *, ids: int = 120, images_per_id: int = 12, height: int = 128,
-             width: int = 64, difficulty: float = 0.5, seed: int = 0, cameras: int = 6) -> dict:
+             width: int = 64, difficulty: float = 0.5, seed: int = 0, cameras: int = 6,
+             test_ids: int | None = None) -> dict:
     """Write a synthetic dataset into `out` (new or empty) and return its summary.
+
+    The last `test_ids` identities (default: half) are the test split, the others the training split.
 
     The summary has, for "train", "query" and "gallery", the counts "images", "identities" (real people),
     "distractors" (pid 0) and "junk" (pid -1), plus "images" in all. If `out` already holds exactly this
     dataset (same parameters), nothing is written and its summary is returned; any other non-empty
     folder is refused. Nothing is ever deleted.
     """
-    params = _validated_params(ids, images_per_id, height, width, difficulty, seed, cameras)
+    params = _validated_params(ids, images_per_id, height, width, difficulty, seed, cameras, test_ids)
     out = Path(out)
     existing = _existing_summary(out, params)
     if existing is not None:
@@ -1133,7 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Generate the synthetic pedestrian dataset (Market-1501 layout).")
     parser.add_argument("--out", required=True, help="new or empty folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
-    parser.add_argument("--ids", type=int, default=120, help="identities, half train and half test (default 120)")
+    parser.add_argument("--ids", type=int, default=120, help="identities, training and test (default 120)")
+    parser.add_argument("--test-ids", type=int, help="of them, the test identities (default: half)")
     parser.add_argument("--images-per-id", type=int, default=12, help="images per identity (default 12)")
     parser.add_argument("--height", type=int, default=128, help="image height (default 128)")
     parser.add_argument("--width", type=int, default=64, help="image width (default 64)")
@@ -1142,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
     existed = (Path(args.out) / METADATA_FILE).is_file()
     try:
         summary = generate(args.out, ids=args.ids, images_per_id=args.images_per_id, height=args.height,
-                           width=args.width, difficulty=args.difficulty, seed=args.seed)
+                           width=args.width, difficulty=args.difficulty, seed=args.seed, test_ids=args.test_ids)
     except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

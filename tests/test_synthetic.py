@@ -280,9 +280,22 @@ def test_refuses_to_write_over_other_content(small, tmp_path):
         generate(a_file)
 
 
+def test_test_ids_holds_out_the_last_identities(small, tmp_path):
+    """More training identities than test ones (a judge over as many candidates, more people to learn from);
+    without test_ids the split and the files stay those of datasets made before the parameter existed."""
+    root = tmp_path / "more_train"
+    summary = generate(root, **{**SMALL, "test_ids": 3})
+    assert summary["train"]["identities"] == 9 and summary["query"]["identities"] == 3
+    meta = load_metadata(root)
+    assert {e["pid"] for e in meta.split("query")} == {10, 11, 12}
+    assert load_metadata(small[0]).params.get("test_ids") is None
+    with pytest.raises(UserError, match="test_ids must be an integer from 1 to 11"):
+        generate(tmp_path / "bad", **{**SMALL, "test_ids": 12})
+
+
 @pytest.mark.parametrize("bad", [
     {"ids": 1}, {"ids": 2.5}, {"images_per_id": 3}, {"difficulty": 1.5}, {"difficulty": "hard"},
-    {"height": 8}, {"cameras": 1}, {"cameras": 10}, {"seed": -1},
+    {"height": 8}, {"cameras": 1}, {"cameras": 10}, {"seed": -1}, {"test_ids": 0},
 ])
 def test_bad_parameters_are_one_clear_error(tmp_path, bad):
     with pytest.raises(UserError) as error:
