@@ -235,3 +235,17 @@ def test_gpu_quickstart_config_has_the_scripts_proportions():
     assert differs == {"num_workers", "gen", "max_iter", "warm_iter", "warm_teacher_iter", "warm_scale", "step_size",
                        "log_iter", "fidelity_iter", "image_display_iter", "image_save_iter", "snapshot_save_iter"}
     assert {k for k in cfg["gen"] if cfg["gen"][k] != cpu["gen"][k]} == {"dim"}
+
+
+def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
+    """bench/split_judge.py: the judge on the test split and on as many training identities, per checkpoint."""
+    output_path, name, _ = tiny_dgnet_run
+    out = tmp_path / "split.json"
+    proc = subprocess.run([sys.executable, "bench/split_judge.py", "--name", name, "--output_path", str(output_path),
+                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["iteration"], r["split"]) for r in rows] == [(2, "test"), (2, "train")]
+    assert all(r["identities"] == 4 and 0 <= r["swap"]["top1"] <= r["swap"]["top5"] <= 1 for r in rows)
+    assert rows[0]["appearance_image"] != rows[1]["appearance_image"]  # other people, other pairs

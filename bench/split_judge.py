@@ -1,0 +1,84 @@
+"""The identity judge on training identities beside the test split: does G put A's clothes on B's body for the
+people it trained on, and for unseen ones?
+
+    python bench/split_judge.py --name RUN [--output_path P] [--which_iter N ...] [--json FILE]
+
+Synthetic data only. The test figures are `visualize.py metrics`'s (the seeded test pairs, every test identity
+drawn in B's structure). The training figures use the same judge on as many training identities as the test
+split has (the first ones by pid, every image of them), with pairs drawn from another seed: with a few dozen
+training identities a decoder can learn each one's colours from its grey structure alone, which shows as
+swaps that carry A's clothes on training pairs but not on test pairs. Several --which_iter values trace both
+over a run. Prints a table; writes JSON (default bench/results/split_judge_<run>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import quality  # noqa: E402
+from data.datasets import DatasetSplits  # noqa: E402
+from data.loaders import load_splits  # noqa: E402
+from utils import run_folder  # noqa: E402
+from visualize import load_run  # noqa: E402
+
+TRAIN_SEED = 1  # the training pairs' seed: its own judge cache file beside the test split's (seed 0)
+
+
+def training_view(splits: DatasetSplits) -> DatasetSplits:
+    """The splits with the first training identities (as many as the test split has) in place of the test
+    split: what quality's fidelity set and judge read. Its root differs, so their in-memory caches keep the
+    two apart."""
+    n_test = len({r.pid for r in splits.query + splits.gallery if r.pid > 0})
+    pids = sorted({r.pid for r in splits.train})[:n_test]
+    people = [r for r in splits.train if r.pid in set(pids)]
+    return dataclasses.replace(splits, root=f"{splits.root}#train", query=people, gallery=[])
+
+
+def judge_row(models: Any, splits: DatasetSplits, seed: int) -> dict[str, Any]:
+    fidelity = quality.swap_fidelity(models.generator, models.appearance_encoder, models.cfg, splits, seed=seed)
+    judge = fidelity["identity_judge"]
+    return {"identities": judge["identities"], "chance": judge["chance"], "swap": judge["swap"],
+            "appearance_image": judge["appearance_image"], "structure_image": judge["structure_image"],
+            "person_l1": fidelity["swap"]["person_l1"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="a DG-Net run on the synthetic dataset")
+    p.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs")
+    p.add_argument("--which_iter", nargs="+", default=["last"], help="checkpoints to judge (iterations or last)")
+    p.add_argument("--json", type=Path, help="output (default bench/results/split_judge_<run>.json)")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    run_dir = run_folder(args.output_path, args.name)
+    rows = []
+    for which in args.which_iter:
+        models = load_run(run_dir, which, [], torch.device("cpu"))
+        splits = load_splits(models.cfg)
+        for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED)):
+            rows.append({"iteration": models.iteration, "split": split, **judge_row(models, view, seed)})
+    print(f"{'iteration':>9} {'split':<6} {'ids':>4} {'A top-1':>8} {'A top-5':>8} {'B':>6} {'chroma A':>9} "
+          f"{'chroma B':>9} {'appearance image A':>19}")
+    for r in rows:
+        s = r["swap"]
+        print(f"{r['iteration']:>9} {r['split']:<6} {r['identities']:>4} {s['top1']:>8.3f} {s['top5']:>8.3f} "
+              f"{s['as_structure']:>6.3f} {s['chroma_top1']:>9.3f} {s['chroma_as_structure']:>9.3f} "
+              f"{r['appearance_image']['top1']:>19.3f}")
+    out = args.json or REPO / "bench" / "results" / f"split_judge_{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run": args.name, "rows": rows}, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
