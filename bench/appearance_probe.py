@@ -9,6 +9,10 @@ labels), on training identities, scored on test identities: mean absolute error 
 channel, beside predicting the training mean and an oracle code (the image average-pooled to 8x4).
 
     python bench/appearance_probe.py [--config configs/quickstart/dgnet.yaml] [--json bench/results/probe.json]
+    python bench/appearance_probe.py --run RUN [--output_path P] [--which_iter N]  # E_a of a DG-Net checkpoint
+
+With --run, E_a is the one a DG-Net run trained jointly with G (its checkpoint, its config), to see whether
+the reconstruction losses put garment colour into f.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import quality  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.loaders import image_size, load_splits  # noqa: E402
 from reIDmodel import backbone_forward, build_appearance_encoder  # noqa: E402
-from utils import load_config  # noqa: E402
+from utils import load_config, run_folder  # noqa: E402
+from visualize import load_run  # noqa: E402
 
 PARTS = ("upper", "lower")
 
@@ -83,10 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/quickstart/dgnet.yaml")
     p.add_argument("--json", default="bench/results/appearance_probe.json")
+    p.add_argument("--run", help="E_a of this DG-Net run's checkpoint instead of one built from --config")
+    p.add_argument("--output_path", default=".", help="with --run: runs are in OUTPUT_PATH/outputs")
+    p.add_argument("--which_iter", default="last", help="with --run: the checkpoint")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     start = time.time()
-    cfg = load_config(args.config)
+    if args.run:
+        models = load_run(run_folder(args.output_path, args.run), args.which_iter, [], torch.device("cpu"))
+        cfg = models.cfg
+    else:
+        cfg = load_config(args.config)
     splits = load_splits(cfg)
     size = image_size(cfg)
     meta = synthetic.load_metadata(cfg["data_root"])
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     test = quality._test_people(splits)
     img_tr, y_tr = targets(meta, train, size)
     img_te, y_te = targets(meta, test, size)
-    encoder = build_appearance_encoder(cfg, splits.num_classes).eval()
+    encoder = models.appearance_encoder if args.run else build_appearance_encoder(cfg, splits.num_classes).eval()
     rows = []
     baseline = float(np.nanmean(np.abs(y_te - np.nanmean(y_tr, 0))))
     rows.append({"code": "training mean (no code)", "dims": 0, "feature_map": None, "mae": baseline})
@@ -114,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         fmap = "x".join(map(str, r["feature_map"])) if r["feature_map"] else "-"
         print(f"{r['code']:<34}{r['dims']:>6}  {fmap:>10}  {r['mae']:7.3f}")
     result = {"benchmark": "appearance_probe", "date": date.today().isoformat(), "torch": torch.__version__,
-              "config": args.config, "pretrained": cfg["pretrained"], "size": list(size),
+              "config": args.config, "run": args.run and f"{args.run} at {models.iteration}",
+              "pretrained": cfg["pretrained"], "size": list(size),
               "seconds": round(time.time() - start, 1), "rows": rows,
               "command": "python bench/appearance_probe.py " + " ".join(argv or sys.argv[1:])}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
