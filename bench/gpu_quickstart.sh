@@ -13,7 +13,11 @@
 #   QUICKSTART_TINY=1 bash bench/gpu_quickstart.sh OUTDIR   # CPU smoke run: tiny data, 2 iterations each
 #
 # PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
-# (the warm-ups and decay follow it in the config's proportions). The script stops at the first failing step.
+# (the warm-ups and decay follow it in the config's proportions). QUICKSTART_LIMIT (or GPU_RUN_STEP_LIMIT,
+# which bench/gpu_run.sh sets) is the whole script's time in seconds: DG-Net's training then stops itself
+# (SIGTERM: it finishes the iteration and saves) early enough to leave QUICKSTART_RESERVE (90) s for the
+# evaluation, the metrics and the grids, which then use the last checkpoint. The script stops at the first
+# failing step.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -59,17 +63,30 @@ step() {  # step NAME COMMAND...: run, keep the console output in OUTDIR/NAME.lo
     local name=$1
     shift
     echo "== $name: $*"
-    local start=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$name.log"
-    echo "== $name took $((SECONDS - start)) s"
+    local start=$SECONDS rc=0
+    "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+    echo "== $name took $((SECONDS - start)) s (rc $rc)"
+    return $rc
+}
+
+LIMIT=${QUICKSTART_LIMIT:-${GPU_RUN_STEP_LIMIT:-0}}  # 0: no limit
+RESERVE=${QUICKSTART_RESERVE:-90}
+train_timeout() {  # the time DG-Net's training may take, as a `timeout` prefix (none without a limit)
+    if [ "$LIMIT" -gt 0 ]; then
+        local left=$((LIMIT - SECONDS - RESERVE))
+        echo timeout -s TERM -k 60 $((left > 30 ? left : 30))
+    fi
 }
 
 step data "$PY" -m data --config configs/quickstart/dgnet.yaml --opts "${COMMON[@]}"
 step teacher "$PY" train.py --config configs/quickstart/teacher.yaml --trainer baseline --name quickstart-teacher \
     --output_path "$WORK" --opts "${COMMON[@]}" "${TEACHER_OPTS[@]}"
 step teacher_test "$PY" test.py --name quickstart-teacher --output_path "$WORK"
-step dgnet "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
-    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}"
+# shellcheck disable=SC2046  # the timeout prefix is words
+step dgnet $(train_timeout) "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
+    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" \
+    || { rc=$?; [ $rc = 124 ] || [ $rc = 143 ] || exit $rc; }  # stopped by the limit: go on from its save
+REACHED=$(ls "$WORK/outputs/$RUN/checkpoints/" | sed -n 's/^0*\([0-9][0-9]*\)\.pt$/\1/p' | sort -n | tail -1)
 step dgnet_test "$PY" test.py --name "$RUN" --output_path "$WORK"
 step metrics "$PY" visualize.py metrics --name "$RUN" --output_path "$WORK"
 step swap "$PY" visualize.py swap --name "$RUN" --output_path "$WORK" --count 8 --zoom 2 --out "$OUT/swap.jpg" \
@@ -81,15 +98,15 @@ RUNDIR="$WORK/outputs/$RUN"
 cp "$RUNDIR/results/generation.json" "$OUT/generation.json"
 cp "$(ls "$TEACHER"/results/[0-9]*.json | tail -1)" "$OUT/teacher.json"
 cp "$(ls "$RUNDIR"/results/[0-9]*.json | tail -1)" "$OUT/dgnet_reid.json"
-for grid in "$RUNDIR"/images/*"$(printf %08d "$ITERS")"*.jpg; do
+for grid in "$RUNDIR"/images/*"$(printf %08d "$REACHED")"*.jpg; do
     [ -e "$grid" ] && cp "$grid" "$OUT/"
 done
-"$PY" - "$OUT" "$ITERS" <<'EOF'
+"$PY" - "$OUT" "$ITERS" "$REACHED" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-out, iters = Path(sys.argv[1]), int(sys.argv[2])
+out, iters, reached = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 teacher, dgnet = (json.loads((out / f"{n}.json").read_text()) for n in ("teacher", "dgnet_reid"))
 judge = json.loads((out / "generation.json").read_text())["swap_fidelity"]["identity_judge"]
 
@@ -99,7 +116,7 @@ def reid(r):
     return {k: m[k] for k in ("R1", "mAP") if k in m}
 
 
-summary = {"iterations": iters, "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
+summary = {"iterations": iters, "reached": reached, "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
            "identity_judge": {k: judge[k] for k in ("chance", "swap", "true_swap", "structure_image",
                                                     "appearance_image", "flat_mean_colour")}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -198,23 +198,25 @@ def test_bad_switches_are_one_line_errors(capsys):
 
 def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
     """bench/gpu_quickstart.sh end to end at the tiny size: every step runs and OUTDIR gets the JSON, the
-    judge's figures and the grids (the GPU run is the same script at full size)."""
+    judge's figures and the grids (the GPU run is the same script at full size). Its time limit is spent
+    (QUICKSTART_LIMIT): the training stops itself after the shortest time it is given (30 s), saves, and
+    the evaluation and the metrics run on that checkpoint."""
     out = tmp_path / "quick"
     proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_quickstart.sh"), str(out)], capture_output=True,
                           text=True, timeout=900, cwd=tmp_path,
                           env={**os.environ, "QUICKSTART_TINY": "1", "PYTHON": sys.executable,
-                               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+                               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "QUICKSTART_ITERS": "100000",
+                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0"})
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 2
+    assert summary["iterations"] == 100000 and 0 < summary["reached"] < 100000
+    assert "stopped at iteration" in (out / "dgnet.log").read_text()
     assert 0 <= summary["teacher"]["mAP"] <= 1 and 0 <= summary["appearance_encoder"]["mAP"] <= 1
     judge = summary["identity_judge"]
     assert judge["true_swap"]["top1"] == 1.0 and judge["structure_image"]["as_structure"] == 1.0
     assert 0 <= judge["swap"]["chroma_top1"] <= 1
     for name in ("generation.json", "teacher.json", "dgnet_reid.json", "swap.jpg", "rainbow.jpg", "dgnet.log"):
         assert (out / name).is_file(), name
-    assert "identity judge at 2" in (out / "dgnet.log").read_text()
-    assert list(out.glob("gen_*00000002*.jpg")) or list(out.glob("*00000002*.jpg"))
 
 
 def test_gpu_quickstart_config_has_the_scripts_proportions():
