@@ -356,13 +356,18 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
     "person_chroma_l1"}, "structure_image": {...},
     "appearance_image": {...}, "true_swap_blur4": {...}, "true_swap_blur8": {...},
     "true_colours_structure_luma": {...}, "flat_mean_colour": {...}, "appearance_part_colours": {...},
-    "identity_judge": {...}} (with `judge`: `identity_judge` on the swaps and the references).
+    "identity_judge": {...}} (with `judge`: `identity_judge` on the swaps, on B's own reconstructions, whose
+    "as_structure" is how often G reproduces B's clothes from B's code, and on the references).
     `device` is accepted for symmetry with the training loop; the networks run where their weights are.
     The networks are used in eval mode and left in the modes they were in; nothing is trained.
     """
     data = fidelity_set(cfg, splits, n_pairs, seed)
     with eval_mode(generator, appearance_encoder):
         generated = swap(generator, appearance_encoder, normalize(data.structure), normalize(data.appearance))
+        # B's own reconstruction G(s_B, f_B), for the judge: a swap can hardly paint A's colours more
+        # faithfully than G reproduces B's from B's own code
+        rebuilt = swap(generator, appearance_encoder, normalize(data.structure), normalize(data.structure)) \
+            if judge else None
     out = {"pairs": n_pairs, "seed": seed, "swap": score(generated, data.target, data.person),
            "structure_image": score(data.structure, data.target, data.person),
            "appearance_image": score(data.appearance, data.target, data.person)}
@@ -383,7 +388,8 @@ def swap_fidelity(generator: nn.Module, appearance_encoder: nn.Module, cfg: dict
                 {"true_swap": data.target, "structure_image": data.structure, "appearance_image": data.appearance,
                  "flat_mean_colour": flat.expand_as(data.target), "true_colours_structure_luma": recoloured,
                  "appearance_part_colours": painted}, candidates)
-        out["identity_judge"] = {**identity_judge({"swap": generated}, candidates), **candidates.references}
+        out["identity_judge"] = {**identity_judge({"swap": generated, "reconstruction": rebuilt}, candidates),
+                                 **candidates.references}
     return out
 
 
@@ -558,9 +564,9 @@ def judge_verdicts(distances: torch.Tensor, judge: JudgeSet) -> dict[str, float]
 
 
 # the judge's answers in display order, with their labels
-JUDGE_LABELS = {"swap": "generated swap", "true_swap": "true swap", "structure_image": "structure image",
-                "appearance_image": "appearance image", "flat_mean_colour": "flat mean-colour image",
-                "true_colours_structure_luma": "true colours, B's luma",
+JUDGE_LABELS = {"swap": "generated swap", "reconstruction": "B rebuilt, G(s_B, f_B)", "true_swap": "true swap",
+                "structure_image": "structure image", "appearance_image": "appearance image",
+                "flat_mean_colour": "flat mean-colour image", "true_colours_structure_luma": "true colours, B's luma",
                 "appearance_part_colours": "A's colours, B's parts"}
 
 

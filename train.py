@@ -403,7 +403,9 @@ class SwapFidelity:
         j = r["identity_judge"]
         print(f"identity judge at {done}: judged A (top-1 / top-5) {j['swap']['top1']:.3f} / {j['swap']['top5']:.3f}, "
               f"judged B {j['swap']['as_structure']:.3f}; chroma alone {j['swap']['chroma_top1']:.3f} / "
-              f"{j['swap']['chroma_top5']:.3f}, B {j['swap']['chroma_as_structure']:.3f} (chance {j['chance']:.3f}; "
+              f"{j['swap']['chroma_top5']:.3f}, B {j['swap']['chroma_as_structure']:.3f}; B's own reconstruction "
+              f"judged B {j['reconstruction']['as_structure']:.3f}, chroma "
+              f"{j['reconstruction']['chroma_as_structure']:.3f} (chance {j['chance']:.3f}; "
               f"structure image judged A {j['structure_image']['top1']:.3f}, appearance image "
               f"{j['appearance_image']['top1']:.3f}, flat {j['flat_mean_colour']['top1']:.3f})", flush=True)
 

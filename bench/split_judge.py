@@ -7,8 +7,10 @@ Synthetic data only. The test figures are `visualize.py metrics`'s (the seeded t
 drawn in B's structure). The training figures use the same judge on as many training identities as the test
 split has (the first ones by pid, every image of them), with pairs drawn from another seed: with a few dozen
 training identities a decoder can learn each one's colours from its grey structure alone, which shows as
-swaps that carry A's clothes on training pairs but not on test pairs. Several --which_iter values trace both
-over a run. Prints a table; writes JSON (default bench/results/split_judge_<run>.json).
+swaps that carry A's clothes on training pairs but not on test pairs. Beside each swap, B's own reconstruction
+G(s_B, f_B) judged as B: how well G reproduces the clothes of the image it encoded, a ceiling for the swap.
+Several --which_iter values trace both over a run. Prints a table; writes JSON (default
+bench/results/split_judge_<run>.json).
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def judge_row(models: Any, splits: DatasetSplits, seed: int) -> dict[str, Any]:
     fidelity = quality.swap_fidelity(models.generator, models.appearance_encoder, models.cfg, splits, seed=seed)
     judge = fidelity["identity_judge"]
     return {"identities": judge["identities"], "chance": judge["chance"], "swap": judge["swap"],
-            "appearance_image": judge["appearance_image"], "structure_image": judge["structure_image"],
-            "person_l1": fidelity["swap"]["person_l1"]}
+            "reconstruction": judge["reconstruction"], "appearance_image": judge["appearance_image"],
+            "structure_image": judge["structure_image"], "person_l1": fidelity["swap"]["person_l1"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED)):
             rows.append({"iteration": models.iteration, "split": split, **judge_row(models, view, seed)})
     print(f"{'iteration':>9} {'split':<6} {'ids':>4} {'A top-1':>8} {'A top-5':>8} {'B':>6} {'chroma A':>9} "
-          f"{'chroma B':>9} {'appearance image A':>19}")
+          f"{'chroma B':>9} {'rebuilt B':>10} {'chroma':>7} {'appearance image A':>19}")
     for r in rows:
         s = r["swap"]
         print(f"{r['iteration']:>9} {r['split']:<6} {r['identities']:>4} {s['top1']:>8.3f} {s['top5']:>8.3f} "
               f"{s['as_structure']:>6.3f} {s['chroma_top1']:>9.3f} {s['chroma_as_structure']:>9.3f} "
+              f"{r['reconstruction']['as_structure']:>10.3f} {r['reconstruction']['chroma_as_structure']:>7.3f} "
               f"{r['appearance_image']['top1']:>19.3f}")
     out = args.json or REPO / "bench" / "results" / f"split_judge_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ def test_swap_fidelity_is_seeded_and_restores_modes(tiny):
     assert judged["identities"] == 4 and judged["chance"] == 0.25
     assert judged["true_swap"]["top1"] == 1.0 and judged["structure_image"]["as_structure"] == 1.0
     assert all(0 <= v <= 1 for k, v in judged["swap"].items() if "rank" not in k)
+    assert all(0 <= v <= 1 for k, v in judged["reconstruction"].items() if "rank" not in k)
     # true colours on the structure image's brightness: the structure image's luma error, almost no chroma error
     recoloured, structure = first["true_colours_structure_luma"], first["structure_image"]
     assert recoloured["person_luma_l1"] == pytest.approx(structure["person_luma_l1"], abs=0.01)
