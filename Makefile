@@ -31,7 +31,7 @@ lint: install-dev
 # Synthetic pedestrians, a small teacher and its evaluation, then a small DG-Net, its appearance encoder's
 # evaluation (beside the teacher's: DG-Net's claim is that joint training beats it) and its swaps. On the
 # CPU: configs/quickstart/dgnet.yaml, 160 iterations, under 10 minutes on 2 cores, into outputs/quickstart.
-# On a GPU: configs/quickstart/dgnet_gpu.yaml, 1,500 iterations, into outputs/quickstart-gpu. Re-running
+# On a GPU: configs/quickstart/dgnet_gpu.yaml, 4,800 iterations, into outputs/quickstart-gpu. Re-running
 # reuses the runs in outputs/.
 QUICK := $(BIN)/python
 resume_if = $(if $(wildcard outputs/$(1)/checkpoints/*.pt),--resume,)

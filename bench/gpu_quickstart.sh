@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The quickstart on a GPU, end to end, in about 5 minutes on an H100 (6-7 DG-Net iterations/s there,
-# BENCHMARKS.md 2026-11-23): synthetic data, the quickstart teacher and its R1/mAP, DG-Net at
-# configs/quickstart/dgnet_gpu.yaml (what `make quickstart` trains on a GPU: 1,500 iterations with the
+# The quickstart on a GPU, end to end, in about 10 minutes on an H100 (not yet timed; 6-7 DG-Net iterations/s
+# there at gen.dim 8, BENCHMARKS.md 2026-11-23): synthetic data, the quickstart teacher and its R1/mAP, DG-Net at
+# configs/quickstart/dgnet_gpu.yaml (what `make quickstart` trains on a GPU: 4,800 iterations with the
 # original's proportions), E_a's R1/mAP beside the teacher's, then `visualize.py metrics` (swap fidelity
 # and the identity judge) and the swap grids. Everything it makes goes to OUTDIR:
 #   OUTDIR/work/       datasets and runs (outputs/quickstart-teacher, outputs/quickstart-gpu)
@@ -35,7 +35,7 @@ mkdir -p "$WORK"
 cd "$REPO"
 
 CONFIG=configs/quickstart/dgnet_gpu.yaml
-CONFIG_ITERS=1500  # its max_iter
+CONFIG_ITERS=4800  # its max_iter
 if [ "${QUICKSTART_TINY:-0}" = "1" ]; then
     ITERS=${QUICKSTART_ITERS:-2}
     DATA_OPTS=(synthetic.ids=8 synthetic.images_per_id=6)
