@@ -117,7 +117,7 @@ def reid(r):
 
 
 summary = {"iterations": iters, "reached": reached, "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
-           "identity_judge": {k: judge[k] for k in ("chance", "swap", "true_swap", "structure_image",
+           "identity_judge": {k: judge[k] for k in ("chance", "swap", "reconstruction", "true_swap", "structure_image",
                                                     "appearance_image", "flat_mean_colour")}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
