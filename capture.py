@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from trainer import SWITCHES
+from trainer import resolve_switch
 from utils import UserError
 
 WARMUP = 3  # eager iterations of a key before it is captured
@@ -70,12 +70,9 @@ Key = tuple[Any, ...]
 
 
 def resolve_cuda_graph(cfg: dict, device: torch.device, world_size: int = 1) -> bool:
-    """Whether training replays captured iterations. auto means never until a GPU measurement shows the
-    captured iteration faster (bench/gpu_run.sh's dgnet_captured and teacher_default steps have not run)."""
-    value = cfg["cuda_graph"]
-    if value not in SWITCHES:
-        raise UserError(f"cuda_graph is {value!r}: use auto (never for now), always or never")
-    if value != "always":
+    """Whether training replays captured iterations (`trainer.resolve_switch`: auto means never until a GPU
+    measurement shows the captured iteration faster), refusing what a capture cannot take."""
+    if not resolve_switch(cfg, "cuda_graph", device):
         return False
     if device.type != "cuda":
         raise UserError(f"cuda_graph: always needs a CUDA device, the device is {device}; use cuda_graph: never")

@@ -136,14 +136,17 @@ finish() {
 }
 trap finish EXIT
 
+# selected NAME: whether this call runs step NAME (GPU_RUN_STEPS, when set, names them; the setup always runs)
+selected() {
+  [[ -z ${GPU_RUN_STEPS:-} || $1 == env || $1 == data_* || ,$GPU_RUN_STEPS, == *",$1,"* ]]
+}
+
 # step NAME BUDGET MIN CMD...: CMD under `timeout` for BUDGET seconds or what is left, if that is at least MIN
 step() {
   local name=$1 budget=$2 min=$3
   shift 3
   local limit rc status t0 t1
-  if [[ -n ${GPU_RUN_STEPS:-} && $name != env && $name != data_* && ,$GPU_RUN_STEPS, != *",$name,"* ]]; then
-    return 0  # not among the steps this call runs
-  fi
+  selected "$name" || return 0
   limit=$(left)
   ((budget < limit)) && limit=$budget
   if ((limit < min)); then
@@ -227,7 +230,7 @@ step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --
 if [[ -n $QUICKSTART_SCRIPT && -f $QUICKSTART_SCRIPT ]]; then
   mkdir -p "$WORK/quickstart"
   step quickstart 100000 "$QUICKSTART_MIN" bash "$QUICKSTART_SCRIPT" "$WORK/quickstart"
-elif [[ -z ${GPU_RUN_STEPS:-} || ,$GPU_RUN_STEPS, == *",quickstart,"* ]]; then
+elif selected quickstart; then
   say "== quickstart: skipped, no script (${QUICKSTART_SCRIPT:-none in --tiny without GPU_QUICKSTART})"
   "$PY" bench/gpu_report.py step "$WORK" quickstart skipped 0 0 0 -- bash "${QUICKSTART_SCRIPT:-bench/gpu_quickstart.sh}"
 fi

@@ -39,7 +39,7 @@ def training_view(splits: DatasetSplits) -> DatasetSplits:
     """The splits with the first training identities (as many as the test split has) in place of the test
     split: what quality's fidelity set and judge read. Its root differs, so their in-memory caches keep the
     two apart."""
-    n_test = len({r.pid for r in splits.query + splits.gallery if r.pid > 0})
+    n_test = len({r.pid for r in quality._test_people(splits)})
     pids = sorted({r.pid for r in splits.train})[:n_test]
     people = [r for r in splits.train if r.pid in set(pids)]
     return dataclasses.replace(splits, root=f"{splits.root}#train", query=people, gallery=[])
