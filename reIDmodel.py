@@ -237,6 +237,18 @@ def build_backbone(backbone: str = "resnet50", last_stride: int = 1, pretrained:
     return net
 
 
+SCALE2_MAX_HEIGHT = 128
+
+
+def scale2(x: torch.Tensor) -> torch.Tensor:
+    """The original's `scale2`: an image batch at most 128 pixels high doubled by nearest neighbour.
+
+    DG-Net's trainer hands E_a and the teacher their input this way, so at 64x32 their ResNet sees 128x64
+    and f is pooled from a feature map 4 times larger; at 256x128 it changes nothing.
+    """
+    return F.interpolate(x, scale_factor=2, mode="nearest") if x.shape[-2] <= SCALE2_MAX_HEIGHT else x
+
+
 def backbone_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The ResNet's feature map before pooling: (B, C, H/16, W/16) with last stride 1."""
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
@@ -290,11 +302,13 @@ class AppearanceEncoder(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1,
-                 pool: str = "max", pretrained: str = "none", droprates: tuple[float, float] = (0.5, 0.75)):
+                 pool: str = "max", pretrained: str = "none", droprates: tuple[float, float] = (0.5, 0.75),
+                 scale2: bool = False):
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"pool is {pool!r}: use max (DG-Net) or avg")
         self.pool = pool
+        self.scale2 = scale2
         self.model = build_backbone(backbone, last_stride, pretrained)
         self.channels = BACKBONE_CHANNELS[backbone]
         self.classifier1 = ClassBlock(self.channels, num_classes, droprates[0])
@@ -305,9 +319,13 @@ class AppearanceEncoder(nn.Module):
         """Length of the appearance code: 4 stripes x backbone width."""
         return NUM_STRIPES * self.channels
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map of (B, 3, H, W) normalized images, doubled first with `scale2`."""
+        return backbone_forward(self.model, scale2(x) if self.scale2 else x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalized -> f (B, 4*C) detached, logits1 (B, classes), logits2 (B, classes)."""
-        fmap = backbone_forward(self.model, x)
+        fmap = self.feature_map(x)
         f = _pool(fmap, (NUM_STRIPES, 1), self.pool).flatten(1).detach()
         g = _pool(fmap, (1, 1), self.pool).flatten(1)
         return f, self.classifier1(g), self.classifier2(g)
@@ -318,7 +336,7 @@ class AppearanceEncoder(nn.Module):
         Call it in eval mode. Flip-averaging and the per-half normalization of the evaluation protocol are
         the caller's.
         """
-        g = _pool(backbone_forward(self.model, x), (1, 1), self.pool).flatten(1)
+        g = _pool(self.feature_map(x), (1, 1), self.pool).flatten(1)
         return torch.cat([self.classifier1.bottleneck(g), self.classifier2.bottleneck(g)], dim=1)
 
 
@@ -329,14 +347,15 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 2,
-                 pretrained: str = "none", droprate: float = 0.5):
+                 pretrained: str = "none", droprate: float = 0.5, scale2: bool = False):
         super().__init__()
+        self.scale2 = scale2
         self.model = build_backbone(backbone, last_stride, pretrained)
         self.classifier = ClassBlock(BACKBONE_CHANNELS[backbone], num_classes, droprate,
                                      baseline_bn_init=True)
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(backbone_forward(self.model, x), 1).flatten(1)
+        return F.adaptive_avg_pool2d(backbone_forward(self.model, scale2(x) if self.scale2 else x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self._pooled(x))
@@ -408,7 +427,8 @@ def build_appearance_encoder(cfg: dict, num_classes: int, pretrained: str | None
                          f"set gen.id_dim: {BACKBONE_CHANNELS[backbone]} (each MLP reads one of the 4 chunks "
                          "of the appearance code)")
     return AppearanceEncoder(num_classes, backbone=backbone, last_stride=cfg["ID_stride"], pool=cfg["pool"],
-                             pretrained=cfg["pretrained"] if pretrained is None else pretrained)
+                             pretrained=cfg["pretrained"] if pretrained is None else pretrained,
+                             scale2=cfg["scale2"])
 
 
 def build_teacher(cfg: dict, num_classes: int, pretrained: str | None = None) -> Teacher:
@@ -417,4 +437,4 @@ def build_teacher(cfg: dict, num_classes: int, pretrained: str | None = None) ->
     `pretrained` overrides cfg["pretrained"]: pass "none" when loading a trained teacher.
     """
     return Teacher(num_classes, backbone=cfg["backbone"], last_stride=cfg["ID_stride"],
-                   pretrained=cfg["pretrained"] if pretrained is None else pretrained)
+                   pretrained=cfg["pretrained"] if pretrained is None else pretrained, scale2=cfg["scale2"])

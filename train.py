@@ -58,6 +58,7 @@ from utils import (
     one_line,
     run_folder,
     save_checkpoint,
+    saved_config,
     seed_everything,
     write_grid,
     write_image_index,
@@ -97,6 +98,7 @@ FIXED_ON_RESUME = {
     "pretrained": "the weights come from the checkpoint",
     "gen.init": "the weights come from the checkpoint",
     "lr_policy": "the LR schedulers are restored from the checkpoint",
+    "scale2": "the appearance encoder and the teacher were trained at their input size",
 }
 CHANGES_FILE = "config_changes.log"
 
@@ -480,7 +482,7 @@ def check_resume(args: argparse.Namespace, state: dict[str, Any], cfg: dict[str,
     if cfg["max_iter"] < state["iteration"]:
         raise UserError(f"--resume: the checkpoint is at iteration {state['iteration']}, past max_iter "
                         f"{cfg['max_iter']}; continue with --opts max_iter=N, N larger than {state['iteration']}")
-    changes = config_changes(state["config"], cfg)
+    changes = config_changes(saved_config(state["config"]), cfg)
     check_resume_changes(changes)
     return changes
 

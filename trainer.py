@@ -67,7 +67,7 @@ from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
-from utils import UserError, latest_checkpoint, load_checkpoint, load_config
+from utils import UserError, latest_checkpoint, load_checkpoint, load_config, saved_config
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
 RAMPED_WEIGHTS = {
@@ -558,7 +558,7 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         # D without batch-dependent layers scores the a and b halves in one call
         self.dis_batched = cfg["dis"]["norm"] != "bn"
         if teacher is None and self.needs_teacher(cfg):
-            teacher = load_teacher(cfg["teacher"], num_classes, device)
+            teacher = load_teacher(cfg["teacher"], num_classes, device, scale2=cfg["scale2"])
         if teacher is not None:
             teacher = self._layout(teacher.to(device).eval().requires_grad_(False))
         if teacher is not None and self.amp_dtype is not None:
@@ -974,12 +974,14 @@ class BaselineTrainer(_PartsTrainer):
 # loading a trained teacher
 
 
-def load_teacher(path: str, num_classes: int, device: torch.device) -> nn.Module:
+def load_teacher(path: str, num_classes: int, device: torch.device, scale2: bool = True) -> nn.Module:
     """A trained teacher, frozen and in eval mode on `device`.
 
     `path` is one of: a run folder of `--trainer baseline` (config.yaml and checkpoints/: the newest
     checkpoint is used), one of its checkpoint files, the original baseline's folder (net_last.pth and
-    opts.yaml, ResNet-50 with the stride of opts.yaml), or such a .pth file.
+    opts.yaml, ResNet-50 with the stride of opts.yaml), or such a .pth file. A run's teacher doubles small
+    inputs as its own config says (it was trained so); the original baseline's does with `scale2`, as
+    DG-Net's trainer doubles every teacher input at most 128 pixels high.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -992,17 +994,17 @@ def load_teacher(path: str, num_classes: int, device: torch.device) -> nn.Module
                             f"train one with `{TRAIN_TEACHER}`")
         teacher = _teacher_from_run(checkpoint, load_config(p / "config.yaml"), num_classes, p)
     elif p.is_dir() and (p / "net_last.pth").is_file():
-        teacher = _teacher_from_original(p / "net_last.pth", num_classes)
+        teacher = _teacher_from_original(p / "net_last.pth", num_classes, scale2)
     elif p.is_dir():
         raise UserError(f"teacher {p} is neither a baseline run folder (config.yaml, checkpoints/) nor the "
                         f"original baseline's (net_last.pth, opts.yaml): train one with `{TRAIN_TEACHER}`")
     elif p.suffix == ".pth":
-        teacher = _teacher_from_original(p, num_classes)
+        teacher = _teacher_from_original(p, num_classes, scale2)
     else:
         state = load_checkpoint(p)
         if not isinstance(state.get("config"), dict):
             raise UserError(f"{p} is not a checkpoint of train.py (no config inside): give its run folder")
-        teacher = _teacher_from_run(p, state["config"], num_classes, p, state)
+        teacher = _teacher_from_run(p, saved_config(state["config"]), num_classes, p, state)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -1031,12 +1033,13 @@ def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path
     return teacher
 
 
-def _teacher_from_original(weights: Path, num_classes: int) -> Teacher:
+def _teacher_from_original(weights: Path, num_classes: int, scale2: bool) -> Teacher:
     """The original baseline's ResNet-50 `ft_net`, with the last stride of the opts.yaml beside it (2 if none)."""
     opts_file = weights.parent / "opts.yaml"
     opts = yaml.safe_load(opts_file.read_text()) if opts_file.is_file() else None
     stride = int((opts or {}).get("stride", 2))
-    teacher = _built(Teacher, num_classes, backbone="resnet50", last_stride=stride, pretrained="none")
+    teacher = _built(Teacher, num_classes, backbone="resnet50", last_stride=stride, pretrained="none",
+                     scale2=scale2)
     try:
         return load_original_state(teacher, weights)
     except (ValueError, FileNotFoundError) as err:  # one line that already says what to do

@@ -33,6 +33,10 @@ except ImportError:  # Windows: runs go unlocked (RunLock says so)
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULTS_PATH = REPO_ROOT / "configs" / "defaults.yaml"
 BASE_KEY = "_base_"
+RESOLVED_HEADER = "# resolved config: every key, after _base_ files and --opts\n"
+# Keys added after runs were first written, with the value that reproduces how a run whose resolved config
+# lacks them was trained (before `scale2`, E_a and the teacher saw small images at their own size).
+ADDED_KEYS: dict[str, Any] = {"scale2": False}
 
 
 class UserError(Exception):
@@ -288,17 +292,25 @@ def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[s
     cfg = copy.deepcopy(schema().defaults)
     if path is not None:
         for file, data in _load_chain(Path(path), ()):
+            if file.read_text().startswith(RESOLVED_HEADER):  # a run's own config: every key it knew
+                data = saved_config(data)
             _merge(cfg, data, str(file))
     if opts:
         _merge(cfg, parse_opts(opts), "--opts")
     return cfg
 
 
+def saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config a run wrote (its config.yaml or its checkpoint's), with the keys added since at the values
+    the run was trained with (ADDED_KEYS)."""
+    return {**{k: v for k, v in ADDED_KEYS.items() if k not in cfg}, **cfg}
+
+
 def dump_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the resolved config; `load_config` of the file gives `cfg` back unchanged."""
     text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
     tmp = Path(f"{path}.tmp")
-    tmp.write_text("# resolved config: every key, after _base_ files and --opts\n" + text)
+    tmp.write_text(RESOLVED_HEADER + text)
     os.replace(tmp, path)
 
 

@@ -49,6 +49,7 @@ from utils import (
     load_config,
     one_line,
     run_folder,
+    saved_config,
     schema,
 )
 
@@ -161,7 +162,8 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     state = check_run_checkpoint(load_checkpoint(path), path)
     if state.get("kind") != "DGNet":
         raise UserError(f"{path} is a {state.get('kind')} run, which has no generator: give a DG-Net run")
-    cfg = load_config(run_dir / "config.yaml", opts) if (run_dir / "config.yaml").is_file() else state["config"]
+    config_file = run_dir / "config.yaml"
+    cfg = load_config(config_file, opts) if config_file.is_file() else saved_config(state["config"])
     weights = state["trainer"]["models"]
     generator = _built(build_generator, cfg)
     head = weights["id"].get("classifier1.classifier.0.weight")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quality  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.loaders import image_size, load_splits  # noqa: E402
-from reIDmodel import backbone_forward, build_appearance_encoder  # noqa: E402
+from reIDmodel import AppearanceEncoder, build_appearance_encoder  # noqa: E402
 from utils import load_config, run_folder  # noqa: E402
 from visualize import load_run  # noqa: E402
 
@@ -55,12 +55,15 @@ def targets(meta: synthetic.SyntheticMetadata, records: list, size: tuple[int, i
 
 
 @torch.no_grad()
-def codes(encoder: torch.nn.Module, images: torch.Tensor, scale2: bool) -> tuple[np.ndarray, list[int]]:
+def codes(encoder: AppearanceEncoder, images: torch.Tensor, scale2: bool) -> tuple[np.ndarray, list[int]]:
+    """f of every image, with E_a's input doubled or not (whatever its config says), and its map's size."""
     x = quality.normalize(images)
-    if scale2:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-    fmap_shape = list(backbone_forward(encoder.model, x[:1]).shape[2:])
-    return torch.cat([encoder(x[i:i + 64])[0] for i in range(0, len(x), 64)]).numpy(), fmap_shape
+    saved, encoder.scale2 = encoder.scale2, scale2
+    try:
+        fmap_shape = list(encoder.feature_map(x[:1]).shape[2:])
+        return torch.cat([encoder(x[i:i + 64])[0] for i in range(0, len(x), 64)]).numpy(), fmap_shape
+    finally:
+        encoder.scale2 = saved
 
 
 def ridge_mae(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:

@@ -137,8 +137,9 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def random_teacher(cfg: dict[str, Any], num_classes: int) -> Teacher:
-    """An untrained teacher of the default recipe's shape (last stride 2): it costs what a trained one does."""
-    return Teacher(num_classes, backbone=cfg["backbone"], last_stride=2)
+    """An untrained teacher of the default recipe's shape (last stride 2, the config's scale2): it costs
+    what a trained one does."""
+    return Teacher(num_classes, backbone=cfg["backbone"], last_stride=2, scale2=cfg["scale2"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dgnet_run(tmp_path_factory):
-    """A DG-Net run trained for 2 iterations on tiny synthetic data (64x32), for tools that read runs.
+    """A DG-Net run trained for 2 iterations on tiny synthetic data (64x32), for tools that read runs. Its
+    E_a doubles its input as the original's does at this height (`scale2`, which the quickstart turns off),
+    so every tool is tried on such a run.
 
     Returns (output_path, name, data_root): the run is output_path/outputs/name.
     """
@@ -50,7 +52,7 @@ def tiny_dgnet_run(tmp_path_factory):
             "batch_size=4", "num_workers=0", "backbone=resnet18", "pretrained=none", "gen.dim=4", "gen.mlp_dim=16",
             "gen.id_dim=512", "gen.n_downsample=1", "dis.dim=8", "dis.n_res=1", "display_size=2", "max_iter=2",
             "log_iter=1", "image_display_iter=2", "image_save_iter=2", "snapshot_save_iter=2",
-            "max_teacher_w=0.0", "ID_class=null"]
+            "max_teacher_w=0.0", "ID_class=null", "scale2=true"]
     code = train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", "tiny",
                        "--output_path", str(base), "--opts", *opts])
     assert code == 0

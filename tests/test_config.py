@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils import REPO_ROOT, UserError, config_help, dump_config, load_config, parse_opts, schema
+from utils import REPO_ROOT, UserError, config_help, dump_config, load_config, parse_opts, saved_config, schema
 
 
 def write(path: Path, text: str) -> Path:
@@ -122,6 +122,21 @@ def test_dump_and_reread_is_identical(tmp_path):
     dump_config(cfg, out)
     assert load_config(out) == cfg
     assert yaml.safe_load(out.read_text()) == cfg
+
+
+def test_a_run_written_before_a_key_existed_keeps_how_it_was_trained(tmp_path):
+    """A run's resolved config holds every key it knew: one it lacks was added later, and takes the value
+    the run was trained with (utils.ADDED_KEYS), not today's default. A user's own file takes the default."""
+    cfg = load_config(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
+    assert cfg["scale2"] is True  # the original's behaviour
+    old = dict(cfg)
+    del old["scale2"]
+    dump_config(old, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml")["scale2"] is False
+    assert load_config(tmp_path / "config.yaml", ["scale2=true"])["scale2"] is True
+    assert saved_config(old)["scale2"] is False and saved_config(cfg)["scale2"] is True
+    mine = write(tmp_path / "mine.yaml", "max_iter: 5\n")
+    assert load_config(mine)["scale2"] is True
 
 
 def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("no_onednn")
 
 def cfg(**over) -> dict:
     c = yaml.safe_load((ROOT / "configs" / "defaults.yaml").read_text())
-    c.update(backbone="resnet18", pretrained="none")
+    c.update(backbone="resnet18", pretrained="none", scale2=False)  # the maps at the input's own size
     c["gen"]["id_dim"] = 512
     c.update(over)
     return c
@@ -78,6 +78,32 @@ def test_stride_pool_and_code_layout():
     f_avg = avg(x)[0]
     torch.testing.assert_close(f_avg, R.backbone_forward(avg.model, x).detach().view(2, 512, 4, 2, 4)
                                .mean(dim=(3, 4)).flatten(1))
+
+
+def test_scale2_doubles_only_inputs_at_most_128_high():
+    """The original's scale2: E_a and the teacher see a small image doubled by nearest neighbour, as the
+    plain models see the doubled image; at 256x128 (DG-Net's size) it changes nothing."""
+    torch.manual_seed(0)
+    ea = R.build_appearance_encoder(cfg(scale2=True), 5).eval()
+    teacher = R.build_teacher(cfg(scale2=True, ID_stride=2), 5).eval()
+    plain_ea = R.build_appearance_encoder(cfg(), 5).eval()
+    plain_teacher = R.build_teacher(cfg(ID_stride=2), 5).eval()
+    plain_ea.load_state_dict(ea.state_dict())
+    plain_teacher.load_state_dict(teacher.state_dict())
+    small = torch.randn(2, 3, 64, 32)
+    doubled = small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    large = torch.randn(2, 3, 256, 128)
+    with torch.no_grad():
+        assert ea.feature_map(small).shape == (2, 512, 8, 4)
+        for x, seen in ((small, doubled), (large, large)):
+            for got, want in zip(ea(x), plain_ea(seen)):
+                torch.testing.assert_close(got, want)
+            torch.testing.assert_close(ea.features(x), plain_ea.features(seen))
+            torch.testing.assert_close(teacher(x), plain_teacher(seen))
+            torch.testing.assert_close(teacher.features(x), plain_teacher.features(seen))
+        # 129 rows are left alone, 128 are doubled
+        assert R.scale2(torch.zeros(1, 3, 129, 64)).shape[2:] == (129, 64)
+        assert R.scale2(torch.zeros(1, 3, 128, 64)).shape[2:] == (256, 128)
 
 
 def test_teacher_is_the_baseline_model():
