@@ -10,9 +10,16 @@ channel, beside predicting the training mean and an oracle code (the image avera
 
     python bench/appearance_probe.py [--config configs/quickstart/dgnet.yaml] [--json bench/results/probe.json]
     python bench/appearance_probe.py --run RUN [--output_path P] [--which_iter N]  # E_a of a DG-Net checkpoint
+    python bench/appearance_probe.py ... --judge   # and the judge on swaps painted with the colours f gives
 
 With --run, E_a is the one a DG-Net run trained jointly with G (its checkpoint, its config), to see whether
 the reconstruction losses put garment colour into f.
+
+With --judge, the identity judge rates what a decoder that paints exactly what a linear read-out of the code
+finds could score: each of A's body parts (skin .. bag) gets the mean colour a ridge regression from A's
+code predicts (fitted on the training images), flat on B's parts in the true swap; beside it, A's true part
+colours painted the same way (swap_fidelity's "A's colours, B's parts") and the training mean. A ceiling for
+swaps from this f, as far as a linear read-out goes (G's MLPs are not linear).
 """
 from __future__ import annotations
 
@@ -66,12 +73,12 @@ def codes(encoder: AppearanceEncoder, images: torch.Tensor, scale2: bool) -> tup
         encoder.scale2 = saved
 
 
-def ridge_mae(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
-    """Ridge from standardized codes, lambda picked on a quarter of the training rows; test MAE."""
+def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """Ridge from standardized codes to y (rows with a NaN left out), lambda picked on a quarter of the
+    training rows; the predictions for x_test."""
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xs, xt = (x_train - mu) / sd, (x_test - mu) / sd
-    keep_tr, keep_te = ~np.isnan(y_train).any(1), ~np.isnan(y_test).any(1)
-    xs, ys, xt, yt = xs[keep_tr], y_train[keep_tr], xt[keep_te], y_test[keep_te]
+    keep = ~np.isnan(y_train).any(1)
+    xs, ys, xt = ((x_train - mu) / sd)[keep], y_train[keep], (x_test - mu) / sd
     cut = len(xs) * 3 // 4
 
     def fit(a: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
@@ -83,8 +90,60 @@ def ridge_mae(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
 
     lams = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
     errors = [np.abs(predict(fit(xs[:cut], ys[:cut], lam), xs[cut:]) - ys[cut:]).mean() for lam in lams]
-    best = lams[int(np.argmin(errors))]
-    return float(np.abs(predict(fit(xs, ys, best), xt) - yt).mean())
+    return predict(fit(xs, ys, lams[int(np.argmin(errors))]), xt)
+
+
+def ridge_mae(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Test MAE of `ridge_predict` over the test rows without a NaN."""
+    keep = ~np.isnan(y_test).any(1)
+    return float(np.abs(ridge_predict(x_train, y_train, x_test[keep]) - y_test[keep]).mean())
+
+
+def part_rgb(meta: synthetic.SyntheticMetadata, records: list, images: torch.Tensor) -> np.ndarray:
+    """The mean RGB ([0, 1]) of every body part (skin .. bag) of each image, (N, P, 3); NaN where hidden."""
+    size = tuple(images.shape[2:])
+    body = range(1, synthetic.PART_NAMES.index("occluder"))
+    out = np.full((len(records), len(body), 3), np.nan)
+    for i, (r, img) in enumerate(zip(records, images)):
+        labels = quality._true_parts(meta, r, r, size)
+        for j, part in enumerate(body):
+            where = labels == part
+            if where.any():
+                out[i, j] = img[:, where].mean(1).numpy()
+    return out
+
+
+def painted(canvas: torch.Tensor, parts: torch.Tensor, colours: np.ndarray) -> torch.Tensor:
+    """`canvas` (N, 3, H, W) with each body part of `parts` (N, H, W) filled flat with `colours` (N, P, 3)."""
+    out = canvas.clone()
+    for i in range(len(out)):
+        for j in range(colours.shape[1]):
+            where = parts[i] == j + 1
+            out[i][:, where] = torch.tensor(colours[i, j], dtype=out.dtype).clamp(0, 1)[:, None]
+    return out
+
+
+def paint_ceiling(cfg: dict, splits, meta: synthetic.SyntheticMetadata, codes_train: dict[str, np.ndarray],
+                  rgb_train: np.ndarray, codes_of: dict) -> dict:
+    """The identity judge's verdict on the test pairs when each of A's body parts is painted, flat, on B's
+    parts with the colour a ridge read-out of a code predicts from A's image: what a decoder that paints
+    exactly the colour a linear read-out of f finds could score. Beside it: A's true part colours painted the
+    same way (swap_fidelity's "A's colours, B's parts"), the thumbnail code and the training mean."""
+    data = quality.fidelity_set(cfg, splits)
+    judge = quality.judge_set(cfg, splits)
+    n, parts = len(data.pairs), rgb_train.shape[1]
+    answers = {"true part colours": quality.part_colours(data.appearance, data.appearance_parts, data.target,
+                                                         data.target_parts),
+               "training mean": painted(data.target, data.target_parts,
+                                        np.broadcast_to(np.nanmean(rgb_train, 0), (n, parts, 3)))}
+    for name, x_train in codes_train.items():
+        x_a = codes_of[name](data.appearance)
+        colours = np.stack([ridge_predict(x_train, rgb_train[:, j], x_a) for j in range(parts)], 1)
+        answers[name] = painted(data.target, data.target_parts, colours)
+    verdicts = quality.identity_judge(answers, judge)
+    return {"chance": verdicts["chance"],
+            **{k: {m: verdicts[k][m] for m in ("top1", "top5", "as_structure", "chroma_top1", "chroma_top5")}
+               for k in answers}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="E_a of this DG-Net run's checkpoint instead of one built from --config")
     p.add_argument("--output_path", default=".", help="with --run: runs are in OUTPUT_PATH/outputs")
     p.add_argument("--which_iter", default="last", help="with --run: the checkpoint")
+    p.add_argument("--judge", action="store_true",
+                   help="also judge the test pairs painted with the part colours a ridge read-out of f predicts")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     start = time.time()
@@ -113,13 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     baseline = float(np.nanmean(np.abs(y_te - np.nanmean(y_tr, 0))))
     rows.append({"code": "training mean (no code)", "dims": 0, "feature_map": None, "mae": baseline})
+    f_train = {}
     for scale2 in (False, True):
         f_tr, fmap = codes(encoder, img_tr, scale2)
         f_te, _ = codes(encoder, img_te, scale2)
+        f_train[scale2] = f_tr
         rows.append({"code": f"E_a's f, input {'2x (scale2)' if scale2 else 'native'}", "dims": f_tr.shape[1],
                      "feature_map": fmap, "mae": ridge_mae(f_tr, y_tr, f_te, y_te)})
-    oracle_tr = F.adaptive_avg_pool2d(img_tr, (8, 4)).flatten(1).numpy()
-    oracle_te = F.adaptive_avg_pool2d(img_te, (8, 4)).flatten(1).numpy()
+
+    def thumbnail(images: torch.Tensor) -> np.ndarray:
+        return F.adaptive_avg_pool2d(images, (8, 4)).flatten(1).numpy()
+
+    oracle_tr, oracle_te = thumbnail(img_tr), thumbnail(img_te)
     rows.append({"code": "oracle: image pooled to 8x4", "dims": oracle_tr.shape[1], "feature_map": [8, 4],
                  "mae": ridge_mae(oracle_tr, y_tr, oracle_te, y_te)})
     print(f"upper/lower garment mean colour (CIELAB) from the code, ridge, {len(train)} training -> {len(test)} "
@@ -128,10 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         fmap = "x".join(map(str, r["feature_map"])) if r["feature_map"] else "-"
         print(f"{r['code']:<34}{r['dims']:>6}  {fmap:>10}  {r['mae']:7.3f}")
+    ceiling = None
+    if args.judge:
+        own = encoder.scale2
+        ceiling = paint_ceiling(cfg, splits, meta, {"E_a's f": f_train[own], "thumbnail 8x4": oracle_tr},
+                                part_rgb(meta, train, img_tr),
+                                {"E_a's f": lambda images: codes(encoder, images, own)[0], "thumbnail 8x4": thumbnail})
+        print(f"\nthe test pairs painted on B's parts with A's part colours as read from a code (chance "
+              f"{ceiling['chance']:.3f})")
+        print(f"{'colours from':<22}{'top-1 A':>9}{'top-5 A':>9}{'judged B':>10}{'chroma top-1':>14}"
+              f"{'chroma top-5':>14}")
+        for k, v in ceiling.items():
+            if k != "chance":
+                print(f"{k:<22}{v['top1']:>9.3f}{v['top5']:>9.3f}{v['as_structure']:>10.3f}{v['chroma_top1']:>14.3f}"
+                      f"{v['chroma_top5']:>14.3f}")
     result = {"benchmark": "appearance_probe", "date": date.today().isoformat(), "torch": torch.__version__,
               "config": args.config, "run": args.run and f"{args.run} at {models.iteration}",
               "pretrained": cfg["pretrained"], "size": list(size),
-              "seconds": round(time.time() - start, 1), "rows": rows,
+              "seconds": round(time.time() - start, 1), "rows": rows, "paint_ceiling": ceiling,
               "command": "python bench/appearance_probe.py " + " ".join(argv or sys.argv[1:])}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -251,3 +251,22 @@ def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert [(r["iteration"], r["split"]) for r in rows] == [(2, "test"), (2, "train")]
     assert all(r["identities"] == 4 and 0 <= r["swap"]["top1"] <= r["swap"]["top5"] <= 1 for r in rows)
     assert rows[0]["appearance_image"] != rows[1]["appearance_image"]  # other people, other pairs
+
+
+def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_path):
+    """bench/appearance_probe.py --run --judge: garment colour read from E_a's f, and the identity judge on the
+    test pairs painted with the part colours read from each code, beside A's true part colours."""
+    output_path, name, _ = tiny_dgnet_run
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, "bench/appearance_probe.py", "--run", name, "--output_path",
+                           str(output_path), "--json", str(out), "--judge"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["code"] for r in result["rows"]][0] == "training mean (no code)"
+    assert all(r["mae"] >= 0 for r in result["rows"])
+    ceiling = result["paint_ceiling"]
+    assert set(ceiling) == {"chance", "true part colours", "training mean", "E_a's f", "thumbnail 8x4"}
+    assert ceiling["chance"] == 0.25  # the tiny data's 4 test identities
+    # A's own part colours on B's parts are A; one flat colour for everyone is not
+    assert ceiling["true part colours"]["top1"] >= 0.75 > ceiling["training mean"]["top1"]
