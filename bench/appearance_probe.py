@@ -19,7 +19,7 @@ With --judge, the identity judge rates what a decoder that paints exactly what a
 finds could score: each of A's body parts (skin .. bag) gets the mean colour a ridge regression from A's
 code predicts (fitted on the training images), flat on B's parts in the true swap; beside it, A's true part
 colours painted the same way (swap_fidelity's "A's colours, B's parts") and the training mean. A ceiling for
-swaps from this f, as far as a linear read-out goes (G's MLPs are not linear).
+swaps from this f as far as a read-out goes: a ridge and a small MLP (G's own MLPs are deeper).
 """
 from __future__ import annotations
 
@@ -99,6 +99,28 @@ def ridge_mae(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     return float(np.abs(ridge_predict(x_train, y_train, x_test[keep]) - y_test[keep]).mean())
 
 
+def mlp_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, epochs: int = 60) -> np.ndarray:
+    """A one-hidden-layer MLP (512, LeakyReLU, input dropout) from standardized codes to y, L1 on the entries
+    that are not NaN, AdamW; a nonlinear read-out beside the ridge's, closer to what G's MLPs can do."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    x = torch.tensor((x_train - mu) / sd, dtype=torch.float32)
+    y = torch.tensor(np.nan_to_num(y_train), dtype=torch.float32)
+    seen = torch.tensor(~np.isnan(y_train), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], 512), torch.nn.LeakyReLU(0.2),
+                              torch.nn.Linear(512, y.shape[1]))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=gen).split(128):
+            loss = ((net(x[batch]) - y[batch]).abs() * seen[batch]).sum() / seen[batch].sum().clamp_min(1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return net.eval()(torch.tensor((x_test - mu) / sd, dtype=torch.float32)).numpy()
+
+
 def part_rgb(meta: synthetic.SyntheticMetadata, records: list, images: torch.Tensor) -> np.ndarray:
     """The mean RGB ([0, 1]) of every body part (skin .. bag) of each image, (N, P, 3); NaN where hidden."""
     size = tuple(images.shape[2:])
@@ -127,8 +149,9 @@ def paint_ceiling(cfg: dict, splits, meta: synthetic.SyntheticMetadata, codes_tr
                   rgb_train: np.ndarray, codes_of: dict) -> dict:
     """The identity judge's verdict on the test pairs when each of A's body parts is painted, flat, on B's
     parts with the colour a ridge read-out of a code predicts from A's image: what a decoder that paints
-    exactly the colour a linear read-out of f finds could score. Beside it: A's true part colours painted the
-    same way (swap_fidelity's "A's colours, B's parts"), the thumbnail code and the training mean."""
+    exactly the colour a linear read-out of f finds could score, and the same with a small MLP's read-out
+    ("..., MLP"). Beside them: A's true part colours painted the same way (swap_fidelity's "A's colours, B's
+    parts"), the thumbnail code and the training mean."""
     data = quality.fidelity_set(cfg, splits)
     judge = quality.judge_set(cfg, splits)
     n, parts = len(data.pairs), rgb_train.shape[1]
@@ -140,6 +163,8 @@ def paint_ceiling(cfg: dict, splits, meta: synthetic.SyntheticMetadata, codes_tr
         x_a = codes_of[name](data.appearance)
         colours = np.stack([ridge_predict(x_train, rgb_train[:, j], x_a) for j in range(parts)], 1)
         answers[name] = painted(data.target, data.target_parts, colours)
+        colours = mlp_predict(x_train, rgb_train.reshape(len(rgb_train), -1), x_a).reshape(-1, parts, 3)
+        answers[f"{name}, MLP"] = painted(data.target, data.target_parts, colours)
     verdicts = quality.identity_judge(answers, judge)
     return {"chance": verdicts["chance"],
             **{k: {m: verdicts[k][m] for m in ("top1", "top5", "as_structure", "chroma_top1", "chroma_top5")}

@@ -266,7 +266,8 @@ def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_pat
     assert [r["code"] for r in result["rows"]][0] == "training mean (no code)"
     assert all(r["mae"] >= 0 for r in result["rows"])
     ceiling = result["paint_ceiling"]
-    assert set(ceiling) == {"chance", "true part colours", "training mean", "E_a's f", "thumbnail 8x4"}
+    assert set(ceiling) == {"chance", "true part colours", "training mean", "E_a's f", "thumbnail 8x4",
+                            "E_a's f, MLP", "thumbnail 8x4, MLP"}
     assert ceiling["chance"] == 0.25  # the tiny data's 4 test identities
     # A's own part colours on B's parts are A; one flat colour for everyone is not
     assert ceiling["true part colours"]["top1"] >= 0.75 > ceiling["training mean"]["top1"]

@@ -127,8 +127,9 @@ def test_dump_and_reread_is_identical(tmp_path):
 def test_a_run_written_before_a_key_existed_keeps_how_it_was_trained(tmp_path):
     """A run's resolved config holds every key it knew: one it lacks was added later, and takes the value
     the run was trained with (utils.ADDED_KEYS), not today's default. A user's own file takes the default."""
-    cfg = load_config(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
+    cfg = load_config(REPO_ROOT / "configs" / "latest.yaml")
     assert cfg["scale2"] is True  # the original's behaviour
+    assert load_config(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")["scale2"] is False
     old = dict(cfg)
     del old["scale2"]
     dump_config(old, tmp_path / "config.yaml")
