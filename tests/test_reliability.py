@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -234,6 +235,23 @@ def test_killed_loader_worker_ends_the_run(tmp_path, data_root):
     # torch notices the death in its SIGCHLD handler (killed by signal) or when the batch is late (exited)
     assert len(lines) == 1 and "data loader worker" in lines[0] and "died" in lines[0], err
     assert "lower num_workers" in lines[0] and "Traceback" not in err
+
+
+def test_after_a_stop_signal_a_dying_workers_eof_is_not_a_traceback(monkeypatch):
+    """Ctrl-C reaches the loader workers too; one that dies while handing over a batch makes multiprocessing's
+    resource-sharer thread raise EOFError. After a stop signal that is dropped; any other thread error is not."""
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    train.quiet_worker_teardown()
+
+    def fail(exc: type[BaseException]) -> None:
+        raise exc()
+
+    for exc in (EOFError, ConnectionResetError, ValueError):
+        worker = threading.Thread(target=fail, args=(exc,))
+        worker.start()
+        worker.join()
+    assert seen == [ValueError]
 
 
 def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
