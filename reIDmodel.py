@@ -249,8 +249,11 @@ def scale2(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest") if x.shape[-2] <= SCALE2_MAX_HEIGHT else x
 
 
-def backbone_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The ResNet's feature map before pooling: (B, C, H/16, W/16) with last stride 1."""
+def backbone_forward(net: nn.Module, x: torch.Tensor, double_small: bool = False) -> torch.Tensor:
+    """The ResNet's feature map before pooling: (B, C, H/16, W/16) with last stride 1; with `double_small`,
+    of the input after `scale2`."""
+    if double_small:
+        x = scale2(x)
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
@@ -321,7 +324,7 @@ class AppearanceEncoder(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map of (B, 3, H, W) normalized images, doubled first with `scale2`."""
-        return backbone_forward(self.model, scale2(x) if self.scale2 else x)
+        return backbone_forward(self.model, x, self.scale2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalized -> f (B, 4*C) detached, logits1 (B, classes), logits2 (B, classes)."""
@@ -355,7 +358,7 @@ class Teacher(nn.Module):
                                      baseline_bn_init=True)
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(backbone_forward(self.model, scale2(x) if self.scale2 else x), 1).flatten(1)
+        return F.adaptive_avg_pool2d(backbone_forward(self.model, x, self.scale2), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self._pooled(x))

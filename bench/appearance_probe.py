@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -46,19 +47,24 @@ from visualize import load_run  # noqa: E402
 PARTS = ("upper", "lower")
 
 
-def targets(meta: synthetic.SyntheticMetadata, records: list, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-    """Images [0, 1] (N, 3, H, W) and their upper/lower mean Lab colours (N, 6); NaN where a part is hidden."""
+def load(meta: synthetic.SyntheticMetadata, records: list, size: tuple[int, int]
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [0, 1] (N, 3, H, W) and their part labels (N, H, W), each drawn once."""
     images = torch.stack([quality.load_unit(r.path, size) for r in records])
+    return images, torch.stack([quality._true_parts(meta, r, r, size) for r in records])
+
+
+def targets(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """The upper/lower mean Lab colours of each image (N, 6); NaN where a part is hidden."""
     ys = []
-    for r, img in zip(records, images):
-        labels = quality._true_parts(meta, r, r, size)
+    for img, parts in zip(images, labels):
         lab = quality.srgb_to_lab(img.permute(1, 2, 0))
         row = []
         for part in PARTS:
-            where = labels == synthetic.PART_NAMES.index(part)
+            where = parts == synthetic.PART_NAMES.index(part)
             row += lab[where].mean(0).tolist() if where.any() else [float("nan")] * 3
         ys.append(row)
-    return images, np.array(ys)
+    return np.array(ys)
 
 
 @torch.no_grad()
@@ -121,15 +127,13 @@ def mlp_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, ep
         return net.eval()(torch.tensor((x_test - mu) / sd, dtype=torch.float32)).numpy()
 
 
-def part_rgb(meta: synthetic.SyntheticMetadata, records: list, images: torch.Tensor) -> np.ndarray:
+def part_rgb(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """The mean RGB ([0, 1]) of every body part (skin .. bag) of each image, (N, P, 3); NaN where hidden."""
-    size = tuple(images.shape[2:])
     body = range(1, synthetic.PART_NAMES.index("occluder"))
-    out = np.full((len(records), len(body), 3), np.nan)
-    for i, (r, img) in enumerate(zip(records, images)):
-        labels = quality._true_parts(meta, r, r, size)
+    out = np.full((len(images), len(body), 3), np.nan)
+    for i, (img, parts) in enumerate(zip(images, labels)):
         for j, part in enumerate(body):
-            where = labels == part
+            where = parts == part
             if where.any():
                 out[i, j] = img[:, where].mean(1).numpy()
     return out
@@ -145,13 +149,13 @@ def painted(canvas: torch.Tensor, parts: torch.Tensor, colours: np.ndarray) -> t
     return out
 
 
-def paint_ceiling(cfg: dict, splits, meta: synthetic.SyntheticMetadata, codes_train: dict[str, np.ndarray],
-                  rgb_train: np.ndarray, codes_of: dict) -> dict:
+def paint_ceiling(cfg: dict, splits, read: dict[str, tuple[np.ndarray, Callable[[torch.Tensor], np.ndarray]]],
+                  rgb_train: np.ndarray) -> dict:
     """The identity judge's verdict on the test pairs when each of A's body parts is painted, flat, on B's
     parts with the colour a ridge read-out of a code predicts from A's image: what a decoder that paints
     exactly the colour a linear read-out of f finds could score, and the same with a small MLP's read-out
     ("..., MLP"). Beside them: A's true part colours painted the same way (swap_fidelity's "A's colours, B's
-    parts"), the thumbnail code and the training mean."""
+    parts") and the training mean. `read`: name -> (the training images' codes, the code of images)."""
     data = quality.fidelity_set(cfg, splits)
     judge = quality.judge_set(cfg, splits)
     n, parts = len(data.pairs), rgb_train.shape[1]
@@ -159,8 +163,8 @@ def paint_ceiling(cfg: dict, splits, meta: synthetic.SyntheticMetadata, codes_tr
                                                          data.target_parts),
                "training mean": painted(data.target, data.target_parts,
                                         np.broadcast_to(np.nanmean(rgb_train, 0), (n, parts, 3)))}
-    for name, x_train in codes_train.items():
-        x_a = codes_of[name](data.appearance)
+    for name, (x_train, code) in read.items():
+        x_a = code(data.appearance)
         colours = np.stack([ridge_predict(x_train, rgb_train[:, j], x_a) for j in range(parts)], 1)
         answers[name] = painted(data.target, data.target_parts, colours)
         colours = mlp_predict(x_train, rgb_train.reshape(len(rgb_train), -1), x_a).reshape(-1, parts, 3)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_path", default=".", help="with --run: runs are in OUTPUT_PATH/outputs")
     p.add_argument("--which_iter", default="last", help="with --run: the checkpoint")
     p.add_argument("--judge", action="store_true",
-                   help="also judge the test pairs painted with the part colours a ridge read-out of f predicts")
+                   help="also judge the test pairs painted with the part colours read out of f (ridge, MLP)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     start = time.time()
@@ -193,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = synthetic.load_metadata(cfg["data_root"])
     train = sorted((r for r in splits.train if r.pid > 0), key=lambda r: r.path)
     test = quality._test_people(splits)
-    img_tr, y_tr = targets(meta, train, size)
-    img_te, y_te = targets(meta, test, size)
+    img_tr, parts_tr = load(meta, train, size)
+    img_te, parts_te = load(meta, test, size)
+    y_tr, y_te = targets(img_tr, parts_tr), targets(img_te, parts_te)
     encoder = models.appearance_encoder if args.run else build_appearance_encoder(cfg, splits.num_classes).eval()
     rows = []
     baseline = float(np.nanmean(np.abs(y_te - np.nanmean(y_tr, 0))))
@@ -222,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = None
     if args.judge:
         own = encoder.scale2
-        ceiling = paint_ceiling(cfg, splits, meta, {"E_a's f": f_train[own], "thumbnail 8x4": oracle_tr},
-                                part_rgb(meta, train, img_tr),
-                                {"E_a's f": lambda images: codes(encoder, images, own)[0], "thumbnail 8x4": thumbnail})
+        ceiling = paint_ceiling(cfg, splits, {"E_a's f": (f_train[own], lambda x: codes(encoder, x, own)[0]),
+                                              "thumbnail 8x4": (oracle_tr, thumbnail)}, part_rgb(img_tr, parts_tr))
         print(f"\nthe test pairs painted on B's parts with A's part colours as read from a code (chance "
               f"{ceiling['chance']:.3f})")
         print(f"{'colours from':<22}{'top-1 A':>9}{'top-5 A':>9}{'judged B':>10}{'chroma top-1':>14}"
