@@ -35,6 +35,7 @@ from data.loaders import (
     TrainSet,
     build_dgnet_loaders,
     build_teacher_loader,
+    close_loaders,
     image_size,
     load_splits,
     worker_death,
@@ -708,9 +709,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                 raise as_user_error(err, resume_hint) from None
             raise
         finally:
+            close_loaders(loaders.values())  # first: afterwards a worker's death can no longer raise here
             writer.close()
-            for loader in loaders.values():
-                loader.close()
     if dist.world_size > 1:
         prints = dist.gather(parameter_fingerprints(trainer))
         if any(p != prints[0] for p in prints):
@@ -735,6 +735,7 @@ def rescue(snapshots: Snapshots, loaders: dict[str, Any], done: int, losses: dic
     others are elsewhere in their iteration); nothing when a snapshot of `done` exists or none ran yet."""
     if dist.world_size > 1 or not losses or checkpoint_path(snapshots.run_dir, done).is_file():
         return
+    close_loaders(loaders.values())  # a dead worker's late SIGCHLD check must not stop the save
     for loader in loaders.values():
         loader.load_state_dict({"batches_taken": done})
     try:

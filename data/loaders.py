@@ -20,9 +20,10 @@ import gc
 import multiprocessing
 import re
 import signal
+import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,48 @@ def worker_death(err: BaseException) -> str | None:
     m = _WORKER_DIED.search(str(err))
     if not isinstance(err, RuntimeError) or m is None:
         return None
-    how = m.group(2).rstrip(".").replace("is killed by signal: ", "killed by signal: ")
+    return _died(m.group(1).strip(), m.group(2).rstrip(".").replace("is killed by signal: ", "killed by signal: "))
+
+
+def _died(pid: str, how: str) -> str:
     if "Killed" in how:
         how += ", usually by the out-of-memory killer"
-    return (f"a data loader worker (pid {m.group(1).strip()}) died ({how}); lower num_workers or batch_size, "
-            "then resume")
+    return f"a data loader worker (pid {pid}) died ({how}); lower num_workers or batch_size, then resume"
+
+
+def dead_worker(iterator: Any, wait_s: float = 2.0) -> str | None:
+    """The one-line explanation when one of `iterator`'s workers has died, else None.
+
+    For a receive that broke (a reset connection, an EOF): a worker killed while handing over a batch
+    breaks the handover before the kernel reports the worker dead, so torch's own check, made at once,
+    can still find every worker alive. Waiting up to `wait_s` in all lets the death show.
+    """
+    deadline = time.monotonic() + wait_s
+    try:
+        for worker in getattr(iterator, "_workers", []):
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.exitcode is not None:
+                code = worker.exitcode
+                how = f"killed by signal: {signal.strsignal(-code)}" if code < 0 else f"exited with code {code}"
+                return _died(str(worker.pid), how)
+    except RuntimeError as err:  # torch's SIGCHLD check saw the death first, while we waited
+        report = worker_death(err)
+        if report is None:
+            raise
+        return report
+    return None
+
+
+def close_loaders(loaders: Iterable[Any]) -> None:
+    """Close every loader, even when torch's SIGCHLD check raises partway because a worker died a moment
+    ago: the run is already ending, on an error that says so or at its end, and torch still deregisters
+    and ends the workers on its way out."""
+    for loader in loaders:
+        try:
+            loader.close()
+        except RuntimeError as err:
+            if worker_death(err) is None:
+                raise
 
 
 def shut_down(iterator: Any) -> None:
@@ -243,8 +281,10 @@ class ResumableLoader:
             self._iterator = self._start()
         try:
             batch = next(self._iterator)
-        except RuntimeError as err:
-            died = worker_death(err)
+        except (RuntimeError, OSError, EOFError) as err:
+            # torch's report of a dead worker, or a handover that its worker's death broke (a reset
+            # connection, an EOF); a real I/O error stays itself
+            died = worker_death(err) or (None if isinstance(err, RuntimeError) else dead_worker(self._iterator))
             if died is None:
                 raise
             raise UserError(died) from None

@@ -1,9 +1,13 @@
 """DG-Net's loaders: items, positives, erased views, determinism across workers, exact resume, bad input."""
 from __future__ import annotations
 
+import errno
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 
@@ -18,6 +22,8 @@ from data.loaders import (
     build_dgnet_loaders,
     build_teacher_loader,
     build_test_loader,
+    close_loaders,
+    dead_worker,
     load_splits,
 )
 from data.transforms import random_erasing, train_transform
@@ -249,3 +255,64 @@ def test_a_worker_lets_the_first_sigterm_pass_and_dies_of_the_second():
         assert proc.wait(timeout=10) == -signal.SIGTERM
     finally:
         proc.kill()
+
+
+class BrokenHandover:
+    """What torch's worker iterator does when a worker is killed while handing a batch over: the receive
+    breaks (the worker's end of the connection is gone) before the kernel reports the worker dead."""
+
+    def __init__(self, workers):
+        self._workers = workers
+
+    def __next__(self):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+def test_a_handover_broken_by_a_killed_worker_names_the_worker(market):
+    """Not "Connection reset by peer; free space or fix the folder": the worker's death, with what to do."""
+    cfg = config(market)
+    loader = build_teacher_loader(cfg, load_splits(cfg), identity_sampler=False)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+    worker.start()
+    os.kill(worker.pid, signal.SIGKILL)  # not waited for: the loader must wait for the death to show
+    loader._iterator = BrokenHandover([worker])
+    with pytest.raises(UserError, match=rf"worker \(pid {worker.pid}\) died \(killed by signal: Killed, usually by "
+                                        r"the out-of-memory killer\); lower num_workers"):
+        next(loader)
+    assert loader.state_dict() == {"batches_taken": 0}
+
+
+def test_a_broken_receive_with_every_worker_alive_stays_itself(market):
+    cfg = config(market)
+    loader = build_teacher_loader(cfg, load_splits(cfg), identity_sampler=False)
+    loader._iterator = BrokenHandover([])
+    with pytest.raises(ConnectionResetError):
+        next(loader)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+    worker.start()
+    try:
+        assert dead_worker(BrokenHandover([worker]), wait_s=0.2) is None
+    finally:
+        worker.kill()
+        worker.join()
+
+
+class Closing:
+    def __init__(self, error=None):
+        self.error, self.closed = error, False
+
+    def close(self):
+        self.closed = True
+        if self.error:
+            raise self.error
+
+
+def test_closing_loaders_outlasts_a_late_worker_death_report():
+    """torch's SIGCHLD check can report a worker killed a moment ago while the loaders are being closed;
+    every loader is still closed and the report does not replace the run's own ending. Other errors stay."""
+    late = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    loaders = [Closing(late), Closing()]
+    close_loaders(loaders)
+    assert all(loader.closed for loader in loaders)
+    with pytest.raises(RuntimeError, match="unrelated"):
+        close_loaders([Closing(RuntimeError("unrelated"))])
