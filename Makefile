@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev test lint quickstart quickstart-dgnet visuals bench clean-quickstart
+.PHONY: install install-dev test lint quickstart quickstart-run visuals bench clean-quickstart
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,25 +30,27 @@ lint: install-dev
 
 # Synthetic pedestrians, a small teacher and its evaluation, then a small DG-Net, its appearance encoder's
 # evaluation (beside the teacher's: DG-Net's claim is that joint training beats it) and its swaps. On the
-# CPU: configs/quickstart/dgnet.yaml, 160 iterations, under 10 minutes on 2 cores, into outputs/quickstart.
-# On a GPU: configs/quickstart/dgnet_gpu.yaml, 4,800 iterations, into outputs/quickstart-gpu. Re-running
-# reuses the runs in outputs/.
+# CPU: configs/quickstart/{teacher,dgnet}.yaml, 60 training identities and 160 DG-Net iterations, under 10
+# minutes on 2 cores, into outputs/quickstart-teacher and outputs/quickstart. On a GPU:
+# configs/quickstart/{teacher,dgnet}_gpu.yaml, 3,000 training identities and 4,800 iterations, into
+# outputs/quickstart-gpu-teacher and outputs/quickstart-gpu. Re-running reuses the runs in outputs/.
 QUICK := $(BIN)/python
 resume_if = $(if $(wildcard outputs/$(1)/checkpoints/*.pt),--resume,)
 # `gpu` when torch sees a CUDA GPU (asked when a recipe runs, after the install)
 ON_GPU = $$($(QUICK) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 quickstart: install
-	$(QUICK) -m data --config configs/quickstart/dgnet.yaml
-	$(QUICK) train.py --config configs/quickstart/teacher.yaml --trainer baseline --name quickstart-teacher \
-		$(call resume_if,quickstart-teacher)
-	$(QUICK) test.py --name quickstart-teacher
-	@if [ "$(ON_GPU)" = gpu ]; then $(MAKE) --no-print-directory quickstart-dgnet QS_CONFIG=dgnet_gpu \
-		QS_NAME=quickstart-gpu; else $(MAKE) --no-print-directory quickstart-dgnet; fi
+	@if [ "$(ON_GPU)" = gpu ]; then $(MAKE) --no-print-directory quickstart-run QS_SUFFIX=_gpu \
+		QS_TEACHER=quickstart-gpu-teacher QS_NAME=quickstart-gpu; else $(MAKE) --no-print-directory quickstart-run; fi
 
-QS_CONFIG ?= dgnet
+QS_SUFFIX ?=
+QS_TEACHER ?= quickstart-teacher
 QS_NAME ?= quickstart
-quickstart-dgnet: install
-	$(QUICK) train.py --config configs/quickstart/$(QS_CONFIG).yaml --name $(QS_NAME) $(call resume_if,$(QS_NAME))
+quickstart-run: install
+	$(QUICK) -m data --config configs/quickstart/dgnet$(QS_SUFFIX).yaml
+	$(QUICK) train.py --config configs/quickstart/teacher$(QS_SUFFIX).yaml --trainer baseline --name $(QS_TEACHER) \
+		$(call resume_if,$(QS_TEACHER))
+	$(QUICK) test.py --name $(QS_TEACHER)
+	$(QUICK) train.py --config configs/quickstart/dgnet$(QS_SUFFIX).yaml --name $(QS_NAME) $(call resume_if,$(QS_NAME))
 	$(QUICK) test.py --name $(QS_NAME)
 	$(QUICK) visualize.py metrics --name $(QS_NAME)
 	@echo
@@ -63,7 +65,8 @@ visuals: install
 	$(QUICK) visualize.py metrics --name $$name
 
 clean-quickstart:
-	rm -rf outputs/quickstart outputs/quickstart-gpu outputs/quickstart-teacher datasets/synthetic
+	rm -rf outputs/quickstart outputs/quickstart-gpu outputs/quickstart-teacher outputs/quickstart-gpu-teacher \
+		datasets/synthetic datasets/synthetic-3k
 
 bench: install
 	$(BIN)/python bench/synthetic_bench.py

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The quickstart on a GPU, end to end, in about 10 minutes on an H100 (not yet timed; 6-7 DG-Net iterations/s
-# there at gen.dim 8, BENCHMARKS.md 2026-11-23): synthetic data, the quickstart teacher and its R1/mAP, DG-Net at
-# configs/quickstart/dgnet_gpu.yaml (what `make quickstart` trains on a GPU: 4,800 iterations with the
-# original's proportions), E_a's R1/mAP beside the teacher's, then `visualize.py metrics` (swap fidelity
-# and the identity judge) and the swap grids. Everything it makes goes to OUTDIR:
-#   OUTDIR/work/       datasets and runs (outputs/quickstart-teacher, outputs/quickstart-gpu)
+# there at gen.dim 8, BENCHMARKS.md 2026-11-23): what `make quickstart` does on a GPU. Synthetic data with
+# 3,000 training identities, the teacher of configs/quickstart/teacher_gpu.yaml and its R1/mAP, DG-Net at
+# configs/quickstart/dgnet_gpu.yaml (4,800 iterations with the original's proportions), E_a's R1/mAP beside
+# the teacher's, then `visualize.py metrics` (swap fidelity and the identity judge) and the swap grids.
+# Everything it makes goes to OUTDIR:
+#   OUTDIR/work/       datasets and runs (outputs/quickstart-gpu-teacher, outputs/quickstart-gpu)
 #   OUTDIR/*.json      teacher.json, dgnet_reid.json, generation.json, summary.json
 #   OUTDIR/*.jpg       the training grids of the last iteration, swap.jpg, rainbow.jpg
 #   OUTDIR/*.log       each step's console output
@@ -29,7 +30,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python}
 WORK="$OUT/work"
 DATA="$WORK/datasets/synthetic"
-TEACHER="$WORK/outputs/quickstart-teacher"
+TEACHER_RUN=quickstart-gpu-teacher
+TEACHER="$WORK/outputs/$TEACHER_RUN"
 RUN=quickstart-gpu
 mkdir -p "$WORK"
 cd "$REPO"
@@ -38,7 +40,7 @@ CONFIG=configs/quickstart/dgnet_gpu.yaml
 CONFIG_ITERS=4800  # its max_iter
 if [ "${QUICKSTART_TINY:-0}" = "1" ]; then
     ITERS=${QUICKSTART_ITERS:-2}
-    DATA_OPTS=(synthetic.ids=8 synthetic.images_per_id=6)
+    DATA_OPTS=(synthetic.ids=8 synthetic.test_ids=4 synthetic.images_per_id=6)
     TEACHER_OPTS=(max_iter=2 step_size=2 snapshot_save_iter=2 log_iter=1 batch_size=8 num_workers=0)
     # the conftest's tiny networks: the CPU smoke run checks the wiring, not the results
     DGNET_OPTS=(batch_size=4 num_workers=0 gen.dim=4 gen.mlp_dim=16 dis.dim=8 dis.n_res=1 display_size=2)
@@ -78,10 +80,10 @@ train_timeout() {  # the time DG-Net's training may take, as a `timeout` prefix 
     fi
 }
 
-step data "$PY" -m data --config configs/quickstart/dgnet.yaml --opts "${COMMON[@]}"
-step teacher "$PY" train.py --config configs/quickstart/teacher.yaml --trainer baseline --name quickstart-teacher \
+step data "$PY" -m data --config "$CONFIG" --opts "${COMMON[@]}"
+step teacher "$PY" train.py --config configs/quickstart/teacher_gpu.yaml --trainer baseline --name "$TEACHER_RUN" \
     --output_path "$WORK" --opts "${COMMON[@]}" "${TEACHER_OPTS[@]}"
-step teacher_test "$PY" test.py --name quickstart-teacher --output_path "$WORK"
+step teacher_test "$PY" test.py --name "$TEACHER_RUN" --output_path "$WORK"
 # shellcheck disable=SC2046  # the timeout prefix is words
 step dgnet $(train_timeout) "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
     "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" \

@@ -232,11 +232,32 @@ def test_gpu_quickstart_config_has_the_scripts_proportions():
     assert cfg["warm_scale"] == pytest.approx(2 / (iters // 10))
     assert cfg["log_iter"] == cfg["fidelity_iter"] == iters // 6
     assert cfg["image_save_iter"] == cfg["snapshot_save_iter"] == iters
-    # the same recipe and sizes as the CPU quickstart, only wider G and longer
+    # the same recipe and sizes as the CPU quickstart, only more training identities (with their own teacher),
+    # wider G and longer
     differs = {k for k in cfg if cfg[k] != cpu[k]}
-    assert differs == {"num_workers", "gen", "max_iter", "warm_iter", "warm_teacher_iter", "warm_scale", "step_size",
-                       "log_iter", "fidelity_iter", "image_display_iter", "image_save_iter", "snapshot_save_iter"}
+    assert differs == {"data_root", "synthetic", "teacher", "pretrained", "num_workers", "gen", "max_iter", "warm_iter",
+                       "warm_teacher_iter", "warm_scale", "step_size", "log_iter", "fidelity_iter",
+                       "image_display_iter", "image_save_iter", "snapshot_save_iter"}
     assert {k for k in cfg["gen"] if cfg["gen"][k] != cpu["gen"][k]} == {"dim"}
+    assert {k for k in cfg["synthetic"] if cfg["synthetic"][k] != cpu["synthetic"][k]} == {"ids", "test_ids",
+                                                                                            "images_per_id"}
+    assert cfg["data_root"] != cpu["data_root"]  # the two datasets live side by side
+
+
+def test_gpu_quickstart_teacher_is_the_cpu_recipe_on_the_gpu_data():
+    """configs/quickstart/teacher_gpu.yaml trains the CPU quickstart teacher's recipe on dgnet_gpu.yaml's data,
+    longer, into the run that dgnet_gpu.yaml takes its teacher and E_a's start from."""
+    quick = REPO_ROOT / "configs" / "quickstart"
+    gpu, cpu = load_config(quick / "teacher_gpu.yaml"), load_config(quick / "teacher.yaml")
+    dgnet = load_config(quick / "dgnet_gpu.yaml")
+    assert gpu["data_root"] == dgnet["data_root"] and gpu["synthetic"] == dgnet["synthetic"]
+    assert dgnet["teacher"] == dgnet["pretrained"] == "outputs/quickstart-gpu-teacher"
+    assert gpu["pretrained"] == "none" and gpu["max_iter"] == 2000 and gpu["step_size"] == 2000 * 76 // 100
+    # what the baseline trainer reads is the CPU teacher's, apart from the data and the schedule
+    generator_only = {"gen", "warm_iter", "warm_teacher_iter", "warm_scale", "fidelity_iter", "image_display_iter",
+                      "image_save_iter", "teacher"}
+    assert {k for k in gpu if gpu[k] != cpu[k]} - generator_only == {
+        "data_root", "synthetic", "num_workers", "max_iter", "step_size", "snapshot_save_iter", "log_iter"}
 
 
 def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
