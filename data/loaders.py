@@ -284,7 +284,7 @@ class ResumableLoader:
         except (RuntimeError, OSError, EOFError) as err:
             # torch's report of a dead worker, or a handover that its worker's death broke (a reset
             # connection, an EOF); a real I/O error stays itself
-            died = worker_death(err) or (None if isinstance(err, RuntimeError) else dead_worker(self._iterator))
+            died = worker_death(err) if isinstance(err, RuntimeError) else dead_worker(self._iterator)
             if died is None:
                 raise
             raise UserError(died) from None
