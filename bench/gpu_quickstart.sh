@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The quickstart on a GPU, end to end, in about 10 minutes on an H100 (not yet timed; 6-7 DG-Net iterations/s
-# there at gen.dim 8, BENCHMARKS.md 2026-11-23): what `make quickstart` does on a GPU. Synthetic data with
+# The quickstart on a GPU, end to end, in about 15 minutes on an H100 (not yet timed: the teacher's 8,000
+# iterations at the 60-100 iterations/s and DG-Net at the 6-7 iterations/s measured there at gen.dim 8,
+# BENCHMARKS.md 2026-11-23): what `make quickstart` does on a GPU. Synthetic data with
 # 3,000 training identities, the teacher of configs/quickstart/teacher_gpu.yaml and its R1/mAP, DG-Net at
 # configs/quickstart/dgnet_gpu.yaml (4,800 iterations with the original's proportions), E_a's R1/mAP beside
 # the teacher's, then `visualize.py metrics` (swap fidelity and the identity judge) and the swap grids.

@@ -252,7 +252,7 @@ def test_gpu_quickstart_teacher_is_the_cpu_recipe_on_the_gpu_data():
     dgnet = load_config(quick / "dgnet_gpu.yaml")
     assert gpu["data_root"] == dgnet["data_root"] and gpu["synthetic"] == dgnet["synthetic"]
     assert dgnet["teacher"] == dgnet["pretrained"] == "outputs/quickstart-gpu-teacher"
-    assert gpu["pretrained"] == "none" and gpu["max_iter"] == 2000 and gpu["step_size"] == 2000 * 76 // 100
+    assert gpu["pretrained"] == "none" and gpu["max_iter"] == 8000 and gpu["step_size"] == 8000 * 76 // 100
     # what the baseline trainer reads is the CPU teacher's, apart from the data and the schedule
     generator_only = {"gen", "warm_iter", "warm_teacher_iter", "warm_scale", "fidelity_iter", "image_display_iter",
                       "image_save_iter", "teacher"}
