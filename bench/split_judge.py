@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import quality  # noqa: E402
 from data.datasets import DatasetSplits  # noqa: E402
 from data.loaders import load_splits  # noqa: E402
-from utils import run_folder  # noqa: E402
+from utils import UserError, one_line, run_folder  # noqa: E402
 from visualize import load_run  # noqa: E402
 
 TRAIN_SEED = 1  # the training pairs' seed: its own judge cache file beside the test split's (seed 0)
@@ -63,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     run_dir = run_folder(args.output_path, args.name)
     rows = []
-    for which in args.which_iter:
-        models = load_run(run_dir, which, [], torch.device("cpu"))
-        splits = load_splits(models.cfg)
-        for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED)):
-            rows.append({"iteration": models.iteration, "split": split, **judge_row(models, view, seed)})
+    try:
+        for which in args.which_iter:
+            models = load_run(run_dir, which, [], torch.device("cpu"))
+            splits = load_splits(models.cfg)
+            for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED)):
+                rows.append({"iteration": models.iteration, "split": split, **judge_row(models, view, seed)})
+    except UserError as err:  # a missing run or checkpoint: one line, as the project's commands print it
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     print(f"{'iteration':>9} {'split':<6} {'ids':>4} {'A top-1':>8} {'A top-5':>8} {'B':>6} {'chroma A':>9} "
           f"{'chroma B':>9} {'rebuilt B':>10} {'chroma':>7} {'appearance image A':>19}")
     for r in rows:

@@ -274,6 +274,16 @@ def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert rows[0]["appearance_image"] != rows[1]["appearance_image"]  # other people, other pairs
 
 
+def test_split_judge_names_a_missing_checkpoint_in_one_line(tiny_dgnet_run, tmp_path):
+    output_path, name, _ = tiny_dgnet_run
+    out = tmp_path / "split.json"
+    proc = subprocess.run([sys.executable, "bench/split_judge.py", "--name", name, "--output_path", str(output_path),
+                           "--which_iter", "999", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.startswith("error: no checkpoint of iteration 999") and proc.stderr.count("\n") == 1
+
+
 def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_path):
     """bench/appearance_probe.py --run --judge: garment colour read from E_a's f, and the identity judge on the
     test pairs painted with the part colours read from each code, beside A's true part colours."""
