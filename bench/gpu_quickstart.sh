@@ -16,10 +16,10 @@
 #
 # PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
 # (the warm-ups and decay follow it in the config's proportions). QUICKSTART_LIMIT (or GPU_RUN_STEP_LIMIT,
-# which bench/gpu_run.sh sets) is the whole script's time in seconds: DG-Net's training then stops itself
-# (SIGTERM: it finishes the iteration and saves) early enough to leave QUICKSTART_RESERVE (90) s for the
-# evaluation, the metrics and the grids, which then use the last checkpoint. The script stops at the first
-# failing step.
+# which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's training then stops
+# itself after at most a third of the time left, DG-Net's early enough to leave QUICKSTART_RESERVE (90) s for
+# the evaluation, the metrics and the grids (SIGTERM: train.py finishes the iteration and saves; what follows
+# uses that last checkpoint). The script stops at the first failing step.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -74,21 +74,25 @@ step() {  # step NAME COMMAND...: run, keep the console output in OUTDIR/NAME.lo
 
 LIMIT=${QUICKSTART_LIMIT:-${GPU_RUN_STEP_LIMIT:-0}}  # 0: no limit
 RESERVE=${QUICKSTART_RESERVE:-90}
-train_timeout() {  # the time DG-Net's training may take, as a `timeout` prefix (none without a limit)
+train_timeout() {  # train_timeout N: 1/N of the time left before the reserve, as a `timeout` prefix for a
+    # training step (none without a limit)
     if [ "$LIMIT" -gt 0 ]; then
-        local left=$((LIMIT - SECONDS - RESERVE))
+        local left=$(((LIMIT - SECONDS - RESERVE) / $1))
         echo timeout -s TERM -k 60 $((left > 30 ? left : 30))
     fi
 }
+limit_stopped() {  # after a training step failed with code $1: go on from its save if the limit stopped it
+    [ "$1" = 124 ] || [ "$1" = 143 ] || exit "$1"
+}
 
 step data "$PY" -m data --config "$CONFIG" --opts "${COMMON[@]}"
-step teacher "$PY" train.py --config configs/quickstart/teacher_gpu.yaml --trainer baseline --name "$TEACHER_RUN" \
-    --output_path "$WORK" --opts "${COMMON[@]}" "${TEACHER_OPTS[@]}"
+# shellcheck disable=SC2046  # the timeout prefixes are words
+step teacher $(train_timeout 3) "$PY" train.py --config configs/quickstart/teacher_gpu.yaml --trainer baseline \
+    --name "$TEACHER_RUN" --output_path "$WORK" --opts "${COMMON[@]}" "${TEACHER_OPTS[@]}" || limit_stopped $?
 step teacher_test "$PY" test.py --name "$TEACHER_RUN" --output_path "$WORK"
-# shellcheck disable=SC2046  # the timeout prefix is words
-step dgnet $(train_timeout) "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
-    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" \
-    || { rc=$?; [ $rc = 124 ] || [ $rc = 143 ] || exit $rc; }  # stopped by the limit: go on from its save
+# shellcheck disable=SC2046
+step dgnet $(train_timeout 1) "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
+    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" || limit_stopped $?
 REACHED=$(ls "$WORK/outputs/$RUN/checkpoints/" | sed -n 's/^0*\([0-9][0-9]*\)\.pt$/\1/p' | sort -n | tail -1)
 step dgnet_test "$PY" test.py --name "$RUN" --output_path "$WORK"
 step metrics "$PY" visualize.py metrics --name "$RUN" --output_path "$WORK"
