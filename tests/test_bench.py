@@ -302,3 +302,40 @@ def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_pat
     assert ceiling["chance"] == 0.25  # the tiny data's 4 test identities
     # A's own part colours on B's parts are A; one flat colour for everyone is not
     assert ceiling["true part colours"]["top1"] >= 0.75 > ceiling["training mean"]["top1"]
+
+
+def test_part_judge_fits_recover_known_colour_mixes():
+    """bench/part_judge.py's fits: a swap whose a*b* is 0.5 A + 0.25 B + a constant gives those coefficients;
+    a washed-out copy of A has slope 0.5 and correlation 1."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import part_judge
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 2, generator=gen) * 20, torch.randn(40, 2, generator=gen) * 20
+    assert part_judge.joint_fit(a, b, 0.5 * a + 0.25 * b + 3) == pytest.approx((0.5, 0.25), abs=1e-6)
+    assert part_judge.slope_and_correlation(a, 0.5 * a + 7) == pytest.approx((0.5, 1.0), abs=1e-6)
+    slope, corr = part_judge.slope_and_correlation(a, b)  # unrelated colours
+    assert abs(slope) < 0.5 and abs(corr) < 0.5
+
+
+def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
+    """bench/part_judge.py on a run: one row per body part, shares that add up over the parts, and counterfactual
+    judge figures in [0, 1]."""
+    output_path, name, _ = tiny_dgnet_run
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, "bench/part_judge.py", "--name", name, "--output_path", str(output_path),
+                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["checkpoints"]
+    assert result["iteration"] == 2 and result["chance"] == 0.25
+    parts = result["parts"]
+    assert [r["part"] for r in parts] == ["skin", "hair", "upper", "lower", "shoes", "bag"]
+    assert sum(r["share"] for r in parts) == pytest.approx(1.0, abs=1e-5)
+    assert all(0 <= r["true_part"] <= 1 and 0 <= r["only_part_drawn"] <= 1 for r in parts)
+    assert all(r["error"] >= 0 and -1 <= r["correlation_a"] <= 1 for r in parts if "error" in r)
+    missing = subprocess.run([sys.executable, "bench/part_judge.py", "--name", name, "--output_path",
+                              str(output_path), "--which_iter", "999"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
