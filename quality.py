@@ -540,14 +540,20 @@ def judge_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, see
     return judge
 
 
-def judge_distances(images: torch.Tensor, judge: JudgeSet) -> tuple[torch.Tensor, torch.Tensor]:
+def judge_distances(images: torch.Tensor, judge: JudgeSet,
+                    parts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) distances of each image (N, 3, H, W; [0, 1]) to each candidate identity drawn in its pair's
     structure, in full CIELAB and on chroma alone: over the candidate's own body parts, the colour difference
     (CIE76 Delta E; a*b* alone for chroma) between the image's and the candidate's mean colour of that part,
-    weighted by the part's share of the candidate's person pixels."""
+    weighted by the part's share of the candidate's person pixels. `parts`: the body-part labels to judge
+    on (synthetic.PART_NAMES indices, e.g. (3, 4) for the garments); all of them when None."""
     if judge.bins is None:  # the same for every image judged against this set
         judge.bins = _part_bins(judge.candidate_parts)
     means, counts = part_means_lab(images, judge.candidate_parts, judge.bins)
+    if parts is not None:  # counts are over labels 1..P: keep the chosen ones' weights
+        chosen = torch.zeros(counts.shape[-1], dtype=torch.bool)
+        chosen[[p - 1 for p in parts]] = True
+        counts = counts * chosen
     diff = means - judge.candidate_lab
     weights = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     return (diff.norm(dim=-1) * weights).sum(-1), (diff[..., 1:].norm(dim=-1) * weights).sum(-1)

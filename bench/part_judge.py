@@ -4,7 +4,8 @@ down, and whether a part's colour comes from A's code, from B's structure image,
     python bench/part_judge.py --name RUN [--output_path P] [--which_iter N ...] [--json FILE]
 
 Synthetic data only; the seeded test pairs and candidates of `visualize.py metrics`. For each body part (skin,
-hair, upper, lower, shoes, bag), over the pairs whose true swap shows it:
+hair, upper, lower, shoes, bag), over the pairs where both the true swap and B's own image show it (a bag, a
+cap, sleeves and skirts belong to the identity in the synthetic data, so B may lack A's):
 
 - share: the part's share of the true swap's person pixels (the judge weights each part by its candidate's);
 - from A: the least-squares slope of the swap's mean a*b* on the true swap's (A's colour in B's light), and
@@ -18,7 +19,16 @@ hair, upper, lower, shoes, bag), over the pairs whose true swap shows it:
   it encoded;
 - judge counterfactuals: the chroma top-1 with only this part replaced by the true swap's pixels (the rest
   as G drew it), and with only this part as G drew it (the rest true). The first says how much fixing this
-  part alone would gain; the second how much this part alone costs.
+  part alone would gain; the second how much this part alone costs. The same for the upper and lower
+  garments together.
+
+Beside it, two checks of the judge itself, the same for every checkpoint of a dataset:
+- the judge on the garments alone (upper and lower), for the swap and the references: does the verdict hang on
+  the parts that are not clothes;
+- the precision it asks for: how far, on the judge's own chroma distance, the nearest other candidate is from
+  A's for each pair (a swap must come closer to A's colours than that), beside how far the swap and the
+  appearance image are from A's (medians), and the chroma top-1 on the pairs whose
+  A has a look-alike among the test identities (the synthetic data's hard negatives) and on the others.
 
 Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<run>.json).
 """
@@ -42,6 +52,7 @@ from utils import UserError, one_line, run_folder  # noqa: E402
 from visualize import load_run  # noqa: E402
 
 PARTS = synthetic.PART_NAMES[1:synthetic.PART_NAMES.index("occluder")]
+GARMENTS = (synthetic.PART_NAMES.index("upper"), synthetic.PART_NAMES.index("lower"))
 MIN_PIXELS = 5  # a part smaller than this in a pair's true swap is left out of that pair's fits
 
 
@@ -72,11 +83,62 @@ def chroma_top1(images: torch.Tensor, judge: quality.JudgeSet) -> float:
     return quality.identity_judge({"x": images}, judge)["x"]["chroma_top1"]
 
 
+def verdicts(images: torch.Tensor, judge: quality.JudgeSet, parts: tuple[int, ...] | None = None) -> dict[str, float]:
+    """top1 / top5 / as_structure in full and on chroma (chroma_*), on the chosen parts."""
+    full, chroma = quality.judge_distances(images, judge, parts)
+    keep = ("top1", "top5", "as_structure")
+    return {**{k: v for k, v in quality.judge_verdicts(full, judge).items() if k in keep},
+            **{f"chroma_{k}": v for k, v in quality.judge_verdicts(chroma, judge).items() if k in keep}}
+
+
+def look_alikes(cfg: dict[str, Any], judge: quality.JudgeSet) -> torch.Tensor:
+    """For each pair, whether A belongs to a look-alike group among the judge's candidates: A is a near
+    neighbour of another test identity, or another is one of A."""
+    near = {i["pid"]: i["near_neighbour_of"] for i in synthetic.load_metadata(cfg["data_root"]).identities}
+    candidates = set(judge.pids)
+    grouped = {p for p in candidates if near.get(p) in candidates}
+    grouped |= {near[p] for p in grouped}
+    return torch.tensor([judge.pids[int(i)] in grouped for i in judge.appearance_index])
+
+
+def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.JudgeSet,
+                 swaps: torch.Tensor) -> dict[str, Any]:
+    """The judge on the garments alone, and the precision it asks for (see the module's docstring)."""
+    flat = torch.cat([data.structure, data.appearance]).mean(dim=(0, 2, 3), keepdim=True).expand_as(data.target)
+    answers = {"swap": swaps, "appearance_image": data.appearance, "structure_image": data.structure,
+               "flat_mean_colour": flat,
+               "appearance_part_colours": quality.part_colours(data.appearance, data.appearance_parts,
+                                                               data.structure, data.target_parts)}
+    garments = {k: {"all_parts": verdicts(v, judge), "garments": verdicts(v, judge, GARMENTS)}
+                for k, v in answers.items()}
+    margins = {}
+    for name, parts in (("all_parts", None), ("garments", GARMENTS)):
+        # the true swap is candidate A itself, drawn: its second-nearest candidate is the nearest other person
+        chroma = quality.judge_distances(data.target, judge, parts)[1]
+        nearest_other = chroma.scatter(1, judge.appearance_index[:, None], float("inf")).min(1).values
+        q = torch.quantile(nearest_other, torch.tensor([0.25, 0.5, 0.75])).tolist()
+        margins[name] = {"quartile_1": q[0], "median": q[1], "quartile_3": q[2]}
+    for key, images in (("swap", swaps), ("appearance_image", data.appearance)):  # how close the answers come
+        chroma = quality.judge_distances(images, judge)[1]
+        margins[f"{key}_to_a"] = {"median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
+    grouped = look_alikes(cfg, judge)
+    split = {}
+    for key, images in (("swap", swaps), ("appearance_image", data.appearance)):
+        order = quality.judge_distances(images, judge)[1].argsort(dim=1, stable=True)
+        hit = (order[:, 0] == judge.appearance_index).float()
+        split[key] = {"with_look_alike": float(hit[grouped].mean()) if grouped.any() else None,
+                      "without": float(hit[~grouped].mean()) if (~grouped).any() else None}
+    return {"judge_on": garments, "nearest_other_chroma": margins, "pairs_with_look_alike": int(grouped.sum()),
+            "chroma_top1_by_look_alike": split}
+
+
 def structure_parts(cfg: dict[str, Any], splits: Any, n_pairs: int, seed: int) -> torch.Tensor:
     """B's own part labels (N, H, W) for fidelity_set's pairs: where B's own colours are in its image."""
     meta = synthetic.load_metadata(cfg["data_root"])
     size = quality.image_size(cfg)
     pairs = quality._pairs(quality._test_people(splits), n_pairs, seed)
+    assert [(Path(a.path).name, Path(b.path).name) for a, b in pairs] == \
+        quality.fidelity_set(cfg, splits, n_pairs, seed).pairs, "fidelity_set draws its pairs differently"
     return torch.stack([quality._true_parts(meta, b, b, size) for _, b in pairs])
 
 
@@ -108,8 +170,12 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             row["error"] = float((s - a).norm(dim=1).mean())
             row["rebuilt_error"] = float((rebuilt_ab[shown, k] - b).norm(dim=1).mean())
         rows.append(row)
+    garments = ((data.target_parts == GARMENTS[0]) | (data.target_parts == GARMENTS[1]))[:, None]
+    both = {"true_part": chroma_top1(torch.where(garments, data.target, swaps), judge),
+            "only_part_drawn": chroma_top1(torch.where(garments, swaps, data.target), judge)}
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
-            "chance": 1 / len(judge.pids), "parts": rows}
+            "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
+            "checks": judge_checks(models.cfg, data, judge, swaps)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -122,6 +188,30 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['error']:>6.1f} {r['rebuilt_error']:>8.1f}") if "error" in r else f"{'(too few pairs)':>52}"
         print(f"{r['part']:<6} {r['pairs']:>5} {r['share']:>6.2f} {fits} {r['true_part']:>10.3f} "
               f"{r['only_part_drawn']:>10.3f}")
+    both = result["garments"]
+    print(f"upper and lower together: chroma top-1 {both['true_part']:.3f} with both true, "
+          f"{both['only_part_drawn']:.3f} with only them drawn")
+    checks = result["checks"]
+    print(f"{'judged on':<10} {'answer':<24} {'top-1 A':>8} {'top-5 A':>8} {'B':>6} {'chroma top-1':>13} "
+          f"{'chroma top-5':>13}")
+    for answer, on in checks["judge_on"].items():
+        for parts, v in on.items():
+            print(f"{parts:<10} {answer:<24} {v['top1']:>8.3f} {v['top5']:>8.3f} {v['as_structure']:>6.3f} "
+                  f"{v['chroma_top1']:>13.3f} {v['chroma_top5']:>13.3f}")
+    margins = checks["nearest_other_chroma"]
+    for parts in ("all_parts", "garments"):
+        m = margins[parts]
+        print(f"nearest other candidate from A's colours ({parts}, chroma Delta E): median {m['median']:.1f}, "
+              f"quartiles {m['quartile_1']:.1f}-{m['quartile_3']:.1f}")
+    print(f"distance from A's colours (all_parts, chroma Delta E), median: swap {margins['swap_to_a']['median']:.1f}, "
+          f"appearance image {margins['appearance_image_to_a']['median']:.1f}")
+
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for answer, s in checks["chroma_top1_by_look_alike"].items():
+        print(f"chroma top-1 of the {answer}: {share(s['with_look_alike'])} on the "
+              f"{checks['pairs_with_look_alike']} pairs whose A has a look-alike, {share(s['without'])} on the others")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -335,6 +335,14 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert sum(r["share"] for r in parts) == pytest.approx(1.0, abs=1e-5)
     assert all(0 <= r["true_part"] <= 1 and 0 <= r["only_part_drawn"] <= 1 for r in parts)
     assert all(r["error"] >= 0 and -1 <= r["correlation_a"] <= 1 for r in parts if "error" in r)
+    checks = result["checks"]
+    assert set(checks["judge_on"]["swap"]) == {"all_parts", "garments"}
+    # A's part colours painted on B's parts are judged A on the garments, B's own image never
+    assert checks["judge_on"]["appearance_part_colours"]["garments"]["chroma_top1"] >= 0.75
+    assert checks["judge_on"]["structure_image"]["garments"]["top1"] == 0.0
+    margins = checks["nearest_other_chroma"]["all_parts"]
+    assert 0 < margins["quartile_1"] <= margins["median"] <= margins["quartile_3"]
+    assert 0 <= checks["pairs_with_look_alike"] <= 64
     missing = subprocess.run([sys.executable, "bench/part_judge.py", "--name", name, "--output_path",
                               str(output_path), "--which_iter", "999"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

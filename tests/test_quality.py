@@ -304,6 +304,24 @@ def test_judge_knows_the_answers(judged):
     assert flat["top1"] <= 0.25 and flat["mean_rank_appearance"] > 3
 
 
+def test_judge_on_chosen_parts(judged):
+    """`parts` judges on some body parts only: the garments of the true swap are still A's; painting A's garments
+    into the structure image fools a garment judge but not the whole-body one; all parts equals the default."""
+    _, _, data, judge, _ = judged
+    upper, lower = synthetic.PART_NAMES.index("upper"), synthetic.PART_NAMES.index("lower")
+    everything = range(1, quality._body_parts() + 1)
+    default, listed = quality.judge_distances(data.target, judge), quality.judge_distances(data.target, judge,
+                                                                                          everything)
+    assert torch.allclose(default[0], listed[0]) and torch.allclose(default[1], listed[1])
+    garments = (upper, lower)
+    assert quality.judge_verdicts(quality.judge_distances(data.target, judge, garments)[1], judge)["top1"] == 1.0
+    garment_pixels = ((data.target_parts == upper) | (data.target_parts == lower))[:, None]
+    dressed = torch.where(garment_pixels, data.target, data.structure)  # B with A's garments
+    on_garments = quality.judge_verdicts(quality.judge_distances(dressed, judge, garments)[1], judge)
+    whole = quality.judge_verdicts(quality.judge_distances(dressed, judge)[1], judge)
+    assert on_garments["top1"] >= 0.9 and whole["top1"] < on_garments["top1"]
+
+
 def test_judge_candidates_are_cached_beside_the_dataset(judged):
     cfg, splits, data, judge, _ = judged
     cached = quality._judge_cache_file(cfg, (64, 32), 16, 0)
