@@ -53,7 +53,7 @@ from visualize import load_run  # noqa: E402
 
 PARTS = synthetic.PART_NAMES[1:synthetic.PART_NAMES.index("occluder")]
 GARMENTS = (synthetic.PART_NAMES.index("upper"), synthetic.PART_NAMES.index("lower"))
-MIN_PIXELS = 5  # a part smaller than this in a pair's true swap is left out of that pair's fits
+MIN_PIXELS = 5  # a part smaller than this in a pair's true swap or in B's image: that pair is left out of its fits
 
 
 def part_ab(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +109,8 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
                "flat_mean_colour": flat,
                "appearance_part_colours": quality.part_colours(data.appearance, data.appearance_parts,
                                                                data.structure, data.target_parts)}
-    garments = {k: {"all_parts": verdicts(v, judge), "garments": verdicts(v, judge, GARMENTS)}
-                for k, v in answers.items()}
+    judged_on = {k: {"all_parts": verdicts(v, judge), "garments": verdicts(v, judge, GARMENTS)}
+                 for k, v in answers.items()}
     margins = {}
     for name, parts in (("all_parts", None), ("garments", GARMENTS)):
         # the true swap is candidate A itself, drawn: its second-nearest candidate is the nearest other person
@@ -128,7 +128,7 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
         hit = (order[:, 0] == judge.appearance_index).float()
         split[key] = {"with_look_alike": float(hit[grouped].mean()) if grouped.any() else None,
                       "without": float(hit[~grouped].mean()) if (~grouped).any() else None}
-    return {"judge_on": garments, "nearest_other_chroma": margins, "pairs_with_look_alike": int(grouped.sum()),
+    return {"judge_on": judged_on, "nearest_other_chroma": margins, "pairs_with_look_alike": int(grouped.sum()),
             "chroma_top1_by_look_alike": split}
 
 
