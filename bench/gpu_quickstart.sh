@@ -4,10 +4,11 @@
 # BENCHMARKS.md 2026-11-23): what `make quickstart` does on a GPU. Synthetic data with
 # 3,000 training identities, the teacher of configs/quickstart/teacher_gpu.yaml and its R1/mAP, DG-Net at
 # configs/quickstart/dgnet_gpu.yaml (4,800 iterations with the original's proportions), E_a's R1/mAP beside
-# the teacher's, then `visualize.py metrics` (swap fidelity and the identity judge) and the swap grids.
+# the teacher's, then `visualize.py metrics` (swap fidelity and the identity judge), `bench/part_judge.py`
+# (where the swaps lose A's colours, per body part) and the swap grids.
 # Everything it makes goes to OUTDIR:
 #   OUTDIR/work/       datasets and runs (outputs/quickstart-gpu-teacher, outputs/quickstart-gpu)
-#   OUTDIR/*.json      teacher.json, dgnet_reid.json, generation.json, summary.json
+#   OUTDIR/*.json      teacher.json, dgnet_reid.json, generation.json, part_judge.json, summary.json
 #   OUTDIR/*.jpg       the training grids of the last iteration, swap.jpg, rainbow.jpg
 #   OUTDIR/*.log       each step's console output
 #
@@ -96,6 +97,7 @@ step dgnet $(train_timeout 1) "$PY" train.py --config "$CONFIG" --name "$RUN" --
 REACHED=$(ls "$WORK/outputs/$RUN/checkpoints/" | sed -n 's/^0*\([0-9][0-9]*\)\.pt$/\1/p' | sort -n | tail -1)
 step dgnet_test "$PY" test.py --name "$RUN" --output_path "$WORK"
 step metrics "$PY" visualize.py metrics --name "$RUN" --output_path "$WORK"
+step parts "$PY" bench/part_judge.py --name "$RUN" --output_path "$WORK" --json "$OUT/part_judge.json"
 step swap "$PY" visualize.py swap --name "$RUN" --output_path "$WORK" --count 8 --zoom 2 --out "$OUT/swap.jpg" \
     --overwrite
 step rainbow "$PY" visualize.py rainbow --name "$RUN" --output_path "$WORK" --count 6 --zoom 2 \

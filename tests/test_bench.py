@@ -217,6 +217,8 @@ def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
     assert 0 <= judge["swap"]["chroma_top1"] <= 1
     for name in ("generation.json", "teacher.json", "dgnet_reid.json", "swap.jpg", "rainbow.jpg", "dgnet.log"):
         assert (out / name).is_file(), name
+    (parts,) = json.loads((out / "part_judge.json").read_text())["checkpoints"]
+    assert parts["iteration"] == summary["reached"] and len(parts["parts"]) == 6
 
 
 def test_gpu_quickstart_config_has_the_scripts_proportions():
