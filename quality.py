@@ -240,6 +240,7 @@ class FidelitySet:
     person: torch.Tensor  # (N, 1, H, W) bool: where the true swap shows the person (occluders excluded)
     target_parts: torch.Tensor  # (N, H, W) uint8: the true swap's part labels (synthetic.PART_NAMES)
     appearance_parts: torch.Tensor  # (N, H, W) uint8: the appearance image's part labels
+    structure_parts: torch.Tensor  # (N, H, W) uint8: the structure image's own part labels (B's, not A's in B)
     pairs: list[tuple[str, str]]  # (appearance file, structure file) names
 
 
@@ -297,6 +298,7 @@ def fidelity_set(cfg: dict[str, Any], splits: DatasetSplits, n_pairs: int = 64, 
             person=torch.stack([_person(p) for p in target_parts]),
             target_parts=target_parts,
             appearance_parts=torch.stack([_true_parts(meta, a, a, size) for a, _ in pairs]),
+            structure_parts=torch.stack([_true_parts(meta, b, b, size) for _, b in pairs]),
             pairs=[(Path(a.path).name, Path(b.path).name) for a, b in pairs])
     return _FIDELITY_CACHE[key]
 

@@ -34,22 +34,18 @@ Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<ru
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from judge_cli import run_over_checkpoints  # noqa: E402
 
 import quality  # noqa: E402
 from data import synthetic  # noqa: E402
-from data.loaders import load_splits  # noqa: E402
-from utils import UserError, one_line, run_folder  # noqa: E402
-from visualize import load_run  # noqa: E402
 
 PARTS = synthetic.PART_NAMES[1:synthetic.PART_NAMES.index("occluder")]
 GARMENTS = (synthetic.PART_NAMES.index("upper"), synthetic.PART_NAMES.index("lower"))
@@ -118,28 +114,17 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
         nearest_other = chroma.scatter(1, judge.appearance_index[:, None], float("inf")).min(1).values
         q = torch.quantile(nearest_other, torch.tensor([0.25, 0.5, 0.75])).tolist()
         margins[name] = {"quartile_1": q[0], "median": q[1], "quartile_3": q[2]}
-    for key, images in (("swap", swaps), ("appearance_image", data.appearance)):  # how close the answers come
-        chroma = quality.judge_distances(images, judge)[1]
-        margins[f"{key}_to_a"] = {"median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
     grouped = look_alikes(cfg, judge)
     split = {}
     for key, images in (("swap", swaps), ("appearance_image", data.appearance)):
-        order = quality.judge_distances(images, judge)[1].argsort(dim=1, stable=True)
-        hit = (order[:, 0] == judge.appearance_index).float()
+        chroma = quality.judge_distances(images, judge)[1]
+        # how close the answer comes to A's colours, and whether A's are the nearest
+        margins[f"{key}_to_a"] = {"median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
+        hit = (chroma.argsort(dim=1, stable=True)[:, 0] == judge.appearance_index).float()
         split[key] = {"with_look_alike": float(hit[grouped].mean()) if grouped.any() else None,
                       "without": float(hit[~grouped].mean()) if (~grouped).any() else None}
     return {"judge_on": judged_on, "nearest_other_chroma": margins, "pairs_with_look_alike": int(grouped.sum()),
             "chroma_top1_by_look_alike": split}
-
-
-def structure_parts(cfg: dict[str, Any], splits: Any, n_pairs: int, seed: int) -> torch.Tensor:
-    """B's own part labels (N, H, W) for fidelity_set's pairs: where B's own colours are in its image."""
-    meta = synthetic.load_metadata(cfg["data_root"])
-    size = quality.image_size(cfg)
-    pairs = quality._pairs(quality._test_people(splits), n_pairs, seed)
-    assert [(Path(a.path).name, Path(b.path).name) for a, b in pairs] == \
-        quality.fidelity_set(cfg, splits, n_pairs, seed).pairs, "fidelity_set draws its pairs differently"
-    return torch.stack([quality._true_parts(meta, b, b, size) for _, b in pairs])
 
 
 def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -150,11 +135,10 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
                              quality.normalize(data.appearance))
         rebuilt = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
                                quality.normalize(data.structure))
-    b_labels = structure_parts(models.cfg, splits, n_pairs, seed)
     target_ab, counts = part_ab(data.target, data.target_parts)
     swap_ab, _ = part_ab(swaps, data.target_parts)
-    b_ab, b_counts = part_ab(data.structure, b_labels)
-    rebuilt_ab, _ = part_ab(rebuilt, b_labels)
+    b_ab, b_counts = part_ab(data.structure, data.structure_parts)
+    rebuilt_ab, _ = part_ab(rebuilt, data.structure_parts)
     share = counts / counts.sum(1, keepdim=True).clamp_min(1)
     rows = []
     for k, name in enumerate(PARTS):
@@ -215,28 +199,12 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="a DG-Net run on the synthetic dataset")
-    p.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs")
-    p.add_argument("--which_iter", nargs="+", default=["last"], help="checkpoints to read (iterations or last)")
-    p.add_argument("--json", type=Path, help="output (default bench/results/part_judge_<run>.json)")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    results = []
-    try:
-        run_dir = run_folder(args.output_path, args.name)
-        for which in args.which_iter:
-            models = load_run(run_dir, which, [], torch.device("cpu"))
-            results.append(part_rows(models, load_splits(models.cfg)))
-            print_table(results[-1])
-    except UserError as err:  # a missing run or checkpoint, or not the synthetic data: one line
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    out = args.json or REPO / "bench" / "results" / f"part_judge_{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": args.name, "checkpoints": results}, indent=2) + "\n")
-    print(f"written {out}")
-    return 0
+    def show(results: list[dict[str, Any]]) -> None:
+        for result in results:
+            print_table(result)
+
+    return run_over_checkpoints(argv, __doc__, "part_judge", "checkpoints",
+                                lambda models, splits: [part_rows(models, splits)], show)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,17 @@ bench/results/split_judge_<run>.json).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from judge_cli import run_over_checkpoints  # noqa: E402
 
 import quality  # noqa: E402
 from data.datasets import DatasetSplits  # noqa: E402
-from data.loaders import load_splits  # noqa: E402
-from utils import UserError, one_line, run_folder  # noqa: E402
-from visualize import load_run  # noqa: E402
 
 TRAIN_SEED = 1  # the training pairs' seed: its own judge cache file beside the test split's (seed 0)
 
@@ -53,25 +47,12 @@ def judge_row(models: Any, splits: DatasetSplits, seed: int) -> dict[str, Any]:
             "structure_image": judge["structure_image"], "person_l1": fidelity["swap"]["person_l1"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="a DG-Net run on the synthetic dataset")
-    p.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs")
-    p.add_argument("--which_iter", nargs="+", default=["last"], help="checkpoints to judge (iterations or last)")
-    p.add_argument("--json", type=Path, help="output (default bench/results/split_judge_<run>.json)")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    run_dir = run_folder(args.output_path, args.name)
-    rows = []
-    try:
-        for which in args.which_iter:
-            models = load_run(run_dir, which, [], torch.device("cpu"))
-            splits = load_splits(models.cfg)
-            for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED)):
-                rows.append({"iteration": models.iteration, "split": split, **judge_row(models, view, seed)})
-    except UserError as err:  # a missing run or checkpoint: one line, as the project's commands print it
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+def judge_checkpoint(models: Any, splits: DatasetSplits) -> list[dict[str, Any]]:
+    return [{"iteration": models.iteration, "split": split, **judge_row(models, view, seed)}
+            for split, view, seed in (("test", splits, 0), ("train", training_view(splits), TRAIN_SEED))]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'iteration':>9} {'split':<6} {'ids':>4} {'A top-1':>8} {'A top-5':>8} {'B':>6} {'chroma A':>9} "
           f"{'chroma B':>9} {'rebuilt B':>10} {'chroma':>7} {'appearance image A':>19}")
     for r in rows:
@@ -80,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['as_structure']:>6.3f} {s['chroma_top1']:>9.3f} {s['chroma_as_structure']:>9.3f} "
               f"{r['reconstruction']['as_structure']:>10.3f} {r['reconstruction']['chroma_as_structure']:>7.3f} "
               f"{r['appearance_image']['top1']:>19.3f}")
-    out = args.json or REPO / "bench" / "results" / f"split_judge_{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": args.name, "rows": rows}, indent=2) + "\n")
-    print(f"written {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_over_checkpoints(argv, __doc__, "split_judge", "rows", judge_checkpoint, print_table)
 
 
 if __name__ == "__main__":

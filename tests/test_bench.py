@@ -262,13 +262,17 @@ def test_gpu_quickstart_teacher_is_the_cpu_recipe_on_the_gpu_data():
         "data_root", "synthetic", "num_workers", "max_iter", "step_size", "snapshot_save_iter", "log_iter"}
 
 
+def _bench_tool(script, *args):
+    """Run a bench script (bench/SCRIPT) from the repository on one thread; its CompletedProcess."""
+    return subprocess.run([sys.executable, f"bench/{script}", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
     """bench/split_judge.py: the judge on the test split and on as many training identities, per checkpoint."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "split.json"
-    proc = subprocess.run([sys.executable, "bench/split_judge.py", "--name", name, "--output_path", str(output_path),
-                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _bench_tool("split_judge.py", "--name", name, "--output_path", output_path, "--json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["iteration"], r["split"]) for r in rows] == [(2, "test"), (2, "train")]
@@ -279,9 +283,8 @@ def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
 def test_split_judge_names_a_missing_checkpoint_in_one_line(tiny_dgnet_run, tmp_path):
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "split.json"
-    proc = subprocess.run([sys.executable, "bench/split_judge.py", "--name", name, "--output_path", str(output_path),
-                           "--which_iter", "999", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _bench_tool("split_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999",
+                       "--json", out)
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.startswith("error: no checkpoint of iteration 999") and proc.stderr.count("\n") == 1
 
@@ -291,9 +294,7 @@ def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_pat
     test pairs painted with the part colours read from each code, beside A's true part colours."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "probe.json"
-    proc = subprocess.run([sys.executable, "bench/appearance_probe.py", "--run", name, "--output_path",
-                           str(output_path), "--json", str(out), "--judge"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _bench_tool("appearance_probe.py", "--run", name, "--output_path", output_path, "--json", out, "--judge")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["code"] for r in result["rows"]][0] == "training mean (no code)"
@@ -326,9 +327,7 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     judge figures in [0, 1]."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "parts.json"
-    proc = subprocess.run([sys.executable, "bench/part_judge.py", "--name", name, "--output_path", str(output_path),
-                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--json", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = json.loads(out.read_text())["checkpoints"]
     assert result["iteration"] == 2 and result["chance"] == 0.25
@@ -345,7 +344,5 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     margins = checks["nearest_other_chroma"]["all_parts"]
     assert 0 < margins["quartile_1"] <= margins["median"] <= margins["quartile_3"]
     assert 0 <= checks["pairs_with_look_alike"] <= 64
-    missing = subprocess.run([sys.executable, "bench/part_judge.py", "--name", name, "--output_path",
-                              str(output_path), "--which_iter", "999"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1

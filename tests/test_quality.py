@@ -285,6 +285,9 @@ def test_judge_knows_the_answers(judged):
     assert judge.candidate_parts.shape == (16, 12, 64, 32)
     for (a, b), ia, ib in zip(data.pairs, judge.appearance_index, judge.structure_index):
         assert judge.pids[int(ia)] == int(a.split("_")[0]) and judge.pids[int(ib)] == int(b.split("_")[0])
+    # B's own part labels are those of B's identity drawn in B's structure, the judge's candidate for B
+    own = judge.candidate_parts[torch.arange(16), judge.structure_index]
+    assert torch.equal(data.structure_parts, own) and not torch.equal(data.structure_parts, data.target_parts)
     # the true swap is A's identity in B's structure: judged A, in full and on chroma alone
     truth = verdict["true_swap"]
     assert truth["top1"] == truth["chroma_top1"] == 1.0 and truth["as_structure"] == 0.0
