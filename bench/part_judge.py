@@ -27,7 +27,9 @@ Beside it, two checks of the judge itself, the same for every checkpoint of a da
   the parts that are not clothes;
 - the precision it asks for: how far, on the judge's own chroma distance, the nearest other candidate is from
   A's for each pair (a swap must come closer to A's colours than that), beside how far the swap and the
-  appearance image are from A's (medians), and the chroma top-1 on the pairs whose
+  appearance image are from A's (medians), and how far A's own part colours as A's image shows them (A's light,
+  A's pose) are, painted flat on B's parts: the part of the margin that no answer made from A's image alone can
+  win back without undoing A's light; and the chroma top-1 on the pairs whose
   A has a look-alike among the test identities (the synthetic data's hard negatives) and on the others.
 
 Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<run>.json).
@@ -116,6 +118,12 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
         margins[name] = {"quartile_1": q[0], "median": q[1], "quartile_3": q[2]}
     grouped = look_alikes(cfg, judge)
     split = {}
+    # A's own part colours as A's image shows them (A's light and pose), flat on B's parts: how much of the
+    # margin any answer made from A's image alone already spends
+    observed = answers["appearance_part_colours"]
+    chroma = quality.judge_distances(observed, judge)[1]
+    margins["appearance_part_colours_to_a"] = {
+        "median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
     for key, images in (("swap", swaps), ("appearance_image", data.appearance)):
         chroma = quality.judge_distances(images, judge)[1]
         # how close the answer comes to A's colours, and whether A's are the nearest
@@ -188,7 +196,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"nearest other candidate from A's colours ({parts}, chroma Delta E): median {m['median']:.1f}, "
               f"quartiles {m['quartile_1']:.1f}-{m['quartile_3']:.1f}")
     print(f"distance from A's colours (all_parts, chroma Delta E), median: swap {margins['swap_to_a']['median']:.1f}, "
-          f"appearance image {margins['appearance_image_to_a']['median']:.1f}")
+          f"appearance image {margins['appearance_image_to_a']['median']:.1f}, A's colours as A's image shows them "
+          f"on B's parts {margins['appearance_part_colours_to_a']['median']:.1f}")
 
     def share(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"

@@ -343,6 +343,9 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert checks["judge_on"]["structure_image"]["garments"]["top1"] == 0.0
     margins = checks["nearest_other_chroma"]["all_parts"]
     assert 0 < margins["quartile_1"] <= margins["median"] <= margins["quartile_3"]
+    # A's colours in A's light are not A's in B's light, but far nearer than a 2-iteration generator comes
+    to_a = checks["nearest_other_chroma"]
+    assert 0 < to_a["appearance_part_colours_to_a"]["median"] < to_a["swap_to_a"]["median"]
     assert 0 <= checks["pairs_with_look_alike"] <= 64
     missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
