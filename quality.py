@@ -409,6 +409,17 @@ def srgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
+def lab_to_srgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse of `srgb_to_lab`: CIELAB (..., 3) under D65 -> sRGB (..., 3), clipped to [0, 1] where the
+    colour lies outside the sRGB gamut."""
+    fy = (lab[..., 0] + 16) / 116
+    f = torch.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    eps, kappa = 216 / 24389, 24389 / 27
+    xyz = torch.where(f ** 3 > eps, f ** 3, (116 * f - 16) / kappa) * _D65_WHITE.to(lab.device)
+    linear = (xyz @ torch.linalg.inv(_RGB_TO_XYZ).to(lab.device).T).clamp(0, 1)
+    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp_min(1e-12) ** (1 / 2.4) - 0.055)
+
+
 _RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
                             [0.0193339, 0.1191920, 0.9503041]])
 _D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883])

@@ -30,7 +30,10 @@ Beside it, two checks of the judge itself, the same for every checkpoint of a da
   appearance image are from A's (medians), and how far A's own part colours as A's image shows them (A's light,
   A's pose) are, painted flat on B's parts: the part of the margin that no answer made from A's image alone can
   win back without undoing A's light; and the chroma top-1 on the pairs whose
-  A has a look-alike among the test identities (the synthetic data's hard negatives) and on the others.
+  A has a look-alike among the test identities (the synthetic data's hard negatives) and on the others;
+- the tolerance: the chroma top-1 of A's colours painted flat on the true swap's parts with every part's a*b*
+  moved r Delta E in a random direction, from A's colours in B's light and from A's colours as A's image shows
+  them: how close a swap must come for the judge's chroma bar.
 
 Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<run>.json).
 """
@@ -135,6 +138,48 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
             "chroma_top1_by_look_alike": split}
 
 
+TOLERANCE_RADII = (0, 2, 4, 6, 8)  # Delta E (a*b*) added to every body part's colour by `tolerance`
+TOLERANCE_SEEDS = 3
+
+
+def flat_parts(part_lab: torch.Tensor, parts: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """`canvas` (N, 3, H, W) with each body part of `parts` (N, H, W) filled flat with its colour in `part_lab`
+    (N, P, 3; CIELAB, parts 1..P)."""
+    body = len(PARTS)
+    table = quality.lab_to_srgb(part_lab)  # (N, P, 3)
+    index = (parts.long() - 1).clamp(0, body - 1)
+    painted = torch.gather(table, 1, index.flatten(1)[..., None].expand(-1, -1, 3))
+    painted = painted.transpose(1, 2).reshape(canvas.shape)
+    on_body = ((parts >= 1) & (parts <= body))[:, None]
+    return torch.where(on_body, painted, canvas)
+
+
+def tolerance(data: quality.FidelitySet, judge: quality.JudgeSet) -> dict[str, list[dict[str, float]]]:
+    """How far a swap's part colours may stray and still be judged A on chroma: every body part of the true
+    swap's layout painted flat with A's colour, moved by r Delta E in a random a*b* direction (L* kept), judged
+    on chroma (mean over TOLERANCE_SEEDS draws). From A's colours in B's light (the candidate's own), and from
+    A's colours as A's image shows them (A's light and pose; a part A's image hides takes A's mean person
+    colour, as `quality.part_colours` does)."""
+    truth, _ = quality.part_means_lab(data.target, data.target_parts[:, None])
+    seen, seen_counts = quality.part_means_lab(data.appearance, data.appearance_parts[:, None])
+    truth, seen, seen_counts = truth[:, 0], seen[:, 0], seen_counts[:, 0]
+    on_body = (data.appearance_parts >= 1) & (data.appearance_parts <= len(PARTS))
+    person = quality.part_means_lab(data.appearance, on_body[:, None].to(torch.uint8))[0][:, 0, 0]  # label 1
+    seen = torch.where(seen_counts[..., None] > 0, seen, person[:, None])
+    out = {}
+    for name, lab in (("a_in_b_light", truth), ("a_as_a_image_shows", seen)):
+        rows = []
+        for r in TOLERANCE_RADII:
+            hits = []
+            for k in range(TOLERANCE_SEEDS):
+                angle = torch.rand(lab.shape[:2], generator=torch.Generator().manual_seed(k)) * 2 * torch.pi
+                moved = lab + r * torch.stack([torch.zeros_like(angle), angle.cos(), angle.sin()], -1)
+                hits.append(chroma_top1(flat_parts(moved, data.target_parts, data.structure), judge))
+            rows.append({"radius": r, "chroma_top1": sum(hits) / len(hits)})
+        out[name] = rows
+    return out
+
+
 def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dict[str, Any]:
     data = quality.fidelity_set(models.cfg, splits, n_pairs, seed)
     judge = quality.judge_set(models.cfg, splits, n_pairs, seed)
@@ -167,7 +212,7 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             "only_part_drawn": chroma_top1(torch.where(garments, swaps, data.target), judge)}
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
             "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
-            "checks": judge_checks(models.cfg, data, judge, swaps)}
+            "checks": {**judge_checks(models.cfg, data, judge, swaps), "tolerance": tolerance(data, judge)}}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -205,6 +250,10 @@ def print_table(result: dict[str, Any]) -> None:
     for answer, s in checks["chroma_top1_by_look_alike"].items():
         print(f"chroma top-1 of the {answer}: {share(s['with_look_alike'])} on the "
               f"{checks['pairs_with_look_alike']} pairs whose A has a look-alike, {share(s['without'])} on the others")
+    for source, label in (("a_in_b_light", "A's colours in B's light"),
+                          ("a_as_a_image_shows", "A's colours as A's image shows them")):
+        steps = ", ".join(f"{row['radius']}: {row['chroma_top1']:.3f}" for row in checks["tolerance"][source])
+        print(f"chroma top-1 of {label}, flat, every part moved by r Delta E: {steps}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,5 +347,10 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     to_a = checks["nearest_other_chroma"]
     assert 0 < to_a["appearance_part_colours_to_a"]["median"] < to_a["swap_to_a"]["median"]
     assert 0 <= checks["pairs_with_look_alike"] <= 64
+    # A's own colours in B's light, painted flat and unmoved, are candidate A's part means: always judged A
+    tol = checks["tolerance"]
+    assert [row["radius"] for row in tol["a_in_b_light"]] == [0, 2, 4, 6, 8]
+    assert tol["a_in_b_light"][0]["chroma_top1"] == 1.0
+    assert all(0 <= row["chroma_top1"] <= 1 for rows in tol.values() for row in rows)
     missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1

@@ -246,6 +246,14 @@ def test_srgb_to_lab_known_values():
     assert torch.allclose(lab, expected, atol=0.05)
 
 
+def test_lab_to_srgb_inverts_srgb_to_lab():
+    rgb = torch.rand(500, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(quality.lab_to_srgb(quality.srgb_to_lab(rgb)), rgb, atol=1e-4)
+    # outside the gamut (a saturated green brighter than sRGB holds): clipped, not wrapped
+    out = quality.lab_to_srgb(torch.tensor([90.0, -120.0, 90.0]))
+    assert out.min() >= 0 and out.max() <= 1
+
+
 def test_part_means_pool_each_image_through_every_layout():
     upper, lower, occluder = (synthetic.PART_NAMES.index(n) for n in ("upper", "lower", "occluder"))
     image = torch.zeros(1, 3, 2, 2)
