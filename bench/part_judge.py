@@ -84,9 +84,11 @@ def chroma_top1(images: torch.Tensor, judge: quality.JudgeSet) -> float:
     return quality.identity_judge({"x": images}, judge)["x"]["chroma_top1"]
 
 
-def verdicts(images: torch.Tensor, judge: quality.JudgeSet, parts: tuple[int, ...] | None = None) -> dict[str, float]:
-    """top1 / top5 / as_structure in full and on chroma (chroma_*), on the chosen parts."""
-    full, chroma = quality.judge_distances(images, judge, parts)
+def verdicts(images: torch.Tensor, judge: quality.JudgeSet, parts: tuple[int, ...] | None = None,
+             distances: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """top1 / top5 / as_structure in full and on chroma (chroma_*), on the chosen parts; `distances`: the
+    images' judge_distances on those parts when the caller has them."""
+    full, chroma = distances if distances is not None else quality.judge_distances(images, judge, parts)
     keep = ("top1", "top5", "as_structure")
     return {**{k: v for k, v in quality.judge_verdicts(full, judge).items() if k in keep},
             **{f"chroma_{k}": v for k, v in quality.judge_verdicts(chroma, judge).items() if k in keep}}
@@ -104,13 +106,15 @@ def look_alikes(cfg: dict[str, Any], judge: quality.JudgeSet) -> torch.Tensor:
 
 def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.JudgeSet,
                  swaps: torch.Tensor) -> dict[str, Any]:
-    """The judge on the garments alone, and the precision it asks for (see the module's docstring)."""
+    """The judge on the garments alone, the precision it asks for and its tolerance (see the module's
+    docstring)."""
     flat = torch.cat([data.structure, data.appearance]).mean(dim=(0, 2, 3), keepdim=True).expand_as(data.target)
+    # A's own part colours as A's image shows them (A's light and pose), flat on B's parts
+    observed = quality.part_colours(data.appearance, data.appearance_parts, data.structure, data.target_parts)
     answers = {"swap": swaps, "appearance_image": data.appearance, "structure_image": data.structure,
-               "flat_mean_colour": flat,
-               "appearance_part_colours": quality.part_colours(data.appearance, data.appearance_parts,
-                                                               data.structure, data.target_parts)}
-    judged_on = {k: {"all_parts": verdicts(v, judge), "garments": verdicts(v, judge, GARMENTS)}
+               "flat_mean_colour": flat, "appearance_part_colours": observed}
+    distances = {k: quality.judge_distances(v, judge) for k, v in answers.items()}
+    judged_on = {k: {"all_parts": verdicts(v, judge, distances=distances[k]), "garments": verdicts(v, judge, GARMENTS)}
                  for k, v in answers.items()}
     margins = {}
     for name, parts in (("all_parts", None), ("garments", GARMENTS)):
@@ -121,21 +125,16 @@ def judge_checks(cfg: dict[str, Any], data: quality.FidelitySet, judge: quality.
         margins[name] = {"quartile_1": q[0], "median": q[1], "quartile_3": q[2]}
     grouped = look_alikes(cfg, judge)
     split = {}
-    # A's own part colours as A's image shows them (A's light and pose), flat on B's parts: how much of the
-    # margin any answer made from A's image alone already spends
-    observed = answers["appearance_part_colours"]
-    chroma = quality.judge_distances(observed, judge)[1]
-    margins["appearance_part_colours_to_a"] = {
-        "median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
-    for key, images in (("swap", swaps), ("appearance_image", data.appearance)):
-        chroma = quality.judge_distances(images, judge)[1]
-        # how close the answer comes to A's colours, and whether A's are the nearest
+    # how close each answer comes to A's colours (for A's observed colours: how much of the margin any answer
+    # made from A's image alone already spends), and whether A's are the nearest, with and without look-alikes
+    for key in ("swap", "appearance_image", "appearance_part_colours"):
+        chroma = distances[key][1]
         margins[f"{key}_to_a"] = {"median": float(chroma[torch.arange(len(chroma)), judge.appearance_index].median())}
         hit = (chroma.argsort(dim=1, stable=True)[:, 0] == judge.appearance_index).float()
         split[key] = {"with_look_alike": float(hit[grouped].mean()) if grouped.any() else None,
                       "without": float(hit[~grouped].mean()) if (~grouped).any() else None}
     return {"judge_on": judged_on, "nearest_other_chroma": margins, "pairs_with_look_alike": int(grouped.sum()),
-            "chroma_top1_by_look_alike": split}
+            "chroma_top1_by_look_alike": split, "tolerance": tolerance(data, judge, observed)}
 
 
 TOLERANCE_RADII = (0, 2, 4, 6, 8)  # Delta E (a*b*) added to every body part's colour by `tolerance`
@@ -154,20 +153,16 @@ def flat_parts(part_lab: torch.Tensor, parts: torch.Tensor, canvas: torch.Tensor
     return torch.where(on_body, painted, canvas)
 
 
-def tolerance(data: quality.FidelitySet, judge: quality.JudgeSet) -> dict[str, list[dict[str, float]]]:
+def tolerance(data: quality.FidelitySet, judge: quality.JudgeSet,
+              observed: torch.Tensor) -> dict[str, list[dict[str, float]]]:
     """How far a swap's part colours may stray and still be judged A on chroma: every body part of the true
     swap's layout painted flat with A's colour, moved by r Delta E in a random a*b* direction (L* kept), judged
     on chroma (mean over TOLERANCE_SEEDS draws). From A's colours in B's light (the candidate's own), and from
-    A's colours as A's image shows them (A's light and pose; a part A's image hides takes A's mean person
-    colour, as `quality.part_colours` does)."""
-    truth, _ = quality.part_means_lab(data.target, data.target_parts[:, None])
-    seen, seen_counts = quality.part_means_lab(data.appearance, data.appearance_parts[:, None])
-    truth, seen, seen_counts = truth[:, 0], seen[:, 0], seen_counts[:, 0]
-    on_body = (data.appearance_parts >= 1) & (data.appearance_parts <= len(PARTS))
-    person = quality.part_means_lab(data.appearance, on_body[:, None].to(torch.uint8))[0][:, 0, 0]  # label 1
-    seen = torch.where(seen_counts[..., None] > 0, seen, person[:, None])
+    A's colours as A's image shows them: `observed`, `quality.part_colours` of the pairs."""
+    sources = {name: quality.part_means_lab(images, data.target_parts[:, None])[0][:, 0]
+               for name, images in (("a_in_b_light", data.target), ("a_as_a_image_shows", observed))}
     out = {}
-    for name, lab in (("a_in_b_light", truth), ("a_as_a_image_shows", seen)):
+    for name, lab in sources.items():
         rows = []
         for r in TOLERANCE_RADII:
             hits = []
@@ -212,7 +207,7 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             "only_part_drawn": chroma_top1(torch.where(garments, swaps, data.target), judge)}
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
             "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
-            "checks": {**judge_checks(models.cfg, data, judge, swaps), "tolerance": tolerance(data, judge)}}
+            "checks": judge_checks(models.cfg, data, judge, swaps)}
 
 
 def print_table(result: dict[str, Any]) -> None:
