@@ -295,23 +295,38 @@ def _pool(x: torch.Tensor, size: tuple[int, int], pool: str) -> torch.Tensor:
     return F.adaptive_max_pool2d(x, size) if pool == "max" else F.adaptive_avg_pool2d(x, size)
 
 
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x itself in the forward pass; its gradient multiplied by `scale` in the backward pass (0: detached)."""
+    if scale == 0:
+        return x.detach()
+    if scale == 1:
+        return x
+    frozen = x.detach()
+    return frozen + scale * (x - frozen)  # x - frozen is exactly 0: the value is x's, bit for bit
+
+
 class AppearanceEncoder(nn.Module):
     """E_a and the ReID model [ft_netAB]: image -> (appearance code f, primary logits, fine-grained logits).
 
     f: the last feature map pooled (max by default) to 4 horizontal stripes and flattened channel-major, so
     f[:, c*4 + k] is channel c in stripe k and the decoder's 4 consecutive chunks are channel groups, as in
-    the original. f is *detached*: generation losses never train E_a (as in the original). The heads see the
-    global pool (max by default: the original's `pool: max` made its "avgpool" a max pool).
+    the original. f is *detached* by default: generation losses never train E_a (as in the original). With
+    `f_grad` > 0 (not in the original) f carries their gradient into the backbone, scaled by `f_grad`; its
+    value is unchanged. The heads see the global pool (max by default: the original's `pool: max` made its
+    "avgpool" a max pool).
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1,
                  pool: str = "max", pretrained: str = "none", droprates: tuple[float, float] = (0.5, 0.75),
-                 scale2: bool = False):
+                 scale2: bool = False, f_grad: float = 0.0):
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"pool is {pool!r}: use max (DG-Net) or avg")
+        if f_grad < 0:
+            raise ValueError(f"f_grad is {f_grad}: use 0 (f detached, DG-Net) or a positive scale")
         self.pool = pool
         self.scale2 = scale2
+        self.f_grad = f_grad
         self.model = build_backbone(backbone, last_stride, pretrained)
         self.channels = BACKBONE_CHANNELS[backbone]
         self.classifier1 = ClassBlock(self.channels, num_classes, droprates[0])
@@ -327,9 +342,9 @@ class AppearanceEncoder(nn.Module):
         return backbone_forward(self.model, x, self.scale2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) normalized -> f (B, 4*C) detached, logits1 (B, classes), logits2 (B, classes)."""
+        """(B, 3, H, W) normalized -> f (B, 4*C) (detached unless `f_grad`), logits1 (B, classes), logits2."""
         fmap = self.feature_map(x)
-        f = _pool(fmap, (NUM_STRIPES, 1), self.pool).flatten(1).detach()
+        f = scale_grad(_pool(fmap, (NUM_STRIPES, 1), self.pool).flatten(1), self.f_grad)
         g = _pool(fmap, (1, 1), self.pool).flatten(1)
         return f, self.classifier1(g), self.classifier2(g)
 
@@ -431,7 +446,7 @@ def build_appearance_encoder(cfg: dict, num_classes: int, pretrained: str | None
                          "of the appearance code)")
     return AppearanceEncoder(num_classes, backbone=backbone, last_stride=cfg["ID_stride"], pool=cfg["pool"],
                              pretrained=cfg["pretrained"] if pretrained is None else pretrained,
-                             scale2=cfg["scale2"])
+                             scale2=cfg["scale2"], f_grad=cfg.get("f_grad_w", 0.0))
 
 
 def build_teacher(cfg: dict, num_classes: int, pretrained: str | None = None) -> Teacher:

@@ -28,6 +28,9 @@ Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py)
 - recon_f (appearance-code reconstruction) is reported at its weight and counted in the reported total,
   but it carries no gradient, exactly as in the original: both codes are detached inside E_a. It is read
   off the frozen E_a pass that the identity loss makes anyway, so it costs nothing extra.
+- `f_grad_w` > 0 (not in the original; 0 by default) lets the generation losses reach E_a through f, their
+  gradient scaled by f_grad_w: the paper's description rather than the released code. The clean pass then
+  needs autograd, and recon_f carries gradient (into the swap, through the frozen E_a).
 - The use_encoder_again coin is drawn from torch's CPU generator (the original used Python's `random`,
   seeded to 7 by its random-erasing constructor), so runs reproduce and resume bit for bit on CPU.
 - Random erasing happens in the loader. E_a's pass on the clean image only yields the (detached)
@@ -683,13 +686,14 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
 
         As in the original, E_a sees every clean image first, then the erased views (its iteration order): two
         calls, each over all its batches (`_id_calls`). The codes are detached inside E_a, so the clean pass
-        needs no autograd graph. With erasing_p 0 the erased view is the image: one pass gives both.
+        needs no autograd graph (unless `f_grad_w` lets them carry gradient). With erasing_p 0 the erased view
+        is the image: one pass gives both.
         """
         one_pass = self.cfg["erasing_p"] == 0
         clean = [name for name, (_, _, wanted) in reals.items() if not (one_pass and wanted)]
         erased = [name for name, (_, _, wanted) in reals.items() if wanted]
         codes, logits = {}, {}
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.cfg["f_grad_w"] > 0 and torch.is_grad_enabled()):
             for name, (f, _, _) in zip(clean, self._id_calls([reals[name][0] for name in clean])):
                 codes[name] = f
         for name, (f, p1, p2) in zip(erased, self._id_calls([reals[name][0 if one_pass else 1] for name in erased])):
@@ -766,7 +770,10 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         The adversarial term uses the D just updated by `dis_update`. Gradient routing (the original's):
         reconstructions, the adversarial and the identity loss on generated images reach G and E_s only
         (f is detached, E_a runs frozen on generated images); the ReID losses on real images, the teacher
-        KL and the fine-grained loss on detached generated images reach E_a only. `coin`: see `device_step`.
+        KL and the fine-grained loss on detached generated images reach E_a only. With `f_grad_w` > 0 (not
+        in the original) f is not detached: every term that decodes f also reaches E_a's backbone through f,
+        scaled by f_grad_w, and the codes that the frozen E_a reads from the swaps (recon_f, the cycle) pass
+        their gradient on to the swaps. `coin`: see `device_step`.
         """
         zero = torch.zeros((), device=self.device)
         losses = dict.fromkeys(("gan", "x", "xp", "s", "f", "cyc", "recon_id", "id", "pid", "teacher"), zero)
@@ -789,11 +796,12 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             # E_a with frozen weights on the generated images [the original's per-iteration copy of id_a]:
             # the identity loss (appearance provider's label), and the codes for recon_f and the cycle.
             if w["recon_id_w"] > 0 or w["recon_f_w_before"] > 0 or cyc_on:
-                with torch.set_grad_enabled(w["recon_id_w"] > 0 and torch.is_grad_enabled()):
+                live = w["recon_id_w"] > 0 or (self.cfg["f_grad_w"] > 0 and (cyc_on or w["recon_f_w_before"] > 0))
+                with torch.set_grad_enabled(live and torch.is_grad_enabled()):
                     (f_a_recon, p_ba, _), (f_b_recon, p_ab, _) = self._id_calls([fw.x_ba, fw.x_ab], frozen=True)
                 if w["recon_id_w"] > 0:
                     losses["recon_id"] = w["recon_id_w"] * (_ce(p_ba, fw.l_a) + _ce(p_ab, fw.l_b))
-                if w["recon_f_w_before"] > 0:  # both codes are detached: reported, no gradient (see module doc)
+                if w["recon_f_w_before"] > 0:  # with f_grad_w 0 both codes are detached: no gradient (module doc)
                     losses["f"] = w["recon_f_w"] * (_l1(f_a_recon, fw.f_a) + _l1(f_b_recon, fw.f_b))
                 if cyc_on:  # x_aba = G(E_s(x_ab), E_a(x_ba)), x_bab = G(E_s(x_ba), E_a(x_ab))
                     x_aba, x_bab = self.run_gen("decode", torch.cat([s_a_recon, s_b_recon]),

@@ -137,6 +137,7 @@ RANGES: dict[str, Range] = {
                              "B_w", "T_w", "warm_iter", "warm_teacher_iter", "warm_scale", "triplet_w",
                              "triplet_margin", "lr_g", "lr_d", "lr2", "weight_decay", "gamma", "gamma2")},
     "teacher_style": Range(0, 4), "structure_jitter": PROBABILITY, "use_encoder_again": PROBABILITY,
+    "f_grad_w": SIZE,
     "label_smoothing": Range(0, 1, high_open=True), "beta1": Range(0, 1, high_open=True),
     "beta2": Range(0, 1, high_open=True), "step_size": COUNT, "max_iter": COUNT,
     "log_iter": COUNT, "image_display_iter": COUNT, "image_save_iter": COUNT, "display_size": COUNT,

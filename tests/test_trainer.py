@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from reIDmodel import Teacher, split_norms
+from reIDmodel import AppearanceEncoder, Teacher, split_norms
 from trainer import (
     RAMPED_WEIGHTS,
     BaselineTrainer,
@@ -236,6 +236,10 @@ def test_ramped_terms_are_zero_exactly_while_their_weight_is() -> None:
     assert not changed(no_gan.dis_a, dis_before)
 
 
+def touched(names: set[str], prefix: str) -> bool:
+    return any(n.startswith(prefix) for n in names)
+
+
 def test_gradient_routing() -> None:
     """Reference 4.5: which losses reach which network."""
     trainer = make_trainer(*ALL_ON)
@@ -249,9 +253,6 @@ def test_gradient_routing() -> None:
         else:
             trainer.gen_update(fw, w)
         return {name: changed(part.module, before[name]) for name, part in trainer.parts.items()}
-
-    def touched(names: set[str], prefix: str) -> bool:
-        return any(n.startswith(prefix) for n in names)
 
     moved = step(only(gan_w=1.0), dis=True)  # D step: the swaps are detached
     assert moved["dis"] and not moved["gen"] and not moved["id"]
@@ -279,6 +280,42 @@ def test_gradient_routing() -> None:
     moved = step(only(recon_s_w=1.0))
     assert touched(moved["gen"], "enc_content.") and touched(moved["gen"], "dec.") and touched(moved["gen"], "mlp_")
     assert not moved["id"]
+
+
+def test_f_grad_w_lets_generation_losses_reach_the_backbone() -> None:
+    """f_grad_w > 0 (not in the original): the generation losses reach E_a's backbone through f, scaled;
+    the heads still learn only from ReID losses, and recon_f becomes live through the swap."""
+    torch.manual_seed(0)
+    encoder = AppearanceEncoder(NUM_CLASSES, backbone="resnet18", f_grad=1.0)
+    x = torch.randn(2, 3, H, W)
+    grads = {}
+    for scale in (1.0, 0.5):
+        encoder.f_grad = scale
+        encoder.zero_grad()
+        f, _, _ = encoder(x)
+        (f * torch.linspace(-1, 1, f.shape[1])).sum().backward()
+        grads[scale] = encoder.model.conv1.weight.grad.clone()
+    torch.testing.assert_close(grads[0.5], 0.5 * grads[1.0])
+    encoder.f_grad = 0.0
+    f0, _, _ = encoder(x)
+    encoder.f_grad = 0.5
+    f_half, _, _ = encoder(x)
+    assert not f0.requires_grad and torch.equal(f0, f_half.detach())  # the value is the same bit for bit
+
+    for f_grad_w in (0.0, 1.0):
+        trainer = make_trainer(*ALL_ON, f"f_grad_w={f_grad_w}")
+        a, b = make_batch(0), make_batch(1)
+        for weights in ({"recon_x_w": 5.0}, {"recon_f_w": 1.0}):
+            before = {name: snapshot(part.module) for name, part in trainer.parts.items()}
+            trainer.gen_update(trainer.forward(a, b, only(**weights)), only(**weights))
+            moved = {name: changed(part.module, before[name]) for name, part in trainer.parts.items()}
+            backbone = {n for n in moved["id"] if n.startswith("model.")}
+            if f_grad_w == 0:  # the original: neither term reaches E_a, and recon_f reaches nothing at all
+                assert not moved["id"], weights
+                assert bool(moved["gen"]) == ("recon_x_w" in weights), weights
+            else:
+                assert backbone and backbone == moved["id"], weights  # the backbone, never the heads
+                assert touched(moved["gen"], "dec."), weights  # recon_f through the swap into G
 
 
 def test_teacher_soft_label_styles() -> None:
