@@ -71,13 +71,15 @@ def assert_same_parameters(x: DGNet_Trainer, y: DGNet_Trainer) -> None:
             assert torch.equal(p, q), (name, key)
 
 
-def test_graph_safe_step_equals_the_eager_step(monkeypatch) -> None:
+@pytest.mark.parametrize("f_grad", ["f_grad_w=0", "f_grad_w=0.5"])
+def test_graph_safe_step_equals_the_eager_step(monkeypatch, f_grad: str) -> None:
     """Four iterations with every loss term on, the coin falling both ways: the graph-safe form (static input
     buffers, the coin drawn before the iteration, each key captured at its first iteration here and replayed
-    after) gives the eager step's losses and parameters bit for bit. Both run the same operators on the same
-    values, so exact equality is expected, not a tolerance."""
+    after) gives the eager step's losses and parameters bit for bit, with f detached (the original) or
+    carrying gradient. Both run the same operators on the same values, so exact equality is expected, not a
+    tolerance."""
     monkeypatch.setattr(capture, "WARMUP", 0)
-    eager, safe = dgnet(dropout=False), dgnet(dropout=False)
+    eager, safe = dgnet(f_grad, dropout=False), dgnet(f_grad, dropout=False)
     step = CapturedStep(safe, graphs=False)
     iters = range(4)
     expected, got = run(eager.train_step, iters), run(step, iters)

@@ -75,6 +75,12 @@ def test_two_processes_stay_identical_and_resume_exactly(tmp_path, data_root):
     assert state["iteration"] == 5 and "rng_ranks" not in state and state["loaders"]["a"] == {"batches_taken": 5}
 
 
+def test_two_processes_with_f_carrying_gradient(tmp_path, data_root):
+    """f_grad_w > 0 runs E_a's clean pass with autograd, one more DDP forward before the backward."""
+    done = launch(tmp_path, "--name", "f_grad", "--nproc_per_machine", "2", *opts(data_root, "f_grad_w=0.5"))
+    assert "parameters identical on all 2 processes" in done.stdout
+
+
 def test_two_process_teacher_with_identity_batches(tmp_path, data_root):
     done = launch(tmp_path, "--name", "teacher", "--trainer", "baseline", "--nproc_per_machine", "2",
                   *opts(data_root, "batch_size=8", "triplet_w=1.0", "num_instances=2"))
