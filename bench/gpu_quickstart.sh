@@ -16,7 +16,8 @@
 #   QUICKSTART_TINY=1 bash bench/gpu_quickstart.sh OUTDIR   # CPU smoke run: tiny data, 2 iterations each
 #
 # PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
-# (the warm-ups and decay follow it in the config's proportions). QUICKSTART_LIMIT (or GPU_RUN_STEP_LIMIT,
+# (the warm-ups and decay follow it in the config's proportions). QUICKSTART_DGNET_OPTS adds DG-Net config
+# overrides, space-separated KEY=VALUE (e.g. "f_grad_w=1"), recorded in summary.json. QUICKSTART_LIMIT (or GPU_RUN_STEP_LIMIT,
 # which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's training then stops
 # itself after at most a third of the time left, DG-Net's early enough to leave QUICKSTART_RESERVE (90) s for
 # the evaluation, the metrics and the grids (SIGTERM: train.py finishes the iteration and saves; what follows
@@ -62,6 +63,7 @@ if [ "$ITERS" != "$CONFIG_ITERS" ]; then  # the config's proportions at another 
               image_display_iter="$ITERS" image_save_iter="$ITERS" snapshot_save_iter="$ITERS")
 fi
 COMMON=(data_root="$DATA" "${DATA_OPTS[@]}")
+read -r -a EXTRA_OPTS <<< "${QUICKSTART_DGNET_OPTS:-}"
 
 step() {  # step NAME COMMAND...: run, keep the console output in OUTDIR/NAME.log
     local name=$1
@@ -93,7 +95,8 @@ step teacher $(train_timeout 3) "$PY" train.py --config configs/quickstart/teach
 step teacher_test "$PY" test.py --name "$TEACHER_RUN" --output_path "$WORK"
 # shellcheck disable=SC2046
 step dgnet $(train_timeout 1) "$PY" train.py --config "$CONFIG" --name "$RUN" --output_path "$WORK" --opts \
-    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" || limit_stopped $?
+    "${COMMON[@]}" teacher="$TEACHER" pretrained="$TEACHER" "${DGNET_OPTS[@]}" "${SCHEDULE[@]}" \
+    "${EXTRA_OPTS[@]}" || limit_stopped $?
 REACHED=$(ls "$WORK/outputs/$RUN/checkpoints/" | sed -n 's/^0*\([0-9][0-9]*\)\.pt$/\1/p' | sort -n | tail -1)
 step dgnet_test "$PY" test.py --name "$RUN" --output_path "$WORK"
 step metrics "$PY" visualize.py metrics --name "$RUN" --output_path "$WORK"
@@ -110,7 +113,7 @@ cp "$(ls "$RUNDIR"/results/[0-9]*.json | tail -1)" "$OUT/dgnet_reid.json"
 for grid in "$RUNDIR"/images/*"$(printf %08d "$REACHED")"*.jpg; do
     [ -e "$grid" ] && cp "$grid" "$OUT/"
 done
-"$PY" - "$OUT" "$ITERS" "$REACHED" <<'EOF'
+"$PY" - "$OUT" "$ITERS" "$REACHED" "${EXTRA_OPTS[@]}" <<'EOF'
 import json
 import sys
 from pathlib import Path
@@ -125,7 +128,7 @@ def reid(r):
     return {k: m[k] for k in ("R1", "mAP") if k in m}
 
 
-summary = {"iterations": iters, "reached": reached, "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
+summary = {"iterations": iters, "reached": reached, "dgnet_opts": sys.argv[4:], "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
            "identity_judge": {k: judge[k] for k in ("chance", "swap", "reconstruction", "true_swap", "structure_image",
                                                     "appearance_image", "flat_mean_colour")}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -206,10 +206,14 @@ def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
                           text=True, timeout=900, cwd=tmp_path,
                           env={**os.environ, "QUICKSTART_TINY": "1", "PYTHON": sys.executable,
                                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "QUICKSTART_ITERS": "100000",
-                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0"})
+                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0",
+                               "QUICKSTART_DGNET_OPTS": "f_grad_w=0.5 log_iter=1"})
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 100000 and 0 < summary["reached"] < 100000
+    assert summary["dgnet_opts"] == ["f_grad_w=0.5", "log_iter=1"]
+    run_config = (out / "work" / "outputs" / "quickstart-gpu" / "config.yaml").read_text()
+    assert "\nf_grad_w: 0.5\n" in run_config and "\nlog_iter: 1\n" in run_config
     assert "stopped at iteration" in (out / "dgnet.log").read_text()
     assert 0 <= summary["teacher"]["mAP"] <= 1 and 0 <= summary["appearance_encoder"]["mAP"] <= 1
     judge = summary["identity_judge"]
