@@ -17,11 +17,11 @@
 #
 # PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
 # (the warm-ups and decay follow it in the config's proportions). QUICKSTART_DGNET_OPTS adds DG-Net config
-# overrides, space-separated KEY=VALUE (e.g. "f_grad_w=1"), recorded in summary.json. QUICKSTART_LIMIT (or GPU_RUN_STEP_LIMIT,
-# which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's training then stops
-# itself after at most a third of the time left, DG-Net's early enough to leave QUICKSTART_RESERVE (90) s for
-# the evaluation, the metrics and the grids (SIGTERM: train.py finishes the iteration and saves; what follows
-# uses that last checkpoint). The script stops at the first failing step.
+# overrides, space-separated KEY=VALUE (e.g. "f_grad_w=1"), recorded in summary.json. QUICKSTART_LIMIT
+# (or GPU_RUN_STEP_LIMIT, which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's
+# training then stops itself after at most a third of the time left, DG-Net's early enough to leave
+# QUICKSTART_RESERVE (90) s for the evaluation, the metrics and the grids (SIGTERM: train.py finishes the
+# iteration and saves; what follows uses that last checkpoint). The script stops at the first failing step.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -128,7 +128,8 @@ def reid(r):
     return {k: m[k] for k in ("R1", "mAP") if k in m}
 
 
-summary = {"iterations": iters, "reached": reached, "dgnet_opts": sys.argv[4:], "teacher": reid(teacher), "appearance_encoder": reid(dgnet),
+summary = {"iterations": iters, "reached": reached, "dgnet_opts": sys.argv[4:], "teacher": reid(teacher),
+           "appearance_encoder": reid(dgnet),
            "identity_judge": {k: judge[k] for k in ("chance", "swap", "reconstruction", "true_swap", "structure_image",
                                                     "appearance_image", "flat_mean_colour")}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
