@@ -446,7 +446,7 @@ def build_appearance_encoder(cfg: dict, num_classes: int, pretrained: str | None
                          "of the appearance code)")
     return AppearanceEncoder(num_classes, backbone=backbone, last_stride=cfg["ID_stride"], pool=cfg["pool"],
                              pretrained=cfg["pretrained"] if pretrained is None else pretrained,
-                             scale2=cfg["scale2"], f_grad=cfg.get("f_grad_w", 0.0))
+                             scale2=cfg["scale2"], f_grad=cfg["f_grad_w"])
 
 
 def build_teacher(cfg: dict, num_classes: int, pretrained: str | None = None) -> Teacher:

@@ -796,7 +796,8 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             # E_a with frozen weights on the generated images [the original's per-iteration copy of id_a]:
             # the identity loss (appearance provider's label), and the codes for recon_f and the cycle.
             if w["recon_id_w"] > 0 or w["recon_f_w_before"] > 0 or cyc_on:
-                live = w["recon_id_w"] > 0 or (self.cfg["f_grad_w"] > 0 and (cyc_on or w["recon_f_w_before"] > 0))
+                # a graph for the identity loss, or for the codes when they carry gradient (f_grad_w)
+                live = w["recon_id_w"] > 0 or self.cfg["f_grad_w"] > 0
                 with torch.set_grad_enabled(live and torch.is_grad_enabled()):
                     (f_a_recon, p_ba, _), (f_b_recon, p_ab, _) = self._id_calls([fw.x_ba, fw.x_ab], frozen=True)
                 if w["recon_id_w"] > 0:

@@ -35,8 +35,9 @@ DEFAULTS_PATH = REPO_ROOT / "configs" / "defaults.yaml"
 BASE_KEY = "_base_"
 RESOLVED_HEADER = "# resolved config: every key, after _base_ files and --opts\n"
 # Keys added after runs were first written, with the value that reproduces how a run whose resolved config
-# lacks them was trained (before `scale2`, E_a and the teacher saw small images at their own size).
-ADDED_KEYS: dict[str, Any] = {"scale2": False}
+# lacks them was trained (before `scale2`, E_a and the teacher saw small images at their own size; before
+# `f_grad_w`, f was always detached). A resumed run then reports no change it did not make.
+ADDED_KEYS: dict[str, Any] = {"scale2": False, "f_grad_w": 0.0}
 
 
 class UserError(Exception):

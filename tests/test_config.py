@@ -136,6 +136,8 @@ def test_a_run_written_before_a_key_existed_keeps_how_it_was_trained(tmp_path):
     assert load_config(tmp_path / "config.yaml")["scale2"] is False
     assert load_config(tmp_path / "config.yaml", ["scale2=true"])["scale2"] is True
     assert saved_config(old)["scale2"] is False and saved_config(cfg)["scale2"] is True
+    del old["f_grad_w"]  # written before the key existed: f was detached
+    assert saved_config(old)["f_grad_w"] == 0.0
     mine = write(tmp_path / "mine.yaml", "max_iter: 5\n")
     assert load_config(mine)["scale2"] is True
 
