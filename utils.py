@@ -34,9 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULTS_PATH = REPO_ROOT / "configs" / "defaults.yaml"
 BASE_KEY = "_base_"
 RESOLVED_HEADER = "# resolved config: every key, after _base_ files and --opts\n"
-# Keys added after runs were first written, with the value that reproduces how a run whose resolved config
-# lacks them was trained (before `scale2`, E_a and the teacher saw small images at their own size; before
-# `f_grad_w`, f was always detached). A resumed run then reports no change it did not make.
+# Keys added after runs were first written whose default is not how a run whose resolved config lacks them was
+# trained, with the value that is (before `scale2`, E_a and the teacher saw small images at their own size;
+# before `f_grad_w`, f was always detached). Every other added key came with the old behaviour as its default
+# (`dis.r1_every: 1`, `structure_jitter: 0`), which `saved_config` fills in.
 ADDED_KEYS: dict[str, Any] = {"scale2": False, "f_grad_w": 0.0}
 
 
@@ -303,9 +304,23 @@ def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[s
 
 
 def saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A config a run wrote (its config.yaml or its checkpoint's), with the keys added since at the values
-    the run was trained with (ADDED_KEYS)."""
-    return {**{k: v for k, v in ADDED_KEYS.items() if k not in cfg}, **cfg}
+    """A config a run wrote (its config.yaml or its checkpoint's), complete: every key added since takes the
+    value the run was trained with (ADDED_KEYS), else today's default (a key added with the old behaviour
+    as its default). So a resumed run reports only the changes it makes, and every key reads."""
+    full = copy.deepcopy(schema().defaults)
+    _overlay(full, copy.deepcopy(ADDED_KEYS))
+    _overlay(full, copy.deepcopy(cfg))
+    return full
+
+
+def _overlay(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """`update`'s values over `base`'s, section by section, unchecked (a run's config was checked when written;
+    a key it has that today's schema lacks is kept as it is)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _overlay(base[key], value)
+        else:
+            base[key] = value
 
 
 def dump_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:

@@ -138,6 +138,13 @@ def test_a_run_written_before_a_key_existed_keeps_how_it_was_trained(tmp_path):
     assert saved_config(old)["scale2"] is False and saved_config(cfg)["scale2"] is True
     del old["f_grad_w"]  # written before the key existed: f was detached
     assert saved_config(old)["f_grad_w"] == 0.0
+    # any other key added since takes its default, nested ones included: the stored config reads whole
+    old["dis"] = {k: v for k, v in cfg["dis"].items() if k != "r1_every"}
+    del old["structure_jitter"]
+    filled = saved_config(old)
+    assert filled["dis"]["r1_every"] == 1 and filled["structure_jitter"] == 0.0
+    assert filled["dis"]["dim"] == cfg["dis"]["dim"] and filled["max_iter"] == cfg["max_iter"]
+    assert filled == {**cfg, "scale2": False, "f_grad_w": 0.0}
     mine = write(tmp_path / "mine.yaml", "max_iter: 5\n")
     assert load_config(mine)["scale2"] is True
 

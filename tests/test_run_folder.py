@@ -12,9 +12,10 @@ import time
 
 import pytest
 import torch
+import yaml
 from test_train import run, tiny
 
-from utils import REPO_ROOT, RunLock, UserError, checkpoint_path, load_checkpoint, load_config
+from utils import REPO_ROOT, RunLock, UserError, checkpoint_path, dump_config, load_checkpoint, load_config
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,22 @@ def test_resume_applies_learning_rate_overrides(trained, tmp_path, data_root, ca
     assert cfg["lr_g"] == 5e-5 and cfg["lr2"] == 0.001 and cfg["beta2"] == 0.99
     log = (run_dir / "config_changes.log").read_text()
     assert "resumed at iteration 2 with" in log and "lr_g 0.0001 -> 5e-05" in log
+
+
+def test_resume_of_a_run_written_before_newer_keys_reports_only_its_own_changes(trained, tmp_path, data_root):
+    """A run written before `dis.r1_every` and `structure_jitter` existed was trained as their defaults train;
+    its resume must not list them as changes from None."""
+    run_dir = copy_of(trained, tmp_path, "older")
+    last = checkpoint_path(run_dir, 2)
+    state = load_checkpoint(last)
+    del state["config"]["dis"]["r1_every"], state["config"]["structure_jitter"]
+    torch.save(state, last)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del cfg["dis"]["r1_every"], cfg["structure_jitter"]
+    dump_config(cfg, run_dir / "config.yaml")
+    assert run(tmp_path, "older", data_root, "max_iter=3", args=("--resume",)) == 0
+    log = (run_dir / "config_changes.log").read_text()
+    assert "max_iter 2 -> 3" in log and "r1_every" not in log and "structure_jitter" not in log
 
 
 def test_resume_refuses_what_it_cannot_apply(trained, tmp_path, data_root, capsys):
