@@ -39,12 +39,16 @@ Options, and what each isolates:
              swap); the colour error is then taken per region. The calibrations get the region mask.
 --f-scale    f multiplied by this (does f's magnitude matter?).
 --f-norm     none, or unit: f divided per sample by its root mean square (scale-free f).
+--decay-at   the iteration from which the learning rate is 10x smaller (DG-Net's multistep decay; 0: never).
+             Below the table, the chroma slope: how much of the target's chroma the output carries (1 = all
+             of it; below 1 = colours shrunk towards grey, as the swaps' garments are in part_judge.py).
 --diag       before training and at the end, print f's statistics, the AdaIN scales/biases' spread (over
              samples and channels, and the part that varies with f), and the gradient norms reaching the
              MLPs, the decoder's convs and E_s, beside the weight-decay term of Adam's gradient.
 
     python bench/conditioning_probe.py [--iters 200] [--lr 1e-4 1e-3] [--structure flat|texture|real]
-        [--variant plain] [--f-scale 1] [--f-norm none] [--diag] [--json bench/results/conditioning_probe.json]
+        [--variant plain] [--f-scale 1] [--f-norm none] [--decay-at 0] [--diag]
+        [--json bench/results/conditioning_probe.json]
 """
 from __future__ import annotations
 
@@ -181,6 +185,19 @@ def chroma(err: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float((e - e.mean(2, keepdim=True)).abs().mean())
 
 
+def chroma_slope(out: torch.Tensor, structure: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor | None) -> float:
+    """How much of the target's chroma the output carries: the least-squares slope of the output's region
+    chroma (region mean of output - structure, less its R, G, B mean) on the target's. 1 = every colour at
+    full strength; below 1 = colours shrunk towards grey, the way the swaps' garments are (part_judge.py)."""
+    def part(x: torch.Tensor) -> torch.Tensor:
+        e = region_means(x - structure, mask)
+        return (e - e.mean(2, keepdim=True)).flatten()
+
+    p, t = part(out), part(target)
+    return float((p * t).sum() / (t * t).sum())
+
+
 def region_mask(structure: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) bool: the pixels darker than the image's median grey (the first colour's region)."""
     grey = structure[:, :1]
@@ -282,7 +299,8 @@ def diagnose(model: torch.nn.Module, task: Task, cfg: dict, seed: int, label: st
 
 def run(cfg: dict, lr: float, iters: int, checkpoints: list[int], seed: int = 0, variant: str = "plain",
         structure: str = "flat", f_scale: float = 1.0, f_norm: str = "none",
-        diag: bool = False, colour_range: float = 2.0, colours: int = 1) -> tuple[list[float], list[float], list[dict]]:
+        diag: bool = False, colour_range: float = 2.0, colours: int = 1,
+        decay_at: int = 0) -> tuple[list[float], ...]:
     torch.manual_seed(seed)
     size = (cfg["crop_image_height"], cfg["crop_image_width"])
     code_dim = 4 * cfg["gen"]["id_dim"]
@@ -297,8 +315,11 @@ def run(cfg: dict, lr: float, iters: int, checkpoints: list[int], seed: int = 0,
         mask_test = region_mask(s_test).float()
     chroma_ignoring_f = chroma(-(t_test - s_test), mask_test)
     diags = [diagnose(model, task, cfg, seed, "init")] if diag else []
-    l1, colour, chromas = [], [], []
+    l1, colour, chromas, slopes = [], [], [], []
     for it in range(1, iters + 1):
+        if it == decay_at:  # one step decay, as DG-Net's multistep schedule does
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
         s, f, t = task.batch(8, data)
         if structure == "flat":
             with torch.no_grad():  # E_s of a flat image is a constant zero map: nothing to learn
@@ -311,13 +332,15 @@ def run(cfg: dict, lr: float, iters: int, checkpoints: list[int], seed: int = 0,
         opt.step()
         if it in checkpoints:
             with torch.no_grad():
-                err = model.decode(model.encode(s_test), f_test) - t_test
+                out = model.decode(model.encode(s_test), f_test)
+            err = out - t_test
+            slopes.append(chroma_slope(out, s_test, t_test, mask_test))
             l1.append(float(err.abs().mean()))
             colour.append(float(region_means(err, mask_test).abs().mean()))
             chromas.append(chroma(err, mask_test))
     if diag:
         diags.append(diagnose(model, task, cfg, seed, f"it {iters}"))
-    return l1, colour, chromas, chroma_ignoring_f, diags
+    return l1, colour, chromas, slopes, chroma_ignoring_f, diags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--f-norm", default="none", choices=("none", "unit"))
     p.add_argument("--diag", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decay-at", type=int, default=0, help="iteration from which the lr is 10x smaller (0: never)")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-3])
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (gen.dim=16 ...)")
     p.add_argument("--json", default="bench/results/conditioning_probe.json")
@@ -344,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, start = [], time.time()
     for lr in args.lr:
         t0 = time.time()
-        l1, colour, chromas, chroma_0, diags = run(
+        l1, colour, chromas, slopes, chroma_0, diags = run(
             cfg, lr, args.iters, checkpoints, args.seed, args.variant, args.structure, args.f_scale, args.f_norm,
-            args.diag, args.colour_range, args.colours)
-        rows.append({"lr": lr, "l1": l1, "colour_l1": colour, "chroma_l1": chromas,
+            args.diag, args.colour_range, args.colours, args.decay_at)
+        rows.append({"lr": lr, "l1": l1, "colour_l1": colour, "chroma_l1": chromas, "chroma_slope": slopes,
                      "chroma_ignoring_f": chroma_0, "seconds": round(time.time() - t0, 1),
                      "diagnostics": diags})
     print(f"structure {args.structure}, {args.colours} colour(s), variant {args.variant}, "
@@ -359,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['lr']:<10g}" + "".join(f"{a:8.4f}/{b:.4f}/{c:.4f}"
                                           for a, b, c in zip(r["l1"], r["colour_l1"], r["chroma_l1"]))
               + f"   {r['seconds']:>7}")
+        print("  chroma slope (1 = full strength) " + " / ".join(f"{v:.3f}" for v in r["chroma_slope"]))
     result = {"benchmark": "conditioning_probe", "date": date.today().isoformat(), "torch": torch.__version__,
               "config": args.config, "opts": args.opts, "variant": args.variant, "structure": args.structure,
               "colour_range": args.colour_range, "colours": args.colours, "f_scale": args.f_scale,
-              "f_norm": args.f_norm, "seed": args.seed, "gen": cfg["gen"],
+              "f_norm": args.f_norm, "seed": args.seed, "decay_at": args.decay_at, "gen": cfg["gen"],
               "checkpoints": checkpoints, "ignoring_f_l1": mean_colour, "rows": rows,
               "seconds": round(time.time() - start, 1),
               "command": "python bench/conditioning_probe.py " + " ".join(argv or sys.argv[1:])}

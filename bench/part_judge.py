@@ -33,17 +33,22 @@ Beside it, two checks of the judge itself, the same for every checkpoint of a da
   A has a look-alike among the test identities (the synthetic data's hard negatives) and on the others;
 - the tolerance: the chroma top-1 of A's colours painted flat on the true swap's parts with every part's a*b*
   moved r Delta E in a random direction, from A's colours in B's light and from A's colours as A's image shows
-  them: how close a swap must come for the judge's chroma bar.
+  them: how close a swap must come for the judge's chroma bar;
+- the parts' insides (each part less the pixels whose 3x3 neighbourhood holds another label): the slope on A
+  and the judge with the part means taken there, for the swap, the true swap and the appearance image. A slope
+  that rises inside is colour lost where G blurs across a part's edge, not a washed-out hue.
 
 Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<run>.json).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,6 +83,44 @@ def joint_fit(a: torch.Tensor, b: torch.Tensor, output: torch.Tensor) -> tuple[f
     design = torch.stack([centred[0].flatten(), centred[1].flatten()], 1).double()
     alpha, beta = torch.linalg.lstsq(design, centred[2].flatten()[:, None].double()).solution.flatten().tolist()
     return alpha, beta
+
+
+def interior(parts: torch.Tensor) -> torch.Tensor:
+    """Part labels (..., H, W) with every pixel whose 3x3 neighbourhood holds another label set to 0 (left
+    out): each part's inside, where a colour blurred across the part's edge no longer mixes in."""
+    x = parts.reshape(-1, 1, *parts.shape[-2:]).float()
+    same = F.max_pool2d(x, 3, 1, 1) == -F.max_pool2d(-x, 3, 1, 1)
+    return torch.where(same, x, 0).reshape(parts.shape).to(parts.dtype)
+
+
+def inside_parts(data: quality.FidelitySet, judge: quality.JudgeSet, swaps: torch.Tensor,
+                 target_ab: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
+    """The swap's colours read on the parts' insides only. Per part: the slope on A's colour inside the true
+    swap's part, and the error there, beside the whole part's slope; and the true swap's whole-part colour on
+    its inside (below 1: edges dilute even a sharp drawing's part mean). A slope that rises inside is colour
+    lost where G blurs across an edge, not a washed-out hue. Then the judge with every image's part means
+    taken inside the candidate's parts; the candidates' own means stay those of their whole parts (not kept
+    as images), so the true swap's verdict here says how much that mismatch costs."""
+    inner = interior(data.target_parts)
+    inner_ab, inner_counts = part_ab(swaps, inner)
+    true_inner_ab, _ = part_ab(data.target, inner)
+    whole_ab, _ = part_ab(swaps, data.target_parts)
+    parts = {}
+    for k, name in enumerate(PARTS):
+        shown = (counts[:, k] >= MIN_PIXELS) & (inner_counts[:, k] >= MIN_PIXELS)
+        if int(shown.sum()) >= 3:
+            a, a_inside = target_ab[shown, k], true_inner_ab[shown, k]
+            whole_slope = slope_and_correlation(a, whole_ab[shown, k])[0]
+            parts[name] = {"pairs": int(shown.sum()), "slope_a": whole_slope,
+                           "inside_slope_a": slope_and_correlation(a_inside, inner_ab[shown, k])[0],
+                           "true_whole_on_inside": slope_and_correlation(a_inside, a)[0],
+                           "inside_error": float((inner_ab[shown, k] - a_inside).norm(dim=1).mean())}
+    kept = float(inner_counts.sum() / counts.sum().clamp_min(1))
+    inside_judge = dataclasses.replace(judge, candidate_parts=interior(judge.candidate_parts), bins=None,
+                                       references=None)
+    answers = {"swap": swaps, "true_swap": data.target, "appearance_image": data.appearance}
+    return {"pixels_kept": kept, "parts": parts,
+            "judge": {k: verdicts(v, inside_judge) for k, v in answers.items()}}
 
 
 def chroma_top1(images: torch.Tensor, judge: quality.JudgeSet) -> float:
@@ -207,7 +250,8 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             "only_part_drawn": chroma_top1(torch.where(garments, swaps, data.target), judge)}
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
             "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
-            "checks": judge_checks(models.cfg, data, judge, swaps)}
+            "checks": judge_checks(models.cfg, data, judge, swaps),
+            "inside": inside_parts(data, judge, swaps, target_ab, counts)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -249,6 +293,15 @@ def print_table(result: dict[str, Any]) -> None:
                           ("a_as_a_image_shows", "A's colours as A's image shows them")):
         steps = ", ".join(f"{row['radius']}: {row['chroma_top1']:.3f}" for row in checks["tolerance"][source])
         print(f"chroma top-1 of {label}, flat, every part moved by r Delta E: {steps}")
+    inside = result["inside"]
+    print(f"on the parts' insides ({inside['pixels_kept']:.0%} of their pixels): the swap's slope on A, whole part "
+          "-> inside; the true swap's whole part on its inside; the swap's error inside (chroma Delta E)")
+    for name, r in inside["parts"].items():
+        print(f"  {name:<6} {r['pairs']:>3} pairs  {r['slope_a']:.2f} -> {r['inside_slope_a']:.2f}  "
+              f"{r['true_whole_on_inside']:.2f}  {r['inside_error']:.1f}")
+    for answer, v in inside["judge"].items():
+        print(f"  judged inside: {answer:<17} top-1 {v['top1']:.3f}  top-5 {v['top5']:.3f}  "
+              f"chroma top-1 {v['chroma_top1']:.3f}  chroma top-5 {v['chroma_top5']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

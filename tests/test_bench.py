@@ -326,6 +326,22 @@ def test_part_judge_fits_recover_known_colour_mixes():
     assert abs(slope) < 0.5 and abs(corr) < 0.5
 
 
+def test_part_judge_interior_keeps_only_pixels_inside_one_part():
+    """A 6x6 block of part 3 on part 1: its inside is the 4x4 core, the ring at its edge and the part 1 pixels
+    touching it are left out (0), the image's own border does not count as an edge."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import part_judge
+    import torch
+
+    labels = torch.ones(2, 10, 8, dtype=torch.uint8)
+    labels[:, 2:8, 1:7] = 3
+    inside = part_judge.interior(labels)
+    assert inside.shape == labels.shape and inside.dtype == labels.dtype
+    assert (inside[0, 3:7, 2:6] == 3).all() and int((inside == 3).sum()) == 2 * 16
+    assert int((inside[0] == 1).sum()) == 80 - 36 - 28  # part 1 less the block and the ring around it
+    assert inside[0, 0, 0] == 1 and inside[0, 9, 7] == 1 and inside[0, 2, 1] == 0
+
+
 def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     """bench/part_judge.py on a run: one row per body part, shares that add up over the parts, and counterfactual
     judge figures in [0, 1]."""
@@ -356,5 +372,9 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert [row["radius"] for row in tol["a_in_b_light"]] == [0, 2, 4, 6, 8]
     assert tol["a_in_b_light"][0]["chroma_top1"] == 1.0
     assert all(0 <= row["chroma_top1"] <= 1 for rows in tol.values() for row in rows)
+    inside = result["inside"]
+    assert 0 < inside["pixels_kept"] < 1 and set(inside["judge"]) == {"swap", "true_swap", "appearance_image"}
+    assert inside["judge"]["true_swap"]["chroma_top1"] >= 0.75  # the mismatch with whole-part means is small
+    assert all(r["inside_error"] >= 0 and r["true_whole_on_inside"] > 0 for r in inside["parts"].values())
     missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
