@@ -15,8 +15,8 @@ cap, sleeves and skirts belong to the identity in the synthetic data, so B may l
   through B's own part labels), B's coefficient: colour that leaks from the structure image. E_s sees only
   its grey levels, so anything here is read from B's shapes and shading;
 - error: the mean a*b* distance (Delta E, chroma only) between the swap's and the true swap's part colour,
-  and the same for B's own reconstruction G(s_B, f_B) against B: what G does with the code of the image
-  it encoded;
+  and the same for B's own reconstruction G(s_B, f_B) against B, with its slope on B's colour: what G does
+  with the code of the image it encoded;
 - judge counterfactuals: the chroma top-1 with only this part replaced by the true swap's pixels (the rest
   as G drew it), and with only this part as G drew it (the rest true). The first says how much fixing this
   part alone would gain; the second how much this part alone costs. The same for the upper and lower
@@ -244,6 +244,7 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             row["joint_a"], row["joint_b"] = joint_fit(a, b, s)
             row["error"] = float((s - a).norm(dim=1).mean())
             row["rebuilt_error"] = float((rebuilt_ab[shown, k] - b).norm(dim=1).mean())
+            row["rebuilt_slope"] = slope_and_correlation(b, rebuilt_ab[shown, k])[0]
         rows.append(row)
     garments = ((data.target_parts == GARMENTS[0]) | (data.target_parts == GARMENTS[1]))[:, None]
     both = {"true_part": chroma_top1(torch.where(garments, data.target, swaps), judge),
@@ -258,10 +259,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"iteration {result['iteration']}: swap chroma top-1 {result['chroma_top1']:.3f} "
           f"(chance {result['chance']:.3f})")
     print(f"{'part':<6} {'pairs':>5} {'share':>6} {'slope A':>8} {'corr A':>7} {'joint A':>8} {'joint B':>8} "
-          f"{'error':>6} {'rebuilt':>8} {'true part':>10} {'only part':>10}")
+          f"{'error':>6} {'rebuilt':>8} {'slope':>6} {'true part':>10} {'only part':>10}")
     for r in result["parts"]:
         fits = (f"{r['slope_a']:>8.2f} {r['correlation_a']:>7.2f} {r['joint_a']:>8.2f} {r['joint_b']:>8.2f} "
-                f"{r['error']:>6.1f} {r['rebuilt_error']:>8.1f}") if "error" in r else f"{'(too few pairs)':>52}"
+                f"{r['error']:>6.1f} {r['rebuilt_error']:>8.1f} {r['rebuilt_slope']:>6.2f}") if "error" in r \
+            else f"{'(too few pairs)':>59}"
         print(f"{r['part']:<6} {r['pairs']:>5} {r['share']:>6.2f} {fits} {r['true_part']:>10.3f} "
               f"{r['only_part_drawn']:>10.3f}")
     both = result["garments"]

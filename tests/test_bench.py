@@ -355,7 +355,8 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert [r["part"] for r in parts] == ["skin", "hair", "upper", "lower", "shoes", "bag"]
     assert sum(r["share"] for r in parts) == pytest.approx(1.0, abs=1e-5)
     assert all(0 <= r["true_part"] <= 1 and 0 <= r["only_part_drawn"] <= 1 for r in parts)
-    assert all(r["error"] >= 0 and -1 <= r["correlation_a"] <= 1 for r in parts if "error" in r)
+    fitted = [r for r in parts if "error" in r]
+    assert all(r["error"] >= 0 and -1 <= r["correlation_a"] <= 1 and "rebuilt_slope" in r for r in fitted)
     checks = result["checks"]
     assert set(checks["judge_on"]["swap"]) == {"all_parts", "garments"}
     # A's part colours painted on B's parts are judged A on the garments, B's own image never
