@@ -36,7 +36,10 @@ Beside it, two checks of the judge itself, the same for every checkpoint of a da
   them: how close a swap must come for the judge's chroma bar;
 - the parts' insides (each part less the pixels whose 3x3 neighbourhood holds another label): the slope on A
   and the judge with the part means taken there, for the swap, the true swap and the appearance image. A slope
-  that rises inside is colour lost where G blurs across a part's edge, not a washed-out hue.
+  that rises inside is colour lost where G blurs across a part's edge, not a washed-out hue;
+- where the layouts agree (the pixels whose part in the true swap is the one B's own image has there; A's
+  sleeves, skirt, cap and bag belong to A, and E_s sees B's): the slope on A there. A slope that rises there is
+  colour lost to the shapes G takes from B.
 
 Prints a table per checkpoint; writes JSON (default bench/results/part_judge_<run>.json).
 """
@@ -93,34 +96,47 @@ def interior(parts: torch.Tensor) -> torch.Tensor:
     return torch.where(same, x, 0).reshape(parts.shape).to(parts.dtype)
 
 
-def inside_parts(data: quality.FidelitySet, judge: quality.JudgeSet, swaps: torch.Tensor,
-                 target_ab: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
-    """The swap's colours read on the parts' insides only. Per part: the slope on A's colour inside the true
-    swap's part, and the error there, beside the whole part's slope; and the true swap's whole-part colour on
-    its inside (below 1: edges dilute even a sharp drawing's part mean). A slope that rises inside is colour
-    lost where G blurs across an edge, not a washed-out hue. Then the judge with every image's part means
-    taken inside the candidate's parts; the candidates' own means stay those of their whole parts (not kept
-    as images), so the true swap's verdict here says how much that mismatch costs."""
-    inner = interior(data.target_parts)
-    inner_ab, inner_counts = part_ab(swaps, inner)
-    true_inner_ab, _ = part_ab(data.target, inner)
+def subset_slopes(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor, counts: torch.Tensor,
+                  labels: torch.Tensor) -> dict[str, Any]:
+    """Per part, the swap's colour read only where `labels` (N, H, W; the true swap's part labels with some
+    pixels set to 0) keeps it: the slope on the true swap's colour there and the error there (chroma Delta E),
+    beside the whole part's slope; and the true swap's whole-part colour on its colour there (below 1: the
+    left-out pixels dilute even a sharp drawing's part mean). Also the share of the person's pixels kept."""
+    sub_ab, sub_counts = part_ab(swaps, labels)
+    true_sub_ab, _ = part_ab(data.target, labels)
     whole_ab, _ = part_ab(swaps, data.target_parts)
     parts = {}
     for k, name in enumerate(PARTS):
-        shown = (counts[:, k] >= MIN_PIXELS) & (inner_counts[:, k] >= MIN_PIXELS)
+        shown = (counts[:, k] >= MIN_PIXELS) & (sub_counts[:, k] >= MIN_PIXELS)
         if int(shown.sum()) >= 3:
-            a, a_inside = target_ab[shown, k], true_inner_ab[shown, k]
-            whole_slope = slope_and_correlation(a, whole_ab[shown, k])[0]
-            parts[name] = {"pairs": int(shown.sum()), "slope_a": whole_slope,
-                           "inside_slope_a": slope_and_correlation(a_inside, inner_ab[shown, k])[0],
-                           "true_whole_on_inside": slope_and_correlation(a_inside, a)[0],
-                           "inside_error": float((inner_ab[shown, k] - a_inside).norm(dim=1).mean())}
-    kept = float(inner_counts.sum() / counts.sum().clamp_min(1))
+            a, a_sub = target_ab[shown, k], true_sub_ab[shown, k]
+            parts[name] = {"pairs": int(shown.sum()), "slope_a": slope_and_correlation(a, whole_ab[shown, k])[0],
+                           "subset_slope_a": slope_and_correlation(a_sub, sub_ab[shown, k])[0],
+                           "true_whole_on_subset": slope_and_correlation(a_sub, a)[0],
+                           "subset_error": float((sub_ab[shown, k] - a_sub).norm(dim=1).mean())}
+    return {"pixels_kept": float(sub_counts.sum() / counts.sum().clamp_min(1)), "parts": parts}
+
+
+def inside_parts(data: quality.FidelitySet, judge: quality.JudgeSet, swaps: torch.Tensor,
+                 target_ab: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
+    """The swap's colours read on the parts' insides only (`subset_slopes` of `interior`): a slope that rises
+    inside is colour lost where G blurs across an edge, not a washed-out hue. Then the judge with every image's
+    part means taken inside the candidate's parts; the candidates' own means stay those of their whole parts
+    (not kept as images), so the true swap's verdict here says how much that mismatch costs."""
     inside_judge = dataclasses.replace(judge, candidate_parts=interior(judge.candidate_parts), bins=None,
                                        references=None)
     answers = {"swap": swaps, "true_swap": data.target, "appearance_image": data.appearance}
-    return {"pixels_kept": kept, "parts": parts,
+    return {**subset_slopes(data, swaps, target_ab, counts, interior(data.target_parts)),
             "judge": {k: verdicts(v, inside_judge) for k, v in answers.items()}}
+
+
+def layouts_agree(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor,
+                  counts: torch.Tensor) -> dict[str, Any]:
+    """The swap's colours read only where the true swap's part is the one B's own image has there: A's sleeves,
+    skirt, cap and bag belong to A, so the true swap's layout differs from B's, which is all E_s sees. A slope
+    that rises here is colour lost to the shapes G takes from B, not a washed-out hue."""
+    agree = torch.where(data.target_parts == data.structure_parts, data.target_parts, 0)
+    return subset_slopes(data, swaps, target_ab, counts, agree)
 
 
 def chroma_top1(images: torch.Tensor, judge: quality.JudgeSet) -> float:
@@ -252,7 +268,8 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
             "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
             "checks": judge_checks(models.cfg, data, judge, swaps),
-            "inside": inside_parts(data, judge, swaps, target_ab, counts)}
+            "inside": inside_parts(data, judge, swaps, target_ab, counts),
+            "layouts_agree": layouts_agree(data, swaps, target_ab, counts)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -295,12 +312,14 @@ def print_table(result: dict[str, Any]) -> None:
                           ("a_as_a_image_shows", "A's colours as A's image shows them")):
         steps = ", ".join(f"{row['radius']}: {row['chroma_top1']:.3f}" for row in checks["tolerance"][source])
         print(f"chroma top-1 of {label}, flat, every part moved by r Delta E: {steps}")
+    for key, where in (("inside", "on the parts' insides"), ("layouts_agree", "where B's own layout agrees")):
+        sub = result[key]
+        print(f"{where} ({sub['pixels_kept']:.0%} of the person's pixels): the swap's slope on A, whole part -> "
+              "there; the true swap's whole part on its colour there; the swap's error there (chroma Delta E)")
+        for name, r in sub["parts"].items():
+            print(f"  {name:<6} {r['pairs']:>3} pairs  {r['slope_a']:.2f} -> {r['subset_slope_a']:.2f}  "
+                  f"{r['true_whole_on_subset']:.2f}  {r['subset_error']:.1f}")
     inside = result["inside"]
-    print(f"on the parts' insides ({inside['pixels_kept']:.0%} of their pixels): the swap's slope on A, whole part "
-          "-> inside; the true swap's whole part on its inside; the swap's error inside (chroma Delta E)")
-    for name, r in inside["parts"].items():
-        print(f"  {name:<6} {r['pairs']:>3} pairs  {r['slope_a']:.2f} -> {r['inside_slope_a']:.2f}  "
-              f"{r['true_whole_on_inside']:.2f}  {r['inside_error']:.1f}")
     for answer, v in inside["judge"].items():
         print(f"  judged inside: {answer:<17} top-1 {v['top1']:.3f}  top-5 {v['top5']:.3f}  "
               f"chroma top-1 {v['chroma_top1']:.3f}  chroma top-5 {v['chroma_top5']:.3f}")

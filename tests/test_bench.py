@@ -376,6 +376,9 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     inside = result["inside"]
     assert 0 < inside["pixels_kept"] < 1 and set(inside["judge"]) == {"swap", "true_swap", "appearance_image"}
     assert inside["judge"]["true_swap"]["chroma_top1"] >= 0.75  # the mismatch with whole-part means is small
-    assert all(r["inside_error"] >= 0 and r["true_whole_on_inside"] > 0 for r in inside["parts"].values())
+    for key in ("inside", "layouts_agree"):
+        sub = result[key]
+        assert 0 < sub["pixels_kept"] <= 1
+        assert all(r["subset_error"] >= 0 and r["true_whole_on_subset"] > 0 for r in sub["parts"].values())
     missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
