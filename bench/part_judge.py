@@ -16,7 +16,8 @@ cap, sleeves and skirts belong to the identity in the synthetic data, so B may l
   its grey levels, so anything here is read from B's shapes and shading;
 - error: the mean a*b* distance (Delta E, chroma only) between the swap's and the true swap's part colour,
   and the same for B's own reconstruction G(s_B, f_B) against B, with its slope on B's colour: what G does
-  with the code of the image it encoded;
+  with the code of the image it encoded; and B rebuilt from the code of another test image of B (the
+  same-person reconstruction DG-Net trains with a pixel target), its slope on B's colour and error;
 - judge counterfactuals: the chroma top-1 with only this part replaced by the true swap's pixels (the rest
   as G drew it), and with only this part as G drew it (the rest true). The first says how much fixing this
   part alone would gain; the second how much this part alone costs. The same for the upper and lower
@@ -234,6 +235,22 @@ def tolerance(data: quality.FidelitySet, judge: quality.JudgeSet,
     return out
 
 
+def other_images_of_b(cfg: dict[str, Any], splits: Any, data: quality.FidelitySet) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pair, another test image of B's identity ([0, 1]; B's own image where B has no other) and
+    whether it has one: G(s_B, f of that image) is the same-person reconstruction that DG-Net trains on pixels,
+    read on the same test people as the swaps."""
+    people = sorted((r for r in splits.query + splits.gallery if r.pid > 0), key=lambda r: r.path)
+    by_name = {Path(r.path).name: r for r in people}
+    size = quality.image_size(cfg)
+    images, found = [], []
+    for k, (_, b_name) in enumerate(data.pairs):
+        b = by_name[b_name]
+        other = next((r for r in people if r.pid == b.pid and r.path != b.path), None)
+        images.append(quality.load_unit(other.path, size) if other is not None else data.structure[k])
+        found.append(other is not None)
+    return torch.stack(images), torch.tensor(found)
+
+
 def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dict[str, Any]:
     data = quality.fidelity_set(models.cfg, splits, n_pairs, seed)
     judge = quality.judge_set(models.cfg, splits, n_pairs, seed)
@@ -242,10 +259,14 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
                              quality.normalize(data.appearance))
         rebuilt = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
                                quality.normalize(data.structure))
+        others, has_other = other_images_of_b(models.cfg, splits, data)
+        from_other = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
+                                  quality.normalize(others))
     target_ab, counts = part_ab(data.target, data.target_parts)
     swap_ab, _ = part_ab(swaps, data.target_parts)
     b_ab, b_counts = part_ab(data.structure, data.structure_parts)
     rebuilt_ab, _ = part_ab(rebuilt, data.structure_parts)
+    other_ab, _ = part_ab(from_other, data.structure_parts)
     share = counts / counts.sum(1, keepdim=True).clamp_min(1)
     rows = []
     for k, name in enumerate(PARTS):
@@ -261,6 +282,10 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
             row["error"] = float((s - a).norm(dim=1).mean())
             row["rebuilt_error"] = float((rebuilt_ab[shown, k] - b).norm(dim=1).mean())
             row["rebuilt_slope"] = slope_and_correlation(b, rebuilt_ab[shown, k])[0]
+            same = shown & has_other
+            if int(same.sum()) >= 3:
+                row["same_person_slope"] = slope_and_correlation(b_ab[same, k], other_ab[same, k])[0]
+                row["same_person_error"] = float((other_ab[same, k] - b_ab[same, k]).norm(dim=1).mean())
         rows.append(row)
     garments = ((data.target_parts == GARMENTS[0]) | (data.target_parts == GARMENTS[1]))[:, None]
     both = {"true_part": chroma_top1(torch.where(garments, data.target, swaps), judge),
@@ -283,6 +308,9 @@ def print_table(result: dict[str, Any]) -> None:
             else f"{'(too few pairs)':>59}"
         print(f"{r['part']:<6} {r['pairs']:>5} {r['share']:>6.2f} {fits} {r['true_part']:>10.3f} "
               f"{r['only_part_drawn']:>10.3f}")
+    same = [f"{r['part']} {r['same_person_slope']:.2f} / {r['same_person_error']:.1f}" for r in result["parts"]
+            if "same_person_slope" in r]
+    print("B rebuilt from another image of B (slope on B / error): " + (", ".join(same) or "no B with two images"))
     both = result["garments"]
     print(f"upper and lower together: chroma top-1 {both['true_part']:.3f} with both true, "
           f"{both['only_part_drawn']:.3f} with only them drawn")

@@ -357,6 +357,7 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert all(0 <= r["true_part"] <= 1 and 0 <= r["only_part_drawn"] <= 1 for r in parts)
     fitted = [r for r in parts if "error" in r]
     assert all(r["error"] >= 0 and -1 <= r["correlation_a"] <= 1 and "rebuilt_slope" in r for r in fitted)
+    assert all(r["same_person_error"] >= 0 for r in fitted if "same_person_slope" in r)
     checks = result["checks"]
     assert set(checks["judge_on"]["swap"]) == {"all_parts", "garments"}
     # A's part colours painted on B's parts are judged A on the garments, B's own image never
