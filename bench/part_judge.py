@@ -23,7 +23,7 @@ cap, sleeves and skirts belong to the identity in the synthetic data, so B may l
   part alone would gain; the second how much this part alone costs. The same for the upper and lower
   garments together.
 
-Beside it, two checks of the judge itself, the same for every checkpoint of a dataset:
+Beside it, three checks of the judge itself and two more readings of the swap's colours:
 - the judge on the garments alone (upper and lower), for the swap and the references: does the verdict hang on
   the parts that are not clothes;
 - the precision it asks for: how far, on the judge's own chroma distance, the nearest other candidate is from
