@@ -308,7 +308,7 @@ def saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
     value the run was trained with (ADDED_KEYS), else today's default (a key added with the old behaviour
     as its default). So a resumed run reports only the changes it makes, and every key reads."""
     full = copy.deepcopy(schema().defaults)
-    _overlay(full, copy.deepcopy(ADDED_KEYS))
+    _overlay(full, ADDED_KEYS)  # scalars only: nothing of it is shared
     _overlay(full, copy.deepcopy(cfg))
     return full
 

@@ -300,7 +300,7 @@ def diagnose(model: torch.nn.Module, task: Task, cfg: dict, seed: int, label: st
 def run(cfg: dict, lr: float, iters: int, checkpoints: list[int], seed: int = 0, variant: str = "plain",
         structure: str = "flat", f_scale: float = 1.0, f_norm: str = "none",
         diag: bool = False, colour_range: float = 2.0, colours: int = 1,
-        decay_at: int = 0) -> tuple[list[float], ...]:
+        decay_at: int = 0) -> tuple:
     torch.manual_seed(seed)
     size = (cfg["crop_image_height"], cfg["crop_image_width"])
     code_dim = 4 * cfg["gen"]["id_dim"]

@@ -97,21 +97,22 @@ def interior(parts: torch.Tensor) -> torch.Tensor:
     return torch.where(same, x, 0).reshape(parts.shape).to(parts.dtype)
 
 
-def subset_slopes(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor, counts: torch.Tensor,
-                  labels: torch.Tensor) -> dict[str, Any]:
+def subset_slopes(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor, swap_ab: torch.Tensor,
+                  counts: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Per part, the swap's colour read only where `labels` (N, H, W; the true swap's part labels with some
     pixels set to 0) keeps it: the slope on the true swap's colour there and the error there (chroma Delta E),
     beside the whole part's slope; and the true swap's whole-part colour on its colour there (below 1: the
-    left-out pixels dilute even a sharp drawing's part mean). Also the share of the person's pixels kept."""
+    left-out pixels dilute even a sharp drawing's part mean). `target_ab`, `swap_ab`, `counts`: the true swap's
+    and the swap's whole-part colours and the true swap's part sizes (`part_ab`). Also the share of the person's
+    pixels kept."""
     sub_ab, sub_counts = part_ab(swaps, labels)
     true_sub_ab, _ = part_ab(data.target, labels)
-    whole_ab, _ = part_ab(swaps, data.target_parts)
     parts = {}
     for k, name in enumerate(PARTS):
         shown = (counts[:, k] >= MIN_PIXELS) & (sub_counts[:, k] >= MIN_PIXELS)
         if int(shown.sum()) >= 3:
             a, a_sub = target_ab[shown, k], true_sub_ab[shown, k]
-            parts[name] = {"pairs": int(shown.sum()), "slope_a": slope_and_correlation(a, whole_ab[shown, k])[0],
+            parts[name] = {"pairs": int(shown.sum()), "slope_a": slope_and_correlation(a, swap_ab[shown, k])[0],
                            "subset_slope_a": slope_and_correlation(a_sub, sub_ab[shown, k])[0],
                            "true_whole_on_subset": slope_and_correlation(a_sub, a)[0],
                            "subset_error": float((sub_ab[shown, k] - a_sub).norm(dim=1).mean())}
@@ -119,7 +120,7 @@ def subset_slopes(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: tor
 
 
 def inside_parts(data: quality.FidelitySet, judge: quality.JudgeSet, swaps: torch.Tensor,
-                 target_ab: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
+                 target_ab: torch.Tensor, swap_ab: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
     """The swap's colours read on the parts' insides only (`subset_slopes` of `interior`): a slope that rises
     inside is colour lost where G blurs across an edge, not a washed-out hue. Then the judge with every image's
     part means taken inside the candidate's parts; the candidates' own means stay those of their whole parts
@@ -127,17 +128,17 @@ def inside_parts(data: quality.FidelitySet, judge: quality.JudgeSet, swaps: torc
     inside_judge = dataclasses.replace(judge, candidate_parts=interior(judge.candidate_parts), bins=None,
                                        references=None)
     answers = {"swap": swaps, "true_swap": data.target, "appearance_image": data.appearance}
-    return {**subset_slopes(data, swaps, target_ab, counts, interior(data.target_parts)),
+    return {**subset_slopes(data, swaps, target_ab, swap_ab, counts, interior(data.target_parts)),
             "judge": {k: verdicts(v, inside_judge) for k, v in answers.items()}}
 
 
-def layouts_agree(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor,
+def layouts_agree(data: quality.FidelitySet, swaps: torch.Tensor, target_ab: torch.Tensor, swap_ab: torch.Tensor,
                   counts: torch.Tensor) -> dict[str, Any]:
     """The swap's colours read only where the true swap's part is the one B's own image has there: A's sleeves,
     skirt, cap and bag belong to A, so the true swap's layout differs from B's, which is all E_s sees. A slope
     that rises here is colour lost to the shapes G takes from B, not a washed-out hue."""
     agree = torch.where(data.target_parts == data.structure_parts, data.target_parts, 0)
-    return subset_slopes(data, swaps, target_ab, counts, agree)
+    return subset_slopes(data, swaps, target_ab, swap_ab, counts, agree)
 
 
 def chroma_top1(images: torch.Tensor, judge: quality.JudgeSet) -> float:
@@ -254,12 +255,12 @@ def other_images_of_b(cfg: dict[str, Any], splits: Any, data: quality.FidelitySe
 def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dict[str, Any]:
     data = quality.fidelity_set(models.cfg, splits, n_pairs, seed)
     judge = quality.judge_set(models.cfg, splits, n_pairs, seed)
+    others, has_other = other_images_of_b(models.cfg, splits, data)
     with quality.eval_mode(models.generator, models.appearance_encoder):
         swaps = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
                              quality.normalize(data.appearance))
         rebuilt = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
                                quality.normalize(data.structure))
-        others, has_other = other_images_of_b(models.cfg, splits, data)
         from_other = quality.swap(models.generator, models.appearance_encoder, quality.normalize(data.structure),
                                   quality.normalize(others))
     target_ab, counts = part_ab(data.target, data.target_parts)
@@ -293,8 +294,8 @@ def part_rows(models: Any, splits: Any, n_pairs: int = 64, seed: int = 0) -> dic
     return {"iteration": models.iteration, "chroma_top1": chroma_top1(swaps, judge),
             "chance": 1 / len(judge.pids), "parts": rows, "garments": both,
             "checks": judge_checks(models.cfg, data, judge, swaps),
-            "inside": inside_parts(data, judge, swaps, target_ab, counts),
-            "layouts_agree": layouts_agree(data, swaps, target_ab, counts)}
+            "inside": inside_parts(data, judge, swaps, target_ab, swap_ab, counts),
+            "layouts_agree": layouts_agree(data, swaps, target_ab, swap_ab, counts)}
 
 
 def print_table(result: dict[str, Any]) -> None:
