@@ -26,6 +26,7 @@ instead sorts whole rows in batches, which GPUs do fast.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,9 @@ from utils import UserError
 
 AP_CONVENTIONS = ("market", "precision")
 JUNK_PID = -1
+# rows ranked at once on a GPU: the batched sorts hold a few (rows, G) int64 tensors, about 0.7 GB each at
+# MSMT17's 82,161 gallery images for 1,024 rows, so the similarities' chunks are ranked 256 rows at a time
+RANK_ROWS = 256
 
 
 class Protocol:
@@ -108,7 +112,8 @@ def _ranks_torch(dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tenso
     # moves the non-good entries behind (a good match at distance inf must not fall behind padding).
     by_dist = torch.where(good, dist, inf).sort(dim=1, stable=True).indices
     goods_first = (~good.gather(1, by_dist)).to(torch.uint8).sort(dim=1, stable=True).indices
-    gidx = by_dist.gather(1, goods_first)[:, :width]
+    gidx = by_dist.gather(1, goods_first)[:, :width].contiguous()  # a copy: the (rows, G) tensors can go
+    del by_dist, goods_first
     gd = dist.gather(1, gidx).contiguous()
     before = torch.searchsorted(negatives, gd, side="left")
     after = torch.minimum(torch.searchsorted(negatives, gd, side="right"), n_neg)
@@ -156,7 +161,8 @@ def _labels(*arrays: Any) -> list[np.ndarray]:
     return [np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a).astype(np.int64) for a in arrays]
 
 
-def _check_args(ap: str, max_rank: int, shape: tuple[int, int], q_pids: np.ndarray, g_pids: np.ndarray) -> None:
+def _check_args(ap: str, max_rank: int, shape: tuple[int, int], q_pids: np.ndarray, g_pids: np.ndarray,
+                q_camids: np.ndarray, g_camids: np.ndarray) -> None:
     if ap not in AP_CONVENTIONS:
         raise ValueError(f"ap must be one of {AP_CONVENTIONS}, got {ap!r}")
     if max_rank < 1:
@@ -164,6 +170,9 @@ def _check_args(ap: str, max_rank: int, shape: tuple[int, int], q_pids: np.ndarr
     if shape != (len(q_pids), len(g_pids)):
         raise UserError(f"the distances are {shape[0]} x {shape[1]} but there are {len(q_pids)} query and "
                         f"{len(g_pids)} gallery labels")
+    if (len(q_camids), len(g_camids)) != (len(q_pids), len(g_pids)):
+        raise UserError(f"there are {len(q_pids)} query and {len(g_pids)} gallery labels but {len(q_camids)} "
+                        f"query and {len(g_camids)} gallery cameras: give one camera per image")
 
 
 def evaluate_distmat(distmat: np.ndarray | torch.Tensor, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
@@ -175,13 +184,15 @@ def evaluate_distmat(distmat: np.ndarray | torch.Tensor, q_pids: Any, g_pids: An
     CPU one query at a time ("numpy"); both give identical results, in the distances' own dtype.
     """
     q_pids, g_pids, q_camids, g_camids = _labels(q_pids, g_pids, q_camids, g_camids)
-    _check_args(ap, max_rank, tuple(distmat.shape), q_pids, g_pids)
+    _check_args(ap, max_rank, tuple(distmat.shape), q_pids, g_pids, q_camids, g_camids)
     if backend not in ("auto", "numpy", "torch"):
         raise ValueError(f"backend must be auto, numpy or torch, got {backend!r}")
     on_gpu = isinstance(distmat, torch.Tensor) and distmat.device.type != "cpu"
     ranks: list[np.ndarray | None] = []
     if backend == "torch" or (backend == "auto" and on_gpu):
         distmat = torch.as_tensor(distmat)
+        if not distmat.is_floating_point():  # the batched ranking pads with inf, which needs a float dtype
+            distmat = distmat.double()
         device = distmat.device
         labels = [torch.as_tensor(x, device=device) for x in (q_pids, q_camids, g_pids, g_camids)]
         for s in range(0, len(distmat), chunk):
@@ -216,22 +227,36 @@ def cosine_distance_chunks(qf: Any, gf: Any, chunk: int = 1024, device: torch.de
 
 def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
                       ap: str = "market", max_rank: int = 50, chunk: int = 1024,
-                      device: torch.device | str | None = None) -> dict[str, Any]:
+                      device: torch.device | str | None = None, backend: str = "auto") -> dict[str, Any]:
     """Evaluate with the cosine distance of L2-normalized features, computed `chunk` queries at a time.
 
-    `device` (default: where `qf` is) is where the similarities are computed and, on a GPU, ranked.
+    `device` (default: where `qf` is) is where the similarities are computed; `backend` as in
+    `evaluate_distmat` ("auto": ranked on the GPU when they are computed there, else one query at a time).
     """
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be auto, numpy or torch, got {backend!r}")
     q_pids, g_pids, q_camids, g_camids = _labels(q_pids, g_pids, q_camids, g_camids)
-    _check_args(ap, max_rank, (len(qf), len(gf)), q_pids, g_pids)
+    _check_args(ap, max_rank, (len(qf), len(gf)), q_pids, g_pids, q_camids, g_camids)
+    q_shape, g_shape = tuple(qf.shape), tuple(gf.shape)
+    if len(q_shape) != 2 or len(g_shape) != 2 or q_shape[1] != g_shape[1]:
+        raise UserError(f"query features are {q_shape} and gallery features {g_shape}: both must be (images, "
+                        "dimensions) with the same dimensions (from the same model)")
+    for name, f in (("query", qf), ("gallery", gf)):
+        zero = int((torch.as_tensor(f).abs().sum(1) == 0).sum())
+        if zero:  # normalized to 0, they tie with every image: a broken model or feature file, not a result
+            warnings.warn(f"{zero} of the {len(f)} {name} features are all zero; their rankings are by gallery "
+                          "order only", stacklevel=2)
     protocol = Protocol(g_pids, g_camids)
     labels = None
     ranks: list[np.ndarray | None] = []
     for s, dist in cosine_distance_chunks(qf, gf, chunk, device):
         _check_finite_order(dist)
-        if dist.device.type == "cpu":
+        if backend == "numpy" or (backend == "auto" and dist.device.type == "cpu"):
             ranks += _ranks_numpy(dist.numpy(), q_pids, q_camids, protocol, range(s, s + len(dist)))
             continue
         if labels is None:
             labels = [torch.as_tensor(x, device=dist.device) for x in (q_pids, q_camids, g_pids, g_camids)]
-        ranks += _ranks_torch(dist, labels[0][s:s + len(dist)], labels[1][s:s + len(dist)], *labels[2:])
+        for r in range(0, len(dist), RANK_ROWS):  # the batched sorts hold several (rows, G) index tensors
+            rows = slice(s + r, s + min(r + RANK_ROWS, len(dist)))
+            ranks += _ranks_torch(dist[r:r + RANK_ROWS], labels[0][rows], labels[1][rows], *labels[2:])
     return _metrics(ranks, ap, max_rank)

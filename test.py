@@ -8,9 +8,10 @@
 Features follow DG-Net's protocol (the original's reid_eval/test_2label.py): each image and its horizontal
 flip go through the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each
 L2-normalized, the two passes are summed and each half normalized again; at query time the fine-grained half
-is weighted by `--alpha` (0.5 is what DG-Net reports). A teacher's feature is its 512-d bottleneck, flip-summed and
-normalized. `--multi` (Market-1501's gt_bbox/ or a multi-query/ folder) replaces each query by the mean
-feature of the multi-query images of its identity and camera.
+is weighted by `--alpha` (0.5 is what DG-Net reports; -1, as in the original, the fine-grained half alone). A
+teacher's feature is its 512-d bottleneck, flip-summed and normalized. `--multi` (Market-1501's gt_bbox/ or a
+multi-query/ folder) replaces each query by the mean feature of the multi-query images of its identity and
+camera.
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
 pytorch_result.mat (the original's layout, unweighted features), ranklist/ (with --ranklist) and
@@ -173,13 +174,48 @@ def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Seque
     return torch.cat(feats) if feats else torch.empty(0, width)
 
 
+def check_alpha(alpha: float) -> None:
+    if alpha < 0 and alpha != -1:
+        raise UserError(f"--alpha must be at least 0, or -1 for the fine-grained half alone (the original's "
+                        f"meaning), got {alpha}")
+
+
 def weight_query(qf: torch.Tensor, halves: bool, alpha: float) -> torch.Tensor:
-    """DG-Net's query weighting: the fine-grained half times alpha (score = s_prim + alpha s_fine)."""
+    """DG-Net's query weighting: the fine-grained half times alpha (score = s_prim + alpha s_fine); alpha -1,
+    as in the original's evaluation, keeps the fine-grained half alone (the primary half zeroed)."""
     if not halves:
         return qf
+    check_alpha(alpha)
     qf = qf.clone()
-    qf[:, HALF:] *= alpha
+    if alpha == -1:
+        qf[:, :HALF] = 0
+    else:
+        qf[:, HALF:] *= alpha
     return qf
+
+
+def weighted_both_sides(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features each weighted by the square root of alpha on the fine-grained half (the
+    primary half zeroed for alpha -1): every pair of images, query or gallery, then scores DG-Net's s_prim +
+    alpha s_fine. What re-ranking needs: it compares gallery with gallery and query with query as well as
+    query with gallery, and assumes one metric for all (weighting the query alone would score query pairs
+    with alpha squared and gallery pairs with 1)."""
+    if not halves:
+        return qf, gf
+    check_alpha(alpha)
+    weight = torch.ones(2 * HALF)
+    weight[:HALF] = 0.0 if alpha == -1 else 1.0
+    weight[HALF:] = 1.0 if alpha == -1 else alpha ** 0.5
+    return qf * weight, gf * weight
+
+
+def reranked_distances(qf: torch.Tensor, gf: torch.Tensor, halves: bool = False, alpha: float = 1.0) -> np.ndarray:
+    """The k-reciprocal re-ranked (Q, G) distances (rerank.py's defaults) of unweighted features, alpha
+    applied to both sides (`weighted_both_sides`)."""
+    from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
+
+    return k_reciprocal_rerank(*weighted_both_sides(qf, gf, halves, alpha))
 
 
 def labels_of(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,13 +228,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]), "mAP": float(result["mAP"]),
             "mINP": float(result["mINP"]), "num_queries": result["num_queries"],
             "num_valid_queries": result["num_valid_queries"]}
-
-
-def reranked_distances(qf: torch.Tensor, gf: torch.Tensor) -> np.ndarray:
-    """The k-reciprocal re-ranked (Q, G) distances (rerank.py's defaults)."""
-    from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
-
-    return k_reciprocal_rerank(qf, gf)
 
 
 def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record], *,
@@ -405,6 +434,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 def _check_args(args: argparse.Namespace) -> None:
+    check_alpha(args.alpha)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
@@ -416,7 +446,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     _check_args(args)
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
     state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter, args.config, opts)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
     if args.multi and not splits.multi_query:
@@ -432,15 +462,17 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     qf, gf = features(splits.query, "query"), features(splits.gallery, "gallery")
     parts = {"query": (qf, splits.query), "gallery": (gf, splits.gallery)}
     summary: dict[str, Any] = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"],
-                               "dataset": splits.name, "ap": args.ap, "flip": args.flip,
+                               "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
+                               "flip": args.flip,
                                "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank}
     query_f = qf
     if args.multi:
         mqf = features(splits.multi_query, "multi-query")
         parts["mquery"] = (mqf, splits.multi_query)
         query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
+    # the metrics and rank lists share the re-ranked distances
+    distmat = reranked_distances(query_f, gf, halves, args.alpha) if args.rerank else None
     query_f = weight_query(query_f, halves, args.alpha)
-    distmat = reranked_distances(query_f, gf) if args.rerank else None  # the metrics and rank lists share it
     summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat))
 
     def write(results: Path) -> list[Path]:
@@ -509,7 +541,7 @@ def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
     cfg = load_config(cfg_file, opts)
     cfg["crop_image_height"], cfg["crop_image_width"] = exported.size  # the size the graph takes
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
     qf = onnx_features(exported, cfg, splits.query, batch_size=args.batch_size, label="query")
@@ -517,7 +549,8 @@ def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
     meta = exported.metadata
     iteration = int(meta["iteration"])
     summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
-                               "dataset": splits.name, "ap": args.ap, "flip": exported.flip,
+                               "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
+                               "flip": exported.flip,
                                "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False}
     summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
                          ap=args.ap))
@@ -530,7 +563,8 @@ def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary(s: dict[str, Any]) -> None:
     extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"])) if on]
-    print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {s['dataset']}: {s['num_valid_queries']}/"
+    on = f"{s['dataset']} ({s['variant']})" if s.get("variant") else s["dataset"]
+    print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {on}: {s['num_valid_queries']}/"
           f"{s['num_queries']} queries with a match, AP convention {s['ap']}"
           + (f", {', '.join(extras)}" if extras else ""))
     print("| " + " | ".join(f"{m:>6}" for m in METRICS) + " |")

@@ -124,8 +124,11 @@ class DatasetSplits:
 def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
     """Move `num_ids` training identities (seeded choice among those seen by 2 or more cameras) out of the
     training split into a validation query/gallery: per identity and camera, the first image is a query,
-    the others are gallery. Under the Market rules every query then has a match in another camera.
-    The remaining identities are relabelled 0..C-1 (labels follow the training pids)."""
+    the others are gallery; then a query with no gallery image of its identity in another camera (which the
+    Market rules would leave without a match) joins the gallery instead. So every query has a match in
+    another camera and every held identity keeps at least one query (once the first camera's query has
+    moved, the next one has its match). The remaining identities are relabelled 0..C-1 (labels follow the
+    training pids)."""
     cameras: dict[int, set[int]] = {}
     for r in splits.train:
         cameras.setdefault(r.pid, set()).add(r.camid)
@@ -135,10 +138,20 @@ def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
                         "appear in 2 or more cameras; lower val_ids")
     held = {int(p) for p in np.random.default_rng([seed, 0x7A1]).choice(eligible, size=num_ids, replace=False)}
     first_seen: set[tuple[int, int]] = set()
+    queries: list[Record] = []
     for r in sorted((r for r in splits.train if r.pid in held), key=lambda r: r.path):
         key = (r.pid, r.camid)
-        (splits.val_gallery if key in first_seen else splits.val_query).append(r)
+        (splits.val_gallery if key in first_seen else queries).append(r)
         first_seen.add(key)
+    gallery_cameras: dict[int, set[int]] = {}
+    for r in splits.val_gallery:
+        gallery_cameras.setdefault(r.pid, set()).add(r.camid)
+    for q in queries:  # the gallery only grows, so a query kept stays matched
+        if gallery_cameras.get(q.pid, set()) - {q.camid}:
+            splits.val_query.append(q)
+        else:
+            splits.val_gallery.append(q)
+            gallery_cameras.setdefault(q.pid, set()).add(q.camid)
     splits.train = [r for r in splits.train if r.pid not in held]
 
 

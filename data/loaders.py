@@ -339,8 +339,12 @@ def _ensure_synthetic(cfg: dict[str, Any]) -> None:
                        width=s["width"], difficulty=s["difficulty"], seed=s["seed"], test_ids=s["test_ids"])
 
 
-def load_splits(cfg: dict[str, Any]) -> DatasetSplits:
-    """Read the dataset a config names (generating the synthetic one if needed) and check it."""
+def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSplits:
+    """Read the dataset a config names (generating the synthetic one if needed) and check it.
+
+    evaluation_only: only the query and gallery will be used (test.py), so the training split is not checked
+    against the config's ID_class nor split for validation: a model trained on one dataset can be evaluated
+    on another's test split (cross-dataset evaluation)."""
     name = cfg["dataset"]
     if name not in (*DATASETS, "synthetic"):
         close = difflib.get_close_matches(name, (*DATASETS, "synthetic"), n=1)
@@ -360,6 +364,8 @@ def load_splits(cfg: dict[str, Any]) -> DatasetSplits:
         splits.gallery = drop_unreadable(splits.gallery, "the gallery split")
         if splits.multi_query is not None:
             splits.multi_query = drop_unreadable(splits.multi_query, "the multi-query split")
+    if evaluation_only:
+        return splits
     if not splits.train:
         raise UserError(f"{name}: the training split under {cfg['data_root']} is empty")
     expected = cfg["ID_class"]

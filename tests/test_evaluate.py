@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 from evaluate import evaluate_distmat, evaluate_features
 from utils import UserError
 
@@ -126,7 +127,7 @@ def test_distractors_and_junk_queries():
     check(rng.random((5, 10)), q_pids, g_pids, np.array([1, 1, 1, 1, 1]), g_cams)
 
 
-def test_larger_random_case_with_features_path():
+def test_larger_random_case_with_features_path(monkeypatch):
     rng = np.random.default_rng(5)
     centers = rng.normal(size=(12, 16))
     g_pids = rng.integers(0, 12, 300)
@@ -142,6 +143,11 @@ def test_larger_random_case_with_features_path():
     cmc, m_ap, _, valid = reference(distmat, q_pids, g_pids, q_cams, g_cams, "market", 20)
     assert got["num_valid_queries"] == valid and got["mAP"] == pytest.approx(m_ap, abs=1e-12)
     np.testing.assert_allclose(got["cmc"], cmc, rtol=0, atol=1e-12)
+    # the batched ranking a GPU uses, its similarity chunks ranked a few rows at a time
+    monkeypatch.setattr(evaluate, "RANK_ROWS", 3)
+    batched = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk=7, backend="torch")
+    assert batched["num_valid_queries"] == valid and batched["mAP"] == pytest.approx(m_ap, abs=1e-6)
+    np.testing.assert_allclose(batched["cmc"], cmc, rtol=0, atol=1e-12)
 
 
 def test_bad_input_is_one_clear_error():
@@ -149,6 +155,27 @@ def test_bad_input_is_one_clear_error():
         evaluate_distmat(np.array([[np.nan, 1.0]]), [1], [1, 2], [1], [2, 2])
     with pytest.raises(UserError, match="2 x 2 but there are 1 query"):
         evaluate_distmat(np.zeros((2, 2)), [1], [1, 2], [1], [2, 2])
+    with pytest.raises(UserError, match="give one camera per image"):
+        evaluate_distmat(np.zeros((1, 2)), [1], [1, 2], [], [2, 2])
+    with pytest.raises(UserError, match="the same dimensions"):
+        evaluate_features(np.ones((1, 4)), np.ones((2, 3)), [1], [1, 2], [1], [2, 2])
+
+
+def test_integer_distances_on_the_batched_ranking():
+    rng = np.random.default_rng(3)
+    distmat = rng.integers(0, 5, (6, 20))  # integer distances with many ties
+    q_pids, g_pids = rng.integers(1, 4, 6), rng.integers(-1, 4, 20)
+    q_cams, g_cams = rng.integers(1, 3, 6), rng.integers(1, 3, 20)
+    want = evaluate_distmat(distmat.astype(np.float64), q_pids, g_pids, q_cams, g_cams, backend="numpy")
+    got = evaluate_distmat(torch.as_tensor(distmat), q_pids, g_pids, q_cams, g_cams, backend="torch")
+    assert got["mAP"] == pytest.approx(want["mAP"]) and np.array_equal(got["cmc"], want["cmc"])
+
+
+def test_all_zero_features_are_warned_about():
+    qf, gf = np.zeros((2, 4)), np.eye(4)
+    qf[0, 0] = 1
+    with pytest.warns(UserWarning, match="1 of the 2 query features are all zero"):
+        evaluate_features(qf, gf, [1, 2], [1, 2, 3, 4], [1, 1], [2, 2, 2, 2])
 
 
 def test_empty_query_set():

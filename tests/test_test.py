@@ -16,7 +16,7 @@ import test as evaluation
 import train
 from data import synthetic
 from data.loaders import load_splits
-from utils import REPO_ROOT
+from utils import REPO_ROOT, UserError
 
 
 @pytest.fixture(scope="session")
@@ -169,3 +169,37 @@ def test_metrics_are_printed_before_an_unwritable_results_folder_fails(tiny_run,
     assert "mAP" in captured.out and "queries with a match" in captured.out and "written:" not in captured.out
     err = captured.err.strip().splitlines()[-1]
     assert err.startswith("error: could not write") and "results" in err and "metrics above were not saved" in err
+
+
+def test_alpha_weighting_and_its_use_in_re_ranking():
+    torch.manual_seed(0)
+    half = evaluation.HALF
+    qf, gf = torch.randn(3, 2 * half), torch.randn(4, 2 * half)
+    alpha = 0.25
+    wq = evaluation.weight_query(qf, True, alpha)
+    assert torch.equal(wq[:, :half], qf[:, :half]) and torch.allclose(wq[:, half:], alpha * qf[:, half:])
+    only_fine = evaluation.weight_query(qf, True, -1)  # the original's -1: the fine-grained half alone
+    assert not only_fine[:, :half].any() and torch.equal(only_fine[:, half:], qf[:, half:])
+    with pytest.raises(UserError, match="--alpha must be at least 0"):
+        evaluation.weight_query(qf, True, -0.5)
+
+    def dgnet_score(a, b):  # s_prim + alpha s_fine
+        return a[:, :half] @ b[:, :half].T + alpha * a[:, half:] @ b[:, half:].T
+
+    bq, bg = evaluation.weighted_both_sides(qf, gf, True, alpha)
+    assert torch.allclose(bq @ bg.T, dgnet_score(qf, gf), atol=1e-3)  # DG-Net's query-gallery score
+    assert torch.allclose(bq @ bg.T, wq @ gf.T, atol=1e-3)
+    assert torch.allclose(bg @ bg.T, dgnet_score(gf, gf), atol=1e-3)  # and the same metric between gallery images
+    assert torch.allclose(bq @ bq.T, dgnet_score(qf, qf), atol=1e-3)
+
+
+def test_a_negative_alpha_is_one_line(tiny_run, capsys):
+    assert run_test(tiny_run, "--alpha", "-2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--alpha must be at least 0" in err[0]
+
+
+def test_evaluation_does_not_check_the_training_split(tiny_run, capsys):
+    # a model trained on one dataset evaluated on another's test split: its ID_class is not that dataset's
+    assert run_test(tiny_run, "--opts", "ID_class=999", "val_ids=1") == 0
+    assert "queries with a match" in capsys.readouterr().out
