@@ -118,7 +118,12 @@ def export_onnx(model: nn.Module, halves: bool, size: tuple[int, int], out: str 
     interrupted export leaves no half-written model."""
     onnx = require("onnx", "export")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(f"{out.parent} is not writable")
+    except OSError as err:
+        raise UserError(f"cannot write {out} ({one_line(err)}): choose another --out") from None
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     graph = FeatureGraph(model.float().cpu().eval(), halves, flip).eval()
     example = torch.zeros(2, 3, *size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -285,8 +286,20 @@ def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.T
 # Outputs: features, rank lists
 # ---------------------------------------------------------------------------------------------------------
 
-def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]]) -> list[Path]:
-    """features_<iteration>.npz (with paths) and pytorch_result.mat (the original's keys) from
+def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
+    """"" when `cfg` evaluates on the data the run trained on, else "_on-<data_root's folder name>": results on
+    another dataset (cross-dataset evaluation) are written beside the run's own instead of over them."""
+    def where(c: dict[str, Any]) -> tuple[str, Path]:
+        return c.get("dataset", ""), Path(str(c.get("data_root", ""))).expanduser().absolute()
+
+    if where(cfg) == where(trained):
+        return ""
+    return "_on-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", where(cfg)[1].name) or cfg["dataset"])
+
+
+def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]],
+                  tag: str = "") -> list[Path]:
+    """features_<iteration><tag>.npz (with paths) and pytorch_result<tag>.mat (the original's keys) from
     {"query": (features, records), "gallery": ..., optionally "mquery": ...}."""
     import scipy.io  # only here: saving .mat
 
@@ -294,10 +307,10 @@ def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Te
     for split, (f, records) in parts.items():
         pids, cams = labels_of(records)
         arrays.update({f"{split}_f": f.numpy(), f"{split}_label": pids, f"{split}_cam": cams})
-    npz = results / f"features_{iteration:08d}.npz"
+    npz = results / f"features_{iteration:08d}{tag}.npz"
     paths = {f"{split}_path": np.array([r.path for r in records]) for split, (_, records) in parts.items()}
     np.savez(npz, **arrays, **paths)
-    mat = results / "pytorch_result.mat"
+    mat = results / f"pytorch_result{tag}.mat"
     scipy.io.savemat(mat, arrays)
     return [npz, mat]
 
@@ -462,8 +475,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     qf, gf = features(splits.query, "query"), features(splits.gallery, "gallery")
     parts = {"query": (qf, splits.query), "gallery": (gf, splits.gallery)}
     summary: dict[str, Any] = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"],
-                               "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
-                               "flip": args.flip,
+                               "dataset": splits.name, "variant": splits.variant or None,
+                               "data_root": str(cfg["data_root"]), "ap": args.ap, "flip": args.flip,
                                "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank}
     query_f = qf
     if args.multi:
@@ -477,10 +490,11 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+        tag = other_data_tag(cfg, saved_config(state["config"]))
+        suffix = tag + "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
         out = results / f"{state['iteration']:08d}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
-        files = [out, *save_features(results, state["iteration"], parts)]
+        files = [out, *save_features(results, state["iteration"], parts, tag)]
         if args.ranklist:
             files.append(results / "ranklist")
             write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
@@ -521,7 +535,7 @@ def onnx_features(exported: Any, cfg: dict[str, Any], records: Sequence[Record],
     return torch.cat(feats) if feats else torch.empty(0, int(exported.metadata["feature_dim"]))
 
 
-def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
     """test.py's protocol on an exported model instead of the run's checkpoint: the dataset comes from the
     run's config (or --config, --data_root, --opts), the input size, flip and feature from the file."""
     from export import OnnxReID  # onnxruntime is optional: only --onnx needs it
@@ -554,11 +568,14 @@ def evaluate_onnx(args: argparse.Namespace) -> dict[str, Any]:
                                "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False}
     summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
                          ap=args.ap))
-    out = run_dir / "results" / f"{iteration:08d}_onnx.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    summary["files"] = [str(out)]
-    return summary
+
+    def write() -> list[Path]:
+        out = run_dir / "results" / f"{iteration:08d}_onnx.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        return [out]
+
+    return summary, write
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -579,10 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.onnx:
-            summary = evaluate_onnx(args)
+            summary, write_onnx = evaluate_onnx(args)
             print(f"exported model {args.onnx}, run by onnxruntime on the CPU")
             print_summary(summary)
-            return 0
+            sys.stdout.flush()
+            return 0 if write_results(write_onnx) else 2
         if args.query or args.gallery:
             found = run_search(args)
             for r in found["results"]:

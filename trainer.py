@@ -70,7 +70,7 @@ from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
-from utils import UserError, latest_checkpoint, load_checkpoint, load_config, saved_config
+from utils import UserError, check_run_checkpoint, latest_checkpoint, load_checkpoint, load_config, saved_config
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
 RAMPED_WEIGHTS = {
@@ -1011,8 +1011,11 @@ def load_teacher(path: str, num_classes: int, device: torch.device, scale2: bool
         teacher = _teacher_from_original(p, num_classes, scale2)
     else:
         state = load_checkpoint(p)
-        if not isinstance(state.get("config"), dict):
-            raise UserError(f"{p} is not a checkpoint of train.py (no config inside): give its run folder")
+        try:
+            check_run_checkpoint(state, p)
+        except UserError:
+            raise UserError(f"teacher {p} is not a checkpoint of train.py: point `teacher:` at a run folder of "
+                            f"`{TRAIN_TEACHER}`") from None
         teacher = _teacher_from_run(p, saved_config(state["config"]), num_classes, p, state)
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -1026,11 +1029,16 @@ def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path
                       state: dict | None = None) -> Teacher:
     """A Teacher built from a baseline run's config and loaded from one of its checkpoints."""
     state = load_checkpoint(checkpoint) if state is None else state
-    models = state.get("trainer", {}).get("models", {})
-    if "teacher" not in models:
+    trainer = state.get("trainer")
+    models = trainer.get("models") if isinstance(trainer, dict) else None
+    if not isinstance(models, dict) or "teacher" not in models:
         raise UserError(f"{checkpoint} holds no teacher: point `teacher:` at a run of `--trainer baseline`")
     weights = models["teacher"]
-    have = weights["classifier.classifier.0.weight"].shape[0]
+    classifier = weights.get("classifier.classifier.0.weight") if isinstance(weights, dict) else None
+    if not isinstance(classifier, torch.Tensor):
+        raise UserError(f"{checkpoint} holds no teacher classifier: point `teacher:` at a run of `--trainer "
+                        "baseline`")
+    have = classifier.shape[0]
     if have != num_classes:
         raise _class_mismatch(where, have, num_classes)
     teacher = _built(build_teacher, cfg, num_classes, pretrained="none")

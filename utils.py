@@ -222,8 +222,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file in UTF-8; a config file is YAML text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
@@ -260,6 +262,9 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[Path, dict[str
         bases = []
     elif isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: {BASE_KEY} names the config file(s) to start from: a path or a list of "
+                        f"paths, got {bases!r}")
     chain: list[tuple[Path, dict[str, Any]]] = []
     for base in bases:
         chain += _load_chain((path.parent / base), (*seen, path))
@@ -475,12 +480,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
-                        "loaded); re-save it as a plain state dict of tensors") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"cannot read checkpoint {path} ({one_line(err)[:200]}); it may be truncated: "
-                        "use an older one (--which_iter N)") from None
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) and "GLOBAL" in str(err).upper():  # a real pickle with code in it
+            raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
+                            "loaded); re-save it as a plain state dict of tensors") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint, or is corrupt; use another one "
+                        "(--which_iter N)") from None
+    except Exception as err:  # truncated, empty or not a checkpoint: torch raises many kinds
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {one_line(err)[:200]}); it may "
+                        "be truncated or not a checkpoint: use another one (--which_iter N)") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict of its "
+                        "parts); use another one (--which_iter N)")
     refuse_non_finite(state, path)
     return state
 

@@ -320,8 +320,9 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _ensure_synthetic(cfg: dict[str, Any]) -> None:
-    """Generate the synthetic dataset into data_root the first time a config names it."""
+def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True) -> None:
+    """Generate the synthetic dataset into data_root the first time a config names it (with `generate`;
+    otherwise a missing one is an error: evaluation must not make up a dataset at a mistyped path)."""
     from data import synthetic  # imported here: only synthetic configs need the generator
 
     root = Path(cfg["data_root"]).expanduser().absolute()
@@ -333,6 +334,16 @@ def _ensure_synthetic(cfg: dict[str, Any]) -> None:
         if (folder / synthetic.METADATA_FILE).is_file():
             raise UserError(f"synthetic: data_root {root} is not the synthetic dataset but "
                             f"{'holds' if folder.parent == root else 'lies inside'} one; set data_root to {folder}")
+    if root.is_file():
+        raise UserError(f"data_root {root} is a file: set data_root to the dataset's folder")
+    if root.is_dir() and any(root.iterdir()):
+        raise UserError(f"synthetic: data_root {root} is not empty but holds no synthetic dataset "
+                        f"({synthetic.METADATA_FILE}): if it is a real dataset, set dataset to its name "
+                        f"({', '.join(DATASETS)}); if a generation was interrupted there, remove the folder; else "
+                        "set data_root to a new folder to generate into")
+    if not generate:
+        raise UserError(f"synthetic: no synthetic dataset at data_root {root}; set data_root to the one the run "
+                        "was trained or is to be evaluated on")
     s = cfg["synthetic"]
     print(f"generating the synthetic dataset into {root} ...", flush=True)
     synthetic.generate(root, ids=s["ids"], images_per_id=s["images_per_id"], height=s["height"],
@@ -353,7 +364,7 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
     if Path(cfg["data_root"]).exists() and not Path(cfg["data_root"]).is_dir():
         raise UserError(f"data_root {cfg['data_root']} is a file: set data_root to the dataset's folder")
     if name == "synthetic":
-        _ensure_synthetic(cfg)
+        _ensure_synthetic(cfg, generate=not evaluation_only)
         splits = read_dataset("market1501", cfg["data_root"])
         splits.name = "synthetic"
     else:

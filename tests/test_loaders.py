@@ -220,6 +220,20 @@ def test_synthetic_data_root_one_level_off_names_the_dataset(data_root):
     assert load_splits(config(data_root, "dataset=synthetic")).name == "synthetic"
 
 
+def test_synthetic_config_on_another_folder_or_a_missing_one(market, tmp_path):
+    """A synthetic config pointed at a real dataset says so (and writes nothing there); evaluation does not
+    generate a dataset at a mistyped data_root."""
+    before = sorted(p.relative_to(market) for p in market.rglob("*"))
+    with pytest.raises(UserError, match="set dataset to its name"):
+        load_splits(config(market, "dataset=synthetic"))
+    assert sorted(p.relative_to(market) for p in market.rglob("*")) == before
+    with pytest.raises(UserError, match="no synthetic dataset at data_root"):
+        load_splits(config(tmp_path / "typo", "dataset=synthetic"), evaluation_only=True)
+    assert not (tmp_path / "typo").exists()
+    # evaluation reads only the query and gallery: another dataset's ID_class is not checked
+    assert load_splits(config(market, "ID_class=751"), evaluation_only=True).query
+
+
 def test_cli_summary_and_error(market, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO_ROOT, capture_output=True,
                                        text=True, timeout=120)

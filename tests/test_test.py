@@ -92,7 +92,9 @@ def test_multi_query(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run[1], root)
     shutil.copytree(root / "query", root / "gt_bbox")
     assert run_test(tiny_run, "--multi", "--data_root", str(root)) == 0
-    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_multi.json").read_text())
+    # another data_root than the run's: its results are named after it
+    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_on-with_gt_bbox_multi.json"
+                          ).read_text())
     assert summary["multi"] and summary["multi_query_missing"] == 0
 
 
@@ -203,3 +205,20 @@ def test_evaluation_does_not_check_the_training_split(tiny_run, capsys):
     # a model trained on one dataset evaluated on another's test split: its ID_class is not that dataset's
     assert run_test(tiny_run, "--opts", "ID_class=999", "val_ids=1") == 0
     assert "queries with a match" in capsys.readouterr().out
+
+
+def test_results_on_another_dataset_are_written_beside_the_runs_own(tiny_run, tmp_path):
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    assert run_test(tiny_run) == 0
+    own = (results / "00000002.json").read_bytes()
+    other = tmp_path / "other set"
+    synthetic.generate(other, ids=8, images_per_id=6, height=64, width=32, seed=2)
+    assert run_test(tiny_run, "--data_root", str(other)) == 0
+    assert (results / "00000002.json").read_bytes() == own
+    summary = json.loads((results / "00000002_on-other-set.json").read_text())
+    assert summary["data_root"] == str(other) and summary["num_queries"] > 0
+    assert (results / "features_00000002_on-other-set.npz").is_file()
+    assert (results / "pytorch_result_on-other-set.mat").is_file()
+    # a mistyped data_root is an error, not a dataset generated there
+    assert run_test(tiny_run, "--data_root", str(tmp_path / "typo")) == 2
+    assert not (tmp_path / "typo").exists()
