@@ -197,3 +197,14 @@ def test_out_of_range_values_in_a_file_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"bad\.yaml: config key 'keep_last' is 0"):
         load_config(write(tmp_path / "bad.yaml", "keep_last: 0\n"))
     assert load_config(None, ["ID_class=null", "fidelity_iter=0", "val_ids=0"])["ID_class"] is None
+
+
+def test_config_files_that_are_not_configs_are_one_line(tmp_path):
+    bad_base = tmp_path / "base.yaml"
+    bad_base.write_text("_base_: 3\n")
+    with pytest.raises(UserError, match="_base_ names the config file"):
+        load_config(bad_base)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"lr_g: \xff\xfe\n")
+    with pytest.raises(UserError, match="not a text file in UTF-8"):
+        load_config(binary)

@@ -21,7 +21,7 @@ import distributed
 import test as test_script
 import train
 import visualize
-from utils import REPO_ROOT, NonFiniteState, checkpoint_path, load_checkpoint, load_config, save_checkpoint
+from utils import REPO_ROOT, NonFiniteState, UserError, checkpoint_path, load_checkpoint, load_config, save_checkpoint
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
 PROMPT_S = 300  # a hang shows as a timeout; generous, for a busy machine: a healthy end takes seconds
@@ -162,6 +162,26 @@ def test_non_finite_checkpoint_is_refused_by_every_loader(tmp_path, tiny_dgnet_r
     from trainer import load_teacher
 
     with pytest.raises(NonFiniteState):
+        load_teacher(str(path), 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("content", [b"junk\n", b"", b"\xff\xd8\xff\xe0" + bytes(range(100)), "tensor"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_for_every_loader(tmp_path, tiny_dgnet_run, capsys, content):
+    base, name, _ = tiny_dgnet_run
+    run_dir = Path(shutil.copytree(base / "outputs" / name, tmp_path / "outputs" / name))
+    path = checkpoint_path(run_dir, 2)
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    capsys.readouterr()
+    assert test_script.main(["--name", name, "--output_path", str(tmp_path)]) == 2
+    assert visualize.main(["swap", "--name", name, "--output_path", str(tmp_path)]) == 2
+    errors = capsys.readouterr().err.strip().split("\n")
+    assert len(errors) == 2 and all(e.startswith("error: ") and str(path) in e for e in errors), errors
+    from trainer import load_teacher
+
+    with pytest.raises(UserError, match="not a (PyTorch )?checkpoint|cannot read"):
         load_teacher(str(path), 4, torch.device("cpu"))
 
 
