@@ -113,6 +113,10 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
     dst = Path(os.path.abspath(os.path.expanduser(dst)))
     if dst.exists() and not dst.is_dir():
         raise UserError(f"prepare: --dst {dst} is a file; give a folder (it is created when missing)")
+    source = Path(os.path.abspath(data.root))
+    if dst in (source, Path(os.path.abspath(os.path.expanduser(src)))) or source in dst.parents:
+        raise UserError(f"prepare: --dst {dst} overlaps the raw dataset at {source}; give a folder outside it "
+                        "(the raw layout is left as it is)")
     splits = plan(data, dst)
     todo = pending([pair for pairs in splits.values() for pair in pairs])
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import sys
 import time
@@ -176,9 +177,9 @@ def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Seque
 
 
 def check_alpha(alpha: float) -> None:
-    if alpha < 0 and alpha != -1:
-        raise UserError(f"--alpha must be at least 0, or -1 for the fine-grained half alone (the original's "
-                        f"meaning), got {alpha}")
+    if not math.isfinite(alpha) or (alpha < 0 and alpha != -1):
+        raise UserError(f"--alpha must be at least 0 and finite, or -1 for the fine-grained half alone (the "
+                        f"original's meaning), got {alpha}")
 
 
 def weight_query(qf: torch.Tensor, halves: bool, alpha: float) -> torch.Tensor:

@@ -76,7 +76,8 @@ SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reID
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/latest.yaml", help="YAML config (default: configs/latest.yaml)")
+    p.add_argument("--config", help="YAML config (default: configs/latest.yaml); a resumed run keeps its own "
+                                    "config.yaml, changed only by --opts")
     p.add_argument("--trainer", choices=TRAINERS,
                    help="DGNet (default), or baseline for the teacher; with --resume: the run's own kind")
     p.add_argument("--name", help="run name (default: the config file's base name)")
@@ -94,6 +95,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+DEFAULT_CONFIG = "configs/latest.yaml"
+
+
+def resume_config_note(config: str, run_dir: Path, opts: list[str]) -> str | None:
+    """--config with --resume: a resumed run keeps its own config.yaml (changed only by --opts), so what the
+    --config file says otherwise is not applied; a line naming those keys, or None when they agree (as when
+    `make quickstart` resumes with the config it started from)."""
+    given, own = flat(load_config(config, opts)), flat(load_config(run_dir / "config.yaml", opts))
+    differ = sorted(k for k in given if given[k] != own.get(k))
+    if not differ:
+        return None
+    shown = ", ".join(f"{k}: {given[k]!r}" for k in differ[:4]) + (", ..." if len(differ) > 4 else "")
+    return (f"note: --resume continues with {run_dir / 'config.yaml'}; where --config {config} differs from it "
+            f"({len(differ)} keys: {shown}) it is not applied: give such changes as --opts")
+
+
 # Keys a resumed run cannot take from --opts: the checkpoint restores what they decided.
 FIXED_ON_RESUME = {
     "seed": "the run's random streams continue from the checkpoint",
@@ -101,6 +118,8 @@ FIXED_ON_RESUME = {
     "gen.init": "the weights come from the checkpoint",
     "lr_policy": "the LR schedulers are restored from the checkpoint",
     "scale2": "the appearance encoder and the teacher were trained at their input size",
+    "ID_stride": "the appearance encoder's weights were trained with its last stride",
+    "pool": "the appearance encoder's weights were trained with its pooling",
 }
 CHANGES_FILE = "config_changes.log"
 
@@ -521,11 +540,15 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     The config is read and checked first; only then does rank 0 create and lock the run folder (`lock`),
     and what is already in the folder (a run, its checkpoints) is looked at under the lock.
     """
-    name = args.name if args.name is not None else Path(args.config).stem
+    name = args.name if args.name is not None else Path(args.config or DEFAULT_CONFIG).stem
     run_dir = run_folder(args.output_path, name)
     if args.resume and not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume: no run in {run_dir} (no config.yaml); check --name and --output_path")
-    cfg = load_config(run_dir / "config.yaml" if args.resume else args.config, args.opts)
+    if args.resume and args.config and dist.is_main:
+        note = resume_config_note(args.config, run_dir, args.opts)
+        if note:
+            print(note, file=sys.stderr, flush=True)
+    cfg = load_config(run_dir / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG, args.opts)
     if cfg["sync_bn"] and dist.world_size > 1 and dist.device.type != "cuda":
         raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a CPU run")
     if not args.resume:  # a resume learns its kind from the checkpoint, below
@@ -765,7 +788,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
         raise UserError("--evaluate evaluates an existing run: use it with --resume (and --name)")
     import test
 
-    name = args.name if args.name is not None else Path(args.config).stem
+    name = args.name if args.name is not None else Path(args.config or DEFAULT_CONFIG).stem
     overrides = ["--opts", *args.opts] if args.opts else []
     return test.main(["--name", name, "--output_path", args.output_path, "--which_iter", args.which_iter,
                       *overrides])

@@ -554,6 +554,18 @@ def test_prepare_copies_when_linking_fails(tmp_path, monkeypatch):
     assert_round_trip(read_dataset("dukemtmc", src), out)
 
 
+def test_prepare_into_the_raw_dataset_is_refused(tmp_path):
+    src = make_market(tmp_path / "Market")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for dst in (src, src / "prepared", tmp_path):
+        if dst == tmp_path:  # the folder given as --src, the raw dataset found inside it
+            message = error_of(prepare.prepare, "market1501", tmp_path, tmp_path)
+        else:
+            message = error_of(prepare.prepare, "market1501", src, dst)
+        assert "overlaps the raw dataset" in message
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
 def test_prepare_conflict_writes_nothing(tmp_path):
     src, out = make_market(tmp_path / "Market"), tmp_path / "out"
     target = out / "query" / "0005" / "0005_c1s1_000201_00.jpg"

@@ -15,6 +15,7 @@ import torch
 import yaml
 from test_train import run, tiny
 
+import train
 from utils import REPO_ROOT, RunLock, UserError, checkpoint_path, dump_config, load_checkpoint, load_config
 
 
@@ -155,12 +156,25 @@ def test_resume_of_a_run_written_before_newer_keys_reports_only_its_own_changes(
 
 def test_resume_refuses_what_it_cannot_apply(trained, tmp_path, data_root, capsys):
     config = (copy_of(trained, tmp_path, "fixed") / "config.yaml").read_bytes()
-    for opt in ("seed=5", "pretrained=imagenet", "gen.init=xavier", "lr_policy=constant"):
+    for opt in ("seed=5", "pretrained=imagenet", "gen.init=xavier", "lr_policy=constant", "ID_stride=2", "pool=avg"):
         assert run(tmp_path, "fixed", data_root, "max_iter=3", opt, args=("--resume",)) == 2
         key = opt.split("=")[0]
         assert f"--resume: {key} cannot change" in one_error_line(capsys)
     assert (tmp_path / "outputs" / "fixed" / "config.yaml").read_bytes() == config
     assert not checkpoint_path(tmp_path / "outputs" / "fixed", 3).exists()
+
+
+def test_resume_with_another_config_file_says_it_is_not_applied(trained, tmp_path, data_root, capsys):
+    copy_of(trained, tmp_path, "cfgnote")
+    assert run(tmp_path, "cfgnote", data_root, "max_iter=3", args=("--resume",)) == 0
+    assert "note: --resume" not in capsys.readouterr().err  # the config it started from: nothing to say
+    other = tmp_path / "other.yaml"
+    other.write_text(f"_base_: {REPO_ROOT / 'configs' / 'quickstart' / 'dgnet.yaml'}\nlr_g: 0.5\n")
+    code = train.main(["--config", str(other), "--name", "cfgnote", "--output_path", str(tmp_path), "--resume",
+                       *tiny(data_root, "max_iter=4")])
+    err = capsys.readouterr().err
+    assert code == 0 and "(1 keys: lr_g: 0.5) it is not applied: give such changes as --opts" in err
+    assert load_config(tmp_path / "outputs" / "cfgnote" / "config.yaml")["lr_g"] != 0.5
 
 
 def test_resume_of_a_complete_run_trains_nothing_and_never_goes_back(trained, tmp_path, data_root, capsys):

@@ -182,8 +182,9 @@ def test_alpha_weighting_and_its_use_in_re_ranking():
     assert torch.equal(wq[:, :half], qf[:, :half]) and torch.allclose(wq[:, half:], alpha * qf[:, half:])
     only_fine = evaluation.weight_query(qf, True, -1)  # the original's -1: the fine-grained half alone
     assert not only_fine[:, :half].any() and torch.equal(only_fine[:, half:], qf[:, half:])
-    with pytest.raises(UserError, match="--alpha must be at least 0"):
-        evaluation.weight_query(qf, True, -0.5)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--alpha must be at least 0"):
+            evaluation.weight_query(qf, True, bad)
 
     def dgnet_score(a, b):  # s_prim + alpha s_fine
         return a[:, :half] @ b[:, :half].T + alpha * a[:, half:] @ b[:, half:].T
