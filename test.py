@@ -46,6 +46,7 @@ from utils import (
     find_checkpoint,
     load_checkpoint,
     load_config,
+    mismatch_reason,
     one_line,
     run_folder,
     saved_config,
@@ -108,9 +109,9 @@ def load_model(state: dict[str, Any], cfg: dict[str, Any], device: torch.device)
                                              pretrained="none")
         model.load_state_dict(weights)
     except (KeyError, RuntimeError, ValueError) as err:  # another network's weights, or --opts that change it
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = mismatch_reason(err)
         raise UserError(f"the checkpoint's {state['kind']} weights do not fit the network of its config "
-                        f"({reason}); drop the --opts or --config that change the network") from None
+                        f"({reason}); a --config or --opts that changes the network must be left out") from None
     return model.to(device).eval()
 
 

@@ -70,7 +70,15 @@ from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
-from utils import UserError, check_run_checkpoint, latest_checkpoint, load_checkpoint, load_config, saved_config
+from utils import (
+    UserError,
+    check_run_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_config,
+    mismatch_reason,
+    saved_config,
+)
 
 # Ramped weights: key -> (cap key, warm-up key). Each starts at its config value (the original's name).
 RAMPED_WEIGHTS = {
@@ -437,9 +445,8 @@ class _PartsTrainer:
                     if capturable is not None:
                         group["capturable"] = capturable
             except (RuntimeError, ValueError) as err:
-                first = str(err).strip().splitlines()[0]
-                raise UserError(f"the checkpoint's {name} network does not fit this config ({first}): resume "
-                                "with the run's own config.yaml") from None
+                raise UserError(f"the checkpoint's {name} network does not fit this config "
+                                f"({mismatch_reason(err)}): resume with the run's own config.yaml and data") from None
             if part.scheduler is not None and state["schedulers"].get(name) is not None:
                 part.scheduler.load_state_dict(state["schedulers"][name])
         self._match_optimizer_layout()
@@ -1045,7 +1052,7 @@ def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path
     try:
         teacher.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"{checkpoint} does not fit the Teacher of its own config ({str(err).splitlines()[0]})"
+        raise UserError(f"{checkpoint} does not fit the Teacher of its own config ({mismatch_reason(err)})"
                         ) from None
     return teacher
 

@@ -496,6 +496,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def mismatch_reason(err: BaseException) -> str:
+    """What `load_state_dict` found wrong, in one line: its first size mismatch, missing or unexpected key
+    (PyTorch's first line, "Error(s) in loading state_dict for X:", says only that something was), and for a
+    classifier whose size differs, the identity counts."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith("Error(s) in loading state_dict")), "")
+    size = re.search(r"size mismatch for (\S*classifier\S*weight): copying a param with shape "
+                     r"torch.Size\(\[(\d+), \d+\]\) from checkpoint, the shape in current model is "
+                     r"torch.Size\(\[(\d+), \d+\]\)", detail)
+    if size:
+        return f"its classifier has {size.group(2)} identities, this config's data {size.group(3)}"
+    return (detail or (lines[0] if lines else type(err).__name__))[:200]
+
+
 def refuse_non_finite(state: Any, path: str | os.PathLike) -> None:
     """A checkpoint holding NaN or infinity is refused as a diverged run's, whoever loads it."""
     if isinstance(state, dict):
@@ -533,6 +547,9 @@ def find_checkpoint(run_dir: str | os.PathLike, which_iter: str) -> Path:
     if which_iter == "last":
         path = latest_checkpoint(run_dir)
         if path is None:
+            if (run_dir / "config.yaml").is_file():  # started, but stopped before its first snapshot
+                raise UserError(f"the run in {run_dir} has no checkpoint yet (it stopped before saving one): start "
+                                "it again without --resume, or check --name and --output_path")
             raise UserError(f"no checkpoint in {run_dir / CHECKPOINT_DIR}; check --name and --output_path")
         return path
     if which_iter == "best":

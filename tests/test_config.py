@@ -208,3 +208,21 @@ def test_config_files_that_are_not_configs_are_one_line(tmp_path):
     binary.write_bytes(b"lr_g: \xff\xfe\n")
     with pytest.raises(UserError, match="not a text file in UTF-8"):
         load_config(binary)
+
+
+def test_mismatch_reason_names_what_does_not_fit():
+    from torch import nn
+
+    from utils import mismatch_reason
+
+    def error(a: nn.Module, b: nn.Module) -> RuntimeError:
+        with pytest.raises(RuntimeError) as info:
+            b.load_state_dict(a.state_dict())
+        return info.value
+
+    head = lambda n: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, n))  # noqa: E731
+    named = lambda n: nn.ModuleDict({"classifier": nn.Linear(8, n)})  # noqa: E731
+    assert mismatch_reason(error(named(751), named(702))) == "its classifier has 751 identities, this config's data 702"
+    assert "size mismatch for 1.weight" in mismatch_reason(error(head(3), head(5)))
+    assert "Missing key" in mismatch_reason(error(nn.Sequential(nn.Linear(4, 4)), head(3)))
+    assert mismatch_reason(RuntimeError("")) == "RuntimeError"

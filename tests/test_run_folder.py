@@ -177,6 +177,17 @@ def test_resume_with_another_config_file_says_it_is_not_applied(trained, tmp_pat
     assert load_config(tmp_path / "outputs" / "cfgnote" / "config.yaml")["lr_g"] != 0.5
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(trained, tmp_path, data_root, capsys):
+    run_dir = copy_of(trained, tmp_path, "early")
+    shutil.rmtree(run_dir / "checkpoints")  # as a run that failed on its first batch leaves it
+    capsys.readouterr()
+    assert run(tmp_path, "early", data_root, "max_iter=2", args=("--resume",)) == 2
+    assert "has no checkpoint yet (it stopped before saving one): start it again without --resume" in \
+        one_error_line(capsys)
+    assert run(tmp_path, "early", data_root, "max_iter=2") == 0
+    assert checkpoint_path(run_dir, 2).is_file()
+
+
 def test_resume_of_a_complete_run_trains_nothing_and_never_goes_back(trained, tmp_path, data_root, capsys):
     run_dir = copy_of(trained, tmp_path, "done")
     config = (run_dir / "config.yaml").read_bytes()
