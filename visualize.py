@@ -9,7 +9,7 @@
 Common options: --which_iter N|last|best, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
 overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
 given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination).
-Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation.json and tensorboard).
+Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation_<iteration>.json and tensorboard).
 
 The original release's checkpoints work too: `--original DIR` with DIR holding its config.yaml,
 gen_<iteration>.pt and id_<iteration>.pt; figures then go to outputs/<--name or DIR's name>/visuals/.
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--per_image", type=int, default=1, help="generated images per training image (default 1)")
     g.add_argument("--limit", type=int, help="only the first LIMIT training images (a preview)")
     g.add_argument("--batch_size", type=int, default=32, help="images per generator call (default 32)")
-    q = sub.add_parser("metrics", parents=[common], help="generation quality -> results/generation.json")
+    q = sub.add_parser("metrics", parents=[common], help="generation quality -> results/generation_<iteration>.json")
     q.add_argument("--pairs", type=int, default=64, help="seeded test pairs / images (default 64)")
     q.add_argument("--fid-weights", dest="fid_weights", metavar="PATH",
                    help="torchvision Inception v3 weights file; FID is computed only with it")
@@ -545,7 +545,7 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
     summary = {"run": models.run_dir.name, "iteration": models.iteration, "dataset": splits.name,
                "image_size": list(models.size), **result}
     print(format_metrics(summary), flush=True)  # first: a folder that cannot be written loses nothing computed
-    out = models.run_dir / "results" / "generation.json"
+    out = models.run_dir / "results" / f"generation_{models.iteration:08d}.json"  # one file per checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     from tensorboardX import SummaryWriter

@@ -107,7 +107,7 @@ step rainbow "$PY" visualize.py rainbow --name "$RUN" --output_path "$WORK" --co
     --out "$OUT/rainbow.jpg" --overwrite
 
 RUNDIR="$WORK/outputs/$RUN"
-cp "$RUNDIR/results/generation.json" "$OUT/generation.json"
+cp "$(ls "$RUNDIR"/results/generation_[0-9]*.json | tail -1)" "$OUT/generation.json"
 cp "$(ls "$TEACHER"/results/[0-9]*.json | tail -1)" "$OUT/teacher.json"
 cp "$(ls "$RUNDIR"/results/[0-9]*.json | tail -1)" "$OUT/dgnet_reid.json"
 for grid in "$RUNDIR"/images/*"$(printf %08d "$REACHED")"*.jpg; do

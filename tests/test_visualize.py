@@ -122,7 +122,7 @@ def test_metrics(run, capsys):
     out = capsys.readouterr().out
     assert "swap fidelity over 8 test pairs" in out and "structure image" in out and "true swap at 1/8" in out
     assert "FID: off; to enable it" in out and "--fid-weights" in out
-    result = json.loads((run.run_dir / "results" / "generation.json").read_text())
+    result = json.loads((run.run_dir / "results" / "generation_00000002.json").read_text())
     assert result["iteration"] == 2 and result["fid"] is None
     fidelity = result["swap_fidelity"]
     for key in ("swap", "structure_image", "appearance_image"):
@@ -138,7 +138,7 @@ def test_metrics_with_fid_weights(run, tmp_path, capsys):
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     assert run("metrics", "--pairs", "4", "--fid-weights", str(weights), "--fid-images", "4") == 0
     assert "FID (4 images): " in capsys.readouterr().out
-    result = json.loads((run.run_dir / "results" / "generation.json").read_text())
+    result = json.loads((run.run_dir / "results" / "generation_00000002.json").read_text())
     assert result["fid"]["images"] == 4
 
 
