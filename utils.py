@@ -195,10 +195,14 @@ class Schema:
         if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # a name or path that happens to be a number (--opts data_root=2024)
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        rule = RANGES.get(key)
         if not ok:
             kind = _TYPE_NAMES.get(want, want.__name__) + (" or null" if nullable else "")
-            raise UserError(f"{where}: config key '{key}' must be {kind}, got {value!r}")
-        rule = RANGES.get(key)
+            hint = ""
+            if want is str and isinstance(value, bool):  # YAML 1.1: on/off/yes/no are booleans
+                hint = (" (YAML reads yes/no/on/off as true/false: quote a word meant as text"
+                        + (f"; use {rule.describe(want)}" if rule is not None else "") + ")")
+            raise UserError(f"{where}: config key '{key}' must be {kind}, got {value!r}{hint}")
         if rule is not None and not rule.holds(value):
             raise UserError(f"{where}: config key '{key}' is {value!r}: use {rule.describe(want)}")
         return value

@@ -226,3 +226,8 @@ def test_mismatch_reason_names_what_does_not_fit():
     assert "size mismatch for 1.weight" in mismatch_reason(error(head(3), head(5)))
     assert "Missing key" in mismatch_reason(error(nn.Sequential(nn.Linear(4, 4)), head(3)))
     assert mismatch_reason(RuntimeError("")) == "RuntimeError"
+
+
+def test_a_yaml_boolean_for_a_word_says_to_quote_it():
+    with pytest.raises(UserError, match="YAML reads yes/no/on/off as true/false: quote a word"):
+        load_config(None, ["cuda_graph=off"])
