@@ -485,7 +485,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) and "GLOBAL" in str(err).upper():  # a real pickle with code in it
+        if "global" in str(err).lower():  # a real pickle naming a class or function: code in it
             raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
                             "loaded); re-save it as a plain state dict of tensors") from None
         raise UserError(f"{path} is not a PyTorch checkpoint, or is corrupt; use another one "
