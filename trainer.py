@@ -72,7 +72,6 @@ from networks import build_discriminator, build_generator, dis_loss, frozen_call
 from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
 from utils import (
     UserError,
-    check_run_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_config,
@@ -1018,11 +1017,9 @@ def load_teacher(path: str, num_classes: int, device: torch.device, scale2: bool
         teacher = _teacher_from_original(p, num_classes, scale2)
     else:
         state = load_checkpoint(p)
-        try:
-            check_run_checkpoint(state, p)
-        except UserError:
-            raise UserError(f"teacher {p} is not a checkpoint of train.py: point `teacher:` at a run folder of "
-                            f"`{TRAIN_TEACHER}`") from None
+        if not isinstance(state.get("config"), dict):
+            raise UserError(f"teacher {p} is not a checkpoint of train.py (no config inside): point `teacher:` at "
+                            f"a run folder of `{TRAIN_TEACHER}`")
         teacher = _teacher_from_run(p, saved_config(state["config"]), num_classes, p, state)
     return teacher.to(device).eval().requires_grad_(False)
 

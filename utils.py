@@ -492,7 +492,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                         "(--which_iter N)") from None
     except Exception as err:  # truncated, empty or not a checkpoint: torch raises many kinds
         raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {one_line(err)[:200]}); it may "
-                        "be truncated or not a checkpoint: use another one (--which_iter N)") from None
+                        "be truncated or not a checkpoint: use an older one (--which_iter N)") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict of its "
                         "parts); use another one (--which_iter N)")
