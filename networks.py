@@ -583,10 +583,16 @@ def _running_stats_off(norms: list[nn.Module]) -> Iterator[None]:
             m.track_running_stats = tracked
 
 
+def refused_pickle(exc: BaseException) -> bool:
+    """Whether `torch.load(..., weights_only=True)` refused a real pickle that names a class or function (code
+    in it), as opposed to bytes that are no checkpoint at all, which also raise UnpicklingError."""
+    return isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower()
+
+
 def load_failure(exc: BaseException) -> str:
     """Why `torch.load(..., weights_only=True)` failed, in a few words. A refused pickle is named as such:
     PyTorch's own message suggests weights_only=False, which would run whatever code the file holds."""
-    if isinstance(exc, pickle.UnpicklingError):
+    if refused_pickle(exc):
         return "it holds pickled Python objects, refused because loading them could run code"
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -183,34 +183,34 @@ def check_alpha(alpha: float) -> None:
                         f"original's meaning), got {alpha}")
 
 
-def weight_query(qf: torch.Tensor, halves: bool, alpha: float) -> torch.Tensor:
-    """DG-Net's query weighting: the fine-grained half times alpha (score = s_prim + alpha s_fine); alpha -1,
-    as in the original's evaluation, keeps the fine-grained half alone (the primary half zeroed)."""
-    if not halves:
-        return qf
+def half_weights(alpha: float, both_sides: bool = False) -> torch.Tensor:
+    """Per-dimension weights of DG-Net's two halves for score = s_prim + alpha s_fine: the fine-grained half
+    times alpha on the query (alpha -1, as in the original's evaluation: the fine-grained half alone, the
+    primary half zeroed). `both_sides`: the square root of alpha on query and gallery alike, so that every pair
+    of images, gallery pairs included, scores s_prim + alpha s_fine. What re-ranking needs: it compares gallery
+    with gallery and query with query as well as query with gallery, and assumes one metric for all (weighting
+    the query alone would score query pairs with alpha squared and gallery pairs with 1)."""
     check_alpha(alpha)
-    qf = qf.clone()
+    weight = torch.ones(2 * HALF)
     if alpha == -1:
-        qf[:, :HALF] = 0
+        weight[:HALF] = 0
     else:
-        qf[:, HALF:] *= alpha
-    return qf
+        weight[HALF:] = alpha ** 0.5 if both_sides else alpha
+    return weight
+
+
+def weight_query(qf: torch.Tensor, halves: bool, alpha: float) -> torch.Tensor:
+    """DG-Net's query weighting (`half_weights`); a teacher's single feature is left as it is."""
+    return qf * half_weights(alpha).to(qf.device, qf.dtype) if halves else qf
 
 
 def weighted_both_sides(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and gallery features each weighted by the square root of alpha on the fine-grained half (the
-    primary half zeroed for alpha -1): every pair of images, query or gallery, then scores DG-Net's s_prim +
-    alpha s_fine. What re-ranking needs: it compares gallery with gallery and query with query as well as
-    query with gallery, and assumes one metric for all (weighting the query alone would score query pairs
-    with alpha squared and gallery pairs with 1)."""
+    """Query and gallery features weighted alike for re-ranking (`half_weights(alpha, both_sides=True)`)."""
     if not halves:
         return qf, gf
-    check_alpha(alpha)
-    weight = torch.ones(2 * HALF)
-    weight[:HALF] = 0.0 if alpha == -1 else 1.0
-    weight[HALF:] = 1.0 if alpha == -1 else alpha ** 0.5
-    return qf * weight, gf * weight
+    weight = half_weights(alpha, both_sides=True)
+    return qf * weight.to(qf.device, qf.dtype), gf * weight.to(gf.device, gf.dtype)
 
 
 def reranked_distances(qf: torch.Tensor, gf: torch.Tensor, halves: bool = False, alpha: float = 1.0) -> np.ndarray:

@@ -11,7 +11,6 @@ import copy
 import difflib
 import math
 import os
-import pickle
 import random
 import re
 import socket
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+
+from networks import refused_pickle
 
 try:
     import fcntl
@@ -484,13 +485,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # a real pickle naming a class or function: code in it
+    except Exception as err:  # truncated, empty, not a checkpoint, or a refused pickle: torch raises many kinds
+        if refused_pickle(err):
             raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
                             "loaded); re-save it as a plain state dict of tensors") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint, or is corrupt; use another one "
-                        "(--which_iter N)") from None
-    except Exception as err:  # truncated, empty or not a checkpoint: torch raises many kinds
         raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {one_line(err)[:200]}); it may "
                         "be truncated or not a checkpoint: use an older one (--which_iter N)") from None
     if not isinstance(state, dict):

@@ -240,7 +240,7 @@ def other_images_of_b(cfg: dict[str, Any], splits: Any, data: quality.FidelitySe
     """For each pair, another test image of B's identity ([0, 1]; B's own image where B has no other) and
     whether it has one: G(s_B, f of that image) is the same-person reconstruction that DG-Net trains on pixels,
     read on the same test people as the swaps."""
-    people = sorted((r for r in splits.query + splits.gallery if r.pid > 0), key=lambda r: r.path)
+    people = quality._test_people(splits)  # the people the pairs are drawn from, in the same order
     by_name = {Path(r.path).name: r for r in people}
     size = quality.image_size(cfg)
     images, found = [], []

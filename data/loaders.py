@@ -334,9 +334,7 @@ def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True) -> None:
         if (folder / synthetic.METADATA_FILE).is_file():
             raise UserError(f"synthetic: data_root {root} is not the synthetic dataset but "
                             f"{'holds' if folder.parent == root else 'lies inside'} one; set data_root to {folder}")
-    if root.is_file():
-        raise UserError(f"data_root {root} is a file: set data_root to the dataset's folder")
-    if root.is_dir() and any(root.iterdir()):
+    if root.is_dir() and any(root.iterdir()):  # (a file there is refused by load_splits before this)
         raise UserError(f"synthetic: data_root {root} is not empty but holds no synthetic dataset "
                         f"({synthetic.METADATA_FILE}): if it is a real dataset, set dataset to its name "
                         f"({', '.join(DATASETS)}); if a generation was interrupted there, remove the folder; else "
