@@ -237,12 +237,13 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
         raise ValueError(f"backend must be auto, numpy or torch, got {backend!r}")
     q_pids, g_pids, q_camids, g_camids = _labels(q_pids, g_pids, q_camids, g_camids)
     _check_args(ap, max_rank, (len(qf), len(gf)), q_pids, g_pids, q_camids, g_camids)
+    qf, gf = torch.as_tensor(qf), torch.as_tensor(gf)  # arrays or lists too, once
     q_shape, g_shape = tuple(qf.shape), tuple(gf.shape)
     if len(q_shape) != 2 or len(g_shape) != 2 or q_shape[1] != g_shape[1]:
         raise UserError(f"query features are {q_shape} and gallery features {g_shape}: both must be (images, "
                         "dimensions) with the same dimensions (from the same model)")
     for name, f in (("query", qf), ("gallery", gf)):
-        zero = int((torch.as_tensor(f).abs().sum(1) == 0).sum())
+        zero = int((f.abs().sum(1) == 0).sum())
         if zero:  # normalized to 0, they tie with every image: a broken model or feature file, not a result
             warnings.warn(f"{zero} of the {len(f)} {name} features are all zero; their rankings are by gallery "
                           "order only", stacklevel=2)
