@@ -8,8 +8,11 @@
 
 Common options: --which_iter N|last|best, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
 overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
-given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination).
+given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination: a
+.jpg or .png file for swap and rainbow, a folder for smooth and generate).
 Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation_<iteration>.json and tensorboard).
+Figures of other picks than the default (--seed, --split, --count, folders, --images) carry them in their names,
+e.g. swap_<it>_seed3.jpg, so they are written beside the default figures, never over them.
 
 The original release's checkpoints work too: `--original DIR` with DIR holding its config.yaml,
 gen_<iteration>.pt and id_<iteration>.pt; figures then go to outputs/<--name or DIR's name>/visuals/.
@@ -76,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where input images are picked from when no folder is given (default: query)")
     common.add_argument("--zoom", type=int, default=1, help="enlarge figures by this integer factor")
     common.add_argument("--quality", type=int, default=95, help="JPEG quality of the figures (default 95)")
-    common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a file for swap and "
-                                      "rainbow, a folder for smooth and generate)")
+    common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a .jpg or .png file for "
+                                      "swap and rainbow, a folder for smooth and generate)")
     common.add_argument("--overwrite", action="store_true",
                         help="allow writing over an existing --out or into a non-empty output folder (nothing "
                              "is deleted)")
@@ -345,11 +348,24 @@ def compose(rows: list[list[torch.Tensor | None]], zoom: int, header: bool = Fal
     return canvas
 
 
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def image_format(path: Path) -> str:
+    """The file format a figure's name asks for: JPEG for .jpg/.jpeg, PNG (lossless) for .png."""
+    try:
+        return IMAGE_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise UserError(f"--out {path}: name the figure .jpg, .jpeg or .png") from None
+
+
 def save_image(image: Image.Image, path: Path, jpeg_quality: int = 95) -> Path:
-    """Write a JPEG through a temporary name, so a half-written file never appears."""
+    """Write a figure in the format its suffix names, through a temporary name, so a half-written file never
+    appears."""
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="JPEG", quality=jpeg_quality)
+    image.save(tmp, format=fmt, **({"quality": jpeg_quality} if fmt == "JPEG" else {}))
     os.replace(tmp, path)
     return path
 
@@ -360,6 +376,22 @@ def save_gif(frames: list[Image.Image], path: Path, duration: int) -> Path:
     frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
     os.replace(tmp, path)
     return path
+
+
+def picks_tag(args: argparse.Namespace, default_count: int | None = None) -> str:
+    """'' for the default picks (seed 0 of the query split), else '_' and what picked the images instead, so
+    that a figure of other people is written beside the default one rather than over it. Settings that only
+    change how the same people are drawn (--zoom, --steps, --quality) are not part of the name."""
+    images = getattr(args, "images", None)
+    if images:
+        return "_" + "-".join(Path(p).stem for p in images)
+    count = getattr(args, "count", None)
+    parts = [] if count is None or count == default_count else [f"n{count}"]
+    if getattr(args, "appearance", None):
+        parts.insert(0, f"{Path(args.appearance).name}-{Path(args.structure).name}")
+    else:
+        parts[:0] = [p for p, on in ((args.split, args.split != "query"), (f"seed{args.seed}", args.seed != 0)) if on]
+    return "".join(f"_{p}" for p in parts)
 
 
 def output_file(args: argparse.Namespace, models: Models, default_name: str) -> Path:
@@ -397,7 +429,7 @@ def cmd_swap(args: argparse.Namespace, models: Models) -> list[Path]:
     b_in_a = quality.swap(g, e, quality.normalize(appearance), quality.normalize(structure))
     columns = [[appearance[i], structure[i], a_in_b[i], b_in_a[i]] for i in range(n)]
     rows = [list(r) for r in zip(*columns)]
-    path = output_file(args, models, f"swap_{models.iteration:08d}.jpg")
+    path = output_file(args, models, f"swap_{models.iteration:08d}{picks_tag(args, 8)}.jpg")
     return [save_image(compose(rows, args.zoom), path, args.quality)]
 
 
@@ -415,7 +447,8 @@ def cmd_rainbow(args: argparse.Namespace, models: Models) -> list[Path]:
     for a in appearance:
         out = quality.swap(g, e, quality.normalize(structure), quality.normalize(a.expand_as(structure)))
         rows.append([a, *out])
-    path = output_file(args, models, f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}.jpg")
+    name = f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}{picks_tag(args, args.count)}.jpg"
+    path = output_file(args, models, name)
     return [save_image(compose(rows, args.zoom, header=True), path, args.quality)]
 
 
@@ -469,7 +502,7 @@ def cmd_smooth(args: argparse.Namespace, models: Models) -> list[Path]:
         with quality.eval_mode(models.generator, models.appearance_encoder):
             strip = interpolate(models, x, steps, code)
         rows = [[x[0], *strip[r], x[1]] for r in range(2)]
-        stem = f"smooth_{code}_{models.iteration:08d}"
+        stem = f"smooth_{code}_{models.iteration:08d}{picks_tag(args)}"
         written.append(save_image(compose(rows, args.zoom), folder / f"{stem}.jpg", args.quality))
         written.append(save_gif(gif_frames(strip, args.zoom), folder / f"{stem}.gif", args.duration))
     return written
@@ -603,6 +636,10 @@ COMMANDS = {"swap": cmd_swap, "rainbow": cmd_rainbow, "smooth": cmd_smooth, "gen
 
 def run(args: argparse.Namespace) -> list[Path]:
     positive(args.zoom, "--zoom")
+    if args.command == "smooth":
+        positive(args.duration, "--duration")
+    if args.out and args.command in ("swap", "rainbow"):
+        image_format(Path(args.out))  # a bad name stops before any model is loaded
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be 1..100, got {args.quality}")
     device = select_device(args.device)

@@ -39,10 +39,37 @@ def run(tiny_dgnet_run):
 
 def test_swap_from_a_split(run, capsys):
     assert run("swap", "--count", "3", "--seed", "1") == 0
-    path = run.visuals / "swap_00000002.jpg"
+    path = run.visuals / "swap_00000002_seed1_n3.jpg"  # other picks than the default: named by them
     assert f"written {path}" in capsys.readouterr().out
     with Image.open(path) as img:
         assert img.format == "JPEG" and img.size == grid_size(rows=4, cols=3)
+
+
+def test_figures_of_other_picks_are_written_beside_the_default(run):
+    assert run("swap") == 0
+    default = run.visuals / "swap_00000002.jpg"
+    before = default.read_bytes()
+    assert run("swap", "--seed", "2") == 0 and run("swap", "--split", "gallery") == 0
+    assert default.read_bytes() == before
+    assert (run.visuals / "swap_00000002_seed2.jpg").read_bytes() != before
+    assert (run.visuals / "swap_00000002_gallery.jpg").is_file()
+    assert run("rainbow", "--count", "2", "--seed", "3") == 0
+    assert (run.visuals / "rainbow_2x2_00000002_seed3.jpg").is_file()
+    query = sorted((run.data_root / "query").glob("*.jpg"))[:2]
+    assert run("smooth", "--steps", "3", "--images", *map(str, query)) == 0
+    stems = "-".join(q.stem for q in query)
+    assert (run.visuals / "smooth" / f"smooth_appearance_00000002_{stems}.gif").is_file()
+
+
+def test_out_suffix_picks_the_format(run, tmp_path, capsys):
+    assert run("swap", "--count", "2", "--out", str(tmp_path / "swap.png")) == 0
+    with Image.open(tmp_path / "swap.png") as img:
+        assert img.format == "PNG" and img.size == grid_size(rows=4, cols=2)
+    capsys.readouterr()
+    assert run("rainbow", "--count", "2", "--out", str(tmp_path / "rainbow.gif")) == 2
+    err = capsys.readouterr().err
+    assert ".jpg, .jpeg or .png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rainbow.gif").exists()
 
 
 def test_swap_from_folders_with_zoom(run, tmp_path):
@@ -180,7 +207,7 @@ def test_original_checkpoints_give_the_same_figure(run, tmp_path):
     # figures of an original model go to outputs/<its folder name>/visuals by default
     assert V.main(["rainbow", "--original", str(tmp_path / "E0.5new_reid0.5_w30000"), *sets, "--count", "2",
                    "--output_path", str(tmp_path)]) == 0
-    assert (tmp_path / "outputs" / "E0.5new_reid0.5_w30000" / "visuals" / "rainbow_2x2_00000002.jpg").is_file()
+    assert (tmp_path / "outputs" / "E0.5new_reid0.5_w30000" / "visuals" / "rainbow_2x2_00000002_a-b.jpg").is_file()
 
 
 def test_bad_input_is_one_line(run, tmp_path, capsys):
@@ -193,6 +220,8 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
         (["swap", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--appearance",
           str(tmp_path)], "both --appearance"),
         (["smooth", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--steps", "1"], "--steps"),
+        (["smooth", "--name", "tiny", "--output_path", str(run.run_dir.parent.parent), "--duration", "0"],
+         "--duration"),
         (["swap", "--original", str(tmp_path), "--output_path", str(tmp_path)], "config.yaml"),
     ]
     for argv, words in cases:
