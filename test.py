@@ -92,7 +92,7 @@ def load_run(name: str, output_path: str = ".", which_iter: str = "last", config
     cfg_file = Path(config) if config else run_dir / "config.yaml"
     if config and not cfg_file.is_file():
         raise UserError(f"--config {config}: no such file")
-    cfg = load_config(cfg_file, list(opts)) if cfg_file.is_file() else saved_config(state["config"])
+    cfg = load_config(cfg_file, list(opts)) if cfg_file.is_file() else saved_config(state["config"], list(opts))
     return state, cfg, run_dir
 
 

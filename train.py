@@ -542,13 +542,26 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     """
     name = args.name if args.name is not None else Path(args.config or DEFAULT_CONFIG).stem
     run_dir = run_folder(args.output_path, name)
-    if args.resume and not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--resume: no run in {run_dir} (no config.yaml); check --name and --output_path")
-    if args.resume and args.config and dist.is_main:
-        note = resume_config_note(args.config, run_dir, args.opts)
-        if note:
-            print(note, file=sys.stderr, flush=True)
-    cfg = load_config(run_dir / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG, args.opts)
+    own_config = run_dir / "config.yaml"
+    state: dict[str, Any] | None = None
+    if args.resume and not own_config.is_file():
+        if latest_checkpoint(run_dir) is None:
+            raise UserError(f"--resume: no run in {run_dir} (no config.yaml, no checkpoint); check --name and "
+                            "--output_path")
+        # config.yaml lost (deleted, or a copied checkpoints/ folder): every checkpoint carries the config it
+        # ran with, and config.yaml is written again from it when the run starts.
+        resume_from = find_checkpoint(run_dir, args.which_iter)
+        state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
+        cfg = saved_config(state["config"], args.opts)
+        if dist.is_main:
+            print(f"note: {own_config} is missing; the run continues with the config saved in {resume_from}",
+                  file=sys.stderr, flush=True)
+    else:
+        if args.resume and args.config and dist.is_main:
+            note = resume_config_note(args.config, run_dir, args.opts)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+        cfg = load_config(own_config if args.resume else args.config or DEFAULT_CONFIG, args.opts)
     if cfg["sync_bn"] and dist.world_size > 1 and dist.device.type != "cuda":
         raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a CPU run")
     if not args.resume:  # a resume learns its kind from the checkpoint, below
@@ -556,10 +569,11 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     if lock is not None:
         check_writable(run_dir, "the run folder")
         lock.acquire(run_dir)
-    state, changes = None, {}
+    changes: dict[str, tuple[Any, Any]] = {}
     if args.resume:
-        resume_from = find_checkpoint(run_dir, args.which_iter)
-        state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
+        if state is None:
+            resume_from = find_checkpoint(run_dir, args.which_iter)
+            state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
         changes = check_resume(args, state, cfg, run_dir)
     elif latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")

@@ -313,13 +313,16 @@ def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[s
     return cfg
 
 
-def saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def saved_config(cfg: dict[str, Any], opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """A config a run wrote (its config.yaml or its checkpoint's), complete: every key added since takes the
     value the run was trained with (ADDED_KEYS), else today's default (a key added with the old behaviour
-    as its default). So a resumed run reports only the changes it makes, and every key reads."""
+    as its default). So a resumed run reports only the changes it makes, and every key reads. `opts`
+    (`--opts` overrides) apply on top, checked as in `load_config`."""
     full = copy.deepcopy(schema().defaults)
     _overlay(full, ADDED_KEYS)  # scalars only: nothing of it is shared
     _overlay(full, copy.deepcopy(cfg))
+    if opts:
+        _merge(full, parse_opts(opts), "--opts")
     return full
 
 

@@ -166,7 +166,7 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     if state.get("kind") != "DGNet":
         raise UserError(f"{path} is a {state.get('kind')} run, which has no generator: give a DG-Net run")
     config_file = run_dir / "config.yaml"
-    cfg = load_config(config_file, opts) if config_file.is_file() else saved_config(state["config"])
+    cfg = load_config(config_file, opts) if config_file.is_file() else saved_config(state["config"], opts)
     weights = state["trainer"]["models"]
     generator = _built(build_generator, cfg)
     head = weights["id"].get("classifier1.classifier.0.weight")

@@ -188,6 +188,26 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(trained, tmp_pat
     assert checkpoint_path(run_dir, 2).is_file()
 
 
+def test_a_run_that_lost_its_config_resumes_from_the_checkpoints_config(trained, tmp_path, data_root, capsys):
+    run_dir = copy_of(trained, tmp_path, "lost")
+    config = load_config(run_dir / "config.yaml")
+    (run_dir / "config.yaml").unlink()
+    capsys.readouterr()
+    assert run(tmp_path, "lost", data_root, "max_iter=3", args=("--resume",)) == 0
+    assert "config.yaml is missing; the run continues with the config saved in" in capsys.readouterr().err
+    assert checkpoint_path(run_dir, 3).is_file()
+    assert load_config(run_dir / "config.yaml") == {**config, "max_iter": 3}  # written again, with --opts
+    assert "max_iter 2 -> 3" in (run_dir / "config_changes.log").read_text()
+    (run_dir / "config.yaml").unlink()
+    assert run(tmp_path, "lost", data_root, "max_iter=4", "seed=9", args=("--resume",)) == 2
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("note: ") and error.startswith("error: --resume: seed cannot change")  # still checked
+    assert not (run_dir / "config.yaml").exists()
+    shutil.rmtree(run_dir / "checkpoints")
+    assert run(tmp_path, "lost", data_root, "max_iter=4", args=("--resume",)) == 2
+    assert "no config.yaml, no checkpoint" in one_error_line(capsys)
+
+
 def test_resume_of_a_complete_run_trains_nothing_and_never_goes_back(trained, tmp_path, data_root, capsys):
     run_dir = copy_of(trained, tmp_path, "done")
     config = (run_dir / "config.yaml").read_bytes()

@@ -223,3 +223,15 @@ def test_results_on_another_dataset_are_written_beside_the_runs_own(tiny_run, tm
     # a mistyped data_root is an error, not a dataset generated there
     assert run_test(tiny_run, "--data_root", str(tmp_path / "typo")) == 2
     assert not (tmp_path / "typo").exists()
+
+
+def test_opts_apply_to_a_run_without_config_yaml(tiny_run, tmp_path):
+    # the checkpoint's own config stands in for a lost config.yaml; --opts still change it
+    shutil.copytree(tiny_run[0] / "outputs" / "tiny", tmp_path / "outputs" / "lost")
+    (tmp_path / "outputs" / "lost" / "config.yaml").unlink()
+    _, cfg, _ = evaluation.load_run("lost", str(tmp_path), opts=["data_root=/elsewhere", "batch_size=3"])
+    assert cfg["data_root"] == "/elsewhere" and cfg["batch_size"] == 3
+    _, cfg, _ = evaluation.load_run("lost", str(tmp_path))
+    assert cfg["data_root"] == str(tiny_run[1])
+    with pytest.raises(UserError, match="--opts"):
+        evaluation.load_run("lost", str(tmp_path), opts=["no_such_key=1"])
