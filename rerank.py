@@ -49,6 +49,9 @@ def _row_chunk(n: int, budget: int = 256 * 1024 ** 2) -> int:
     return max(1, min(n, budget // (4 * 3 * max(n, 1))))
 
 
+GPU_CHUNK_BYTES = 2 * 1024 ** 3  # on a GPU the N x N pass takes larger row chunks (fewer launches and copies)
+
+
 def memory_needed(num_query: int, num_gallery: int, dim: int, k1: int = 20) -> int:
     """Estimated peak bytes: the Q x G result, the features, one N x N row chunk, the sparse V (generous)."""
     n = num_query + num_gallery
@@ -68,44 +71,48 @@ def check_memory(num_query: int, num_gallery: int, dim: int, k1: int = 20) -> No
                         "--rerank, or on a machine with more memory")
 
 
-def _stable_topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k smallest entries of each row, ordered by (value, index)."""
-    if k >= x.shape[1]:
-        return np.argsort(x, axis=1, kind="stable")
-    kth = np.partition(x, k - 1, axis=1)[:, k - 1:k]
-    mask = x <= kth  # at least k per row; more only where the k-th value is tied
-    out = np.empty((len(x), k), np.int64)
+def _stable_topk(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest entries of each row, ordered by (value, index), on d's device."""
+    if k >= d.shape[1]:
+        return torch.sort(d, dim=1, stable=True).indices
+    kth = torch.topk(d, k, dim=1, largest=False).values[:, -1:]
+    mask = d <= kth  # at least k per row; more only where the k-th value is tied
+    out = torch.empty((len(d), k), dtype=torch.long, device=d.device)
     exact = mask.sum(1) == k
-    rows = np.flatnonzero(exact)
-    idx = np.nonzero(mask[rows])[1].reshape(len(rows), k)  # ascending index in each row
-    vals = x[rows[:, None], idx]
-    out[rows] = np.take_along_axis(idx, np.argsort(vals, axis=1, kind="stable"), 1)
-    for r in np.flatnonzero(~exact):
-        cand = np.flatnonzero(mask[r])
-        out[r] = cand[np.argsort(x[r, cand], kind="stable")[:k]]
+    rows = exact.nonzero().squeeze(1)
+    idx = mask[rows].nonzero()[:, 1].view(len(rows), k)  # nonzero is row-major: ascending index in each row
+    vals = d[rows.unsqueeze(1), idx]
+    out[rows] = idx.gather(1, torch.sort(vals, dim=1, stable=True).indices)
+    for r in (~exact).nonzero().squeeze(1).tolist():
+        cand = mask[r].nonzero().squeeze(1)
+        out[r] = cand[torch.sort(d[r, cand], stable=True).indices[:k]]
     return out
 
 
-def _original_distance(rows: torch.Tensor, feats: torch.Tensor) -> np.ndarray:
+def _original_distance(rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     """(2 - 2 <f_i, f_j>)^2 for a chunk of rows against all images, float32."""
     sim = rows @ feats.T
-    return sim.mul_(-2).add_(2).square_().numpy()
+    return sim.mul_(-2).add_(2).square_()
 
 
-def _neighbours(feats: torch.Tensor, k: int, num_query: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's k nearest (N, k) and its row maximum; the queries' normalized rows go into `out`."""
+def _neighbours(feats: torch.Tensor, k: int, num_query: int, out: np.ndarray,
+                device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's k nearest (N, k) and its row maximum; the queries' normalized rows go into `out`.
+    The N x N distances exist only a chunk of rows at a time, on `device`."""
     n = len(feats)
     nearest = np.empty((n, k), np.int64)
     row_max = np.empty(n, np.float32)
-    step = _row_chunk(n)
+    on_device = feats.to(device)
+    step = _row_chunk(n, GPU_CHUNK_BYTES) if device.type == "cuda" else _row_chunk(n)
     for s in range(0, n, step):
-        d = _original_distance(feats[s:s + step], feats)
-        row_max[s:s + len(d)] = d.max(1)
-        d /= row_max[s:s + len(d), None]
-        nearest[s:s + len(d)] = _stable_topk(d, k)
+        d = _original_distance(on_device[s:s + step], on_device)
+        biggest = d.max(1).values
+        d /= biggest[:, None]
+        row_max[s:s + len(d)] = biggest.cpu().numpy()
+        nearest[s:s + len(d)] = _stable_topk(d, k).cpu().numpy()
         if s < num_query:
             q = slice(s, min(s + len(d), num_query))
-            out[q] = d[: q.stop - s, num_query:]
+            out[q] = d[: q.stop - s, num_query:].cpu().numpy()
     return nearest, row_max
 
 
@@ -177,8 +184,14 @@ def _jaccard_into(v: sp.csr_matrix, num_query: int, out: np.ndarray, lam: float,
         out[rows] = (1 - lam) * (1 - m / (2 - m)) + lam * out[rows]
 
 
-def k_reciprocal_rerank(qf: Any, gf: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
-    """The re-ranked (Q, G) float32 distance matrix of query and gallery features (L2-normalized first)."""
+def k_reciprocal_rerank(qf: Any, gf: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                        device: torch.device | str = "cpu") -> np.ndarray:
+    """The re-ranked (Q, G) float32 distance matrix of query and gallery features (L2-normalized first).
+
+    `device` runs the N x N neighbour pass (the one part that grows with N^2 x dim: about 9e12 operations
+    at MSMT17's size) there; the sparse rest stays on the CPU. A GPU's matrix product rounds differently
+    from the CPU's, so its distances may differ in the last float32 bits (and a near tie among a
+    neighbour list's last members may then fall the other way)."""
     if k1 < 1 or k2 < 1 or not 0 <= lambda_value <= 1:
         raise UserError(f"re-ranking needs k1 >= 1, k2 >= 1 and 0 <= lambda <= 1; got {k1}, {k2}, {lambda_value}")
     # Normalized here because the distance conversion assumes unit features; for DG-Net's alpha-weighted
@@ -189,7 +202,7 @@ def k_reciprocal_rerank(qf: Any, gf: Any, k1: int = 20, k2: int = 6, lambda_valu
     check_memory(num_query, len(gf), qf.shape[1], k1)
     feats = torch.cat([qf, gf])
     out = np.empty((num_query, len(gf)), np.float32)
-    nearest, row_max = _neighbours(feats, min(k1 + 1, len(feats)), num_query, out)
+    nearest, row_max = _neighbours(feats, min(k1 + 1, len(feats)), num_query, out, torch.device(device))
     v = _encoding(feats, nearest, row_max, k1, min(k2, nearest.shape[1]))
     _jaccard_into(v, num_query, out, lambda_value)
     return out

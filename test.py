@@ -213,12 +213,13 @@ def weighted_both_sides(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha:
     return qf * weight.to(qf.device, qf.dtype), gf * weight.to(gf.device, gf.dtype)
 
 
-def reranked_distances(qf: torch.Tensor, gf: torch.Tensor, halves: bool = False, alpha: float = 1.0) -> np.ndarray:
+def reranked_distances(qf: torch.Tensor, gf: torch.Tensor, halves: bool = False, alpha: float = 1.0,
+                       device: torch.device | str = "cpu") -> np.ndarray:
     """The k-reciprocal re-ranked (Q, G) distances (rerank.py's defaults) of unweighted features, alpha
-    applied to both sides (`weighted_both_sides`)."""
+    applied to both sides (`weighted_both_sides`), the N x N neighbour pass on `device`."""
     from rerank import k_reciprocal_rerank  # only re-ranking needs scipy.sparse
 
-    return k_reciprocal_rerank(*weighted_both_sides(qf, gf, halves, alpha))
+    return k_reciprocal_rerank(*weighted_both_sides(qf, gf, halves, alpha), device=device)
 
 
 def labels_of(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
@@ -486,7 +487,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         parts["mquery"] = (mqf, splits.multi_query)
         query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
     # the metrics and rank lists share the re-ranked distances
-    distmat = reranked_distances(query_f, gf, halves, args.alpha) if args.rerank else None
+    distmat = reranked_distances(query_f, gf, halves, args.alpha, device) if args.rerank else None
     query_f = weight_query(query_f, halves, args.alpha)
     summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat))
 

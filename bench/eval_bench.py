@@ -3,6 +3,7 @@
     python bench/eval_bench.py                 # Market and MSMT17 sizes, every case (minutes on 2 cores)
     python bench/eval_bench.py --quick         # small sizes, a smoke test
     python bench/eval_bench.py --cases market-distmat market-distmat-reference
+    python bench/eval_bench.py --device cuda --dim 1024 --cases market-rerank msmt-features msmt-rerank
 
 Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own: the figure
 includes Python, torch and the synthetic features (`base` is the peak before the timed part). Features are
@@ -41,6 +42,7 @@ CASES = {  # name: (size, what, method)
     "market-rerank": ("market", "features", "rerank"),
     "msmt-features": ("msmt", "features", "ours"),
     "msmt-features-reference": ("msmt", "features", "reference"),
+    "msmt-rerank": ("msmt", "features", "rerank"),
 }
 QUICK_CASES = {"quick-distmat": ("quick", "distmat", "ours"),
                "quick-distmat-reference": ("quick", "distmat", "reference"),
@@ -103,18 +105,24 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_case(name: str, dim: int, quick: bool) -> dict:
-    """One case, in this process: build its inputs, then time the evaluation alone."""
+def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
+    """One case, in this process: build its inputs, then time the evaluation alone; `device` is where the
+    feature cases compute similarities (and re-ranking its N x N neighbour pass). On a GPU the features are
+    copied there before the clock starts (as test.py's extracted features would be), and the first CUDA
+    calls are made before it too."""
     size, what, method = (QUICK_CASES if quick else CASES)[name]
     qf, gf, q_pids, g_pids, q_cams, g_cams = synthetic(size, dim, structured=what != "distmat-worst")
     distmat = None
     if what.startswith("distmat"):
         distmat = torch.cat([d for _, d in cosine_distance_chunks(qf, gf)]).numpy()
+    if device != "cpu":
+        qf, gf = qf.to(device), gf.to(device)
+        torch.ones(8, 8, device=device).matmul(torch.ones(8, 8, device=device)).sum().item()  # CUDA set up
     base = peak_mb()
     start = time.perf_counter()
     if method == "rerank":
         from rerank import k_reciprocal_rerank
-        distmat = k_reciprocal_rerank(qf, gf)
+        distmat = k_reciprocal_rerank(qf, gf, device=device)
         result = evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams)
     elif method == "reference":
         result = (reference_distmat(distmat, q_pids, g_pids, q_cams, g_cams) if distmat is not None
@@ -122,10 +130,10 @@ def run_case(name: str, dim: int, quick: bool) -> dict:
     elif distmat is not None:
         result = evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams)
     else:
-        result = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams)
+        result = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, device=device)
     seconds = time.perf_counter() - start
     return {"case": name, "size": size, "queries": len(qf), "gallery": len(gf), "dim": dim, "input": what,
-            "method": method, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_mb()),
+            "method": method, "device": device, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_mb()),
             "base_rss_mb": round(base), "mAP": round(float(result["mAP"]), 6), "R1": round(float(result["cmc"][0]), 6),
             "num_valid_queries": int(result["num_valid_queries"])}
 
@@ -136,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="*", help="which cases (default: all)")
     p.add_argument("--dim", type=int, default=512, help="feature width (DG-Net: 1024, its teacher: 512)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each case; the table shows the fastest")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the feature cases run")
     p.add_argument("--out", help="JSON file (default bench/results/eval_bench[_quick].json)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: CUDA is not available on this machine; use --device cpu",
+              file=sys.stderr)
+        return 2
     if args.one:
-        print(json.dumps(run_case(args.one, args.dim, args.quick)))
+        print(json.dumps(run_case(args.one, args.dim, args.quick, args.device)))
         return 0
     table = QUICK_CASES if args.quick else CASES
     names = args.cases or list(table)
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         runs = []
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, "--one", name, "--dim", str(args.dim), *quick]
+            cmd = [sys.executable, __file__, "--one", name, "--dim", str(args.dim), "--device", args.device, *quick]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
@@ -168,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "torch": torch.__version__, "numpy": np.__version__,
-            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
+            "command": " ".join(["python", "bench/eval_bench.py", *(argv if argv is not None else sys.argv[1:])])}
     out.write_text(json.dumps({"meta": meta, "cases": rows}, indent=2) + "\n")
     print(f"written to {out}")
     return 0

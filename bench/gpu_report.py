@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the measured steps; each writes WORK/NAME.json (train_bench's JSON)
 SPEED_STEPS = ("dgnet_default", "dgnet_captured", "dgnet_r1_conv", "dgnet_compiled", "teacher_default",
                "quickstart_sizes", "dgnet_lazy_r1")
-STEPS = (*SPEED_STEPS, "r1_bench", "profile", "syncs", "numerics")
+STEPS = (*SPEED_STEPS, "r1_bench", "profile", "syncs", "numerics", "eval_gpu")
 
 
 def _run(cmd: list[str]) -> str:
@@ -129,6 +129,9 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         s = raw["syncs"]["syncs"]
         out["syncs"] = {"per_iteration": s["syncs_per_iteration"], "by_device": s["by_device"],
                         "sites": s["sites"], "settings": s.get("settings"), "command": raw["syncs"].get("command")}
+    if "eval_gpu" in raw:  # bench/eval_bench.py's JSON: one row per case
+        e = raw["eval_gpu"]
+        out["eval_gpu"] = {"cases": e["cases"], "device": e["meta"].get("device"), "command": e["meta"].get("command")}
     quick = work / "quickstart"
     if quick.is_dir():  # bench/gpu_quickstart.sh's own JSON files, whatever they hold
         out["quickstart"] = {str(p.relative_to(quick)): _load(p) for p in sorted(quick.rglob("*.json"))}
@@ -206,6 +209,12 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
         lines += [f"| {k} | {t['mean_abs_reference']:.4g} | {t['max_rel_diff']:.3g} | "
                   f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g} |"
                   for k, t in n["terms"].items()]
+    if "eval_gpu" in figs:
+        e = figs["eval_gpu"]
+        lines += ["", f"## Evaluation on {e['device']} (bench/eval_bench.py)", "",
+                  "| case | Q × G | dim | seconds | mAP | R1 | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['case']} | {c['queries']} × {c['gallery']} | {c['dim']} | {c['seconds']:.2f} | "
+                  f"{c['mAP']:.4f} | {c['R1']:.4f} | {c['peak_rss_mb']} |" for c in e["cases"]]
     if "quickstart" in figs:
         lines += ["", f"## Quickstart: {len(figs['quickstart'])} JSON files from bench/gpu_quickstart.sh "
                       "(in results.json)"]

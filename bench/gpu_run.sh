@@ -40,6 +40,8 @@
 #   syncs             45 s  host-device syncs per fast iteration, by source line and tensor device
 #   r1_bench          30 s  D's step with R1 alone at 256x128, 16 reals: built-in double backward vs r1conv.py
 #   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
+#   eval_gpu          60 s  test.py's evaluation on the GPU at Market and MSMT17 sizes, 1,024-d features (DG-Net's):
+#                           cosine ranking and k-reciprocal re-ranking (rerank.py's N x N pass there)
 #   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
 #                           GPU_QUICKSTART_MIN (150) s are left; it reads its limit from GPU_RUN_STEP_LIMIT
 # The budgets add up to more than 530 s: most steps end well within theirs, and what one call leaves
@@ -98,6 +100,7 @@ if ((TINY)); then
   LAZY=(--iters 1 --warmup 0)
   R1=(--device cpu --height 64 --width 32 --batch 2 --iters 1 --warmup 0)
   COMPILE=(--compile aot_eager)  # dynamo's tracing without inductor's C++ code generation (minutes on a CPU)
+  EVAL=(--quick --device cpu --cases quick-features quick-rerank)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}
 else
@@ -110,6 +113,7 @@ else
   LAZY=(--iters 32 --warmup 5)  # two lazy R1 steps in any 32 iterations: a fair average
   R1=(--iters 20 --warmup 3)
   COMPILE=(--compile inductor)
+  EVAL=(--device cuda --dim 1024 --cases market-features market-rerank msmt-features msmt-rerank)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
 fi
@@ -225,6 +229,7 @@ step syncs 45 20 "${BENCH[@]}" --bench syncs "${SYNCS[@]}" --json "$WORK/syncs.j
 step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.json"
 step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --json "$WORK/dgnet_lazy_r1.json" \
   --fast_opts dis.r1_every=16
+step eval_gpu 60 30 "$PY" bench/eval_bench.py "${EVAL[@]}" --out "$WORK/eval_gpu.json"
 
 # ---- the GPU quickstart (bench/gpu_quickstart.sh, written separately), with whatever time is left
 if [[ -n $QUICKSTART_SCRIPT && -f $QUICKSTART_SCRIPT ]]; then

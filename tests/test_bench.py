@@ -65,7 +65,8 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     steps = {s["name"]: s for s in result["steps"]}
     assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "dgnet_r1_conv",
                            "dgnet_compiled", "teacher_default", "numerics", "capture_tests", "compile_tests",
-                           "quickstart_sizes", "profile", "syncs", "r1_bench", "dgnet_lazy_r1", "quickstart"]
+                           "quickstart_sizes", "profile", "syncs", "r1_bench", "dgnet_lazy_r1", "eval_gpu",
+                           "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
@@ -106,12 +107,15 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]
     assert figures["profile"]["device_busy_ms"] is None  # no GPU here
     assert figures["syncs"]["per_iteration"] >= 1  # at least the use_encoder_again coin
+    evaluation = figures["eval_gpu"]
+    assert [c["case"] for c in evaluation["cases"]] == ["quick-features", "quick-rerank"]
+    assert evaluation["device"] == "cpu" and all(c["num_valid_queries"] > 0 for c in evaluation["cases"])
     numerics = figures["numerics"]
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()
     assert numerics["compared"] == "captured" and numerics["fast"]["captured"] == "graph-safe"
     summary = (out / "summary.md").read_text()
     for heading in ("## Training speed", "## D's step with R1 alone", "## Profile", "## Host-device syncs",
-                    "## Numerics"):
+                    "## Numerics", "## Evaluation on cpu"):
         assert heading in summary
     with tarfile.open(out / "steps.tar.gz") as tar:
         names = tar.getnames()

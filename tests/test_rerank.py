@@ -93,3 +93,18 @@ def test_bad_parameters():
     qf, gf, _, _ = features(0)
     with pytest.raises(UserError, match="k1 >= 1"):
         k_reciprocal_rerank(qf, gf, k1=0)
+
+
+def test_nearest_neighbours_are_ordered_by_value_then_index_under_ties():
+    rng = np.random.default_rng(0)
+    d = torch.from_numpy(rng.integers(0, 4, size=(40, 30)).astype(np.float32))  # many tied values
+    for k in (1, 5, 29, 30):
+        want = np.argsort(d.numpy(), axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(rerank._stable_topk(d, k).numpy(), want)
+
+
+def test_duplicate_images_rank_as_the_published_method_does():
+    qf, gf, _, _ = features(7, q=10, g=40)
+    gf = np.concatenate([gf, gf[:10], qf[:3]])  # exact duplicates: tied distances in every neighbour list
+    np.testing.assert_allclose(k_reciprocal_rerank(qf, gf, device="cpu"), published(qf, gf, 20, 6, 0.3),
+                               rtol=0, atol=2e-6)
