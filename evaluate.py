@@ -132,11 +132,12 @@ def _ranks_torch(dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tenso
 
 
 def _metrics(ranks: list[np.ndarray | None], ap: str, max_rank: int) -> dict[str, Any]:
-    """CMC, mAP and mINP from every query's good-match positions (None: no good match)."""
+    """CMC, mAP and mINP from every query's good-match positions (None: no good match). `mAP` follows the
+    `ap` convention; `mAP_market` and `mAP_precision` give both, from the same ranks."""
     valid = [r for r in ranks if r is not None]
     num_valid = len(valid)
     result: dict[str, Any] = {"cmc": np.zeros(max_rank), "mAP": 0.0, "mINP": 0.0, "num_valid_queries": num_valid,
-                              "num_queries": len(ranks)}
+                              "num_queries": len(ranks), **{f"mAP_{c}": 0.0 for c in AP_CONVENTIONS}}
     if not num_valid:
         return result
     counts = np.array([len(r) for r in valid])
@@ -144,15 +145,15 @@ def _metrics(ranks: list[np.ndarray | None], ap: str, max_rank: int) -> dict[str
     r = np.concatenate(valid).astype(np.float64)
     i = np.arange(len(r)) - np.repeat(starts, counts)
     precision = (i + 1) / (r + 1)
-    if ap == "market":
-        contribution = ((np.where(r > 0, i / np.maximum(r, 1), 1.0)) + precision) / 2
-    else:
-        contribution = precision
-    ap_values = np.add.reduceat(contribution, starts) / counts
+    contributions = {"market": ((np.where(r > 0, i / np.maximum(r, 1), 1.0)) + precision) / 2,
+                     "precision": precision}
+    for convention, contribution in contributions.items():
+        ap_values = np.add.reduceat(contribution, starts) / counts
+        result[f"mAP_{convention}"] = float(ap_values.sum() / num_valid)
     first = r[starts].astype(np.int64)
     last = r[starts + counts - 1]
     hist = np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)[:max_rank]
-    result.update(cmc=np.cumsum(hist) / num_valid, mAP=float(ap_values.sum() / num_valid),
+    result.update(cmc=np.cumsum(hist) / num_valid, mAP=result[f"mAP_{ap}"],
                   mINP=float((counts / (last + 1)).sum() / num_valid))
     return result
 

@@ -8,7 +8,8 @@
 Features follow DG-Net's protocol (the original's reid_eval/test_2label.py): each image and its horizontal
 flip go through the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each
 L2-normalized, the two passes are summed and each half normalized again; at query time the fine-grained half
-is weighted by `--alpha` (0.5 is what DG-Net reports; -1, as in the original, the fine-grained half alone). A
+is weighted by `--alpha` (0.5 is what DG-Net reports; -1, as in the original, the fine-grained half alone;
+several, `--alpha 0.5,0,-1`, score every one from the same features, the first as the headline). A
 teacher's feature is its 512-d bottleneck, flip-summed and normalized. `--multi` (Market-1501's gt_bbox/ or a
 multi-query/ folder) replaces each query by the mean feature of the multi-query images of its identity and
 camera.
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of DG-Net's fine-grained half (default 0.5)")
+    p.add_argument("--alpha", type=alpha_values, default=[0.5], metavar="A[,A...]",
+                   help="weight of DG-Net's fine-grained half (default 0.5; -1: it alone); several, e.g. 0.5,0,-1 "
+                        "(the original's three), are each scored from one extraction, the first as the headline")
     p.add_argument("--ap", default="market", choices=AP_CONVENTIONS, help="AP convention (default: market)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not add the flipped image's feature")
     p.add_argument("--batch_size", type=int, default=128, help="images per inference batch")
@@ -76,7 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. data_root=...)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
                    "the run's dataset, instead of the run's checkpoint")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.alphas, args.alpha = args.alpha, args.alpha[0]  # the sweep, and its headline value
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,6 +182,15 @@ def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Seque
     return torch.cat(feats) if feats else torch.empty(0, width)
 
 
+def alpha_values(text: str) -> list[float]:
+    """`--alpha 0.5` or a sweep `--alpha 0.5,0,-1`; each value is checked by `check_alpha`."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 0.5 or 0.5,0,-1; got {text!r}") \
+            from None
+
+
 def check_alpha(alpha: float) -> None:
     if not math.isfinite(alpha) or (alpha < 0 and alpha != -1):
         raise UserError(f"--alpha must be at least 0 and finite, or -1 for the fine-grained half alone (the "
@@ -227,11 +241,15 @@ def labels_of(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """R1/R5/R10, mAP, mINP and the query counts of an evaluate_* result (CMC padded when short)."""
-    cmc = np.pad(result["cmc"], (0, max(0, 10 - len(result["cmc"]))), mode="edge")
-    return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]), "mAP": float(result["mAP"]),
-            "mINP": float(result["mINP"]), "num_queries": result["num_queries"],
-            "num_valid_queries": result["num_valid_queries"]}
+    """R1/R5/R10/R20, mAP (the chosen AP convention), mINP, the query counts, both conventions' mAP
+    (`mAP_market`, `mAP_precision`: the second number papers differ by) and the whole CMC curve (ranks 1 to
+    50) of an evaluate_* result (CMC padded when short)."""
+    cmc = np.pad(result["cmc"], (0, max(0, 20 - len(result["cmc"]))), mode="edge")
+    return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]), "R20": float(cmc[19]),
+            "mAP": float(result["mAP"]), "mINP": float(result["mINP"]), "num_queries": result["num_queries"],
+            "num_valid_queries": result["num_valid_queries"],
+            **{f"mAP_{c}": float(result[f"mAP_{c}"]) for c in AP_CONVENTIONS},
+            "cmc": [float(x) for x in result["cmc"]]}
 
 
 def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record], *,
@@ -266,6 +284,19 @@ def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: S
         model.train(training)
     return score(weight_query(qf, has_halves(model), alpha), gf, query_records, gallery_records, ap=ap,
                  device=device)
+
+
+def scores_by_alpha(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
+                    alphas: Sequence[float], *, ap: str, rerank: bool = False, device: torch.device | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """The metrics at each alpha of a sweep, from one extraction of DG-Net's (unweighted) features: the
+    original's evaluation reports 0, 0.5 and -1 side by side."""
+    out = {}
+    for alpha in alphas:
+        distmat = reranked_distances(qf, gf, True, alpha, device) if rerank else None
+        out[f"{alpha:g}"] = score(weight_query(qf, True, alpha), gf, query, gallery, ap=ap, distmat=distmat,
+                                  device=device)
+    return out
 
 
 def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.Tensor,
@@ -430,6 +461,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("search needs both --query DIR and --gallery DIR")
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
+    if len(args.alphas) > 1:
+        raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
     predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, alpha=args.alpha,
                                    batch_size=args.batch_size)
@@ -450,7 +483,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 def _check_args(args: argparse.Namespace) -> None:
-    check_alpha(args.alpha)
+    for alpha in args.alphas:
+        check_alpha(alpha)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
@@ -488,8 +522,13 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
     # the metrics and rank lists share the re-ranked distances
     distmat = reranked_distances(query_f, gf, halves, args.alpha, device) if args.rerank else None
+    others = scores_by_alpha(query_f, gf, splits.query, splits.gallery, args.alphas[1:], ap=args.ap,
+                             rerank=args.rerank, device=device) if halves else {}
     query_f = weight_query(query_f, halves, args.alpha)
-    summary.update(score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat))
+    metrics = score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat, device=device)
+    summary.update(metrics)
+    if others:
+        summary["by_alpha"] = {f"{args.alpha:g}": metrics, **others}
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
@@ -569,6 +608,8 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
                                "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
                                "flip": exported.flip,
                                "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False}
+    if exported.halves and len(args.alphas) > 1:
+        summary["by_alpha"] = scores_by_alpha(qf, gf, splits.query, splits.gallery, args.alphas, ap=args.ap)
     summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
                          ap=args.ap))
 
@@ -590,6 +631,14 @@ def print_summary(s: dict[str, Any]) -> None:
     print("| " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
     print("|" + "|".join("-" * 8 for _ in METRICS) + "|")
     print("| " + " | ".join(f"{100 * s[m]:6.2f}" for m in METRICS) + " |")
+    other = next(c for c in AP_CONVENTIONS if c != s["ap"])
+    print(f"mAP under the other AP convention ({other}): {100 * s[f'mAP_{other}']:.2f}; R20 {100 * s['R20']:.2f}")
+    if s.get("by_alpha"):
+        print("by alpha (the fine-grained half's weight on the query; -1: that half alone):")
+        print("| alpha  | " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
+        print("|" + "|".join("-" * 8 for _ in range(len(METRICS) + 1)) + "|")
+        for alpha, m in s["by_alpha"].items():
+            print(f"| {alpha:>6} | " + " | ".join(f"{100 * m[metric]:6.2f}" for metric in METRICS) + " |")
     if s.get("multi_query_missing"):
         print(f"{s['multi_query_missing']} queries had no multi-query image of their identity and camera and "
               "kept their own feature")

@@ -90,6 +90,9 @@ def test_market_ap_by_hand():
     precision = evaluate_distmat(distmat, np.array([2]), g_pids, np.array([1]), np.array([2, 2, 2, 2]),
                                  ap="precision")
     assert precision["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    # both conventions come with either choice, from the same ranks
+    assert got["mAP_market"] == precision["mAP_market"] == got["mAP"]
+    assert got["mAP_precision"] == precision["mAP_precision"] == precision["mAP"]
     assert got["mINP"] == pytest.approx(2 / 4)
     assert got["cmc"].tolist() == [0.0, 1.0, 1.0, 1.0]
 

@@ -141,6 +141,8 @@ def test_evaluate_model_for_validation(tiny_run):
     (("--query", "nowhere", "--gallery", "nowhere"), "no such folder"),
     (("--query", "."), "both --query"),
     (("--ranklist", "-1"), "--ranklist"),
+    (("--alpha", "0.5,-2"), "--alpha must be"),
+    (("--alpha", "0.5,0", "--query", ".", "--gallery", "."), "single value"),
 ])
 def test_bad_input_is_one_line(tiny_run, capsys, args, message):
     assert run_test(tiny_run, *args) == 2
@@ -235,3 +237,27 @@ def test_opts_apply_to_a_run_without_config_yaml(tiny_run, tmp_path):
     assert cfg["data_root"] == str(tiny_run[1])
     with pytest.raises(UserError, match="--opts"):
         evaluation.load_run("lost", str(tmp_path), opts=["no_such_key=1"])
+
+
+def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_reported(tiny_run, capsys):
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    single = {}
+    for alpha in ("0", "-1", "0.5"):
+        assert run_test(tiny_run, "--alpha", alpha) == 0
+        single[alpha] = json.loads((results / "00000002.json").read_text())
+    capsys.readouterr()
+    assert run_test(tiny_run, "--alpha", "0.5,0,-1") == 0
+    out = capsys.readouterr().out
+    assert "by alpha" in out and "mAP under the other AP convention (precision)" in out
+    swept = json.loads((results / "00000002.json").read_text())
+    assert swept["alpha"] == 0.5 and list(swept["by_alpha"]) == ["0.5", "0", "-1"]
+    for alpha, want in single.items():
+        got = swept["by_alpha"][alpha]
+        for key in ("R1", "R5", "R10", "R20", "mAP", "mINP", "mAP_market", "mAP_precision", "cmc"):
+            assert got[key] == want[key], (alpha, key)
+    assert swept["mAP"] == single["0.5"]["mAP"] == single["0.5"]["mAP_market"]  # the headline: the first alpha
+    assert len(swept["cmc"]) == 50 and swept["cmc"][0] == swept["R1"] and swept["cmc"][19] == swept["R20"]
+    assert run_test(tiny_run, "--ap", "precision") == 0
+    precision = json.loads((results / "00000002.json").read_text())
+    assert precision["mAP"] == precision["mAP_precision"] == single["0.5"]["mAP_precision"]
+    assert precision["mAP_market"] == single["0.5"]["mAP_market"]
