@@ -136,6 +136,11 @@ def test_distributed_ranks_split_the_global_batch(market):
     assert set(first[0]).isdisjoint(first[1])
     with pytest.raises(UserError, match="divide evenly over 3"):
         build_dgnet_loaders(cfg, splits, rank=0, world_size=3)
+    with pytest.raises(UserError, match="leaves 1 image per process.*sync_bn: true"):
+        build_dgnet_loaders(cfg, splits, rank=0, world_size=4)
+    build_dgnet_loaders(config(market, "sync_bn=true"), splits, rank=0, world_size=4)  # normalized over all 4
+    with pytest.raises(UserError, match="batch_size 1 is 1 image"):
+        build_teacher_loader(config(market, "batch_size=1"), splits, identity_sampler=False)
 
 
 def test_teacher_loader_pk_batches(market):
