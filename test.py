@@ -45,6 +45,7 @@ from utils import (
     add_run_arguments,
     check_run_checkpoint,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_config,
     mismatch_reason,
@@ -59,7 +60,7 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p)
+    add_run_arguments(p, every_iteration=True)
     p.add_argument("--config", help="config to use instead of the run's config.yaml (e.g. another dataset)")
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
@@ -546,19 +547,54 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     return summary, lambda: write(run_dir / "results")
 
 
-def write_results(write: Callable[[], list[Path]]) -> bool:
-    """Run the deferred writes of `evaluate_run` after the metrics were printed; say what was written or,
-    in one line, what could not be (the metrics on the screen are the work that remains)."""
+def write_results(write: Callable[[], list[Path]]) -> list[Path] | None:
+    """Run the deferred writes of `evaluate_run` after the metrics were printed; say what was written (and
+    return it) or, in one line, what could not be (None: the metrics on the screen are the work that remains)."""
     try:
         files = write()
     except OSError as err:
         where = err.filename or "the results folder"
         print(f"error: could not write {where} ({err.strerror or err}); the metrics above were not saved: make the "
               "run's results/ folder writable and run test.py again", file=sys.stderr)
-        return False
+        return None
     for f in files:
         print(f"written: {f}")
-    return True
+    return files
+
+
+CURVE_METRICS = ("R1", "R5", "R10", "mAP", "mINP", "mAP_market", "mAP_precision")
+
+
+def evaluate_every_checkpoint(args: argparse.Namespace) -> int:
+    """`--which_iter all`: each snapshot of the run in turn, evaluated and written as `--which_iter N` would
+    be, then the metrics over iterations as a table and `results/curve[...].json` (with the suffix the
+    per-iteration results carry: `_on-<folder>`, `_multi`, `_rerank`)."""
+    run_dir = run_folder(args.output_path, args.name)
+    iterations = [it for it, _ in list_checkpoints(run_dir)]
+    if not iterations:
+        find_checkpoint(run_dir, "last")  # says why there is none
+    rows, written = [], None
+    for it in iterations:
+        summary, write = evaluate_run(argparse.Namespace(**{**vars(args), "which_iter": str(it)}))
+        print_summary(summary)
+        written = write_results(write)
+        if written is None:
+            return 2
+        rows.append({"iteration": it, **{k: summary[k] for k in CURVE_METRICS}})
+    print("| iteration | " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
+    print("|-----------|" + "|".join("-" * 8 for _ in METRICS) + "|")
+    for r in rows:
+        print(f"| {r['iteration']:>9} | " + " | ".join(f"{100 * r[m]:6.2f}" for m in METRICS) + " |")
+    suffix = written[0].name[8:-len(".json")]  # the metrics file is <iteration, 8 digits><suffix>.json
+    curve = written[0].parent / f"curve{suffix}.json"
+    try:
+        curve.write_text(json.dumps({"run": args.name, "ap": args.ap, "alpha": args.alpha, "rows": rows}, indent=2)
+                         + "\n")
+    except OSError as err:
+        print(f"error: could not write {curve} ({err.strerror or err})", file=sys.stderr)
+        return 2
+    print(f"written: {curve}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -652,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported model {args.onnx}, run by onnxruntime on the CPU")
             print_summary(summary)
             sys.stdout.flush()
-            return 0 if write_results(write_onnx) else 2
+            return 0 if write_results(write_onnx) is not None else 2
         if args.query or args.gallery:
             found = run_search(args)
             for r in found["results"]:
@@ -660,11 +696,13 @@ def main(argv: list[str] | None = None) -> int:
                 for m in r["matches"]:
                     print(f"  {m['score']:.4f}  {m['path']}")
             sys.stdout.flush()
-            return 0 if write_results(found["write"]) else 2
+            return 0 if write_results(found["write"]) is not None else 2
+        if args.which_iter == "all":
+            return evaluate_every_checkpoint(args)
         summary, write = evaluate_run(args)
         print_summary(summary)  # first: the metrics are not lost when the run folder cannot be written
         sys.stdout.flush()
-        return 0 if write_results(write) else 2
+        return 0 if write_results(write) is not None else 2
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -355,7 +355,8 @@ class ImageGrids:
 
 
 class Snapshots:
-    """A checkpoint every `snapshot_save_iter` and at the end (rank 0 writes); the newest `keep_last` stay.
+    """A checkpoint every `snapshot_save_iter` and at the end (rank 0 writes); the newest `keep_last` stay
+    (all of them with 0), and the final one always.
 
     Every process takes part: the checkpoint holds each one's RNG state.
     """
@@ -370,8 +371,8 @@ class Snapshots:
         self.values(done, losses)  # never write a checkpoint of a diverged model
         path = checkpoint_path(self.run_dir, done)
         write_state(self.state_of(done), path, self.dist)
-        if self.dist.is_main:
-            for it, old in list_checkpoints(self.run_dir)[:-max(self.keep_last, 1)]:
+        if self.dist.is_main and self.keep_last > 0:  # 0: every snapshot stays
+            for it, old in list_checkpoints(self.run_dir)[:-self.keep_last]:
                 if it != self.max_iter:
                     old.unlink()
         return path

@@ -144,7 +144,7 @@ RANGES: dict[str, Range] = {
     "label_smoothing": Range(0, 1, high_open=True), "beta1": Range(0, 1, high_open=True),
     "beta2": Range(0, 1, high_open=True), "step_size": COUNT, "max_iter": COUNT,
     "log_iter": COUNT, "image_display_iter": COUNT, "image_save_iter": COUNT, "display_size": COUNT,
-    "snapshot_save_iter": COUNT, "keep_last": COUNT, "val_ids": SIZE, "eval_iter": COUNT,
+    "snapshot_save_iter": COUNT, "keep_last": SIZE, "val_ids": SIZE, "eval_iter": COUNT,
     "fidelity_iter": SIZE,  # 0 = off
 }
 
@@ -536,13 +536,15 @@ def run_folder(output_path: str | os.PathLike, name: str) -> Path:
     return Path(output_path) / "outputs" / name
 
 
-def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME") -> None:
+def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME", every_iteration: bool = False) -> None:
     """The arguments that pick a finished run's checkpoint (test.py, export.py): --name, --output_path and
-    --which_iter, resolved by `run_folder` and `find_checkpoint`."""
+    --which_iter, resolved by `run_folder` and `find_checkpoint` (`every_iteration`: the caller also takes
+    `all`, every snapshot in turn)."""
     parser.add_argument("--name", required=True, help=name_help)
     parser.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
     parser.add_argument("--which_iter", default="last",
-                        help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)")
+                        help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)"
+                             + ("; all: every snapshot in turn, and the curve" if every_iteration else ""))
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which_iter: str) -> Path:

@@ -194,8 +194,8 @@ def test_values_out_of_range_name_the_key_and_what_works(opts, message):
 
 
 def test_out_of_range_values_in_a_file_name_the_file(tmp_path):
-    with pytest.raises(UserError, match=r"bad\.yaml: config key 'keep_last' is 0"):
-        load_config(write(tmp_path / "bad.yaml", "keep_last: 0\n"))
+    with pytest.raises(UserError, match=r"bad\.yaml: config key 'keep_last' is -1"):
+        load_config(write(tmp_path / "bad.yaml", "keep_last: -1\n"))
     assert load_config(None, ["ID_class=null", "fidelity_iter=0", "val_ids=0"])["ID_class"] is None
 
 

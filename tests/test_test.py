@@ -261,3 +261,26 @@ def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_rep
     precision = json.loads((results / "00000002.json").read_text())
     assert precision["mAP"] == precision["mAP_precision"] == single["0.5"]["mAP_precision"]
     assert precision["mAP_market"] == single["0.5"]["mAP_market"]
+
+
+def test_every_snapshot_kept_and_evaluated_as_a_curve(tiny_run, tmp_path, capsys):
+    data_root = tiny_run[1]
+    code = train.main(["--config", str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml"), "--name", "all",
+                       "--output_path", str(tmp_path),
+                       *tiny(data_root, "max_iter=3", "snapshot_save_iter=1", "keep_last=0")])
+    assert code == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "outputs" / "all" / "checkpoints").glob("*.pt"))
+    assert checkpoints == ["00000001.pt", "00000002.pt", "00000003.pt"]  # keep_last 0: none deleted
+    capsys.readouterr()
+    args = ["--name", "all", "--output_path", str(tmp_path), "--batch_size", "16"]
+    assert evaluation.main([*args, "--which_iter", "all"]) == 0
+    assert "| iteration |" in capsys.readouterr().out
+    results = tmp_path / "outputs" / "all" / "results"
+    curve = json.loads((results / "curve.json").read_text())
+    assert [r["iteration"] for r in curve["rows"]] == [1, 2, 3]
+    assert evaluation.main([*args, "--which_iter", "2"]) == 0
+    single = json.loads((results / "00000002.json").read_text())
+    assert {k: single[k] for k in curve["rows"][1] if k != "iteration"} == \
+        {k: v for k, v in curve["rows"][1].items() if k != "iteration"}
+    assert evaluation.main([*args, "--which_iter", "all", "--rerank"]) == 0
+    assert (results / "curve_rerank.json").is_file()
