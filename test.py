@@ -515,7 +515,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     summary: dict[str, Any] = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"],
                                "dataset": splits.name, "variant": splits.variant or None,
                                "data_root": str(cfg["data_root"]), "ap": args.ap, "flip": args.flip,
-                               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank}
+                               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
+                               "cross_camera": cfg["cross_camera"]}
     query_f = qf
     if args.multi:
         mqf = features(splits.multi_query, "multi-query")
@@ -643,7 +644,8 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
                                "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
                                "flip": exported.flip,
-                               "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False}
+                               "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False,
+                               "cross_camera": cfg["cross_camera"]}
     if exported.halves and len(args.alphas) > 1:
         summary["by_alpha"] = scores_by_alpha(qf, gf, splits.query, splits.gallery, args.alphas, ap=args.ap)
     summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
@@ -659,7 +661,9 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"])) if on]
+    extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"]),
+                              ("same-camera matches counted (cross_camera: false)", not s.get("cross_camera", True)))
+              if on]
     on = f"{s['dataset']} ({s['variant']})" if s.get("variant") else s["dataset"]
     print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {on}: {s['num_valid_queries']}/"
           f"{s['num_queries']} queries with a match, AP convention {s['ap']}"

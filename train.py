@@ -1,20 +1,23 @@
 """Train DG-Net, or the teacher it needs.
 
-    python train.py --config configs/teacher/market.yaml --trainer baseline   # the teacher
-    python train.py --config configs/latest.yaml                              # DG-Net
+    python train.py --config configs/teacher/market.yaml --trainer baseline --name teacher-market  # the teacher
+    python train.py --config configs/latest.yaml                              # DG-Net (its teacher: the run above)
     python train.py --config configs/latest.yaml --resume                     # continue exactly
     python train.py --resume --name latest --which_iter 20000                 # continue from an older one
     python train.py --config configs/latest.yaml --gpu_ids 0,1                # DDP, one process per GPU
 
 A run lives in `<output_path>/outputs/<name>/`: `config.yaml` (resolved), `checkpoints/<iteration>.pt`
 (the whole run state), `images/` (grids and index.html), `logs/` (tensorboard), `src/` (the code),
-`config_changes.log` (what each `--resume --opts` changed, from which iteration). While it trains, `.lock`
+`config_changes.log` (what each `--resume --opts` changed, from which iteration), and the plain-text record
+(runlog.py): `metrics.jsonl` (every logged scalar), `log.txt` (the console), `env.json` (each start's software
+and hardware). While it trains, `.lock`
 keeps any second train.py out of the folder. Bad input is refused before the folder is created.
 The loop is at the bottom of this file: one `train_step` per iteration, then the periodic steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import random
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 import distributed
+import runlog
 from data.loaders import (
     TestSet,
     TrainSet,
@@ -67,7 +71,8 @@ from utils import (
 )
 
 TRAINERS = ("DGNet", "baseline")
-SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reIDmodel.py", "utils.py", "data")
+SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reIDmodel.py", "utils.py", "runlog.py",
+                "data")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -628,13 +633,15 @@ def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     folder's lock from setup to the end, whatever the exit."""
     lock = RunLock() if dist.is_main else None
     try:
-        return train_locked(args, dist, lock)
+        with contextlib.ExitStack() as record:  # the run's log.txt, once its folder is written
+            return train_locked(args, dist, lock, record)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None) -> int:
+def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None,
+                 record: contextlib.ExitStack) -> int:
     try:
         setup_error, prepared = None, setup(args, dist, lock)
     except UserError as err:
@@ -665,7 +672,10 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                   flush=True)
         from tensorboardX import SummaryWriter
 
-        writer: Any = SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None)
+        record.enter_context(runlog.console_log(run_dir / runlog.LOG_FILE))
+        runlog.record_start(run_dir / runlog.ENV_FILE, start, dist.device, dist.world_size)
+        writer: Any = runlog.ScalarRecord(SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None),
+                                          run_dir / runlog.METRICS_FILE, start if state else None)
     else:
         writer = NullWriter()
 

@@ -186,8 +186,10 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return [str(folder / n) for n in names]
 
 
-def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = False) -> DatasetSplits:
-    """Read dataset `name` (one of DATASETS) from `root`; `cuhk03_labeled` only matters for cuhk03."""
+def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = False,
+                 test_cameras: bool = True) -> DatasetSplits:
+    """Read dataset `name` (one of DATASETS) from `root`; `cuhk03_labeled` only matters for cuhk03;
+    `test_cameras: False` lets the folder layout's test images have names without a camera (camid -1)."""
     if name not in DATASETS:
         close = difflib.get_close_matches(str(name), DATASETS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
@@ -201,7 +203,7 @@ def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = F
         return _read_cuhk03(root, cuhk03_labeled)
     if name == "msmt17":
         return _read_msmt17(root)
-    return _read_folder(root)
+    return _read_folder(root, test_cameras)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def _folder_pids(split_dir: Path, folders: list[Path], is_train: bool) -> list[i
     return pids
 
 
-def _read_identity_split(root: Path, split: str, is_train: bool) -> list[Record]:
+def _read_identity_split(root: Path, split: str, is_train: bool, cameras: bool = True) -> list[Record]:
     split_dir = root / split
     folders = _identity_folders(split_dir)
     records = []
@@ -521,22 +523,23 @@ def _read_identity_split(root: Path, split: str, is_train: bool) -> list[Record]
         for path in list_images(folder):
             camid = _camera_from_name(os.path.basename(path))
             if camid is None:
-                if not is_train:
+                if not is_train and cameras:
                     raise UserError(
                         f"folder: cannot read the camera from file name {path}; test images need names "
                         "like 0002_c1s1_000451_03.jpg (<pid>_c<camera>_...) or "
-                        "0000_000_01_0303morning_0015_0.jpg (MSMT17)"
+                        "0000_000_01_0303morning_0015_0.jpg (MSMT17), or set cross_camera: false (every "
+                        "match then counts, same camera or not)"
                     )
                 camid = -1
             records.append(Record(path, pid, camid))
     return records
 
 
-def _read_folder(root: Path) -> DatasetSplits:
+def _read_folder(root: Path, test_cameras: bool = True) -> DatasetSplits:
     folder = _locate(_FOLDER, root)
 
     def optional(split: str) -> list[Record] | None:
-        return _read_identity_split(folder, split, False) if (folder / split).is_dir() else None
+        return _read_identity_split(folder, split, False, test_cameras) if (folder / split).is_dir() else None
 
     train = [r for r in _read_identity_split(folder, "train_all", True) if r.pid != JUNK_PID]
     if not train:

@@ -366,7 +366,10 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
         splits = read_dataset("market1501", cfg["data_root"])
         splits.name = "synthetic"
     else:
-        splits = read_dataset(name, cfg["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"])
+        splits = read_dataset(name, cfg["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"],
+                              test_cameras=cfg["cross_camera"])
+    if not cfg["cross_camera"]:
+        every_match_counts(splits)
     if cfg["skip_corrupt_images"]:
         splits.train = drop_unreadable(splits.train, "the training split")
         splits.query = drop_unreadable(splits.query, "the query split")
@@ -384,6 +387,17 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
     if cfg["val_ids"] > 0:  # after the ID_class check, which counts the dataset's identities
         hold_out_validation(splits, cfg["val_ids"], cfg["seed"])
     return splits
+
+
+def every_match_counts(splits: DatasetSplits) -> None:
+    """`cross_camera: false`: queries (and multi-query images) on camera 1, the gallery on camera 2, so the
+    protocol's same-camera rule drops no match (a gallery of junk, pid -1, stays junk)."""
+    def on(records: list[Record], camid: int) -> list[Record]:
+        return [r._replace(camid=camid) for r in records]
+
+    splits.query, splits.gallery = on(splits.query, 1), on(splits.gallery, 2)
+    if splits.multi_query is not None:
+        splits.multi_query = on(splits.multi_query, 1)
 
 
 def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> TrainSet:

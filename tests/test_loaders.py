@@ -335,3 +335,24 @@ def test_closing_loaders_outlasts_a_late_worker_death_report():
     assert all(loader.closed for loader in loaders)
     with pytest.raises(RuntimeError, match="unrelated"):
         close_loaders([Closing(RuntimeError("unrelated"))])
+
+
+def test_own_test_data_without_cameras_counts_every_match(tmp_path):
+    from test_datasets import make_files
+
+    root = tmp_path / "mine"
+    make_files(root / "train_all", ["a/x1.jpg", "a/x2.jpg", "b/y1.jpg", "b/y2.jpg"])
+    make_files(root / "query", ["0001/q.jpg"])
+    make_files(root / "gallery", ["0001/g.jpg", "0002/h.jpg", "-1/junk.jpg"])
+    with pytest.raises(UserError, match="cannot read the camera.*or set cross_camera: false"):
+        load_splits(config(root, "dataset=folder"))
+    splits = load_splits(config(root, "dataset=folder", "cross_camera=false"))
+    assert [r.camid for r in splits.query] == [1] and {r.camid for r in splits.gallery} == {2}
+    assert sorted(r.pid for r in splits.gallery) == [-1, 1, 2]  # junk stays junk
+    # with cameras in the names, the gallery's same-camera images are what cross_camera: false brings back
+    from evaluate import evaluate_distmat
+
+    distmat = np.array([[0.1, 0.2]])
+    same_camera = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([1, 1]))
+    counted = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([2, 2]))
+    assert same_camera["num_valid_queries"] == 0 and counted["mAP"] == 1.0
