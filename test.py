@@ -29,6 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,11 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p, every_iteration=True)
+    add_run_arguments(p, every_iteration=True, name_required=False)
+    p.add_argument("--original", metavar="DIR",
+                   help="the original release's files instead of a run: a DG-Net folder (config.yaml, gen_/id_"
+                        "<iteration>.pt) or a baseline teacher (net_last.pth, opts.yaml); results go to "
+                        "outputs/<--name or DIR's name>")
     p.add_argument("--config", help="config to use instead of the run's config.yaml (e.g. another dataset)")
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
                    "the run's dataset, instead of the run's checkpoint")
     args = p.parse_args(argv)
+    if not args.name and not args.original:
+        p.error("give --name RUN (or --original DIR for the original release's files)")
     args.alphas, args.alpha = args.alpha, args.alpha[0]  # the sweep, and its headline value
     return args
 
@@ -332,17 +339,17 @@ def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
     return "_on-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", where(cfg)[1].name) or cfg["dataset"])
 
 
-def save_features(results: Path, iteration: int, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]],
+def save_features(results: Path, stem: str, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]],
                   tag: str = "") -> list[Path]:
-    """features_<iteration><tag>.npz (with paths) and pytorch_result<tag>.mat (the original's keys) from
-    {"query": (features, records), "gallery": ..., optionally "mquery": ...}."""
+    """features_<stem><tag>.npz (with paths; stem: the iteration, 8 digits) and pytorch_result<tag>.mat (the
+    original's keys) from {"query": (features, records), "gallery": ..., optionally "mquery": ...}."""
     import scipy.io  # only here: saving .mat
 
     arrays: dict[str, np.ndarray] = {}
     for split, (f, records) in parts.items():
         pids, cams = labels_of(records)
         arrays.update({f"{split}_f": f.numpy(), f"{split}_label": pids, f"{split}_cam": cams})
-    npz = results / f"features_{iteration:08d}{tag}.npz"
+    npz = results / f"features_{stem}{tag}.npz"
     paths = {f"{split}_path": np.array([r.path for r in records]) for split, (_, records) in parts.items()}
     np.savez(npz, **arrays, **paths)
     mat = results / f"pytorch_result{tag}.mat"
@@ -492,19 +499,67 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ranklist K needs K >= 1, got {args.ranklist}")
 
 
+@dataclass
+class Evaluated:
+    """The model under evaluation and where its results go."""
+
+    kind: str  # DGNet or baseline
+    iteration: int | None  # None: an original baseline teacher, which saved no iteration
+    cfg: dict[str, Any]
+    run_dir: Path  # results/ goes here
+    model: torch.nn.Module
+    trained_on: dict[str, Any] | None  # the run's own config (for other_data_tag); None for original files
+    stem: str  # results' file names: <iteration, 8 digits> for a run, original_<...> for original files
+
+
+def load_evaluated(args: argparse.Namespace, opts: list[str], device: torch.device) -> Evaluated:
+    """A run of this project (--name), or the original release's files (--original DIR)."""
+    if args.original:
+        return load_original_model(args, opts, device)
+    state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter, args.config, opts)
+    return Evaluated(state["kind"], state["iteration"], cfg, run_dir, load_model(state, cfg, device),
+                     saved_config(state["config"]), f"{state['iteration']:08d}")
+
+
+def load_original_model(args: argparse.Namespace, opts: list[str], device: torch.device) -> Evaluated:
+    """The original DG-Net's E_a (a folder with config.yaml, gen_/id_<iteration>.pt) or the original baseline
+    teacher (net_last.pth and opts.yaml, or the .pth), evaluated on --data_root / --opts (the original's own
+    data_root is its per-identity copy, `dataset: folder`); results go to outputs/<--name or its name>/."""
+    import original
+
+    path = Path(args.original).expanduser()
+    if not path.exists():
+        raise UserError(f"--original {path}: no such folder or file")
+    if args.which_iter in ("all", "best"):
+        raise UserError(f"--which_iter {args.which_iter} is for runs of this project; with --original give an "
+                        "iteration number or last")
+    run_dir = run_folder(args.output_path, args.name or (path.resolve().name if path.is_dir() else path.stem))
+    if original.is_baseline(path):
+        cfg = load_config(args.config, opts)  # the data and image size; the network is the file's
+        model = original.baseline_teacher(path, cfg["scale2"])
+        return Evaluated("baseline", None, cfg, run_dir, model.to(device).eval(), None, "original_baseline")
+    if args.config:
+        raise UserError("--config does not apply to the original DG-Net's folder (its config.yaml sets the "
+                        "networks); give the data with --data_root or --opts dataset=... data_root=...")
+    cfg = original.original_config(path / "config.yaml", opts)
+    iteration, _, id_path = original.checkpoint_files(path, args.which_iter)
+    model = original.appearance_encoder(cfg, id_path)
+    return Evaluated("DGNet", iteration, cfg, run_dir, model.to(device).eval(), None, f"original_{iteration:08d}")
+
+
 def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
     """The metrics of a run, and the function that writes them with the features (and rank lists)."""
     _check_args(args)
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
-    state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter, args.config, opts)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    evaluated = load_evaluated(args, opts, device)
+    cfg, model = evaluated.cfg, evaluated.model
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
     if args.multi and not splits.multi_query:
         raise UserError(f"--multi: {splits.name} at {splits.root} has no multi-query images (Market-1501's "
                         "gt_bbox/ or a multi-query/ folder in the per-identity layout); evaluate without --multi")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = load_model(state, cfg, device)
     halves = has_halves(model)
 
     def features(records: Sequence[Record], what: str) -> torch.Tensor:
@@ -512,7 +567,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 
     qf, gf = features(splits.query, "query"), features(splits.gallery, "gallery")
     parts = {"query": (qf, splits.query), "gallery": (gf, splits.gallery)}
-    summary: dict[str, Any] = {"run": args.name, "kind": state["kind"], "iteration": state["iteration"],
+    summary: dict[str, Any] = {"run": evaluated.run_dir.name, "kind": evaluated.kind,
+                               "iteration": evaluated.iteration, "original": args.original,
                                "dataset": splits.name, "variant": splits.variant or None,
                                "data_root": str(cfg["data_root"]), "ap": args.ap, "flip": args.flip,
                                "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
@@ -534,18 +590,18 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
-        tag = other_data_tag(cfg, saved_config(state["config"]))
+        tag = other_data_tag(cfg, evaluated.trained_on) if evaluated.trained_on is not None else ""
         suffix = tag + "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
-        out = results / f"{state['iteration']:08d}{suffix}.json"
+        out = results / f"{evaluated.stem}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
-        files = [out, *save_features(results, state["iteration"], parts, tag)]
+        files = [out, *save_features(results, evaluated.stem, parts, tag)]
         if args.ranklist:
             files.append(results / "ranklist")
             write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
                             args.ranklist_queries, distmat=distmat)
         return files
 
-    return summary, lambda: write(run_dir / "results")
+    return summary, lambda: write(evaluated.run_dir / "results")
 
 
 def write_results(write: Callable[[], list[Path]]) -> list[Path] | None:
@@ -665,7 +721,9 @@ def print_summary(s: dict[str, Any]) -> None:
                               ("same-camera matches counted (cross_camera: false)", not s.get("cross_camera", True)))
               if on]
     on = f"{s['dataset']} ({s['variant']})" if s.get("variant") else s["dataset"]
-    print(f"{s['run']} ({s['kind']}, iteration {s['iteration']}) on {on}: {s['num_valid_queries']}/"
+    what = f"iteration {s['iteration']}" if s["iteration"] is not None else "its net_last.pth"
+    source = f", the original's files in {s['original']}" if s.get("original") else ""
+    print(f"{s['run']} ({s['kind']}, {what}{source}) on {on}: {s['num_valid_queries']}/"
           f"{s['num_queries']} queries with a match, AP convention {s['ap']}"
           + (f", {', '.join(extras)}" if extras else ""))
     print("| " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
@@ -687,6 +745,9 @@ def print_summary(s: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.original and (args.onnx or args.query or args.gallery or args.which_iter == "all"):
+            raise UserError("--original evaluates the original's files on the data's query and gallery: leave out "
+                            "--onnx, --query, --gallery and --which_iter all")
         if args.onnx:
             summary, write_onnx = evaluate_onnx(args)
             print(f"exported model {args.onnx}, run by onnxruntime on the CPU")

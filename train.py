@@ -56,6 +56,7 @@ from utils import (
     dump_config,
     find_checkpoint,
     first_non_finite,
+    flatten,
     interrupted,
     latest_checkpoint,
     list_checkpoints,
@@ -107,7 +108,7 @@ def resume_config_note(config: str, run_dir: Path, opts: list[str]) -> str | Non
     """--config with --resume: a resumed run keeps its own config.yaml (changed only by --opts), so what the
     --config file says otherwise is not applied; a line naming those keys, or None when they agree (as when
     `make quickstart` resumes with the config it started from)."""
-    given, own = flat(load_config(config, opts)), flat(load_config(run_dir / "config.yaml", opts))
+    given, own = flatten(load_config(config, opts)), flatten(load_config(run_dir / "config.yaml", opts))
     differ = sorted(k for k in given if given[k] != own.get(k))
     if not differ:
         return None
@@ -129,16 +130,9 @@ FIXED_ON_RESUME = {
 CHANGES_FILE = "config_changes.log"
 
 
-def flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """key -> (value in the checkpoint's config, value now) for every key that differs."""
-    old, new = flat(before), flat(after)
+    old, new = flatten(before), flatten(after)
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
 
 

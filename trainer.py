@@ -59,19 +59,19 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.profiler import record_function
 
 from networks import build_discriminator, build_generator, dis_loss, frozen_call, gen_adv_loss, remap_gray, to_gray
-from reIDmodel import Teacher, build_appearance_encoder, build_teacher, load_original_state, split_norms, sub_batches
+from reIDmodel import Teacher, build_appearance_encoder, build_teacher, split_norms, sub_batches
 from utils import (
     UserError,
+    built,
     latest_checkpoint,
     load_checkpoint,
     load_config,
@@ -93,7 +93,6 @@ TEACHER_STYLES = {0: "smooth dynamic", 1: "hard dynamic", 2: "hard static", 3: "
 TEACHER_NETWORK_STYLES = (0, 1, 4)  # the styles that run the teacher network
 TRAIN_TEACHER = "python train.py --config configs/teacher/<dataset>.yaml --trainer baseline"
 BATCH_KEYS = ("image", "label", "pos", "image_erased", "pos_erased")
-T = TypeVar("T")
 
 
 def resolve_amp(cfg_amp: str, device: torch.device) -> torch.dtype | None:
@@ -235,14 +234,6 @@ def _l1(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-
-
-def _built(build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a network builder, turning its one-line config errors into UserError."""
-    try:
-        return build(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
 
 
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -543,9 +534,9 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
             raise UserError(f"dis.r1_every is {every!r}: use a whole number of D steps, 1 or more (1 = R1 every step)")
         self.r1_conv = resolve_switch(cfg, "r1_conv", device)
         self.num_classes = num_classes
-        gen = self._layout(_built(build_generator, cfg).to(device))
-        dis = self._layout(_built(build_discriminator, cfg).to(device))
-        id_ = self._layout(_built(build_appearance_encoder, cfg, num_classes).to(device))
+        gen = self._layout(built(build_generator, cfg).to(device))
+        dis = self._layout(built(build_discriminator, cfg).to(device))
+        id_ = self._layout(built(build_appearance_encoder, cfg, num_classes).to(device))
         fused = self.fused_optim
         opt_gen, opt_dis = _adam(gen, cfg["lr_g"], cfg, fused), _adam(dis, cfg["lr_d"], cfg, fused)
         opt_id = reid_sgd(id_.model, [id_.classifier1, id_.classifier2], cfg, fused)
@@ -943,7 +934,7 @@ class BaselineTrainer(_PartsTrainer):
     def __init__(self, cfg: dict, num_classes: int, device: torch.device):
         super().__init__(cfg, device)
         self.num_classes = num_classes
-        teacher = self._layout(_built(build_teacher, cfg, num_classes).to(device))
+        teacher = self._layout(built(build_teacher, cfg, num_classes).to(device))
         opt = reid_sgd(teacher.model, [teacher.classifier], cfg, self.fused_optim)
         # no original order to match here: the LR decays at iteration step_size exactly
         self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
@@ -1045,7 +1036,7 @@ def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path
     have = classifier.shape[0]
     if have != num_classes:
         raise _class_mismatch(where, have, num_classes)
-    teacher = _built(build_teacher, cfg, num_classes, pretrained="none")
+    teacher = built(build_teacher, cfg, num_classes, pretrained="none")
     try:
         teacher.load_state_dict(weights)
     except RuntimeError as err:
@@ -1055,13 +1046,7 @@ def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path
 
 
 def _teacher_from_original(weights: Path, num_classes: int, scale2: bool) -> Teacher:
-    """The original baseline's ResNet-50 `ft_net`, with the last stride of the opts.yaml beside it (2 if none)."""
-    opts_file = weights.parent / "opts.yaml"
-    opts = yaml.safe_load(opts_file.read_text()) if opts_file.is_file() else None
-    stride = int((opts or {}).get("stride", 2))
-    teacher = _built(Teacher, num_classes, backbone="resnet50", last_stride=stride, pretrained="none",
-                     scale2=scale2)
-    try:
-        return load_original_state(teacher, weights)
-    except (ValueError, FileNotFoundError) as err:  # one line that already says what to do
-        raise UserError(str(err)) from None
+    """The original baseline's ResNet-50 `ft_net` (original.py), checked against the data's identities."""
+    from original import baseline_teacher
+
+    return baseline_teacher(weights, scale2, num_classes)

@@ -81,15 +81,25 @@ def _schema_comments(path: Path) -> dict[str, str]:
     return comments
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"gen": {"dim": 16}} -> {"gen.dim": 16}."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
+
+
+def built(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a network builder, turning its one-line config errors (ValueError, FileNotFoundError) into
+    UserError."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
 
 
 _NULL_TYPE_TAG = re.compile(r"^\((int|float|str)\)\s*")
@@ -156,7 +166,7 @@ class Schema:
         with open(path) as f:
             self.defaults: dict[str, Any] = yaml.safe_load(f)
         self.comments = _schema_comments(path)
-        self.flat_defaults = _flatten(self.defaults)
+        self.flat_defaults = flatten(self.defaults)
         self.types: dict[str, type | None] = {}
         for key, default in self.flat_defaults.items():
             if default is None:  # a null default says its type in the comment, e.g. "(int) ..."
@@ -536,11 +546,12 @@ def run_folder(output_path: str | os.PathLike, name: str) -> Path:
     return Path(output_path) / "outputs" / name
 
 
-def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME", every_iteration: bool = False) -> None:
+def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME", every_iteration: bool = False,
+                      name_required: bool = True) -> None:
     """The arguments that pick a finished run's checkpoint (test.py, export.py): --name, --output_path and
     --which_iter, resolved by `run_folder` and `find_checkpoint` (`every_iteration`: the caller also takes
-    `all`, every snapshot in turn)."""
-    parser.add_argument("--name", required=True, help=name_help)
+    `all`, every snapshot in turn; `name_required` False: the caller checks --name itself)."""
+    parser.add_argument("--name", required=name_required, help=name_help)
     parser.add_argument("--output_path", default=".", help="the runs are in OUTPUT_PATH/outputs (default: .)")
     parser.add_argument("--which_iter", default="last",
                         help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)"

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -46,6 +43,7 @@ from data.datasets import DatasetSplits, Record, list_images
 from data.loaders import image_size, load_splits
 from utils import (
     UserError,
+    built,
     check_run_checkpoint,
     find_checkpoint,
     load_checkpoint,
@@ -53,7 +51,6 @@ from utils import (
     one_line,
     run_folder,
     saved_config,
-    schema,
 )
 
 SPLITS = ("query", "gallery", "train")
@@ -149,13 +146,6 @@ class Models:
         return image_size(self.cfg)
 
 
-def _built(build: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return build(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
-
-
 def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.device) -> Models:
     """G and E_a of a DG-Net run, in eval mode on `device` (as test.py loads a run)."""
     from networks import build_generator
@@ -168,12 +158,12 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     config_file = run_dir / "config.yaml"
     cfg = load_config(config_file, opts) if config_file.is_file() else saved_config(state["config"], opts)
     weights = state["trainer"]["models"]
-    generator = _built(build_generator, cfg)
+    generator = built(build_generator, cfg)
     head = weights["id"].get("classifier1.classifier.0.weight")
     if head is None:
         raise UserError(f"{path} has no appearance-encoder head (classifier1): it is not a DG-Net checkpoint of "
                         "train.py; give another --which_iter")
-    encoder = _built(build_appearance_encoder, cfg, head.shape[0], pretrained="none")
+    encoder = built(build_appearance_encoder, cfg, head.shape[0], pretrained="none")
     try:
         generator.load_state_dict(weights["gen"])
         encoder.load_state_dict(weights["id"])
@@ -183,80 +173,15 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, int(state["iteration"]), run_dir)
 
 
-def _iteration(text: str) -> int:
-    if not text.isdigit():
-        raise UserError(f"--which_iter takes an iteration number or last, got '{text}'")
-    return int(text)
-
-
-def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
-    """Our config from the original release's config.yaml: the keys we know are kept, the rest ignored.
-
-    The original is always ResNet-50 on the per-identity folder layout (`dataset: folder`); the number of
-    identities comes from id_*.pt, so ID_class is not used. --opts override anything (e.g. data_root).
-    """
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: --original needs the folder with the original's config.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({one_line(err)[:160]})") from None
-    known = schema().flat_defaults
-    flat = _flatten(raw) if isinstance(raw, dict) else {}
-    kept = {k: v for k, v in flat.items() if k in known and k not in ("ID_class", "teacher", "pretrained")}
-    kept = {"backbone": "resnet50", "dataset": "folder", **kept, "pretrained": "none", "ID_class": None}
-    nested: dict[str, Any] = {}
-    for key, value in kept.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    with tempfile.TemporaryDirectory() as tmp:
-        translated = Path(tmp) / "config.yaml"
-        translated.write_text(yaml.safe_dump(nested))
-        return load_config(translated, opts)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def load_original(folder: Path, which_iter: str, opts: Sequence[str], device: torch.device,
                   run_dir: Path) -> Models:
-    """G and E_a from the original's gen_<it>.pt / id_<it>.pt through the networks' original-layout loaders."""
-    import networks
-    import reIDmodel
+    """G and E_a from the original's gen_<it>.pt / id_<it>.pt (original.py)."""
+    import original
 
-    cfg = original_config(folder / "config.yaml", opts)
-    found = sorted((int(m.group(1)), p) for p in folder.glob("gen_*.pt")
-                   if (m := re.fullmatch(r"gen_(\d+)\.pt", p.name)))
-    if not found:
-        raise UserError(f"no gen_<iteration>.pt in {folder}: --original needs the original's checkpoint folder")
-    if which_iter == "last":
-        iteration, gen_path = found[-1]
-    else:
-        iteration = _iteration(which_iter)
-        gen_path = folder / f"gen_{iteration:08d}.pt"
-    id_path = gen_path.with_name("id_" + gen_path.name[len("gen_"):])
-    for p in (gen_path, id_path):
-        if not p.is_file():
-            raise UserError(f"{p} does not exist: the original's folder needs gen_ and id_ files of one iteration")
-    try:
-        head = networks.read_original_state(id_path).get("classifier1.classifier.0.weight")
-        if head is None:
-            raise ValueError(f"{id_path} has no classifier1 head: it is not an original id_*.pt")
-        generator = networks.load_original_state(_built(networks.build_generator, cfg), gen_path)
-        encoder = reIDmodel.load_original_state(
-            _built(reIDmodel.build_appearance_encoder, cfg, head.shape[0], pretrained="none"), id_path)
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
+    cfg = original.original_config(folder / "config.yaml", opts)
+    iteration, gen_path, id_path = original.checkpoint_files(folder, which_iter)
+    generator = original.generator(cfg, gen_path)
+    encoder = original.appearance_encoder(cfg, id_path)
     return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, iteration, run_dir)
 
 

@@ -284,3 +284,49 @@ def test_every_snapshot_kept_and_evaluated_as_a_curve(tiny_run, tmp_path, capsys
         {k: v for k, v in curve["rows"][1].items() if k != "iteration"}
     assert evaluation.main([*args, "--which_iter", "all", "--rerank"]) == 0
     assert (results / "curve_rerank.json").is_file()
+
+
+def test_the_original_releases_files_evaluate_as_the_same_weights_in_a_run_do(tiny_dgnet_run, tmp_path, capsys):
+    from test_visualize import original_layout
+
+    output_path, name, data_root = tiny_dgnet_run
+    folder = tmp_path / "E0.5new_reid0.5_w30000"
+    original_layout(output_path / "outputs" / name, folder)
+    data = ["--data_root", str(data_root), "--batch_size", "16"]
+    assert evaluation.main(["--name", name, "--output_path", str(output_path), *data]) == 0
+    ours = json.loads((output_path / "outputs" / name / "results" / "00000002.json").read_text())
+    capsys.readouterr()
+    # the original's config names its per-identity copy (dataset: folder); the synthetic set is Market's layout
+    assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), *data,
+                            "--opts", "dataset=market1501", "num_workers=0"]) == 0
+    assert "the original's files in" in capsys.readouterr().out
+    results = tmp_path / "outputs" / folder.name / "results"
+    theirs = json.loads((results / "original_00000002.json").read_text())
+    assert theirs["kind"] == "DGNet" and theirs["iteration"] == 2 and theirs["original"] == str(folder)
+    for key in ("R1", "R5", "mAP", "mINP", "cmc", "num_valid_queries"):
+        assert theirs[key] == ours[key], key
+    assert (results / "features_original_00000002.npz").is_file()
+    assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--onnx", "x.onnx"]) == 2
+    assert "--original evaluates the original's files" in capsys.readouterr().err
+
+
+def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
+    from reIDmodel import Teacher
+
+    teacher = Teacher(5, backbone="resnet50", last_stride=1, pretrained="none", scale2=True).eval()
+    folder = tmp_path / "ft_ResNet50"
+    folder.mkdir()
+    torch.save({f"module.{k}": v for k, v in teacher.state_dict().items()}, folder / "net_last.pth")  # DataParallel
+    (folder / "opts.yaml").write_text("stride: 1\nname: ft_ResNet50\n")
+    opts = [f"data_root={tiny_run[1]}", "dataset=market1501", "crop_image_height=64", "crop_image_width=32",
+            "num_workers=0"]
+    assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--batch_size", "16",
+                            "--opts", *opts]) == 0
+    got = json.loads((tmp_path / "outputs" / "ft_ResNet50" / "results" / "original_baseline.json").read_text())
+    assert got["kind"] == "baseline" and got["iteration"] is None and got["alpha"] is None
+    cfg = evaluation.load_config(None, opts)
+    splits = load_splits(cfg, evaluation_only=True)
+    want = evaluation.evaluate_model(teacher, cfg, splits.query, splits.gallery, torch.device("cpu"), batch_size=16)
+    assert got["mAP"] == want["mAP"] and got["R1"] == want["R1"]
+    (folder / "net_last.pth").write_bytes(b"not a checkpoint")
+    assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--opts", *opts]) == 2
