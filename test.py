@@ -4,6 +4,9 @@
                    [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
     python test.py --name latest --onnx FILE                               # an exported model (export.py)
+    python test.py --name latest --which_iter all                          # every snapshot: curve.json
+    python test.py --original DIR --data_root ../Market                    # the original release's files
+    python test.py --features outputs/latest/results/features_00100000.npz --alpha 0.5,0,-1 --rerank  # again
 
 Features follow DG-Net's protocol (the original's reid_eval/test_2label.py): each image and its horizontal
 flip go through the model; for DG-Net each pass gives the primary and the fine-grained 512-d features, each
@@ -62,6 +65,10 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, every_iteration=True, name_required=False)
+    p.add_argument("--features", metavar="FILE",
+                   help="score saved features again, with no model or images: a features_<it>.npz or "
+                        "pytorch_result.mat (this project's or the original's); --alpha, --ap, --multi, --rerank "
+                        "apply")
     p.add_argument("--original", metavar="DIR",
                    help="the original release's files instead of a run: a DG-Net folder (config.yaml, gen_/id_"
                         "<iteration>.pt) or a baseline teacher (net_last.pth, opts.yaml); results go to "
@@ -86,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
                    "the run's dataset, instead of the run's checkpoint")
     args = p.parse_args(argv)
-    if not args.name and not args.original:
-        p.error("give --name RUN (or --original DIR for the original release's files)")
+    if not args.name and not args.original and not args.features:
+        p.error("give --name RUN (or --original DIR for the original release's files, or --features FILE)")
     args.alphas, args.alpha = args.alpha, args.alpha[0]  # the sweep, and its headline value
     return args
 
@@ -573,20 +580,11 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
                                "data_root": str(cfg["data_root"]), "ap": args.ap, "flip": args.flip,
                                "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
                                "cross_camera": cfg["cross_camera"]}
-    query_f = qf
     if args.multi:
-        mqf = features(splits.multi_query, "multi-query")
-        parts["mquery"] = (mqf, splits.multi_query)
-        query_f, summary["multi_query_missing"] = multi_query_features(qf, splits.query, mqf, splits.multi_query)
-    # the metrics and rank lists share the re-ranked distances
-    distmat = reranked_distances(query_f, gf, halves, args.alpha, device) if args.rerank else None
-    others = scores_by_alpha(query_f, gf, splits.query, splits.gallery, args.alphas[1:], ap=args.ap,
-                             rerank=args.rerank, device=device) if halves else {}
-    query_f = weight_query(query_f, halves, args.alpha)
-    metrics = score(query_f, gf, splits.query, splits.gallery, ap=args.ap, distmat=distmat, device=device)
-    summary.update(metrics)
-    if others:
-        summary["by_alpha"] = {f"{args.alpha:g}": metrics, **others}
+        parts["mquery"] = (features(splits.multi_query, "multi-query"), splits.multi_query)
+    scores, query_f, distmat = protocol_scores(qf, gf, splits.query, splits.gallery, halves, args, device,
+                                               parts.get("mquery"))
+    summary.update(scores)
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
@@ -602,6 +600,89 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         return files
 
     return summary, lambda: write(evaluated.run_dir / "results")
+
+
+def protocol_scores(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
+                    halves: bool, args: argparse.Namespace, device: torch.device,
+                    mquery: tuple[torch.Tensor, Sequence[Record]] | None = None
+                    ) -> tuple[dict[str, Any], torch.Tensor, np.ndarray | None]:
+    """The metrics of (unweighted) query against gallery features as the options ask: `mquery` (--multi's
+    images) replaces each query by its identity and camera's mean, --rerank, --alpha (a sweep in
+    `by_alpha`). Returns (metrics, the weighted query features, the re-ranked distances or None), the last two
+    for the rank lists, which share them."""
+    out: dict[str, Any] = {}
+    query_f = qf
+    if mquery is not None:
+        query_f, out["multi_query_missing"] = multi_query_features(qf, query, *mquery)
+    distmat = reranked_distances(query_f, gf, halves, args.alpha, device) if args.rerank else None
+    others = scores_by_alpha(query_f, gf, query, gallery, args.alphas[1:], ap=args.ap, rerank=args.rerank,
+                             device=device) if halves else {}
+    query_f = weight_query(query_f, halves, args.alpha)
+    metrics = score(query_f, gf, query, gallery, ap=args.ap, distmat=distmat, device=device)
+    out.update(metrics)
+    if others:
+        out["by_alpha"] = {f"{args.alpha:g}": metrics, **others}
+    return out, query_f, distmat
+
+
+def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record]]]:
+    """{"query": (features, records), "gallery": ..., "mquery": ... when present} from test.py's
+    features_<it>.npz or a pytorch_result.mat (this project's or the original's: the same keys, labels and
+    cameras as 1 x N rows). Records carry the saved paths where there are any, else ""."""
+    if not path.is_file():
+        raise UserError(f"--features {path}: no such file")
+    try:
+        if path.suffix == ".mat":
+            import scipy.io
+
+            arrays = scipy.io.loadmat(path)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, NotImplementedError) as err:
+        raise UserError(f"--features {path}: not a readable .npz or .mat ({one_line(err)[:120]})") from None
+    parts = {}
+    for split in ("query", "gallery", "mquery"):
+        keys = [f"{split}_f", f"{split}_label", f"{split}_cam"]
+        if not all(k in arrays for k in keys):
+            continue
+        f = torch.as_tensor(np.asarray(arrays[keys[0]], np.float32))
+        pids, cams = (np.asarray(arrays[k]).ravel().astype(np.int64) for k in keys[1:])
+        paths = [str(x).strip() for x in np.asarray(arrays.get(f"{split}_path", [""] * len(pids))).ravel()]
+        if f.ndim != 2 or not len(f) == len(pids) == len(cams) == len(paths):
+            raise UserError(f"--features {path}: {split}_f, _label and _cam do not describe the same images")
+        parts[split] = (f, [Record(p, int(pid), int(cam)) for p, pid, cam in zip(paths, pids, cams)])
+    if "query" not in parts or "gallery" not in parts:
+        raise UserError(f"--features {path}: needs query_f, query_label, query_cam and the same for gallery "
+                        "(as test.py writes them)")
+    return parts
+
+
+def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
+    """`--features FILE`: saved features scored again, with other options and no model or images (a 1,024-d
+    feature is DG-Net's two halves); the metrics go beside the file as <stem>_scores[_multi][_rerank].json."""
+    _check_args(args)
+    path = Path(args.features)
+    parts = load_saved_features(path)
+    if args.multi and "mquery" not in parts:
+        raise UserError(f"--multi: {path} holds no multi-query features (mquery_*); evaluate without --multi")
+    (qf, query), (gf, gallery) = parts["query"], parts["gallery"]
+    if qf.shape[1] != gf.shape[1]:
+        raise UserError(f"--features {path}: query features are {qf.shape[1]}-d, gallery {gf.shape[1]}-d")
+    halves = qf.shape[1] == 2 * HALF
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    scores, _, _ = protocol_scores(qf, gf, query, gallery, halves, args, device,
+                                   parts.get("mquery") if args.multi else None)
+    summary = {"features": str(path), "kind": "DGNet" if halves else f"{qf.shape[1]}-d features", "ap": args.ap,
+               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank, **scores}
+
+    def write() -> list[Path]:
+        suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+        out = path.with_name(f"{path.stem}_scores{suffix}.json")
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        return [out]
+
+    return summary, write
 
 
 def write_results(write: Callable[[], list[Path]]) -> list[Path] | None:
@@ -720,11 +801,14 @@ def print_summary(s: dict[str, Any]) -> None:
     extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"]),
                               ("same-camera matches counted (cross_camera: false)", not s.get("cross_camera", True)))
               if on]
-    on = f"{s['dataset']} ({s['variant']})" if s.get("variant") else s["dataset"]
-    what = f"iteration {s['iteration']}" if s["iteration"] is not None else "its net_last.pth"
-    source = f", the original's files in {s['original']}" if s.get("original") else ""
-    print(f"{s['run']} ({s['kind']}, {what}{source}) on {on}: {s['num_valid_queries']}/"
-          f"{s['num_queries']} queries with a match, AP convention {s['ap']}"
+    on = f"{s.get('dataset')} ({s['variant']})" if s.get("variant") else s.get("dataset")
+    if s.get("features"):
+        head = f"the features in {s['features']} ({s['kind']})"
+    else:
+        what = f"iteration {s['iteration']}" if s["iteration"] is not None else "its net_last.pth"
+        source = f", the original's files in {s['original']}" if s.get("original") else ""
+        head = f"{s['run']} ({s['kind']}, {what}{source}) on {on}"
+    print(f"{head}: {s['num_valid_queries']}/{s['num_queries']} queries with a match, AP convention {s['ap']}"
           + (f", {', '.join(extras)}" if extras else ""))
     print("| " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
     print("|" + "|".join("-" * 8 for _ in METRICS) + "|")
@@ -745,6 +829,14 @@ def print_summary(s: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.features:
+            if args.original or args.onnx or args.query or args.gallery or args.ranklist:
+                raise UserError("--features scores saved features alone: leave out --original, --onnx, --query, "
+                                "--gallery and --ranklist")
+            summary, write = evaluate_saved(args)
+            print_summary(summary)
+            sys.stdout.flush()
+            return 0 if write_results(write) is not None else 2
         if args.original and (args.onnx or args.query or args.gallery or args.which_iter == "all"):
             raise UserError("--original evaluates the original's files on the data's query and gallery: leave out "
                             "--onnx, --query, --gallery and --which_iter all")

@@ -96,6 +96,11 @@ def test_multi_query(tiny_run, tmp_path, capsys):
     summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_on-with_gt_bbox_multi.json"
                           ).read_text())
     assert summary["multi"] and summary["multi_query_missing"] == 0
+    # the saved features, multi-query ones included, score the same again without the model
+    saved = tiny_run[0] / "outputs" / "tiny" / "results" / "features_00000002_on-with_gt_bbox.npz"
+    assert evaluation.main(["--features", str(saved), "--multi"]) == 0
+    again = json.loads(saved.with_name("features_00000002_on-with_gt_bbox_scores_multi.json").read_text())
+    assert again["mAP"] == summary["mAP"] and again["multi_query_missing"] == 0
 
 
 def test_multi_query_features_average_identity_and_camera():
@@ -330,3 +335,24 @@ def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
     assert got["mAP"] == want["mAP"] and got["R1"] == want["R1"]
     (folder / "net_last.pth").write_bytes(b"not a checkpoint")
     assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--opts", *opts]) == 2
+
+
+def test_saved_features_score_again_without_the_model(tiny_run, capsys):
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    assert run_test(tiny_run, "--alpha", "0.5,-1", "--rerank") == 0
+    want = json.loads((results / "00000002_rerank.json").read_text())
+    for saved in ("features_00000002.npz", "pytorch_result.mat"):
+        capsys.readouterr()
+        code = evaluation.main(["--features", str(results / saved), "--alpha", "0.5,-1", "--rerank"])
+        assert code == 0 and "the features in" in capsys.readouterr().out
+        got = json.loads((results / f"{saved.split('.')[0]}_scores_rerank.json").read_text())
+        assert got["kind"] == "DGNet" and got["by_alpha"] == want["by_alpha"], saved
+        for key in ("R1", "mAP", "mINP", "cmc"):
+            assert got[key] == want[key], (saved, key)
+    assert evaluation.main(["--features", str(results / "nothing.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    np.savez(results / "bad.npz", query_f=np.zeros((2, 4), np.float32))
+    assert evaluation.main(["--features", str(results / "bad.npz")]) == 2
+    assert "needs query_f" in capsys.readouterr().err
+    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--multi"]) == 2
+    assert "holds no multi-query features" in capsys.readouterr().err
