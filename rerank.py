@@ -72,19 +72,19 @@ def check_memory(num_query: int, num_gallery: int, dim: int, k1: int = 20) -> No
 
 
 def _stable_topk(d: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest entries of each row, ordered by (value, index), on d's device."""
-    if k >= d.shape[1]:
+    """Indices of the k smallest entries of each row, ordered by (value, index), on d's device.
+
+    torch.topk orders equal values arbitrarily, so rows where a tie touches the first k (two equal values
+    among them, or the k-th equal to the next) are redone exactly: every candidate up to the k-th value, in
+    index order, stably sorted by value. Ties are rare (duplicate images), so nearly every row is topk's."""
+    n = d.shape[1]
+    if k >= n:
         return torch.sort(d, dim=1, stable=True).indices
-    kth = torch.topk(d, k, dim=1, largest=False).values[:, -1:]
-    mask = d <= kth  # at least k per row; more only where the k-th value is tied
-    out = torch.empty((len(d), k), dtype=torch.long, device=d.device)
-    exact = mask.sum(1) == k
-    rows = exact.nonzero().squeeze(1)
-    idx = mask[rows].nonzero()[:, 1].view(len(rows), k)  # nonzero is row-major: ascending index in each row
-    vals = d[rows.unsqueeze(1), idx]
-    out[rows] = idx.gather(1, torch.sort(vals, dim=1, stable=True).indices)
-    for r in (~exact).nonzero().squeeze(1).tolist():
-        cand = mask[r].nonzero().squeeze(1)
+    vals, idx = torch.topk(d, k + 1, dim=1, largest=False, sorted=True)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1)  # over the k + 1: a tie inside the k or at their edge
+    out = idx[:, :k].clone()
+    for r in tied.nonzero().squeeze(1).tolist():
+        cand = (d[r] <= vals[r, k - 1]).nonzero().squeeze(1)
         out[r] = cand[torch.sort(d[r, cand], stable=True).indices[:k]]
     return out
 
