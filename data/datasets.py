@@ -44,7 +44,14 @@ folder
     the order torchvision's ImageFolder uses. In the test folders names must be integers. The camera
     comes from the file name, Market/Duke/CUHK style `<pid>_c<camera>...` or MSMT style
     `<pid>_<n>_<camera>_...`; a training image without one gets camid -1 (training does not use
-    cameras), a test image without one is an error, since evaluation needs it.
+    cameras), a test image without one is an error, since evaluation needs it (unless the config says
+    `cross_camera: false`).
+list
+    `root/train.txt` and, for testing, `query.txt` and `gallery.txt` (`multi_query.txt` optional): one
+    image per line, `<image path> <pid> [<camera>]`, the path relative to `root` (or absolute), pid and
+    camera integers (-1 junk, 0 distractor); without a camera field the camera is read from the file name
+    as for `folder`. Blank lines and `#` comments are skipped. Any list a tool writes (a CSV made
+    space-separated, triplet-reid's style) becomes a dataset without copying images.
 
 Non-image files (`Thumbs.db`, `.DS_Store`, hidden files such as macOS `._*`) are skipped; any image
 whose name does not follow its layout is an error naming the file.
@@ -63,7 +70,7 @@ import numpy as np
 
 from utils import UserError
 
-DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
+DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "list")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 JUNK_PID = -1
@@ -203,6 +210,8 @@ def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = F
         return _read_cuhk03(root, cuhk03_labeled)
     if name == "msmt17":
         return _read_msmt17(root)
+    if name == "list":
+        return _read_lists(root, test_cameras)
     return _read_folder(root, test_cameras)
 
 
@@ -426,6 +435,52 @@ def _read_msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
         # +1: MSMT17 numbers people from 0, which the evaluation protocol reserves for distractors.
         records.append(Record(path, int(fields[1]) + 1, _msmt_camera(path)))
     return records
+
+
+LIST_FILES = {"train": "train.txt", "query": "query.txt", "gallery": "gallery.txt", "multi_query": "multi_query.txt"}
+
+
+def _read_list_file(path: Path, root: Path, is_train: bool, cameras: bool) -> list[Record]:
+    """`<image path> <pid> [<camera>]` per line (paths relative to the list's folder, or absolute); without a
+    camera field, the camera is read from the file name as for `folder`."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) not in (2, 3) or not all(re.fullmatch(r"-?\d+", f) for f in fields[1:]):
+            raise UserError(f"list: line {number} of {path} is {line.strip()!r}; expected '<image path> <pid> "
+                            "[<camera>]' (integers; pid -1 junk, 0 distractor)")
+        image = root / fields[0]
+        camid = int(fields[2]) if len(fields) == 3 else _camera_from_name(image.name)
+        if camid is None:
+            if not is_train and cameras:
+                raise UserError(f"list: line {number} of {path} gives no camera and {image.name} has none in its "
+                                "name; add a third field (the camera), or set cross_camera: false")
+            camid = -1
+        records.append(Record(str(image), int(fields[1]), camid))
+    missing = [r.path for r in records if not os.path.isfile(r.path)]
+    if missing:
+        raise UserError(f"list: {len(missing)} images named in {path} do not exist, e.g. {missing[0]}; paths are "
+                        f"relative to {root}")
+    return records
+
+
+def _read_lists(root: Path, test_cameras: bool = True) -> DatasetSplits:
+    """`list`: data_root holds train.txt and, for testing, query.txt and gallery.txt (multi_query.txt
+    optional), one image per line."""
+    if not (root / LIST_FILES["train"]).is_file():
+        raise UserError(f"list: no {LIST_FILES['train']} in {root}; it lists the training images, one "
+                        "'<image path> <pid> [<camera>]' per line (see docs/data.md)")
+
+    def read(split: str) -> list[Record] | None:
+        path = root / LIST_FILES[split]
+        return _read_list_file(path, root, split == "train", test_cameras) if path.is_file() else None
+
+    train = [r for r in read("train") or [] if r.pid != JUNK_PID]
+    if not train:
+        raise UserError(f"list: {root / LIST_FILES['train']} names no training image")
+    return DatasetSplits("list", str(root), train, read("query") or [], read("gallery") or [], read("multi_query"))
 
 
 def _check_exist(records: Iterable[Record], list_files: str) -> None:

@@ -602,3 +602,29 @@ def test_prepare_cli(tmp_path):
     args = ["--dataset", "market1501", "--src", str(src), "--dst"]
     assert prepare.main([*args, str(out)]) == 0
     assert prepare.main([*args, str(src / "query" / MARKET_QUERY[0])]) == 2  # --dst is a file
+
+
+def test_list_files_read_as_the_folders_they_list(tmp_path):
+    market = read_dataset("market1501", make_market(tmp_path / "Market-1501-v15.09.15"))
+    root = tmp_path / "lists"
+    root.mkdir()
+    for split, records in (("train", market.train), ("query", market.query), ("gallery", market.gallery)):
+        lines = ["# path pid camera", ""]
+        for i, r in enumerate(records):  # relative paths with the camera given, absolute ones without
+            lines.append(f"{os.path.relpath(r.path, root)} {r.pid} {r.camid}" if i % 2 else f"{r.path} {r.pid}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    data = read_dataset("list", root)
+    assert data.name == "list" and data.multi_query is None
+    for split in ("train", "query", "gallery"):
+        assert key(getattr(data, split)) == key(getattr(market, split)), split
+    assert data.num_classes == market.num_classes and data.train_labels == market.train_labels
+
+    (root / "query.txt").write_text("nocamera.jpg 3\n")
+    make_image(root / "nocamera.jpg")
+    assert "gives no camera" in error_of(read_dataset, "list", root)
+    assert [r.camid for r in read_dataset("list", root, test_cameras=False).query] == [-1]
+    (root / "query.txt").write_text("missing.jpg 3 1\n")
+    assert "1 images named in" in error_of(read_dataset, "list", root)
+    (root / "query.txt").write_text("x.jpg three\n")
+    assert "expected '<image path> <pid> [<camera>]'" in error_of(read_dataset, "list", root)
+    assert "no train.txt" in error_of(read_dataset, "list", tmp_path)
