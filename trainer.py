@@ -182,27 +182,31 @@ def _ramp_steps(init: float, cap: float, scale: float) -> tuple[float, ...]:
     return tuple(steps)
 
 
-def lr_multiplier(cfg: dict, position: int, gamma: float) -> float:
+def lr_multiplier(cfg: dict, position: int, gamma: float, warmup: int = 0) -> float:
     """LR multiplier after `position` scheduler steps: multistep decays by `gamma` at step_size, x1.5 and
-    x1.75 of it (60000, 90000, 105000 at the defaults), step every step_size, constant never."""
+    x1.75 of it (60000, 90000, 105000 at the defaults), step every step_size, constant never; over the first
+    `warmup` steps it is also scaled by a ramp from 0.1 to 1 (1 from step `warmup` on)."""
     policy, size = cfg["lr_policy"], cfg["step_size"]
+    ramp = 0.1 + 0.9 * position / warmup if position < warmup else 1.0
     if policy == "multistep":
         milestones = (size, size + size // 2, size + size // 2 + size // 4)
-        return gamma ** sum(position >= m for m in milestones)
+        return ramp * gamma ** sum(position >= m for m in milestones)
     if policy == "step":
-        return gamma ** (position // size)
-    return 1.0
+        return ramp * gamma ** (position // size)
+    return ramp
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, gamma: float, ahead: int) -> LRScheduler | None:
-    """A per-iteration scheduler (None for `constant`); iteration `it` uses lr_multiplier(it + ahead)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, gamma: float, ahead: int,
+                    warmup: int = 0) -> LRScheduler | None:
+    """A per-iteration scheduler (None for `constant` without warm-up); iteration `it` uses
+    lr_multiplier(it + ahead)."""
     if cfg["lr_policy"] not in LR_POLICIES:
         raise UserError(f"lr_policy is {cfg['lr_policy']!r}: use one of {', '.join(LR_POLICIES)}")
-    if cfg["lr_policy"] == "constant":
+    if cfg["lr_policy"] == "constant" and not warmup:
         return None
     if cfg["step_size"] <= 0:
         raise UserError(f"step_size is {cfg['step_size']}: use a positive number of iterations")
-    return LambdaLR(optimizer, lambda position: lr_multiplier(cfg, position + ahead, gamma))
+    return LambdaLR(optimizer, lambda position: lr_multiplier(cfg, position + ahead, gamma, warmup))
 
 
 def reid_sgd(backbone: nn.Module, heads: list[nn.Module], cfg: dict, fused: bool = False) -> torch.optim.SGD:
@@ -937,7 +941,8 @@ class BaselineTrainer(_PartsTrainer):
         teacher = self._layout(built(build_teacher, cfg, num_classes).to(device))
         opt = reid_sgd(teacher.model, [teacher.classifier], cfg, self.fused_optim)
         # no original order to match here: the LR decays at iteration step_size exactly
-        self.parts = {"teacher": Part(teacher, opt, build_scheduler(opt, cfg, cfg["gamma2"], ahead=0))}
+        scheduler = build_scheduler(opt, cfg, cfg["gamma2"], ahead=0, warmup=cfg["lr_warmup_iter"])
+        self.parts = {"teacher": Part(teacher, opt, scheduler)}
         self.run_teacher: nn.Module = MethodCall(teacher)  # a DDP wrapper after `distribute`
         self._compile(self.run_teacher)  # in place, before DDP wraps it
 

@@ -152,7 +152,7 @@ RANGES: dict[str, Range] = {
     "teacher_style": Range(0, 4), "structure_jitter": PROBABILITY, "use_encoder_again": PROBABILITY,
     "f_grad_w": SIZE,
     "label_smoothing": Range(0, 1, high_open=True), "beta1": Range(0, 1, high_open=True),
-    "beta2": Range(0, 1, high_open=True), "step_size": COUNT, "max_iter": COUNT,
+    "beta2": Range(0, 1, high_open=True), "step_size": COUNT, "max_iter": COUNT, "lr_warmup_iter": SIZE,
     "log_iter": COUNT, "image_display_iter": COUNT, "image_save_iter": COUNT, "display_size": COUNT,
     "snapshot_save_iter": COUNT, "keep_last": SIZE, "val_ids": SIZE, "eval_iter": COUNT,
     "fidelity_iter": SIZE,  # 0 = off

@@ -190,6 +190,16 @@ def test_learning_rates_match_the_original_step_before_order() -> None:
     assert [lr_multiplier(step, i, 0.1) for i in (0, 4, 5, 10)] == pytest.approx([1, 1, 0.1, 0.01])
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     assert build_scheduler(opt, {"lr_policy": "constant", "step_size": 5}, 0.1, ahead=1) is None
+    # the teacher's warm-up: 0.1x to 1x over `warmup` steps, then the policy alone
+    assert [lr_multiplier(step, i, 0.1, warmup=4) for i in (0, 2, 4, 5)] == pytest.approx([0.1, 0.55, 1, 0.1])
+    constant = {"lr_policy": "constant", "step_size": 5}
+    scheduler = build_scheduler(opt, constant, 0.1, ahead=0, warmup=2)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1, 0.55, 1.0, 1.0])
     with pytest.raises(UserError, match="lr_policy"):
         build_scheduler(opt, {"lr_policy": "cosine", "step_size": 5}, 0.1, ahead=1)
 
@@ -483,6 +493,18 @@ def baseline_batch(seed: int) -> dict:
     batch = make_batch(seed)
     batch["label"] = torch.tensor([0, 0, 1, 1])  # P x K: two identities, two images each
     return {k: batch[k] for k in ("image", "image_erased", "label", "index")}
+
+
+def test_the_teachers_learning_rates_warm_up_and_dg_nets_do_not() -> None:
+    teacher = BaselineTrainer(tiny_cfg("lr_warmup_iter=2", "lr_policy=step", "step_size=100"), NUM_CLASSES, CPU)
+    seen = []
+    for _ in range(3):
+        seen.append(teacher.learning_rates()["teacher"])
+        teacher._step_schedulers()
+    lr2 = tiny_cfg()["lr2"]
+    assert seen == pytest.approx([0.1 * lr2, 0.55 * lr2, lr2])
+    dgnet = DGNet_Trainer(tiny_cfg("lr_warmup_iter=2"), NUM_CLASSES, CPU, teacher=tiny_teacher())
+    assert dgnet.learning_rates()["id"] == pytest.approx(lr2)  # DG-Net's E_a: no warm-up
 
 
 def test_baseline_trainer_step_with_and_without_triplet() -> None:
