@@ -126,6 +126,7 @@ FIXED_ON_RESUME = {
     "scale2": "the appearance encoder and the teacher were trained at their input size",
     "ID_stride": "the appearance encoder's weights were trained with its last stride",
     "pool": "the appearance encoder's weights were trained with its pooling",
+    "extra_train": "the loaders resume at their position in the training split the run started with",
 }
 CHANGES_FILE = "config_changes.log"
 

@@ -380,6 +380,7 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
         return splits
     if not splits.train:
         raise UserError(f"{name}: the training split under {cfg['data_root']} is empty")
+    add_extra_training(splits, cfg)
     expected = cfg["ID_class"]
     if expected is not None and expected != splits.num_classes:
         raise UserError(f"ID_class is {expected} but the training split under {cfg['data_root']} has "
@@ -387,6 +388,36 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
     if cfg["val_ids"] > 0:  # after the ID_class check, which counts the dataset's identities
         hold_out_validation(splits, cfg["val_ids"], cfg["seed"])
     return splits
+
+
+EXTRA_KEYS = {"dataset", "data_root", "same_ids"}
+
+
+def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
+    """`extra_train`: more training sets appended to the training split, each `{dataset, data_root,
+    same_ids}` (`same_ids: true`: its pids are the main set's people, as in a DG-Market generated from
+    it; false, the default: new people, numbered after the main set's). Their test splits are not read."""
+    extras = cfg["extra_train"]
+    for i, entry in enumerate(extras):
+        where = f"extra_train[{i}]"
+        if not isinstance(entry, dict) or not {"dataset", "data_root"} <= entry.keys() or set(entry) - EXTRA_KEYS:
+            raise UserError(f"{where} is {entry!r}: give {{dataset: <layout>, data_root: <folder>, same_ids: "
+                            "true|false}} (same_ids optional, false by default)")
+        if entry["dataset"] not in DATASETS:
+            raise UserError(f"{where}: dataset {entry['dataset']!r} is not one of {', '.join(DATASETS)}")
+        same_ids = entry.get("same_ids", False)
+        if not isinstance(same_ids, bool):
+            raise UserError(f"{where}: same_ids is {same_ids!r}: use true or false")
+        extra = read_dataset(entry["dataset"], entry["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"]).train
+        if cfg["skip_corrupt_images"]:
+            extra = drop_unreadable(extra, f"{where}'s training split")
+        if not extra:
+            raise UserError(f"{where}: the training split under {entry['data_root']} is empty")
+        if not same_ids:  # new people: numbered after every pid so far, in their own sorted order
+            first = max(r.pid for r in splits.train) + 1
+            rank = {pid: first + k for k, pid in enumerate(sorted({r.pid for r in extra}))}
+            extra = [r._replace(pid=rank[r.pid]) for r in extra]
+        splits.train = splits.train + extra
 
 
 def every_match_counts(splits: DatasetSplits) -> None:

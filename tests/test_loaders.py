@@ -356,3 +356,24 @@ def test_own_test_data_without_cameras_counts_every_match(tmp_path):
     same_camera = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([1, 1]))
     counted = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([2, 2]))
     assert same_camera["num_valid_queries"] == 0 and counted["mAP"] == 1.0
+
+
+def test_extra_training_sets_join_the_training_split(market, tmp_path):
+    from test_datasets import make_files
+
+    base = load_splits(config(market))
+    extra = tmp_path / "dg-market"  # generated images of the same people, per-identity folders
+    make_files(extra / "train_all", [f"{pid:04d}/{pid:04d}_c1s1_000001_00__s_x.jpg" for pid in sorted(TRAIN_COUNTS)])
+    same = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}, same_ids: true}}]"))
+    assert same.num_classes == base.num_classes and len(same.train) == len(base.train) + len(TRAIN_COUNTS)
+    assert same.train_labels[len(base.train):] == list(range(base.num_classes))  # the same people's labels
+    new = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}}}]"))
+    assert new.num_classes == 2 * base.num_classes
+    assert min(r.pid for r in new.train[len(base.train):]) > max(r.pid for r in base.train)
+    assert load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}}}]"),
+                       evaluation_only=True).train == base.train  # evaluation reads no extra set
+    for bad, words in (("[3]", "give {dataset"), (f"[{{dataset: nope, data_root: {extra}}}]", "is not one of"),
+                       (f"[{{dataset: folder, data_root: {extra}, same_ids: 2}}]", "use true or false"),
+                       (f"[{{dataset: folder, data_root: {tmp_path / 'none'}}}]", "does not exist")):
+        with pytest.raises(UserError, match=words):
+            load_splits(config(market, f"extra_train={bad}"))
