@@ -1,8 +1,9 @@
 """The original DG-Net release's files, read into this project's networks, so that its released models can
 be looked at (visualize.py --original) and evaluated (test.py --original) with this project's protocol.
 
-- A DG-Net folder (`outputs/<name>/checkpoints` of the original): `config.yaml`, `gen_<iteration>.pt` and
-  `id_<iteration>.pt` (`{'a': state_dict}`); its config's keys that this project knows are kept.
+- A DG-Net run of the original: `outputs/<name>/config.yaml` and `outputs/<name>/checkpoints/gen_<iteration>.pt`,
+  `id_<iteration>.pt` (`{'a': state_dict}`), given as `outputs/<name>` or its `checkpoints/` (or a folder
+  holding all three); its config's keys that this project knows are kept.
 - A baseline teacher (layumi's Person_reID_baseline): `net_last.pth`, with `opts.yaml` beside it for the
   last stride.
 
@@ -52,12 +53,30 @@ def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
         return load_config(translated, opts)
 
 
+def _generators(folder: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in folder.glob("gen_*.pt")
+                  if (m := re.fullmatch(r"gen_(\d+)\.pt", p.name)))
+
+
+def locate(folder: Path) -> tuple[Path, Path]:
+    """(config.yaml, the folder of gen_/id_*.pt) of an original DG-Net run given as its run folder
+    (`outputs/<name>`, the checkpoints in `checkpoints/`), its `checkpoints/` folder (the config one level
+    up), or one folder holding both."""
+    checkpoints = folder / "checkpoints" if not _generators(folder) and (folder / "checkpoints").is_dir() else folder
+    for config in (folder / "config.yaml", checkpoints / "config.yaml", folder.parent / "config.yaml"):
+        if config.is_file():
+            return config, checkpoints
+    raise UserError(f"no config.yaml in {folder} or beside it: --original needs the original's run folder "
+                    "(outputs/<name>, with config.yaml and checkpoints/)")
+
+
 def checkpoint_files(folder: Path, which_iter: str) -> tuple[int, Path, Path]:
-    """(iteration, gen_<it>.pt, id_<it>.pt) of an original DG-Net folder; `which_iter` a number or last."""
-    found = sorted((int(m.group(1)), p) for p in folder.glob("gen_*.pt")
-                   if (m := re.fullmatch(r"gen_(\d+)\.pt", p.name)))
+    """(iteration, gen_<it>.pt, id_<it>.pt) in an original DG-Net checkpoint folder; `which_iter` a number or
+    last."""
+    found = _generators(folder)
     if not found:
-        raise UserError(f"no gen_<iteration>.pt in {folder}: --original needs the original's checkpoint folder")
+        raise UserError(f"no gen_<iteration>.pt in {folder}: --original needs the original's run folder "
+                        "(outputs/<name>, with config.yaml and checkpoints/)")
     if which_iter == "last":
         iteration, gen_path = found[-1]
     elif which_iter.isdigit():

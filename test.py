@@ -548,8 +548,9 @@ def load_original_model(args: argparse.Namespace, opts: list[str], device: torch
     if args.config:
         raise UserError("--config does not apply to the original DG-Net's folder (its config.yaml sets the "
                         "networks); give the data with --data_root or --opts dataset=... data_root=...")
-    cfg = original.original_config(path / "config.yaml", opts)
-    iteration, _, id_path = original.checkpoint_files(path, args.which_iter)
+    config, checkpoints = original.locate(path)
+    cfg = original.original_config(config, opts)
+    iteration, _, id_path = original.checkpoint_files(checkpoints, args.which_iter)
     model = original.appearance_encoder(cfg, id_path)
     return Evaluated("DGNet", iteration, cfg, run_dir, model.to(device).eval(), None, f"original_{iteration:08d}")
 
@@ -588,7 +589,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
-        tag = other_data_tag(cfg, evaluated.trained_on) if evaluated.trained_on is not None else ""
+        # the original's files did not say what they trained on: their results always name the data
+        tag = other_data_tag(cfg, evaluated.trained_on if evaluated.trained_on is not None else {})
         suffix = tag + "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
         out = results / f"{evaluated.stem}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -14,8 +14,9 @@ Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation_<ite
 Figures of other picks than the default (--seed, --split, --count, folders, --images) carry them in their names,
 e.g. swap_<it>_seed3.jpg, so they are written beside the default figures, never over them.
 
-The original release's checkpoints work too: `--original DIR` with DIR holding its config.yaml,
-gen_<iteration>.pt and id_<iteration>.pt; figures then go to outputs/<--name or DIR's name>/visuals/.
+The original release's checkpoints work too: `--original DIR`, DIR its run folder (config.yaml and
+checkpoints/gen_<iteration>.pt, id_<iteration>.pt) or that checkpoints/ folder; figures then go to
+outputs/<--name or DIR's name>/visuals/.
 
 Images are shown as they are (clipped to [0, 1], no per-image contrast stretch) and enlarged with
 nearest-neighbour sampling. Nothing is ever deleted; `generate` refuses a non-empty output folder and an
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", help="run name: OUTPUT_PATH/outputs/NAME (with --original: where figures go)")
     common.add_argument("--original", metavar="DIR",
-                        help="the original release's checkpoints: DIR with config.yaml, gen_*.pt, id_*.pt")
+                        help="the original release's run folder: config.yaml and checkpoints/gen_*.pt, id_*.pt")
     common.add_argument("--which_iter", default="last",
                         help="checkpoint iteration, last (default) or best (the best validation mAP)")
     common.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs (default: .)")
@@ -178,8 +179,9 @@ def load_original(folder: Path, which_iter: str, opts: Sequence[str], device: to
     """G and E_a from the original's gen_<it>.pt / id_<it>.pt (original.py)."""
     import original
 
-    cfg = original.original_config(folder / "config.yaml", opts)
-    iteration, gen_path, id_path = original.checkpoint_files(folder, which_iter)
+    config, checkpoints = original.locate(folder)
+    cfg = original.original_config(config, opts)
+    iteration, gen_path, id_path = original.checkpoint_files(checkpoints, which_iter)
     generator = original.generator(cfg, gen_path)
     encoder = original.appearance_encoder(cfg, id_path)
     return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, iteration, run_dir)

@@ -306,11 +306,22 @@ def test_the_original_releases_files_evaluate_as_the_same_weights_in_a_run_do(ti
                             "--opts", "dataset=market1501", "num_workers=0"]) == 0
     assert "the original's files in" in capsys.readouterr().out
     results = tmp_path / "outputs" / folder.name / "results"
-    theirs = json.loads((results / "original_00000002.json").read_text())
+    tag = f"_on-{data_root.name}"  # the original's files do not say what they trained on: the data is named
+    theirs = json.loads((results / f"original_00000002{tag}.json").read_text())
     assert theirs["kind"] == "DGNet" and theirs["iteration"] == 2 and theirs["original"] == str(folder)
     for key in ("R1", "R5", "mAP", "mINP", "cmc", "num_valid_queries"):
         assert theirs[key] == ours[key], key
-    assert (results / "features_original_00000002.npz").is_file()
+    assert (results / f"features_original_00000002{tag}.npz").is_file()
+    assert (results / f"pytorch_result{tag}.mat").is_file()
+    # the original's own layout: outputs/<name>/config.yaml and outputs/<name>/checkpoints/*.pt, given either way
+    (folder / "checkpoints").mkdir()
+    for f in folder.glob("*.pt"):
+        f.rename(folder / "checkpoints" / f.name)
+    for given in (folder, folder / "checkpoints"):
+        assert evaluation.main(["--original", str(given), "--name", "again", "--output_path", str(tmp_path), *data,
+                                "--opts", "dataset=market1501", "num_workers=0"]) == 0
+        again = json.loads((tmp_path / "outputs" / "again" / "results" / f"original_00000002{tag}.json").read_text())
+        assert again["mAP"] == ours["mAP"]
     assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--onnx", "x.onnx"]) == 2
     assert "--original evaluates the original's files" in capsys.readouterr().err
 
@@ -327,7 +338,8 @@ def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
             "num_workers=0"]
     assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--batch_size", "16",
                             "--opts", *opts]) == 0
-    got = json.loads((tmp_path / "outputs" / "ft_ResNet50" / "results" / "original_baseline.json").read_text())
+    got = json.loads((tmp_path / "outputs" / "ft_ResNet50" / "results" / f"original_baseline_on-{tiny_run[1].name}.json"
+                      ).read_text())
     assert got["kind"] == "baseline" and got["iteration"] is None and got["alpha"] is None
     cfg = evaluation.load_config(None, opts)
     splits = load_splits(cfg, evaluation_only=True)
