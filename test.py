@@ -565,6 +565,9 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
+    if args.multi and not cfg["cross_camera"]:
+        raise UserError("--multi averages each query's identity and camera, which cross_camera: false leaves out; "
+                        "evaluate without --multi")
     if args.multi and not splits.multi_query:
         raise UserError(f"--multi: {splits.name} at {splits.root} has no multi-query images (Market-1501's "
                         "gt_bbox/ or a multi-query/ folder in the per-identity layout); evaluate without --multi")

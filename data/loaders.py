@@ -18,6 +18,7 @@ import atexit
 import difflib
 import gc
 import multiprocessing
+import os
 import re
 import signal
 import time
@@ -421,14 +422,19 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
 
 
 def every_match_counts(splits: DatasetSplits) -> None:
-    """`cross_camera: false`: queries (and multi-query images) on camera 1, the gallery on camera 2, so the
-    protocol's same-camera rule drops no match (a gallery of junk, pid -1, stays junk)."""
-    def on(records: list[Record], camid: int) -> list[Record]:
-        return [r._replace(camid=camid) for r in records]
+    """`cross_camera: false`: each query on a camera of its own (1, 2, ...) and the gallery on camera 0, so
+    the protocol's same-camera rule drops no match, except a gallery copy of a query's own image (the same
+    identity and file name), which takes that query's camera and so is ignored for it alone (a query never
+    matches itself). Multi-query images, which are averaged per identity and camera, are not used."""
+    def image(r: Record) -> tuple[int, str]:
+        return r.pid, os.path.basename(r.path)
 
-    splits.query, splits.gallery = on(splits.query, 1), on(splits.gallery, 2)
-    if splits.multi_query is not None:
-        splits.multi_query = on(splits.multi_query, 1)
+    own: dict[tuple[int, str], int] = {}
+    for camid, r in enumerate(splits.query, 1):
+        own.setdefault(image(r), camid)
+    splits.query = [r._replace(camid=camid) for camid, r in enumerate(splits.query, 1)]
+    splits.gallery = [r._replace(camid=own.get(image(r), 0)) for r in splits.gallery]
+    splits.multi_query = None
 
 
 def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> TrainSet:

@@ -347,15 +347,22 @@ def test_own_test_data_without_cameras_counts_every_match(tmp_path):
     with pytest.raises(UserError, match="cannot read the camera.*or set cross_camera: false"):
         load_splits(config(root, "dataset=folder"))
     splits = load_splits(config(root, "dataset=folder", "cross_camera=false"))
-    assert [r.camid for r in splits.query] == [1] and {r.camid for r in splits.gallery} == {2}
+    assert [r.camid for r in splits.query] == [1] and {r.camid for r in splits.gallery} == {0}
     assert sorted(r.pid for r in splits.gallery) == [-1, 1, 2]  # junk stays junk
-    # with cameras in the names, the gallery's same-camera images are what cross_camera: false brings back
+    # a query's own file in the gallery is ignored for that query alone; every other match counts
     from evaluate import evaluate_distmat
 
-    distmat = np.array([[0.1, 0.2]])
-    same_camera = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([1, 1]))
-    counted = evaluate_distmat(distmat, np.array([1]), np.array([1, 2]), np.array([1]), np.array([2, 2]))
-    assert same_camera["num_valid_queries"] == 0 and counted["mAP"] == 1.0
+    make_files(root / "query", ["0002/h2.jpg"])
+    make_files(root / "gallery", ["0001/q.jpg"])  # a copy of the first query's image
+    splits = load_splits(config(root, "dataset=folder", "cross_camera=false"))
+    assert [r.camid for r in splits.query] == [1, 2]
+    cams = {os.path.basename(r.path): r.camid for r in splits.gallery}
+    assert cams == {"q.jpg": 1, "g.jpg": 0, "h.jpg": 0, "junk.jpg": 0}
+    pids = np.array([r.pid for r in splits.gallery])
+    gcams = np.array([r.camid for r in splits.gallery])
+    distmat = np.where(np.array([os.path.basename(r.path) == "q.jpg" for r in splits.gallery]), 0.0, 0.5)[None]
+    got = evaluate_distmat(distmat, np.array([1]), pids, np.array([1]), gcams)
+    assert got["num_valid_queries"] == 1 and got["mAP"] == 1.0  # q itself ignored, g found first
 
 
 def test_extra_training_sets_join_the_training_split(market, tmp_path):
