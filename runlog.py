@@ -7,7 +7,8 @@ script, a bug report):
 - `env.json`: one entry per start (the first and every resume): when, the command, the iteration, and
   the software and hardware it ran on.
 
-A resume from an older checkpoint drops the lines past it, as tensorboard's `purge_step` does, so the
+Each start keeps the lines up to its iteration and drops the rest (a resume from an older checkpoint, or a
+run started again after it stopped before its first snapshot), as tensorboard's `purge_step` does, so the
 record is the run's one history.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,11 +51,11 @@ def _keep_until(path: Path, last: int) -> None:
 
 
 class ScalarRecord:
-    """A tensorboard writer that also appends its scalars to metrics.jsonl, one line per iteration."""
+    """A tensorboard writer that also appends its scalars to metrics.jsonl, one line per iteration (written
+    at `end_iteration`, or when a scalar of a later iteration comes)."""
 
-    def __init__(self, writer: Any, path: Path, resumed_at: int | None = None):
-        if resumed_at is not None:
-            _keep_until(path, resumed_at)
+    def __init__(self, writer: Any, path: Path, start: int):
+        _keep_until(path, start)
         self.writer, self.path = writer, path
         self.file = open(path, "a")
         self.step: int | None = None
@@ -68,6 +70,9 @@ class ScalarRecord:
 
     def add_image(self, *args: Any, **kwargs: Any) -> None:
         self.writer.add_image(*args, **kwargs)
+
+    def end_iteration(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         if self.row:
@@ -112,6 +117,9 @@ def console_log(path: Path) -> Iterator[None]:
             yield
         except UserError as error:
             log.write(f"error: {one_line(error)}\n")
+            raise
+        except Exception:  # a bug's traceback, which the console shows after the block
+            log.write(traceback.format_exc())
             raise
         finally:
             sys.stdout, sys.stderr = out, err

@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. data_root=...)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
                    "the run's dataset, instead of the run's checkpoint")
-    args = p.parse_args(argv)
+    args = p.parse_args(_alpha_joined(sys.argv[1:] if argv is None else argv))
     if not args.name and not args.original and not args.features:
         p.error("give --name RUN (or --original DIR for the original release's files, or --features FILE)")
     args.alphas, args.alpha = args.alpha, args.alpha[0]  # the sweep, and its headline value
@@ -195,6 +195,18 @@ def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Seque
         progress.update(len(x))
     width = 2 * HALF if halves else HALF
     return torch.cat(feats) if feats else torch.empty(0, width)
+
+
+def _alpha_joined(argv: Sequence[str]) -> list[str]:
+    """`--alpha -1,0.5` as `--alpha=-1,0.5`: argparse takes a value that starts with '-' and is not a plain
+    number for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--alpha" and re.fullmatch(r"-[\d.,eE+-]+", arg):
+            out[-1] = f"--alpha={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def alpha_values(text: str) -> list[float]:
@@ -630,22 +642,29 @@ def protocol_scores(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record],
     return out, query_f, distmat
 
 
-def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record]]]:
-    """{"query": (features, records), "gallery": ..., "mquery": ... when present} from test.py's
-    features_<it>.npz or a pytorch_result.mat (this project's or the original's: the same keys, labels and
-    cameras as 1 x N rows). Records carry the saved paths where there are any, else ""."""
-    if not path.is_file():
-        raise UserError(f"--features {path}: no such file")
+def _saved_arrays(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".mat":
             import scipy.io
 
-            arrays = scipy.io.loadmat(path)
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, NotImplementedError) as err:
+            return scipy.io.loadmat(path)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as err:  # a truncated zip, a text file, a pickled array: whatever numpy and scipy raise
         raise UserError(f"--features {path}: not a readable .npz or .mat ({one_line(err)[:120]})") from None
+
+
+def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record]]]:
+    """{"query": (features, records), "gallery": ..., "mquery": ... when present} from test.py's
+    features_<it>.npz or a pytorch_result.mat (this project's or the original's: the same keys, labels and
+    cameras as 1 x N rows; the original wrote its multi-query features to a multi_query.mat beside it, read
+    too). Records carry the saved paths where there are any, else ""."""
+    if not path.is_file():
+        raise UserError(f"--features {path}: no such file")
+    arrays = _saved_arrays(path)
+    beside = path.with_name("multi_query.mat")
+    if "mquery_f" not in arrays and path.suffix == ".mat" and beside.is_file():
+        arrays = {**_saved_arrays(beside), **arrays}
     parts = {}
     for split in ("query", "gallery", "mquery"):
         keys = [f"{split}_f", f"{split}_label", f"{split}_cam"]
@@ -660,6 +679,9 @@ def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record
     if "query" not in parts or "gallery" not in parts:
         raise UserError(f"--features {path}: needs query_f, query_label, query_cam and the same for gallery "
                         "(as test.py writes them)")
+    widths = {split: f.shape[1] for split, (f, _) in parts.items()}
+    if len(set(widths.values())) > 1:
+        raise UserError(f"--features {path}: the features differ in width ({widths}); they must come from one model")
     return parts
 
 
@@ -672,8 +694,6 @@ def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[
     if args.multi and "mquery" not in parts:
         raise UserError(f"--multi: {path} holds no multi-query features (mquery_*); evaluate without --multi")
     (qf, query), (gf, gallery) = parts["query"], parts["gallery"]
-    if qf.shape[1] != gf.shape[1]:
-        raise UserError(f"--features {path}: query features are {qf.shape[1]}-d, gallery {gf.shape[1]}-d")
     halves = qf.shape[1] == 2 * HALF
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     scores, _, _ = protocol_scores(qf, gf, query, gallery, halves, args, device,

@@ -457,6 +457,9 @@ class NullWriter:
     def add_image(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def end_iteration(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -659,6 +662,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
 
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.enter_context(runlog.console_log(run_dir / runlog.LOG_FILE))
         if state:
             supersede_newer(run_dir, start)
         prepare_run_folder(run_dir, cfg, describe_changes(changes, start))
@@ -667,10 +672,11 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                   flush=True)
         from tensorboardX import SummaryWriter
 
-        record.enter_context(runlog.console_log(run_dir / runlog.LOG_FILE))
         runlog.record_start(run_dir / runlog.ENV_FILE, start, dist.device, dist.world_size)
-        writer: Any = runlog.ScalarRecord(SummaryWriter(str(run_dir / "logs"), purge_step=start if state else None),
-                                          run_dir / runlog.METRICS_FILE, start if state else None)
+        # Both records keep what was logged up to `start` (the checkpoint's own iteration included) and drop the
+        # rest: a newer, abandoned continuation, or an earlier attempt that stopped before its first snapshot.
+        writer: Any = runlog.ScalarRecord(SummaryWriter(str(run_dir / "logs"), purge_step=start + 1),
+                                          run_dir / runlog.METRICS_FILE, start)
     else:
         writer = NullWriter()
 
@@ -730,6 +736,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                 done = it + 1
                 for step in periodic:
                     step(done, losses)
+                writer.end_iteration()  # the iteration's line of metrics.jsonl, written whole
                 # every process stops at the same iteration, whichever of them got the signal
                 local = stop.signal or (signal.SIGTERM if dist.launcher_gone() else 0)
                 stop_signal = dist.max_flag(local) if dist.world_size > 1 else local

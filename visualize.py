@@ -12,7 +12,8 @@ given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out
 .jpg or .png file for swap and rainbow, a folder for smooth and generate).
 Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation_<iteration>.json and tensorboard).
 Figures of other picks than the default (--seed, --split, --count, folders, --images) carry them in their names,
-e.g. swap_<it>_seed3.jpg, so they are written beside the default figures, never over them.
+e.g. swap_<it>_seed3.jpg (folders and images by name and a short hash of their full paths), so they are written
+beside the default figures, never over them.
 
 The original release's checkpoints work too: `--original DIR`, DIR its run folder (config.yaml and
 checkpoints/gen_<iteration>.pt, id_<iteration>.pt) or that checkpoints/ folder; figures then go to
@@ -25,6 +26,7 @@ explicit --out file that exists, unless --overwrite is given.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -311,14 +313,22 @@ def picks_tag(args: argparse.Namespace, default_count: int | None = None) -> str
     change how the same people are drawn (--zoom, --steps, --quality) are not part of the name."""
     images = getattr(args, "images", None)
     if images:
-        return "_" + "-".join(Path(p).stem for p in images)
+        return "_" + "-".join(Path(p).stem for p in images) + _where(images)
     count = getattr(args, "count", None)
     parts = [] if count is None or count == default_count else [f"n{count}"]
     if getattr(args, "appearance", None):
-        parts.insert(0, f"{Path(args.appearance).name}-{Path(args.structure).name}")
+        folders = (args.appearance, args.structure)
+        parts.insert(0, "-".join(Path(f).name for f in folders) + _where(folders))
     else:
         parts[:0] = [p for p, on in ((args.split, args.split != "query"), (f"seed{args.seed}", args.seed != 0)) if on]
     return "".join(f"_{p}" for p in parts)
+
+
+def _where(paths: Sequence[str]) -> str:
+    """Six hex digits of the inputs' full paths: two `query` folders (or two `0001.jpg`) elsewhere on disk give
+    other names."""
+    resolved = "\0".join(str(Path(p).expanduser().resolve()) for p in paths)
+    return "-" + hashlib.sha1(resolved.encode()).hexdigest()[:6]
 
 
 def output_file(args: argparse.Namespace, models: Models, default_name: str) -> Path:

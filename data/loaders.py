@@ -444,7 +444,8 @@ def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> T
 
 def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int) -> int:
     batch = per_rank_batch(cfg["batch_size"], world_size)
-    if batch < 2 and not cfg["sync_bn"]:  # BatchNorm cannot train on one value per channel
+    # BatchNorm cannot train on one value per channel; SyncBatchNorm can, over several processes' images
+    if batch < 2 and not (cfg["sync_bn"] and world_size > 1):
         where = f"over {world_size} processes leaves 1 image per process" if world_size > 1 else "is 1 image"
         raise UserError(f"batch_size {cfg['batch_size']} {where}, and BatchNorm needs at least 2 to train: raise "
                         f"batch_size to {2 * world_size} or more (a change from the recipe; scale the learning "

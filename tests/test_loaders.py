@@ -139,8 +139,9 @@ def test_distributed_ranks_split_the_global_batch(market):
     with pytest.raises(UserError, match="leaves 1 image per process.*sync_bn: true"):
         build_dgnet_loaders(cfg, splits, rank=0, world_size=4)
     build_dgnet_loaders(config(market, "sync_bn=true"), splits, rank=0, world_size=4)  # normalized over all 4
-    with pytest.raises(UserError, match="batch_size 1 is 1 image"):
-        build_teacher_loader(config(market, "batch_size=1"), splits, identity_sampler=False)
+    for opts in (("batch_size=1",), ("batch_size=1", "sync_bn=true")):  # one process: nothing to sync with
+        with pytest.raises(UserError, match="batch_size 1 is 1 image"):
+            build_teacher_loader(config(market, *opts), splits, identity_sampler=False)
 
 
 def test_teacher_loader_pk_batches(market):

@@ -34,7 +34,16 @@ def test_a_run_writes_its_record_and_a_resume_from_an_older_checkpoint_rewrites_
     assert [r["iteration"] for r in again] == [1, 2, 3]  # 2 and 3 of the abandoned continuation dropped
     assert again[0] == first
     assert [s["iteration"] for s in json.loads((run_dir / "env.json").read_text())] == [0, 1]
-    assert (run_dir / "log.txt").read_text().count("finished 3 iterations") == 2  # appended
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("finished 3 iterations") == 2 and "moved 2 newer checkpoint(s)" in log  # appended
+
+
+def test_a_run_started_again_before_its_first_snapshot_keeps_no_stale_lines(tmp_path, data_root):
+    run_dir = tmp_path / "outputs" / "again"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 5, "loss/D": 1.0}\n')  # an attempt that stopped early
+    assert run(tmp_path, "again", data_root, "max_iter=2") == 0
+    assert [r["iteration"] for r in lines(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_console_log_keeps_the_error_that_ends_the_run(tmp_path, capsys):
@@ -51,7 +60,7 @@ def test_console_log_keeps_the_error_that_ends_the_run(tmp_path, capsys):
 def test_a_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 1, "a": 1.0}\n{"iteration": 2, "a": 2.0}\n{"iterat')
-    record = runlog.ScalarRecord(NullWriter(), path, resumed_at=2)
+    record = runlog.ScalarRecord(NullWriter(), path, start=2)
     record.add_scalar("a", 3.0, 3)
     record.close()
     assert [r["iteration"] for r in lines(path)] == [1, 2, 3]

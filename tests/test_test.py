@@ -251,6 +251,8 @@ def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_rep
         assert run_test(tiny_run, "--alpha", alpha) == 0
         single[alpha] = json.loads((results / "00000002.json").read_text())
     capsys.readouterr()
+    assert run_test(tiny_run, "--alpha", "-1,0") == 0  # a sweep that starts with -1 is an --alpha value
+    assert list(json.loads((results / "00000002.json").read_text())["by_alpha"]) == ["-1", "0"]
     assert run_test(tiny_run, "--alpha", "0.5,0,-1") == 0
     out = capsys.readouterr().out
     assert "by alpha" in out and "mAP under the other AP convention (precision)" in out
@@ -368,3 +370,21 @@ def test_saved_features_score_again_without_the_model(tiny_run, capsys):
     assert "needs query_f" in capsys.readouterr().err
     assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--multi"]) == 2
     assert "holds no multi-query features" in capsys.readouterr().err
+    (results / "broken.npz").write_bytes((results / "features_00000002.npz").read_bytes()[:300])
+    assert evaluation.main(["--features", str(results / "broken.npz")]) == 2
+    assert "not a readable .npz or .mat" in capsys.readouterr().err
+    np.savez(results / "widths.npz", **{f"{s}_{k}": v for s in ("query", "gallery") for k, v in
+                                        (("f", np.zeros((2, 4 if s == "query" else 8), np.float32)),
+                                         ("label", np.ones(2, int)), ("cam", np.ones(2, int)))})
+    assert evaluation.main(["--features", str(results / "widths.npz")]) == 2
+    assert "differ in width" in capsys.readouterr().err
+    # the original's test_2label.py wrote the multi-query features to a multi_query.mat beside its own file
+    import scipy.io
+
+    original = results / "original"
+    original.mkdir()
+    mat = scipy.io.loadmat(results / "pytorch_result.mat")
+    scipy.io.savemat(original / "pytorch_result.mat", {k: v for k, v in mat.items() if not k.startswith("__")})
+    scipy.io.savemat(original / "multi_query.mat", {"mquery_f": mat["query_f"], "mquery_label": mat["query_label"],
+                                                    "mquery_cam": mat["query_cam"]})
+    assert evaluation.main(["--features", str(original / "pytorch_result.mat"), "--multi"]) == 0

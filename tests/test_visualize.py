@@ -58,7 +58,13 @@ def test_figures_of_other_picks_are_written_beside_the_default(run):
     query = sorted((run.data_root / "query").glob("*.jpg"))[:2]
     assert run("smooth", "--steps", "3", "--images", *map(str, query)) == 0
     stems = "-".join(q.stem for q in query)
-    assert (run.visuals / "smooth" / f"smooth_appearance_00000002_{stems}.gif").is_file()
+    [gif] = (run.visuals / "smooth").glob(f"smooth_appearance_00000002_{stems}-*.gif")  # and a hash of the paths
+    other = run.run_dir.parent / "elsewhere"  # the same file names in another folder: another figure
+    other.mkdir()
+    for q in query:
+        shutil.copy(q, other / q.name)
+    assert run("smooth", "--steps", "3", "--images", *(str(other / q.name) for q in query)) == 0
+    assert len(list((run.visuals / "smooth").glob(f"smooth_appearance_00000002_{stems}-*.gif"))) == 2
 
 
 def test_out_suffix_picks_the_format(run, tmp_path, capsys):
@@ -207,7 +213,8 @@ def test_original_checkpoints_give_the_same_figure(run, tmp_path):
     # figures of an original model go to outputs/<its folder name>/visuals by default
     assert V.main(["rainbow", "--original", str(tmp_path / "E0.5new_reid0.5_w30000"), *sets, "--count", "2",
                    "--output_path", str(tmp_path)]) == 0
-    assert (tmp_path / "outputs" / "E0.5new_reid0.5_w30000" / "visuals" / "rainbow_2x2_00000002_a-b.jpg").is_file()
+    visuals = tmp_path / "outputs" / "E0.5new_reid0.5_w30000" / "visuals"
+    assert len(list(visuals.glob("rainbow_2x2_00000002_a-b-*.jpg"))) == 1
 
 
 def test_bad_input_is_one_line(run, tmp_path, capsys):
