@@ -347,6 +347,16 @@ def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.T
 # Outputs: features, rank lists
 # ---------------------------------------------------------------------------------------------------------
 
+def options_suffix(args: argparse.Namespace, halves: bool) -> str:
+    """The part of a results file's name that the options make: `_noflip`, `_alpha<a>[_<b>...]` (DG-Net, when
+    not the default 0.5), `_ap-precision`, `_multi`, `_rerank`; "" for the defaults. So results of other
+    options are written beside the default ones, never over them."""
+    alphas = "_alpha" + "_".join(f"{a:g}" for a in args.alphas) if halves and args.alphas != [0.5] else ""
+    return "".join(part for part, on in (("_noflip", not args.flip), (alphas, bool(alphas)),
+                                         (f"_ap-{args.ap}", args.ap != "market"), ("_multi", args.multi),
+                                         ("_rerank", args.rerank)) if on)
+
+
 def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
     """"" when `cfg` evaluates on the data the run trained on, else "_on-<data_root's folder name>": results on
     another dataset (cross-dataset evaluation) are written beside the run's own instead of over them."""
@@ -606,7 +616,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         results.mkdir(parents=True, exist_ok=True)
         # the original's files did not say what they trained on: their results always name the data
         tag = other_data_tag(cfg, evaluated.trained_on if evaluated.trained_on is not None else {})
-        suffix = tag + "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+        suffix = tag + options_suffix(args, halves)
         out = results / f"{evaluated.stem}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
         files = [out, *save_features(results, evaluated.stem, parts, tag)]
@@ -687,7 +697,7 @@ def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record
 
 def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
     """`--features FILE`: saved features scored again, with other options and no model or images (a 1,024-d
-    feature is DG-Net's two halves); the metrics go beside the file as <stem>_scores[_multi][_rerank].json."""
+    feature is DG-Net's two halves); the metrics go beside the file as <stem>_scores<options_suffix>.json."""
     _check_args(args)
     path = Path(args.features)
     parts = load_saved_features(path)
@@ -702,7 +712,7 @@ def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[
                "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank, **scores}
 
     def write() -> list[Path]:
-        suffix = "".join(s for s, on in (("_multi", args.multi), ("_rerank", args.rerank)) if on)
+        suffix = options_suffix(args, halves)
         out = path.with_name(f"{path.stem}_scores{suffix}.json")
         out.write_text(json.dumps(summary, indent=2) + "\n")
         return [out]

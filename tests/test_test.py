@@ -79,7 +79,7 @@ def test_ranked_gallery_follows_the_given_distances():
 
 def test_rerank_and_no_flip(tiny_run):
     assert run_test(tiny_run, "--rerank", "--no-flip") == 0
-    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_rerank.json").read_text())
+    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_noflip_rerank.json").read_text())
     assert summary["rerank"] and not summary["flip"] and 0 <= summary["mAP"] <= 1
 
 
@@ -249,14 +249,14 @@ def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_rep
     single = {}
     for alpha in ("0", "-1", "0.5"):
         assert run_test(tiny_run, "--alpha", alpha) == 0
-        single[alpha] = json.loads((results / "00000002.json").read_text())
+        single[alpha] = json.loads((results / f"00000002{'' if alpha == '0.5' else '_alpha' + alpha}.json").read_text())
     capsys.readouterr()
     assert run_test(tiny_run, "--alpha", "-1,0") == 0  # a sweep that starts with -1 is an --alpha value
-    assert list(json.loads((results / "00000002.json").read_text())["by_alpha"]) == ["-1", "0"]
+    assert list(json.loads((results / "00000002_alpha-1_0.json").read_text())["by_alpha"]) == ["-1", "0"]
     assert run_test(tiny_run, "--alpha", "0.5,0,-1") == 0
     out = capsys.readouterr().out
     assert "by alpha" in out and "mAP under the other AP convention (precision)" in out
-    swept = json.loads((results / "00000002.json").read_text())
+    swept = json.loads((results / "00000002_alpha0.5_0_-1.json").read_text())
     assert swept["alpha"] == 0.5 and list(swept["by_alpha"]) == ["0.5", "0", "-1"]
     for alpha, want in single.items():
         got = swept["by_alpha"][alpha]
@@ -265,7 +265,7 @@ def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_rep
     assert swept["mAP"] == single["0.5"]["mAP"] == single["0.5"]["mAP_market"]  # the headline: the first alpha
     assert len(swept["cmc"]) == 50 and swept["cmc"][0] == swept["R1"] and swept["cmc"][19] == swept["R20"]
     assert run_test(tiny_run, "--ap", "precision") == 0
-    precision = json.loads((results / "00000002.json").read_text())
+    precision = json.loads((results / "00000002_ap-precision.json").read_text())
     assert precision["mAP"] == precision["mAP_precision"] == single["0.5"]["mAP_precision"]
     assert precision["mAP_market"] == single["0.5"]["mAP_market"]
 
@@ -354,12 +354,12 @@ def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
 def test_saved_features_score_again_without_the_model(tiny_run, capsys):
     results = tiny_run[0] / "outputs" / "tiny" / "results"
     assert run_test(tiny_run, "--alpha", "0.5,-1", "--rerank") == 0
-    want = json.loads((results / "00000002_rerank.json").read_text())
+    want = json.loads((results / "00000002_alpha0.5_-1_rerank.json").read_text())
     for saved in ("features_00000002.npz", "pytorch_result.mat"):
         capsys.readouterr()
         code = evaluation.main(["--features", str(results / saved), "--alpha", "0.5,-1", "--rerank"])
         assert code == 0 and "the features in" in capsys.readouterr().out
-        got = json.loads((results / f"{saved.split('.')[0]}_scores_rerank.json").read_text())
+        got = json.loads((results / f"{saved.split('.')[0]}_scores_alpha0.5_-1_rerank.json").read_text())
         assert got["kind"] == "DGNet" and got["by_alpha"] == want["by_alpha"], saved
         for key in ("R1", "mAP", "mINP", "cmc"):
             assert got[key] == want[key], (saved, key)
