@@ -562,7 +562,9 @@ def load_original_model(args: argparse.Namespace, opts: list[str], device: torch
     if args.which_iter in ("all", "best"):
         raise UserError(f"--which_iter {args.which_iter} is for runs of this project; with --original give an "
                         "iteration number or last")
-    run_dir = run_folder(args.output_path, args.name or (path.resolve().name if path.is_dir() else path.stem))
+    # a folder by its name; a file (net_59.pth) by its folder's and its own, so two epochs' files stay apart
+    default = path.resolve().name if path.is_dir() else f"{path.resolve().parent.name}_{path.stem}"
+    run_dir = run_folder(args.output_path, args.name or default)
     if original.is_baseline(path):
         cfg = load_config(args.config, opts)  # the data and image size; the network is the file's
         model = original.baseline_teacher(path, cfg["scale2"])
