@@ -537,7 +537,8 @@ class Evaluated:
     cfg: dict[str, Any]
     run_dir: Path  # results/ goes here
     model: torch.nn.Module
-    trained_on: dict[str, Any] | None  # the run's own config (for other_data_tag); None for original files
+    trained_on: dict[str, Any]  # the run's own config (for other_data_tag); {} for original files, which do
+    # not say what they trained on, so their results always name the data
     stem: str  # results' file names: <iteration, 8 digits> for a run, original_<...> for original files
 
 
@@ -568,7 +569,7 @@ def load_original_model(args: argparse.Namespace, opts: list[str], device: torch
     if original.is_baseline(path):
         cfg = load_config(args.config, opts)  # the data and image size; the network is the file's
         model = original.baseline_teacher(path, cfg["scale2"])
-        return Evaluated("baseline", None, cfg, run_dir, model.to(device).eval(), None, "original_baseline")
+        return Evaluated("baseline", None, cfg, run_dir, model.to(device).eval(), {}, "original_baseline")
     if args.config:
         raise UserError("--config does not apply to the original DG-Net's folder (its config.yaml sets the "
                         "networks); give the data with --data_root or --opts dataset=... data_root=...")
@@ -576,7 +577,7 @@ def load_original_model(args: argparse.Namespace, opts: list[str], device: torch
     cfg = original.original_config(config, opts)
     iteration, _, id_path = original.checkpoint_files(checkpoints, args.which_iter)
     model = original.appearance_encoder(cfg, id_path)
-    return Evaluated("DGNet", iteration, cfg, run_dir, model.to(device).eval(), None, f"original_{iteration:08d}")
+    return Evaluated("DGNet", iteration, cfg, run_dir, model.to(device).eval(), {}, f"original_{iteration:08d}")
 
 
 def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
@@ -616,8 +617,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 
     def write(results: Path) -> list[Path]:
         results.mkdir(parents=True, exist_ok=True)
-        # the original's files did not say what they trained on: their results always name the data
-        tag = other_data_tag(cfg, evaluated.trained_on if evaluated.trained_on is not None else {})
+        tag = other_data_tag(cfg, evaluated.trained_on)
         suffix = tag + options_suffix(args, halves)
         out = results / f"{evaluated.stem}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -820,10 +820,8 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
                                "flip": exported.flip,
                                "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False,
                                "cross_camera": cfg["cross_camera"]}
-    if exported.halves and len(args.alphas) > 1:
-        summary["by_alpha"] = scores_by_alpha(qf, gf, splits.query, splits.gallery, args.alphas, ap=args.ap)
-    summary.update(score(weight_query(qf, exported.halves, args.alpha), gf, splits.query, splits.gallery,
-                         ap=args.ap))
+    summary.update(protocol_scores(qf, gf, splits.query, splits.gallery, exported.halves, args,
+                                   torch.device("cpu"))[0])
 
     def write() -> list[Path]:
         out = run_dir / "results" / f"{iteration:08d}_onnx.json"
@@ -863,6 +861,14 @@ def print_summary(s: dict[str, Any]) -> None:
               "kept their own feature")
 
 
+def report(summary: dict[str, Any], write: Callable[[], list[Path]]) -> int:
+    """Print the metrics, then write them (first the screen: the metrics are not lost when the results folder
+    cannot be written); the exit code."""
+    print_summary(summary)
+    sys.stdout.flush()
+    return 0 if write_results(write) is not None else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -870,19 +876,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.original or args.onnx or args.query or args.gallery or args.ranklist:
                 raise UserError("--features scores saved features alone: leave out --original, --onnx, --query, "
                                 "--gallery and --ranklist")
-            summary, write = evaluate_saved(args)
-            print_summary(summary)
-            sys.stdout.flush()
-            return 0 if write_results(write) is not None else 2
+            return report(*evaluate_saved(args))
         if args.original and (args.onnx or args.query or args.gallery or args.which_iter == "all"):
             raise UserError("--original evaluates the original's files on the data's query and gallery: leave out "
                             "--onnx, --query, --gallery and --which_iter all")
         if args.onnx:
-            summary, write_onnx = evaluate_onnx(args)
+            summary, write = evaluate_onnx(args)
             print(f"exported model {args.onnx}, run by onnxruntime on the CPU")
-            print_summary(summary)
-            sys.stdout.flush()
-            return 0 if write_results(write_onnx) is not None else 2
+            return report(summary, write)
         if args.query or args.gallery:
             found = run_search(args)
             for r in found["results"]:
@@ -893,10 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if write_results(found["write"]) is not None else 2
         if args.which_iter == "all":
             return evaluate_every_checkpoint(args)
-        summary, write = evaluate_run(args)
-        print_summary(summary)  # first: the metrics are not lost when the run folder cannot be written
-        sys.stdout.flush()
-        return 0 if write_results(write) is not None else 2
+        return report(*evaluate_run(args))
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -452,17 +452,11 @@ def _read_list_file(path: Path, root: Path, is_train: bool, cameras: bool) -> li
             raise UserError(f"list: line {number} of {path} is {line.strip()!r}; expected '<image path> <pid> "
                             "[<camera>]' (integers; pid -1 junk, 0 distractor)")
         image = root / fields[0]
-        camid = int(fields[2]) if len(fields) == 3 else _camera_from_name(image.name)
-        if camid is None:
-            if not is_train and cameras:
-                raise UserError(f"list: line {number} of {path} gives no camera and {image.name} has none in its "
-                                "name; add a third field (the camera), or set cross_camera: false")
-            camid = -1
+        camid = int(fields[2]) if len(fields) == 3 else _camera_or_unknown(
+            image.name, is_train, cameras, f"list: line {number} of {path} gives no camera and {image.name} has "
+            "none in its name; add a third field (the camera)")
         records.append(Record(str(image), int(fields[1]), camid))
-    missing = [r.path for r in records if not os.path.isfile(r.path)]
-    if missing:
-        raise UserError(f"list: {len(missing)} images named in {path} do not exist, e.g. {missing[0]}; paths are "
-                        f"relative to {root}")
+    _check_exist(records, str(path), "list", f"paths are relative to {root}")
     return records
 
 
@@ -483,13 +477,12 @@ def _read_lists(root: Path, test_cameras: bool = True) -> DatasetSplits:
     return DatasetSplits("list", str(root), train, read("query") or [], read("gallery") or [], read("multi_query"))
 
 
-def _check_exist(records: Iterable[Record], list_files: str) -> None:
+def _check_exist(records: Iterable[Record], list_files: str, layout: str = "msmt17",
+                 hint: str = "check that the dataset was extracted completely") -> None:
     missing = [r.path for r in records if not os.path.isfile(r.path)]
     if missing:
-        raise UserError(
-            f"msmt17: {len(missing)} images named in {list_files} do not exist, e.g. {missing[0]}; "
-            "check that the dataset was extracted completely"
-        )
+        raise UserError(f"{layout}: {len(missing)} images named in {list_files} do not exist, e.g. {missing[0]}; "
+                        f"{hint}")
 
 
 def _read_msmt17(root: Path) -> DatasetSplits:
@@ -534,6 +527,17 @@ def _camera_from_name(name: str) -> int | None:
     return None
 
 
+def _camera_or_unknown(name: str, is_train: bool, cameras: bool, missing: str) -> int:
+    """The camera in a file name; -1 (unknown) for a training image, or a test image when `cameras` is off
+    (cross_camera: false); otherwise `missing` as the error."""
+    camid = _camera_from_name(name)
+    if camid is not None:
+        return camid
+    if not is_train and cameras:
+        raise UserError(f"{missing}, or set cross_camera: false (every match then counts, same camera or not)")
+    return -1
+
+
 def _identity_folders(split_dir: Path) -> list[Path]:
     folders = []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
@@ -576,16 +580,10 @@ def _read_identity_split(root: Path, split: str, is_train: bool, cameras: bool =
     records = []
     for folder, pid in zip(folders, _folder_pids(split_dir, folders, is_train), strict=True):
         for path in list_images(folder):
-            camid = _camera_from_name(os.path.basename(path))
-            if camid is None:
-                if not is_train and cameras:
-                    raise UserError(
-                        f"folder: cannot read the camera from file name {path}; test images need names "
-                        "like 0002_c1s1_000451_03.jpg (<pid>_c<camera>_...) or "
-                        "0000_000_01_0303morning_0015_0.jpg (MSMT17), or set cross_camera: false (every "
-                        "match then counts, same camera or not)"
-                    )
-                camid = -1
+            camid = _camera_or_unknown(
+                os.path.basename(path), is_train, cameras, f"folder: cannot read the camera from file name {path}; "
+                "test images need names like 0002_c1s1_000451_03.jpg (<pid>_c<camera>_...) or "
+                "0000_000_01_0303morning_0015_0.jpg (MSMT17)")
             records.append(Record(path, pid, camid))
     return records
 
