@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -52,11 +52,16 @@ def _keep_until(path: Path, last: int) -> None:
 
 class ScalarRecord:
     """A tensorboard writer that also appends its scalars to metrics.jsonl, one line per iteration (written
-    at `end_iteration`, or when a scalar of a later iteration comes)."""
+    at `end_iteration`, or when a scalar of a later iteration comes).
 
-    def __init__(self, writer: Any, path: Path, start: int):
+    Every call into the tensorboard writer runs inside `guard()`: the training loop passes a block that holds
+    back an abort (a second Ctrl-C) until the call is done, since one that lands inside can leave the
+    writer's queue unable to close (train.StopRequest.deferred)."""
+
+    def __init__(self, writer: Any, path: Path, start: int,
+                 guard: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext):
         _keep_until(path, start)
-        self.writer, self.path = writer, path
+        self.writer, self.path, self.guard = writer, path, guard
         self.file = open(path, "a")
         self.step: int | None = None
         self.row: dict[str, float] = {}
@@ -66,10 +71,12 @@ class ScalarRecord:
             self.flush()
             self.step = step
         self.row[tag] = float(value)
-        self.writer.add_scalar(tag, value, step)
+        with self.guard():
+            self.writer.add_scalar(tag, value, step)
 
     def add_image(self, *args: Any, **kwargs: Any) -> None:
-        self.writer.add_image(*args, **kwargs)
+        with self.guard():
+            self.writer.add_image(*args, **kwargs)
 
     def end_iteration(self) -> None:
         self.flush()

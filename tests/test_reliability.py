@@ -18,6 +18,7 @@ import torch
 from test_train import run, tiny
 
 import distributed
+import runlog
 import test as test_script
 import train
 import visualize
@@ -289,3 +290,58 @@ def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "aborted without saving" in err, err
     assert not leftovers(tmp_path / "outputs" / "twice")
+
+
+@pytest.fixture
+def stop_request(monkeypatch):
+    """A StopRequest that has had its first SIGINT (the run is stopping), as the loop would hold it; the
+    process's signal handlers and thread hook are put back afterwards."""
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    with train.StopRequest(quiet=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT
+        yield stop
+    signal.signal(signal.SIGCHLD, sigchld)
+
+
+def test_an_abort_inside_a_deferred_block_comes_when_the_block_ends(stop_request):
+    """A second Ctrl-C inside `deferred()` (nested too) lets the block finish, then aborts; outside one it
+    aborts at once."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop_request.deferred():
+            with stop_request.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"]
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("after")
+    assert done == ["inner", "outer"]
+
+
+def test_an_abort_never_cuts_a_hand_over_to_tensorboard(stop_request, tmp_path):
+    """A second Ctrl-C while the run record hands a scalar or an image to tensorboard's writer (whose queue an
+    interrupt can leave unable to close) comes once the writer call has returned."""
+    calls = []
+
+    class SignalledWriter:
+        def add_scalar(self, tag, value, step):
+            os.kill(os.getpid(), signal.SIGINT)
+            calls.append(tag)
+
+        def add_image(self, tag, *args, **kwargs):
+            self.add_scalar(tag, 0.0, 0)
+
+        def close(self):
+            calls.append("closed")
+
+    record = runlog.ScalarRecord(SignalledWriter(), tmp_path / "metrics.jsonl", 0, guard=stop_request.deferred)
+    for call, args in ((record.add_scalar, ("loss/total", 1.5, 1)), (record.add_image, ("images/train", None))):
+        with pytest.raises(KeyboardInterrupt):
+            call(*args)
+    record.close()
+    assert calls == ["loss/total", "images/train", "closed"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1, "loss/total": 1.5}\n'
