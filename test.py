@@ -1,7 +1,8 @@
 """Evaluate a run (DG-Net or a teacher) on its dataset's query and gallery: R1/R5/R10, mAP, mINP.
 
     python test.py --name latest [--which_iter N|last|best] [--config FILE] [--data_root DIR] [--multi] [--rerank]
-                   [--no-flip] [--alpha 0.5] [--ap market|precision] [--ranklist K]
+                   [--aqe [--aqe_k 5] [--aqe_alpha 3]] [--no-flip] [--alpha 0.5] [--ap market|precision]
+                   [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
     python test.py --name latest --onnx FILE                               # an exported model (export.py)
     python test.py --name latest --which_iter all                          # every snapshot: curve.json
@@ -15,7 +16,8 @@ is weighted by `--alpha` (0.5 is what DG-Net reports; -1, as in the original, th
 several, `--alpha 0.5,0,-1`, score every one from the same features, the first as the headline). A
 teacher's feature is its 512-d bottleneck, flip-summed and normalized. `--multi` (Market-1501's gt_bbox/ or a
 multi-query/ folder) replaces each query by the mean feature of the multi-query images of its identity and
-camera.
+camera. `--aqe` expands queries and gallery with their nearest gallery images (expansion.py); `--rerank`
+re-ranks (after --aqe when both are given).
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
 pytorch_result.mat (the original's layout, unweighted features), ranklist/ (with --ranklist) and
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
 from data.loaders import build_test_loader, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
+from expansion import DEFAULT_ALPHA, DEFAULT_K, check_expansion
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
 from utils import (
     UserError,
@@ -77,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
+    p.add_argument("--aqe", action="store_true",
+                   help="alpha-query expansion: each query (and each gallery image) plus its --aqe_k nearest gallery "
+                        "images, weighted by similarity to the power --aqe_alpha")
+    p.add_argument("--aqe_k", type=int, default=DEFAULT_K, metavar="K", help=f"--aqe neighbours (default {DEFAULT_K})")
+    p.add_argument("--aqe_alpha", type=float, default=DEFAULT_ALPHA, metavar="A",
+                   help=f"--aqe similarity exponent (default {DEFAULT_ALPHA:g})")
     p.add_argument("--alpha", type=alpha_values, default=[0.5], metavar="A[,A...]",
                    help="weight of DG-Net's fine-grained half (default 0.5; -1: it alone); several, e.g. 0.5,0,-1 "
                         "(the original's three), are each scored from one extraction, the first as the headline")
@@ -313,16 +322,30 @@ def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: S
                  device=device)
 
 
+def compared(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha: float, args: argparse.Namespace,
+             device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """The query and gallery features that the options score at `alpha`, and the re-ranked (Q, G) distances
+    (None without --rerank). --aqe expands both sides in the alpha-weighted space that re-ranking uses
+    (`weighted_both_sides`: every pair scores s_prim + alpha s_fine), then re-ranking, if asked, runs on the
+    expanded features (fast-reid's order)."""
+    if args.aqe:
+        from expansion import alpha_query_expansion
+
+        q, g = alpha_query_expansion(*weighted_both_sides(qf, gf, halves, alpha), args.aqe_k, args.aqe_alpha, device)
+        return q, g, reranked_distances(q, g, device=device or "cpu") if args.rerank else None
+    distmat = reranked_distances(qf, gf, halves, alpha, device or "cpu") if args.rerank else None
+    return weight_query(qf, halves, alpha), gf, distmat
+
+
 def scores_by_alpha(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
-                    alphas: Sequence[float], *, ap: str, rerank: bool = False, device: torch.device | None = None
+                    alphas: Sequence[float], args: argparse.Namespace, device: torch.device | None = None
                     ) -> dict[str, dict[str, Any]]:
     """The metrics at each alpha of a sweep, from one extraction of DG-Net's (unweighted) features: the
     original's evaluation reports 0, 0.5 and -1 side by side."""
     out = {}
     for alpha in alphas:
-        distmat = reranked_distances(qf, gf, True, alpha, device) if rerank else None
-        out[f"{alpha:g}"] = score(weight_query(qf, True, alpha), gf, query, gallery, ap=ap, distmat=distmat,
-                                  device=device)
+        q, g, distmat = compared(qf, gf, True, alpha, args, device)
+        out[f"{alpha:g}"] = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device)
     return out
 
 
@@ -349,12 +372,21 @@ def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.T
 
 def options_suffix(args: argparse.Namespace, halves: bool) -> str:
     """The part of a results file's name that the options make: `_noflip`, `_alpha<a>[_<b>...]` (DG-Net, when
-    not the default 0.5), `_ap-precision`, `_multi`, `_rerank`; "" for the defaults. So results of other
-    options are written beside the default ones, never over them."""
+    not the default 0.5), `_ap-precision`, `_multi`, `_aqe[<k>-<alpha>]` (the numbers when not 5 and 3),
+    `_rerank`; "" for the defaults. So results of other options are written beside the default ones, never
+    over them."""
     alphas = "_alpha" + "_".join(f"{a:g}" for a in args.alphas) if halves and args.alphas != [0.5] else ""
+    aqe = "_aqe" + ("" if (args.aqe_k, args.aqe_alpha) == (DEFAULT_K, DEFAULT_ALPHA)
+                    else f"{args.aqe_k}-{args.aqe_alpha:g}")
     return "".join(part for part, on in (("_noflip", not args.flip), (alphas, bool(alphas)),
                                          (f"_ap-{args.ap}", args.ap != "market"), ("_multi", args.multi),
-                                         ("_rerank", args.rerank)) if on)
+                                         (aqe, args.aqe), ("_rerank", args.rerank)) if on)
+
+
+def option_fields(args: argparse.Namespace, halves: bool) -> dict[str, Any]:
+    """The scoring options a results file records."""
+    return {"ap": args.ap, "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
+            "aqe": {"k": args.aqe_k, "alpha": args.aqe_alpha} if args.aqe else None}
 
 
 def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
@@ -396,7 +428,7 @@ def ranked_gallery(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], 
     if distmat is not None:
         dist_rows = np.asarray(distmat)[list(rows)]
     else:  # rows are the few queries a rank list shows: their distances fit in memory
-        dist_rows = np.concatenate([d.numpy() for _, d in cosine_distance_chunks(qf[list(rows)], gf, chunk=256)])
+        dist_rows = np.concatenate([d.cpu().numpy() for _, d in cosine_distance_chunks(qf[list(rows)], gf, chunk=256)])
     out = []
     for q, d in zip(rows, dist_rows):
         junk = (g_pids == JUNK_PID) | ((g_pids == query[q].pid) & (g_cams == query[q].camid))
@@ -526,6 +558,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
         raise UserError(f"--ranklist K needs K >= 1, got {args.ranklist}")
+    if args.aqe:
+        check_expansion(args.aqe_k, args.aqe_alpha)
+    elif (args.aqe_k, args.aqe_alpha) != (DEFAULT_K, DEFAULT_ALPHA):
+        raise UserError("--aqe_k and --aqe_alpha set the expansion of --aqe: add --aqe")
 
 
 @dataclass
@@ -606,13 +642,12 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     summary: dict[str, Any] = {"run": evaluated.run_dir.name, "kind": evaluated.kind,
                                "iteration": evaluated.iteration, "original": args.original,
                                "dataset": splits.name, "variant": splits.variant or None,
-                               "data_root": str(cfg["data_root"]), "ap": args.ap, "flip": args.flip,
-                               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
+                               "data_root": str(cfg["data_root"]), "flip": args.flip, **option_fields(args, halves),
                                "cross_camera": cfg["cross_camera"]}
     if args.multi:
         parts["mquery"] = (features(splits.multi_query, "multi-query"), splits.multi_query)
-    scores, query_f, distmat = protocol_scores(qf, gf, splits.query, splits.gallery, halves, args, device,
-                                               parts.get("mquery"))
+    scores, (query_f, gallery_f), distmat = protocol_scores(qf, gf, splits.query, splits.gallery, halves, args,
+                                                            device, parts.get("mquery"))
     summary.update(scores)
 
     def write(results: Path) -> list[Path]:
@@ -624,7 +659,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         files = [out, *save_features(results, evaluated.stem, parts, tag)]
         if args.ranklist:
             files.append(results / "ranklist")
-            write_ranklists(results / "ranklist", query_f, gf, splits.query, splits.gallery, args.ranklist,
+            write_ranklists(results / "ranklist", query_f, gallery_f, splits.query, splits.gallery, args.ranklist,
                             args.ranklist_queries, distmat=distmat)
         return files
 
@@ -634,24 +669,21 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
 def protocol_scores(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record],
                     halves: bool, args: argparse.Namespace, device: torch.device,
                     mquery: tuple[torch.Tensor, Sequence[Record]] | None = None
-                    ) -> tuple[dict[str, Any], torch.Tensor, np.ndarray | None]:
+                    ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], np.ndarray | None]:
     """The metrics of (unweighted) query against gallery features as the options ask: `mquery` (--multi's
-    images) replaces each query by its identity and camera's mean, --rerank, --alpha (a sweep in
-    `by_alpha`). Returns (metrics, the weighted query features, the re-ranked distances or None), the last two
-    for the rank lists, which share them."""
+    images) replaces each query by its identity and camera's mean, --aqe, --rerank, --alpha (a sweep in
+    `by_alpha`). Returns (metrics, the (query, gallery) features scored, the re-ranked distances or None),
+    the last two for the rank lists, which share them."""
     out: dict[str, Any] = {}
-    query_f = qf
     if mquery is not None:
-        query_f, out["multi_query_missing"] = multi_query_features(qf, query, *mquery)
-    distmat = reranked_distances(query_f, gf, halves, args.alpha, device) if args.rerank else None
-    others = scores_by_alpha(query_f, gf, query, gallery, args.alphas[1:], ap=args.ap, rerank=args.rerank,
-                             device=device) if halves else {}
-    query_f = weight_query(query_f, halves, args.alpha)
-    metrics = score(query_f, gf, query, gallery, ap=args.ap, distmat=distmat, device=device)
+        qf, out["multi_query_missing"] = multi_query_features(qf, query, *mquery)
+    others = scores_by_alpha(qf, gf, query, gallery, args.alphas[1:], args, device) if halves else {}
+    q, g, distmat = compared(qf, gf, halves, args.alpha, args, device)
+    metrics = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device)
     out.update(metrics)
     if others:
         out["by_alpha"] = {f"{args.alpha:g}": metrics, **others}
-    return out, query_f, distmat
+    return out, (q, g), distmat
 
 
 def _saved_arrays(path: Path) -> dict[str, Any]:
@@ -710,8 +742,8 @@ def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     scores, _, _ = protocol_scores(qf, gf, query, gallery, halves, args, device,
                                    parts.get("mquery") if args.multi else None)
-    summary = {"features": str(path), "kind": "DGNet" if halves else f"{qf.shape[1]}-d features", "ap": args.ap,
-               "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank, **scores}
+    summary = {"features": str(path), "kind": "DGNet" if halves else f"{qf.shape[1]}-d features",
+               **option_fields(args, halves), **scores}
 
     def write() -> list[Path]:
         suffix = options_suffix(args, halves)
@@ -743,7 +775,7 @@ CURVE_METRICS = ("R1", "R5", "R10", "mAP", "mINP", "mAP_market", "mAP_precision"
 def evaluate_every_checkpoint(args: argparse.Namespace) -> int:
     """`--which_iter all`: each snapshot of the run in turn, evaluated and written as `--which_iter N` would
     be, then the metrics over iterations as a table and `results/curve[...].json` (with the suffix the
-    per-iteration results carry: `_on-<folder>`, `_multi`, `_rerank`)."""
+    per-iteration results carry: `_on-<folder>` and the options', as `options_suffix` names them)."""
     run_dir = run_folder(args.output_path, args.name)
     iterations = [it for it, _ in list_checkpoints(run_dir)]
     if not iterations:
@@ -794,8 +826,8 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     from export import OnnxReID  # onnxruntime is optional: only --onnx needs it
 
     _check_args(args)
-    if args.multi or args.rerank or args.ranklist or args.query or args.gallery:
-        raise UserError("--onnx evaluates query against gallery: leave out --multi, --rerank, --ranklist, "
+    if args.multi or args.rerank or args.aqe or args.ranklist or args.query or args.gallery:
+        raise UserError("--onnx evaluates query against gallery: leave out --multi, --rerank, --aqe, --ranklist, "
                         "--query and --gallery")
     exported = OnnxReID(args.onnx)
     if not args.flip and exported.flip:
@@ -818,8 +850,7 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
                                "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
                                "flip": exported.flip,
-                               "alpha": args.alpha if exported.halves else None, "multi": False, "rerank": False,
-                               "cross_camera": cfg["cross_camera"]}
+                               **option_fields(args, exported.halves), "cross_camera": cfg["cross_camera"]}
     summary.update(protocol_scores(qf, gf, splits.query, splits.gallery, exported.halves, args,
                                    torch.device("cpu"))[0])
 
@@ -833,7 +864,10 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    extras = [x for x, on in (("multi-query", s["multi"]), ("re-ranked", s["rerank"]),
+    aqe = s.get("aqe")
+    extras = [x for x, on in (("multi-query", s["multi"]),
+                              (aqe and f"alpha-query-expanded (k {aqe['k']}, alpha {aqe['alpha']:g})", aqe),
+                              ("re-ranked", s["rerank"]),
                               ("same-camera matches counted (cross_camera: false)", not s.get("cross_camera", True)))
               if on]
     on = f"{s.get('dataset')} ({s['variant']})" if s.get("variant") else s.get("dataset")

@@ -4,6 +4,7 @@
     python bench/eval_bench.py --quick         # small sizes, a smoke test
     python bench/eval_bench.py --cases market-distmat market-distmat-reference
     python bench/eval_bench.py --device cuda --dim 1024 --cases market-rerank msmt-features msmt-rerank
+    python bench/eval_bench.py --cases market-features market-aqe    # alpha-query expansion's cost
 
 Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own: the figure
 includes Python, torch and the synthetic features (`base` is the peak before the timed part). Features are
@@ -40,13 +41,16 @@ CASES = {  # name: (size, what, method)
     "market-distmat-worst": ("market", "distmat-worst", "ours"),
     "market-features": ("market", "features", "ours"),
     "market-rerank": ("market", "features", "rerank"),
+    "market-aqe": ("market", "features", "aqe"),
     "msmt-features": ("msmt", "features", "ours"),
     "msmt-features-reference": ("msmt", "features", "reference"),
     "msmt-rerank": ("msmt", "features", "rerank"),
+    "msmt-aqe": ("msmt", "features", "aqe"),
 }
 QUICK_CASES = {"quick-distmat": ("quick", "distmat", "ours"),
                "quick-distmat-reference": ("quick", "distmat", "reference"),
-               "quick-features": ("quick", "features", "ours"), "quick-rerank": ("quick", "features", "rerank")}
+               "quick-features": ("quick", "features", "ours"), "quick-rerank": ("quick", "features", "rerank"),
+               "quick-aqe": ("quick", "features", "aqe")}
 
 
 def synthetic(size: str, dim: int, structured: bool = True, seed: int = 0):
@@ -124,6 +128,10 @@ def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
         from rerank import k_reciprocal_rerank
         distmat = k_reciprocal_rerank(qf, gf, device=device)
         result = evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams)
+    elif method == "aqe":  # test.py --aqe: both sides expanded (k 5, alpha 3), then ranked
+        from expansion import alpha_query_expansion
+        result = evaluate_features(*alpha_query_expansion(qf, gf, device=device), q_pids, g_pids, q_cams, g_cams,
+                                   device=device)
     elif method == "reference":
         result = (reference_distmat(distmat, q_pids, g_pids, q_cams, g_cams) if distmat is not None
                   else reference_features(qf, gf, q_pids, g_pids, q_cams, g_cams))

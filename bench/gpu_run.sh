@@ -100,7 +100,7 @@ if ((TINY)); then
   LAZY=(--iters 1 --warmup 0)
   R1=(--device cpu --height 64 --width 32 --batch 2 --iters 1 --warmup 0)
   COMPILE=(--compile aot_eager)  # dynamo's tracing without inductor's C++ code generation (minutes on a CPU)
-  EVAL=(--quick --device cpu --cases quick-features quick-rerank)
+  EVAL=(--quick --device cpu --cases quick-features quick-rerank quick-aqe)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}
 else
@@ -113,7 +113,7 @@ else
   LAZY=(--iters 32 --warmup 5)  # two lazy R1 steps in any 32 iterations: a fair average
   R1=(--iters 20 --warmup 3)
   COMPILE=(--compile inductor)
-  EVAL=(--device cuda --dim 1024 --cases market-features market-rerank msmt-features msmt-rerank)
+  EVAL=(--device cuda --dim 1024 --cases market-features market-rerank market-aqe msmt-features msmt-rerank msmt-aqe)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-bench/gpu_quickstart.sh}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-150}
 fi

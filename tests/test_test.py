@@ -388,3 +388,38 @@ def test_saved_features_score_again_without_the_model(tiny_run, capsys):
     scipy.io.savemat(original / "multi_query.mat", {"mquery_f": mat["query_f"], "mquery_label": mat["query_label"],
                                                     "mquery_cam": mat["query_cam"]})
     assert evaluation.main(["--features", str(original / "pytorch_result.mat"), "--multi"]) == 0
+
+
+def test_query_expansion_of_a_run_and_of_its_saved_features(tiny_run, capsys):
+    """--aqe scores the run's features expanded in the alpha-weighted space (every alpha of a sweep in its
+    own); the saved features give the same numbers; results are named by the expansion."""
+    from expansion import alpha_query_expansion
+
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    assert run_test(tiny_run, "--aqe", "--aqe_k", "3", "--alpha", "0.5,-1", "--rerank") == 0
+    assert "alpha-query-expanded (k 3, alpha 3)" in capsys.readouterr().out
+    got = json.loads((results / "00000002_alpha0.5_-1_aqe3-3_rerank.json").read_text())
+    assert got["aqe"] == {"k": 3, "alpha": 3.0} and got["rerank"]
+    assert run_test(tiny_run, "--aqe", "--alpha", "0.5,-1") == 0
+    summary = json.loads((results / "00000002_alpha0.5_-1_aqe.json").read_text())
+    with np.load(results / "features_00000002.npz") as npz:
+        qf, gf = torch.from_numpy(npz["query_f"]), torch.from_numpy(npz["gallery_f"])
+    cfg = evaluation.load_config(None, ["dataset=synthetic", f"data_root={tiny_run[1]}"])
+    splits = load_splits(cfg, evaluation_only=True)
+    for alpha in (0.5, -1):
+        q, g = alpha_query_expansion(*evaluation.weighted_both_sides(qf, gf, True, alpha))
+        want = evaluation.score(q, g, splits.query, splits.gallery)
+        assert summary["by_alpha"][f"{alpha:g}"]["mAP"] == pytest.approx(want["mAP"]), alpha
+    assert summary["mAP"] == summary["by_alpha"]["0.5"]["mAP"]
+    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--aqe", "--alpha", "0.5,-1"]) == 0
+    again = json.loads((results / "features_00000002_scores_alpha0.5_-1_aqe.json").read_text())
+    assert again["by_alpha"] == summary["by_alpha"] and again["aqe"] == summary["aqe"]
+
+
+def test_query_expansion_bad_options(tiny_run, capsys):
+    assert run_test(tiny_run, "--aqe_k", "3") == 2
+    assert "add --aqe" in capsys.readouterr().err
+    assert run_test(tiny_run, "--aqe", "--aqe_k", "0") == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert run_test(tiny_run, "--aqe", "--aqe_k", "1000") == 2
+    assert "lower --aqe_k" in capsys.readouterr().err
