@@ -2,19 +2,23 @@
 `test.py --aqe`.
 
 Every query feature is replaced by the normalized sum of itself and its k most similar gallery features,
-each weighted by its cosine similarity to the power alpha (a dissimilar neighbour weighs 0); every gallery
-feature likewise, with its k most similar *other* gallery features, so that query and gallery are compared
-in the same expanded space. No label is used. Unlike fast-reid's AQE, queries never expand with other
-queries: a query set is not something a deployed search has, and its identities would leak into each other.
+each weighted by its cosine similarity to the power alpha (alpha 0: their plain sum, Chum et al.'s average
+query expansion); a neighbour less similar than orthogonal weighs 0. Every gallery feature likewise, with
+its k most similar *other* gallery features, so that query and gallery are compared in the same expanded
+space. No label is used. Unlike fast-reid's AQE, queries never expand with other queries: a query set is
+not something a deployed search has, and its identities would leak into each other.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from utils import UserError
 
-DEFAULT_K, DEFAULT_ALPHA = 5, 3.0  # fast-reid's TEST.AQE defaults (QE_K 5, ALPHA 3)
+DEFAULT_K, DEFAULT_ALPHA = 5, 3.0  # as fast-reid's TEST.AQE (QE_K 5, ALPHA 3), whose 5 include the feature
+# itself: here it is itself and 5 others
 
 
 def check_expansion(k: int, alpha: float, gallery_size: int | None = None) -> None:
@@ -22,8 +26,8 @@ def check_expansion(k: int, alpha: float, gallery_size: int | None = None) -> No
     (a gallery image expands with k *other* gallery images)."""
     if k < 1:
         raise UserError(f"--aqe_k must be at least 1, got {k}")
-    if not alpha >= 0:  # also NaN
-        raise UserError(f"--aqe_alpha must be 0 or more, got {alpha}")
+    if not 0 <= alpha < math.inf:  # also NaN
+        raise UserError(f"--aqe_alpha must be a finite number, 0 or more, got {alpha}")
     if gallery_size is not None and k >= gallery_size:
         raise UserError(f"--aqe_k {k} needs more than {k} gallery images; the gallery has {gallery_size}: "
                         "lower --aqe_k")
@@ -32,7 +36,8 @@ def check_expansion(k: int, alpha: float, gallery_size: int | None = None) -> No
 def _expanded(features: torch.Tensor, gallery: torch.Tensor, k: int, alpha: float, skip_self: bool,
               chunk: int) -> torch.Tensor:
     """Each row of (unit) `features` plus its k most similar rows of (unit) `gallery`, weighted by similarity
-    to the power alpha, normalized; `skip_self`: `features` is `gallery`, and a row is not its own neighbour."""
+    to the power alpha (0 where it is not positive), normalized; `skip_self`: `features` is `gallery`, and a
+    row is not its own neighbour."""
     out = torch.empty_like(features)
     for s in range(0, len(features), chunk):
         rows = features[s:s + chunk]
@@ -40,7 +45,7 @@ def _expanded(features: torch.Tensor, gallery: torch.Tensor, k: int, alpha: floa
         if skip_self:
             sims[torch.arange(len(rows)), torch.arange(s, s + len(rows))] = -float("inf")
         top, index = sims.topk(k, dim=1)
-        weights = top.clamp(min=0).pow(alpha)
+        weights = torch.where(top > 0, top.clamp(min=0).pow(alpha), 0)  # clamp: no NaN from a negative power
         out[s:s + chunk] = rows + torch.einsum("qk,qkd->qd", weights, gallery[index])
     return F.normalize(out, dim=1)
 

@@ -92,7 +92,8 @@ class ScalarRecord:
             self.flush()
             self.file.close()
         finally:
-            self.writer.close()
+            with self.guard():
+                self.writer.close()
 
 
 class _Tee:

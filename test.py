@@ -20,7 +20,7 @@ camera. `--aqe` expands queries and gallery with their nearest gallery images (e
 re-ranks (after --aqe when both are given).
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
-pytorch_result.mat (the original's layout, unweighted features), ranklist/ (with --ranklist) and
+pytorch_result.mat (the original's layout, unweighted features), ranklist[<options>]/ (with --ranklist) and
 search.json (with --query/--gallery), <iteration>_onnx.json (with --onnx).
 """
 from __future__ import annotations
@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aqe", action="store_true",
                    help="alpha-query expansion: each query (and each gallery image) plus its --aqe_k nearest gallery "
                         "images, weighted by similarity to the power --aqe_alpha")
-    p.add_argument("--aqe_k", type=int, default=DEFAULT_K, metavar="K", help=f"--aqe neighbours (default {DEFAULT_K})")
-    p.add_argument("--aqe_alpha", type=float, default=DEFAULT_ALPHA, metavar="A",
+    p.add_argument("--aqe_k", type=int, metavar="K", help=f"--aqe neighbours (default {DEFAULT_K})")
+    p.add_argument("--aqe_alpha", type=float, metavar="A",
                    help=f"--aqe similarity exponent (default {DEFAULT_ALPHA:g})")
     p.add_argument("--alpha", type=alpha_values, default=[0.5], metavar="A[,A...]",
                    help="weight of DG-Net's fine-grained half (default 0.5; -1: it alone); several, e.g. 0.5,0,-1 "
@@ -331,7 +331,7 @@ def compared(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha: float, arg
     if args.aqe:
         from expansion import alpha_query_expansion
 
-        q, g = alpha_query_expansion(*weighted_both_sides(qf, gf, halves, alpha), args.aqe_k, args.aqe_alpha, device)
+        q, g = alpha_query_expansion(*weighted_both_sides(qf, gf, halves, alpha), *aqe_settings(args), device)
         return q, g, reranked_distances(q, g, device=device or "cpu") if args.rerank else None
     distmat = reranked_distances(qf, gf, halves, alpha, device or "cpu") if args.rerank else None
     return weight_query(qf, halves, alpha), gf, distmat
@@ -376,8 +376,8 @@ def options_suffix(args: argparse.Namespace, halves: bool) -> str:
     `_rerank`; "" for the defaults. So results of other options are written beside the default ones, never
     over them."""
     alphas = "_alpha" + "_".join(f"{a:g}" for a in args.alphas) if halves and args.alphas != [0.5] else ""
-    aqe = "_aqe" + ("" if (args.aqe_k, args.aqe_alpha) == (DEFAULT_K, DEFAULT_ALPHA)
-                    else f"{args.aqe_k}-{args.aqe_alpha:g}")
+    k, alpha = aqe_settings(args)
+    aqe = "_aqe" + ("" if (k, alpha) == (DEFAULT_K, DEFAULT_ALPHA) else f"{k}-{alpha:g}")
     return "".join(part for part, on in (("_noflip", not args.flip), (alphas, bool(alphas)),
                                          (f"_ap-{args.ap}", args.ap != "market"), ("_multi", args.multi),
                                          (aqe, args.aqe), ("_rerank", args.rerank)) if on)
@@ -386,7 +386,7 @@ def options_suffix(args: argparse.Namespace, halves: bool) -> str:
 def option_fields(args: argparse.Namespace, halves: bool) -> dict[str, Any]:
     """The scoring options a results file records."""
     return {"ap": args.ap, "alpha": args.alpha if halves else None, "multi": args.multi, "rerank": args.rerank,
-            "aqe": {"k": args.aqe_k, "alpha": args.aqe_alpha} if args.aqe else None}
+            "aqe": dict(zip(("k", "alpha"), aqe_settings(args))) if args.aqe else None}
 
 
 def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
@@ -532,6 +532,9 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if len(args.alphas) > 1:
         raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
+    if args.multi or args.rerank or args.aqe:
+        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank and --aqe (they are for "
+                        "evaluation on a dataset)")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
     predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, alpha=args.alpha,
                                    batch_size=args.batch_size)
@@ -558,10 +561,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
         raise UserError(f"--ranklist K needs K >= 1, got {args.ranklist}")
-    if args.aqe:
-        check_expansion(args.aqe_k, args.aqe_alpha)
-    elif (args.aqe_k, args.aqe_alpha) != (DEFAULT_K, DEFAULT_ALPHA):
+    if not args.aqe and (args.aqe_k is not None or args.aqe_alpha is not None):
         raise UserError("--aqe_k and --aqe_alpha set the expansion of --aqe: add --aqe")
+    if args.aqe:
+        check_expansion(*aqe_settings(args))
+
+
+def aqe_settings(args: argparse.Namespace) -> tuple[int, float]:
+    """--aqe's (k, alpha): the ones given, else the defaults."""
+    return (DEFAULT_K if args.aqe_k is None else args.aqe_k,
+            DEFAULT_ALPHA if args.aqe_alpha is None else args.aqe_alpha)
 
 
 @dataclass
@@ -626,6 +635,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
+    if args.aqe:  # before the features are extracted
+        check_expansion(*aqe_settings(args), len(splits.gallery))
     if args.multi and not cfg["cross_camera"]:
         raise UserError("--multi averages each query's identity and camera, which cross_camera: false leaves out; "
                         "evaluate without --multi")
@@ -658,8 +669,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         out.write_text(json.dumps(summary, indent=2) + "\n")
         files = [out, *save_features(results, evaluated.stem, parts, tag)]
         if args.ranklist:
-            files.append(results / "ranklist")
-            write_ranklists(results / "ranklist", query_f, gallery_f, splits.query, splits.gallery, args.ranklist,
+            files.append(results / f"ranklist{suffix}")
+            write_ranklists(files[-1], query_f, gallery_f, splits.query, splits.gallery, args.ranklist,
                             args.ranklist_queries, distmat=distmat)
         return files
 
@@ -795,8 +806,8 @@ def evaluate_every_checkpoint(args: argparse.Namespace) -> int:
     suffix = written[0].name[8:-len(".json")]  # the metrics file is <iteration, 8 digits><suffix>.json
     curve = written[0].parent / f"curve{suffix}.json"
     try:
-        curve.write_text(json.dumps({"run": args.name, "ap": args.ap, "alpha": args.alpha, "rows": rows}, indent=2)
-                         + "\n")
+        options = {k: summary[k] for k in ("ap", "alpha", "multi", "rerank", "aqe")}
+        curve.write_text(json.dumps({"run": args.name, **options, "rows": rows}, indent=2) + "\n")
     except OSError as err:
         print(f"error: could not write {curve} ({err.strerror or err})", file=sys.stderr)
         return 2

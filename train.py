@@ -204,8 +204,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts,
-    except inside `deferred()` blocks, which it lets end first."""
+    """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts;
+    inside a `deferred()` block, when the block ends (or at once on a third SIGINT)."""
 
     def __init__(self, quiet: bool = False):
         self.signal: int | None = None
@@ -217,18 +217,19 @@ class StopRequest:
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A block that an abort must not cut: the KeyboardInterrupt of a second Ctrl-C inside it is raised when
-        it ends. For handing events to tensorboard's writer: its queue wakes its feeder thread with
-        threading.Condition.notify, and an interrupt between notify's waiter.release() and waiters.remove()
-        leaves a waiter that the woken thread takes again, so the next notify, the one for the close's stop
-        event, wakes nobody and the close waits forever (CPython gh-92530 covers only the waiter not taken)."""
+        it ends (over any error it raised), a third Ctrl-C's at once. For handing events to tensorboard's
+        writer: its queue wakes its feeder thread with threading.Condition.notify, and an interrupt between
+        notify's waiter.release() and waiters.remove() leaves a waiter that the woken thread takes again, so the
+        next notify, the one for the close's stop event, wakes nobody and the close waits forever (CPython
+        gh-92530 covers only the waiter not taken)."""
         self._deferring += 1
         try:
             yield
         finally:
             self._deferring -= 1
-        if self._abort_pending and not self._deferring:
-            self._abort_pending = False
-            raise KeyboardInterrupt
+            if self._abort_pending and not self._deferring:  # also over an error the block raised: the abort wins
+                self._abort_pending = False
+                raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -245,10 +246,10 @@ class StopRequest:
                 # The loader workers die of this press too; torch's SIGCHLD check would then raise its own
                 # error, with a traceback, over the quiet abort.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                if self._deferring:
+                if self._deferring and not self._abort_pending:
                     self._abort_pending = True
                     return
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt  # a third press aborts even there (a writer stuck on a full queue)
             return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
         quiet_worker_teardown()  # the loader workers got this signal too: their dying is expected now
@@ -784,7 +785,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             raise
         finally:
             close_loaders(loaders.values())  # first: afterwards a worker's death can no longer raise here
-            writer.close()
+            with contextlib.suppress(KeyboardInterrupt):  # the run is ending: one more Ctrl-C changes nothing
+                writer.close()
     if dist.world_size > 1:
         prints = dist.gather(parameter_fingerprints(trainer))
         if any(p != prints[0] for p in prints):

@@ -108,7 +108,7 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert figures["profile"]["device_busy_ms"] is None  # no GPU here
     assert figures["syncs"]["per_iteration"] >= 1  # at least the use_encoder_again coin
     evaluation = figures["eval_gpu"]
-    assert [c["case"] for c in evaluation["cases"]] == ["quick-features", "quick-rerank"]
+    assert [c["case"] for c in evaluation["cases"]] == ["quick-features", "quick-rerank", "quick-aqe"]
     assert evaluation["device"] == "cpu" and all(c["num_valid_queries"] > 0 for c in evaluation["cases"])
     numerics = figures["numerics"]
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()

@@ -12,7 +12,8 @@ from utils import UserError
 
 def expanded_by_definition(rows: np.ndarray, gallery: np.ndarray, k: int, alpha: float, skip_self: bool
                            ) -> np.ndarray:
-    """Each unit row plus its k most similar unit gallery rows (itself left out), weighted max(sim, 0)^alpha."""
+    """Each unit row plus its k most similar unit gallery rows (itself left out), weighted sim^alpha (0 where
+    sim <= 0)."""
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -23,7 +24,8 @@ def expanded_by_definition(rows: np.ndarray, gallery: np.ndarray, k: int, alpha:
         if skip_self:
             sims[i] = -np.inf
         top = np.argsort(-sims, kind="stable")[:k]
-        out.append(r + (np.maximum(sims[top], 0) ** alpha) @ gallery[top])
+        weights = np.where(sims[top] > 0, np.maximum(sims[top], 0) ** alpha, 0)
+        out.append(r + weights @ gallery[top])
     return unit(np.array(out))
 
 
@@ -58,6 +60,7 @@ def test_expansion_pulls_a_query_towards_its_identity():
 def test_bad_expansions_say_what_to_change():
     qf, gf = torch.randn(2, 4), torch.randn(3, 4)
     for k, alpha, words in ((0, 3.0, "at least 1"), (2, -1.0, "0 or more"), (2, float("nan"), "0 or more"),
+                            (2, float("inf"), "finite"),
                             (3, 3.0, "lower --aqe_k")):
         with pytest.raises(UserError, match=words):
             alpha_query_expansion(qf, gf, k, alpha)

@@ -320,6 +320,20 @@ def test_an_abort_inside_a_deferred_block_comes_when_the_block_ends(stop_request
         os.kill(os.getpid(), signal.SIGINT)
         done.append("after")
     assert done == ["inner", "outer"]
+    with pytest.raises(KeyboardInterrupt):  # a third press does not wait (a writer stuck on a full queue)
+        with stop_request.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("second")
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("third")
+    assert done == ["inner", "outer", "second"]
+    with pytest.raises(KeyboardInterrupt) as abort:  # the abort, not the block's own error, ends the run
+        with stop_request.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise OSError("disk full")
+    assert isinstance(abort.value.__context__, OSError)
+    with stop_request.deferred():  # nothing pending is left behind
+        done.append("quiet")
 
 
 def test_an_abort_never_cuts_a_hand_over_to_tensorboard(stop_request, tmp_path):

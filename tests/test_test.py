@@ -78,9 +78,11 @@ def test_ranked_gallery_follows_the_given_distances():
 
 
 def test_rerank_and_no_flip(tiny_run):
-    assert run_test(tiny_run, "--rerank", "--no-flip") == 0
-    summary = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "00000002_noflip_rerank.json").read_text())
+    assert run_test(tiny_run, "--rerank", "--no-flip", "--ranklist", "2", "--ranklist_queries", "1") == 0
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    summary = json.loads((results / "00000002_noflip_rerank.json").read_text())
     assert summary["rerank"] and not summary["flip"] and 0 <= summary["mAP"] <= 1
+    assert len(list((results / "ranklist_noflip_rerank").glob("*.jpg"))) == 1  # beside the default rank lists
 
 
 def test_multi_query(tiny_run, tmp_path, capsys):
@@ -290,7 +292,7 @@ def test_every_snapshot_kept_and_evaluated_as_a_curve(tiny_run, tmp_path, capsys
     assert {k: single[k] for k in curve["rows"][1] if k != "iteration"} == \
         {k: v for k, v in curve["rows"][1].items() if k != "iteration"}
     assert evaluation.main([*args, "--which_iter", "all", "--rerank"]) == 0
-    assert (results / "curve_rerank.json").is_file()
+    assert json.loads((results / "curve_rerank.json").read_text())["rerank"] is True
 
 
 def test_the_original_releases_files_evaluate_as_the_same_weights_in_a_run_do(tiny_dgnet_run, tmp_path, capsys):
@@ -417,9 +419,18 @@ def test_query_expansion_of_a_run_and_of_its_saved_features(tiny_run, capsys):
 
 
 def test_query_expansion_bad_options(tiny_run, capsys):
-    assert run_test(tiny_run, "--aqe_k", "3") == 2
-    assert "add --aqe" in capsys.readouterr().err
+    for given in (("--aqe_k", "3"), ("--aqe_k", "5"), ("--aqe_alpha", "3")):  # the defaults too: a forgotten --aqe
+        assert run_test(tiny_run, *given) == 2
+        assert "add --aqe" in capsys.readouterr().err
     assert run_test(tiny_run, "--aqe", "--aqe_k", "0") == 2
     assert "at least 1" in capsys.readouterr().err
     assert run_test(tiny_run, "--aqe", "--aqe_k", "1000") == 2
-    assert "lower --aqe_k" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "lower --aqe_k" in err and "gallery [" not in err  # refused before any feature was extracted
+
+
+def test_search_refuses_evaluation_options(tiny_run, capsys):
+    folder = str(tiny_run[1] / "query")
+    for option in ("--aqe", "--rerank", "--multi"):
+        assert run_test(tiny_run, "--query", folder, "--gallery", folder, option) == 2
+        assert "leave out --multi, --rerank and --aqe" in capsys.readouterr().err
