@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
 from data.loaders import build_test_loader, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
-from expansion import DEFAULT_ALPHA, DEFAULT_K, check_expansion
+from expansion import DEFAULT_ALPHA, DEFAULT_K, alpha_query_expansion, check_expansion
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
 from utils import (
     UserError,
@@ -329,8 +329,6 @@ def compared(qf: torch.Tensor, gf: torch.Tensor, halves: bool, alpha: float, arg
     (`weighted_both_sides`: every pair scores s_prim + alpha s_fine), then re-ranking, if asked, runs on the
     expanded features (fast-reid's order)."""
     if args.aqe:
-        from expansion import alpha_query_expansion
-
         q, g = alpha_query_expansion(*weighted_both_sides(qf, gf, halves, alpha), *aqe_settings(args), device)
         return q, g, reranked_distances(q, g, device=device or "cpu") if args.rerank else None
     distmat = reranked_distances(qf, gf, halves, alpha, device or "cpu") if args.rerank else None
