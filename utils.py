@@ -13,9 +13,12 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -466,6 +469,31 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
                             "fix the folder), then resume from the newest checkpoint") from None
         raise
     _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """A block that a Ctrl-C must not cut: the KeyboardInterrupt of one that comes inside is raised when the
+    block ends, a second one's at once. For a tool's calls into tensorboard's writer, which an interrupt can
+    leave unable to close (train.StopRequest.deferred says how); a no-op outside the main thread, where
+    Python cannot set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 def interrupted(err: BaseException | None) -> bool:

@@ -48,6 +48,7 @@ from utils import (
     UserError,
     built,
     check_run_checkpoint,
+    ctrl_c_held,
     find_checkpoint,
     load_checkpoint,
     load_config,
@@ -520,7 +521,7 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     from tensorboardX import SummaryWriter
 
-    with SummaryWriter(str(models.run_dir / "logs")) as writer:
+    with ctrl_c_held(), SummaryWriter(str(models.run_dir / "logs")) as writer:  # its close included
         for tag, value in quality.scalars(result).items():
             writer.add_scalar(tag, value, models.iteration)
     return [out]

@@ -359,3 +359,24 @@ def test_an_abort_never_cuts_a_hand_over_to_tensorboard(stop_request, tmp_path):
     record.close()
     assert calls == ["loss/total", "images/train", "closed"]
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1, "loss/total": 1.5}\n'
+
+
+def test_a_tools_ctrl_c_waits_for_its_tensorboard_block():
+    """visualize.py's tensorboard writes: a Ctrl-C inside comes when the block (the writer's close included)
+    ends, a second one at once; the previous SIGINT handler is back afterwards."""
+    from utils import ctrl_c_held
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("written")
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("never")
+    with ctrl_c_held():
+        done.append("quiet")
+    assert done == ["written", "quiet"] and signal.getsignal(signal.SIGINT) is before
