@@ -20,8 +20,8 @@ camera. `--aqe` expands queries and gallery with their nearest gallery images (e
 re-ranks (after --aqe when both are given).
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
-pytorch_result.mat (the original's layout, unweighted features), ranklist[<options>]/ (with --ranklist) and
-search.json (with --query/--gallery), <iteration>_onnx.json (with --onnx).
+pytorch_result.mat (the original's layout, unweighted features), ranklist_<iteration>[<options>]/ (with
+--ranklist) and search.json (with --query/--gallery), <iteration>_onnx.json (with --onnx).
 """
 from __future__ import annotations
 
@@ -667,7 +667,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         out.write_text(json.dumps(summary, indent=2) + "\n")
         files = [out, *save_features(results, evaluated.stem, parts, tag)]
         if args.ranklist:
-            files.append(results / f"ranklist{suffix}")
+            files.append(results / f"ranklist_{evaluated.stem}{suffix}")
             write_ranklists(files[-1], query_f, gallery_f, splits.query, splits.gallery, args.ranklist,
                             args.ranklist_queries, distmat=distmat)
         return files

@@ -57,7 +57,7 @@ def test_evaluates_and_writes_metrics_features_and_rank_lists(tiny_run, capsys):
             assert key in mat
         np.testing.assert_array_equal(mat["query_f"], npz["query_f"])
         assert mat["gallery_label"].ravel().tolist() == npz["gallery_label"].tolist()
-    ranklists = sorted((results / "ranklist").glob("*.jpg"))
+    ranklists = sorted((results / "ranklist_00000002").glob("*.jpg"))
     assert len(ranklists) == 4
 
 
@@ -82,7 +82,7 @@ def test_rerank_and_no_flip(tiny_run):
     results = tiny_run[0] / "outputs" / "tiny" / "results"
     summary = json.loads((results / "00000002_noflip_rerank.json").read_text())
     assert summary["rerank"] and not summary["flip"] and 0 <= summary["mAP"] <= 1
-    assert len(list((results / "ranklist_noflip_rerank").glob("*.jpg"))) == 1  # beside the default rank lists
+    assert len(list((results / "ranklist_00000002_noflip_rerank").glob("*.jpg"))) == 1  # beside the default rank lists
 
 
 def test_multi_query(tiny_run, tmp_path, capsys):
