@@ -12,7 +12,6 @@ Every file is read with weights_only=True; a file that does not fit is one line 
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from utils import UserError, built, flatten, load_config, one_line, schema
+from utils import UserError, built, checked_config, flatten, one_line, schema, unflatten
 
 
 def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
@@ -40,17 +39,7 @@ def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
     flat = flatten(raw) if isinstance(raw, dict) else {}
     kept = {k: v for k, v in flat.items() if k in known and k not in ("ID_class", "teacher", "pretrained")}
     kept = {"backbone": "resnet50", "dataset": "folder", **kept, "pretrained": "none", "ID_class": None}
-    nested: dict[str, Any] = {}
-    for key, value in kept.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    with tempfile.TemporaryDirectory() as tmp:
-        translated = Path(tmp) / "config.yaml"
-        translated.write_text(yaml.safe_dump(nested))
-        return load_config(translated, opts)
+    return checked_config(unflatten(kept), str(path), opts)
 
 
 def _generators(folder: Path) -> list[tuple[int, Path]]:
@@ -91,29 +80,22 @@ def checkpoint_files(folder: Path, which_iter: str) -> tuple[int, Path, Path]:
     return iteration, gen_path, id_path
 
 
-def _loaded(load: Any, *args: Any) -> Any:
-    try:
-        return load(*args)
-    except (ValueError, FileNotFoundError) as err:  # the loaders' one-line reasons
-        raise UserError(str(err)) from None
-
-
 def appearance_encoder(cfg: dict[str, Any], id_path: Path) -> nn.Module:
     """E_a from an original id_*.pt, with as many identities as its head has."""
     import networks
     import reIDmodel
 
-    head = _loaded(networks.read_original_state, id_path).get("classifier1.classifier.0.weight")
+    head = built(networks.read_original_state, id_path).get("classifier1.classifier.0.weight")
     if head is None:
         raise UserError(f"{id_path} has no classifier1 head: it is not an original id_*.pt")
     encoder = built(reIDmodel.build_appearance_encoder, cfg, head.shape[0], pretrained="none")
-    return _loaded(reIDmodel.load_original_state, encoder, id_path)
+    return built(reIDmodel.load_original_state, encoder, id_path)
 
 
 def generator(cfg: dict[str, Any], gen_path: Path) -> nn.Module:
     import networks
 
-    return _loaded(networks.load_original_state, built(networks.build_generator, cfg), gen_path)
+    return built(networks.load_original_state, built(networks.build_generator, cfg), gen_path)
 
 
 def is_baseline(path: Path) -> bool:
@@ -130,7 +112,7 @@ def baseline_teacher(path: Path, scale2: bool = True, num_classes: int | None = 
 
     weights = path / "net_last.pth" if path.is_dir() else path
     if num_classes is None:
-        head = _loaded(networks.read_original_state, weights).get("classifier.classifier.0.weight")
+        head = built(networks.read_original_state, weights).get("classifier.classifier.0.weight")
         if not isinstance(head, torch.Tensor):
             raise UserError(f"{weights} has no classifier.classifier.0.weight: it is not a baseline net_last.pth")
         num_classes = head.shape[0]
@@ -142,4 +124,4 @@ def baseline_teacher(path: Path, scale2: bool = True, num_classes: int | None = 
     stride = int((opts or {}).get("stride", 2)) if isinstance(opts, dict) else 2
     teacher = built(reIDmodel.Teacher, num_classes, backbone="resnet50", last_stride=stride, pretrained="none",
                     scale2=scale2)
-    return _loaded(reIDmodel.load_original_state, teacher, weights)
+    return built(reIDmodel.load_original_state, teacher, weights)

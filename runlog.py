@@ -22,13 +22,13 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from utils import REPO_ROOT, UserError, one_line
+from utils import REPO_ROOT, UserError, ctrl_c_held, one_line
 
 METRICS_FILE, LOG_FILE, ENV_FILE = "metrics.jsonl", "log.txt", "env.json"
 
@@ -54,14 +54,12 @@ class ScalarRecord:
     """A tensorboard writer that also appends its scalars to metrics.jsonl, one line per iteration (written
     at `end_iteration`, or when a scalar of a later iteration comes).
 
-    Every call into the tensorboard writer runs inside `guard()`: the training loop passes a block that holds
-    back an abort (a second Ctrl-C) until the call is done, since one that lands inside can leave the
-    writer's queue unable to close (train.StopRequest.deferred)."""
+    Every call into the tensorboard writer holds back a Ctrl-C until it returns (`ctrl_c_held`: one that
+    lands inside can leave the writer unable to close)."""
 
-    def __init__(self, writer: Any, path: Path, start: int,
-                 guard: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext):
+    def __init__(self, writer: Any, path: Path, start: int):
         _keep_until(path, start)
-        self.writer, self.path, self.guard = writer, path, guard
+        self.writer, self.path = writer, path
         self.file = open(path, "a")
         self.step: int | None = None
         self.row: dict[str, float] = {}
@@ -71,11 +69,11 @@ class ScalarRecord:
             self.flush()
             self.step = step
         self.row[tag] = float(value)
-        with self.guard():
+        with ctrl_c_held():
             self.writer.add_scalar(tag, value, step)
 
     def add_image(self, *args: Any, **kwargs: Any) -> None:
-        with self.guard():
+        with ctrl_c_held():
             self.writer.add_image(*args, **kwargs)
 
     def end_iteration(self) -> None:
@@ -92,7 +90,7 @@ class ScalarRecord:
             self.flush()
             self.file.close()
         finally:
-            with self.guard():
+            with ctrl_c_held():
                 self.writer.close()
 
 

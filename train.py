@@ -26,7 +26,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,32 +203,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts;
-    inside a `deferred()` block, when the block ends (or at once on a third SIGINT)."""
+    """SIGINT/SIGTERM set a flag; the loop finishes the iteration, saves, and exits. A second SIGINT aborts
+    (once a call into tensorboard's writer has returned: utils.ctrl_c_held)."""
 
     def __init__(self, quiet: bool = False):
         self.signal: int | None = None
         self.quiet = quiet  # ranks other than 0 stop without saying so
         self._previous: dict[int, Any] = {}
-        self._deferring = 0
-        self._abort_pending = False
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """A block that an abort must not cut: the KeyboardInterrupt of a second Ctrl-C inside it is raised when
-        it ends (over any error it raised), a third Ctrl-C's at once. For handing events to tensorboard's
-        writer: its queue wakes its feeder thread with threading.Condition.notify, and an interrupt between
-        notify's waiter.release() and waiters.remove() leaves a waiter that the woken thread takes again, so the
-        next notify, the one for the close's stop event, wakes nobody and the close waits forever (CPython
-        gh-92530 covers only the waiter not taken)."""
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
-            if self._abort_pending and not self._deferring:  # also over an error the block raised: the abort wins
-                self._abort_pending = False
-                raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -246,10 +226,7 @@ class StopRequest:
                 # The loader workers die of this press too; torch's SIGCHLD check would then raise its own
                 # error, with a traceback, over the quiet abort.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                if self._deferring and not self._abort_pending:
-                    self._abort_pending = True
-                    return
-                raise KeyboardInterrupt  # a third press aborts even there (a writer stuck on a full queue)
+                raise KeyboardInterrupt
             return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
         quiet_worker_teardown()  # the loader workers got this signal too: their dying is expected now
@@ -684,7 +661,6 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
 
     train_step = training_step(trainer, cfg, dist)  # DDP, or the replay of CUDA graphs
 
-    stop = StopRequest(quiet=not dist.is_main)  # its handlers are set when the loop starts
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -701,7 +677,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         # Both records keep what was logged up to `start` (the checkpoint's own iteration included) and drop the
         # rest: a newer, abandoned continuation, or an earlier attempt that stopped before its first snapshot.
         writer: Any = runlog.ScalarRecord(SummaryWriter(str(run_dir / "logs"), purge_step=start + 1),
-                                          run_dir / runlog.METRICS_FILE, start, guard=stop.deferred)
+                                          run_dir / runlog.METRICS_FILE, start)
     else:
         writer = NullWriter()
 
@@ -746,7 +722,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         f" --output_path {args.output_path}" if args.output_path != "." else "")
     trainer.train()
     losses: dict[str, torch.Tensor] = {}
-    with stop:
+    with StopRequest(quiet=not dist.is_main) as stop:
         try:
             for it in range(start, max_iter):
                 tick = time.perf_counter()

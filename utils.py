@@ -96,9 +96,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys as a nested config, the inverse of `flatten`: {"gen.dim": 16} -> {"gen": {"dim": 16}};
+    ValueError for a key below a value ("a=1" and "a.b=2")."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"'{key}' sets a key below a value")
+        node[leaf] = value
+    return tree
+
+
 def built(build: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a network builder, turning its one-line config errors (ValueError, FileNotFoundError) into
-    UserError."""
+    """Call a network builder or loader, turning its one-line errors (ValueError, FileNotFoundError: a config
+    it cannot build, a file it cannot read) into UserError."""
     try:
         return build(*args, **kwargs)
     except (ValueError, FileNotFoundError) as err:
@@ -291,23 +306,29 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[Path, dict[str
 
 def parse_opts(opts: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`["gen.dim=8", "lr_g=1e-4"]` -> a nested dict; values are read as YAML (`true`, `[1, 2]`, `null`)."""
-    tree: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for item in opts:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--opts takes key=value pairs, got '{item}' (e.g. --opts gen.dim=8 max_iter=100)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            flat[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--opts: '{key}' sets a key below a value")
-        node[leaf] = value
-    return tree
+            flat[key.strip()] = raw
+    try:
+        return unflatten(flat)
+    except ValueError as err:
+        raise UserError(f"--opts: {err}") from None
+
+
+def checked_config(data: dict[str, Any], where: str, opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Defaults, then `data` checked against the schema as a config file's keys are (`where` names it in
+    errors), then `--opts`: `load_config` for a config that is not a file of this project."""
+    cfg = copy.deepcopy(schema().defaults)
+    _merge(cfg, data, where)
+    if opts:
+        _merge(cfg, parse_opts(opts), "--opts")
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -473,27 +494,36 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def ctrl_c_held() -> Iterator[None]:
-    """A block that a Ctrl-C must not cut: the KeyboardInterrupt of one that comes inside is raised when the
-    block ends, a second one's at once. For a tool's calls into tensorboard's writer, which an interrupt can
-    leave unable to close (train.StopRequest.deferred says how); a no-op outside the main thread, where
-    Python cannot set signal handlers."""
+    """A block that a Ctrl-C must not cut: a SIGINT that comes inside reaches the handler in force (Python's
+    KeyboardInterrupt, or train.StopRequest's stop-then-abort) when the block ends, over any error the block
+    raised; a second one inside the block sends both at once (the way out of a block that hangs).
+
+    For every call into tensorboard's writer. It hands events to its thread through a multiprocessing.Queue,
+    which wakes its feeder thread with threading.Condition.notify; an interrupt between notify's
+    waiter.release() and waiters.remove() leaves a waiter that the woken thread takes again, so the next
+    notify, the one for the close's stop event, wakes nobody and the close waits forever (CPython gh-92530
+    covers only the waiter not taken). A no-op outside the main thread, which alone runs signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pressed: list[int] = []
+    held: list[int] = []
+
+    def release() -> None:
+        signal.signal(signal.SIGINT, previous)
+        while held:
+            signal.raise_signal(held.pop(0))  # runs the handler in force before it returns
 
     def hold(signum: int, frame: Any) -> None:
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(signum)
+        held.append(signum)
+        if len(held) > 1:
+            release()
 
     previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGINT) is hold:
+            release()
 
 
 def interrupted(err: BaseException | None) -> bool:

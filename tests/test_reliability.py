@@ -22,7 +22,16 @@ import runlog
 import test as test_script
 import train
 import visualize
-from utils import REPO_ROOT, NonFiniteState, UserError, checkpoint_path, load_checkpoint, load_config, save_checkpoint
+from utils import (
+    REPO_ROOT,
+    NonFiniteState,
+    UserError,
+    checkpoint_path,
+    ctrl_c_held,
+    load_checkpoint,
+    load_config,
+    save_checkpoint,
+)
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
 PROMPT_S = 300  # a hang shows as a timeout; generous, for a busy machine: a healthy end takes seconds
@@ -305,13 +314,13 @@ def stop_request(monkeypatch):
     signal.signal(signal.SIGCHLD, sigchld)
 
 
-def test_an_abort_inside_a_deferred_block_comes_when_the_block_ends(stop_request):
-    """A second Ctrl-C inside `deferred()` (nested too) lets the block finish, then aborts; outside one it
+def test_an_abort_inside_a_held_block_comes_when_the_block_ends(stop_request):
+    """A second Ctrl-C inside `ctrl_c_held()` (nested too) lets the block finish, then aborts; outside one it
     aborts at once."""
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with stop_request.deferred():
-            with stop_request.deferred():
+        with ctrl_c_held():
+            with ctrl_c_held():
                 os.kill(os.getpid(), signal.SIGINT)
                 done.append("inner")
             done.append("outer")
@@ -321,18 +330,18 @@ def test_an_abort_inside_a_deferred_block_comes_when_the_block_ends(stop_request
         done.append("after")
     assert done == ["inner", "outer"]
     with pytest.raises(KeyboardInterrupt):  # a third press does not wait (a writer stuck on a full queue)
-        with stop_request.deferred():
+        with ctrl_c_held():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("second")
             os.kill(os.getpid(), signal.SIGINT)
             done.append("third")
     assert done == ["inner", "outer", "second"]
     with pytest.raises(KeyboardInterrupt) as abort:  # the abort, not the block's own error, ends the run
-        with stop_request.deferred():
+        with ctrl_c_held():
             os.kill(os.getpid(), signal.SIGINT)
             raise OSError("disk full")
     assert isinstance(abort.value.__context__, OSError)
-    with stop_request.deferred():  # nothing pending is left behind
+    with ctrl_c_held():  # nothing pending is left behind
         done.append("quiet")
 
 
@@ -352,7 +361,7 @@ def test_an_abort_never_cuts_a_hand_over_to_tensorboard(stop_request, tmp_path):
         def close(self):
             calls.append("closed")
 
-    record = runlog.ScalarRecord(SignalledWriter(), tmp_path / "metrics.jsonl", 0, guard=stop_request.deferred)
+    record = runlog.ScalarRecord(SignalledWriter(), tmp_path / "metrics.jsonl", 0)
     for call, args in ((record.add_scalar, ("loss/total", 1.5, 1)), (record.add_image, ("images/train", None))):
         with pytest.raises(KeyboardInterrupt):
             call(*args)
@@ -361,11 +370,19 @@ def test_an_abort_never_cuts_a_hand_over_to_tensorboard(stop_request, tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1, "loss/total": 1.5}\n'
 
 
+def test_a_first_ctrl_c_inside_a_held_block_stops_the_run_when_the_block_ends(monkeypatch):
+    """The press held back reaches the handler in force: the training loop's stop request, not an abort."""
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    with train.StopRequest(quiet=True) as stop:
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal is None
+        assert stop.signal == signal.SIGINT
+
+
 def test_a_tools_ctrl_c_waits_for_its_tensorboard_block():
     """visualize.py's tensorboard writes: a Ctrl-C inside comes when the block (the writer's close included)
     ends, a second one at once; the previous SIGINT handler is back afterwards."""
-    from utils import ctrl_c_held
-
     before = signal.getsignal(signal.SIGINT)
     done = []
     with pytest.raises(KeyboardInterrupt):
