@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,11 @@ def _settings_text(s: dict[str, Any]) -> str:
             f"{', r1_conv' if s.get('r1_conv') else ''}")
 
 
+def _table(columns: Sequence[str], rows: Iterable[str]) -> list[str]:
+    """A markdown table: the header, its rule, and each row given as its cells joined by ' | '."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *(f"| {row} |" for row in rows)]
+
+
 def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [f"# bench/gpu_run.sh, {env.get('date', '?')}", "",
              f"- device: {env.get('device_name') or env.get('nvidia_smi_name')} (driver {env.get('driver')}, "
@@ -156,19 +162,17 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
              f"- command: `{meta.get('command')}` (commit {env.get('git_commit')}); "
              f"budget {meta.get('budget_s')} s, {meta.get('elapsed_s')} s used"
              + (" (tiny sizes)" if meta.get("tiny") else ""),
-             "", "| step | status | seconds | limit | command |", "|---|---|---|---|---|"]
-    for s in steps:
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s['limit_s']} | `{s['command'][:160]}` |")
+             "", *_table(("step", "status", "seconds", "limit", "command"),
+                     [f"{s['name']} | {s['status']} | {s['seconds']} | {s['limit_s']} | `{s['command'][:160]}`"
+                      for s in steps])]
     rows = [(name, r) for name in SPEED_STEPS for r in figs.get(name, {}).get("rows", [])]
     if rows:
-        lines += ["", "## Training speed", "",
-                  "| step | model | size | batch | mode | settings | it/s | ms/it | images/s | data wait | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in rows:
-            lines.append(f"| {name} | {r['model']} | {r['size']} | {r['batch_size']} | {r['mode']} | "
-                         f"{_settings_text(r['settings'])} | {r['iterations_per_s']:.3f} | "
-                         f"{r['ms_per_iteration']:.1f} | "
-                         f"{r['images_per_s']:.1f} | {r['data_share']:.1%} | {r['peak_memory_gib']:.2f} |")
+        lines += ["", "## Training speed", "", *_table(
+            ("step", "model", "size", "batch", "mode", "settings", "it/s", "ms/it", "images/s", "data wait",
+             "peak GiB"),
+            [f"{name} | {r['model']} | {r['size']} | {r['batch_size']} | {r['mode']} | "
+             f"{_settings_text(r['settings'])} | {r['iterations_per_s']:.3f} | {r['ms_per_iteration']:.1f} | "
+             f"{r['images_per_s']:.1f} | {r['data_share']:.1%} | {r['peak_memory_gib']:.2f}" for name, r in rows])]
         for name in SPEED_STEPS:
             for model, x in figs.get(name, {}).get("speedup", {}).items():
                 lines.append(f"\n{name}: {model} fast path {x:.2f}x the reference")
@@ -177,9 +181,9 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
     if "r1_bench" in figs:
         r = figs["r1_bench"]
         lines += ["", f"## D's step with R1 alone: {r['batch']} reals at {r['size']} (bench/r1_bench.py)", "",
-                  "| R1 double backward | ms/step | peak GiB |", "|---|---|---|"]
-        lines += [f"| {'r1conv.py' if x['r1_conv'] else 'built-in'} | {x['ms_per_step']:.2f} | "
-                  f"{x['peak_memory_gib'] if x['peak_memory_gib'] is not None else '-'} |" for x in r["rows"]]
+                  *_table(("R1 double backward", "ms/step", "peak GiB"),
+                          [f"{'r1conv.py' if x['r1_conv'] else 'built-in'} | {x['ms_per_step']:.2f} | "
+                           f"{x['peak_memory_gib'] if x['peak_memory_gib'] is not None else '-'}" for x in r["rows"]])]
         lines.append(f"\nr1conv.py {r['speedup']:.2f}x the built-in; D's gradients agree to "
                      f"{r['max_rel_grad_diff']:.2e} (relative to the largest)")
     if "profile" in figs:
@@ -190,31 +194,31 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
                   + (f"; GPU busy {busy:.1f} ms ({p['busy_share_profiled']:.0%} of the profiled iteration"
                      + (f", {p['busy_share_unprofiled']:.0%} of an unprofiled fast one" if p["busy_share_unprofiled"]
                         else "") + ")" if busy else "; no GPU time on this device"),
-                  "", "| operator | ms | share | calls |", "|---|---|---|---|"]
-        lines += [f"| {op['name'][:60]} | {op['ms']:.3f} | {op['share']:.1%} | {op['calls_per_iteration']:g} |"
-                  for op in p["top"][:12]]
+                  "", *_table(("operator", "ms", "share", "calls"),
+                              [f"{op['name'][:60]} | {op['ms']:.3f} | {op['share']:.1%} | {op['calls_per_iteration']:g}"
+                               for op in p["top"][:12]])]
     if "syncs" in figs:
         s = figs["syncs"]
         lines += ["", f"## Host-device syncs: {s['per_iteration']:g} per iteration "
                       f"(by tensor device: {s['by_device']})",
-                  "", "| per iteration | op | device | site | via |", "|---|---|---|---|---|"]
-        lines += [f"| {x['per_iteration']:g} | {x['op']} | {x['device']} | {x['site']} | {x['via']} |"
-                  for x in s["sites"]]
+                  "", *_table(("per iteration", "op", "device", "site", "via"),
+                              [f"{x['per_iteration']:g} | {x['op']} | {x['device']} | {x['site']} | {x['via']}"
+                               for x in s["sites"]])]
     if "numerics" in figs:
         n = figs["numerics"]
         lines += ["", f"## Numerics: {n['compared']} ({_settings_text(n['fast'])}) vs fp32 reference, "
                       f"{n['iters']} iterations (of {n['iters_asked']} asked) from {n['first_iteration']}, "
                       f"windows of {n['window']}", "",
-                  "| term | mean abs ref | max rel diff | first iteration | windows |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {t['mean_abs_reference']:.4g} | {t['max_rel_diff']:.3g} | "
-                  f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g} |"
-                  for k, t in n["terms"].items()]
+                  *_table(("term", "mean abs ref", "max rel diff", "first iteration", "windows"),
+                          [f"{k} | {t['mean_abs_reference']:.4g} | {t['max_rel_diff']:.3g} | "
+                           f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g}"
+                           for k, t in n["terms"].items()])]
     if "eval_gpu" in figs:
         e = figs["eval_gpu"]
         lines += ["", f"## Evaluation on {e['device']} (bench/eval_bench.py)", "",
-                  "| case | Q × G | dim | seconds | mAP | R1 | peak RSS MB |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['case']} | {c['queries']} × {c['gallery']} | {c['dim']} | {c['seconds']:.2f} | "
-                  f"{c['mAP']:.4f} | {c['R1']:.4f} | {c['peak_rss_mb']} |" for c in e["cases"]]
+                  *_table(("case", "Q × G", "dim", "seconds", "mAP", "R1", "peak RSS MB"),
+                          [f"{c['case']} | {c['queries']} × {c['gallery']} | {c['dim']} | {c['seconds']:.2f} | "
+                           f"{c['mAP']:.4f} | {c['R1']:.4f} | {c['peak_rss_mb']}" for c in e["cases"]])]
     if "quickstart" in figs:
         lines += ["", f"## Quickstart: {len(figs['quickstart'])} JSON files from bench/gpu_quickstart.sh "
                       "(in results.json)"]
