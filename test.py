@@ -1,8 +1,8 @@
 """Evaluate a run (DG-Net or a teacher) on its dataset's query and gallery: R1/R5/R10, mAP, mINP.
 
     python test.py --name latest [--which_iter N|last|best] [--config FILE] [--data_root DIR] [--multi] [--rerank]
-                   [--aqe [--aqe_k 5] [--aqe_alpha 3]] [--no-flip] [--alpha 0.5] [--ap market|precision]
-                   [--ranklist K]
+                   [--aqe [--aqe_k 5] [--aqe_alpha 3]] [--no-flip] [--ms 1,1.1] [--alpha 0.5]
+                   [--ap market|precision] [--roc] [--ranklist K]
     python test.py --name latest --query DIR --gallery DIR [--topk 10]     # search folders of images
     python test.py --name latest --onnx FILE                               # an exported model (export.py)
     python test.py --name latest --which_iter all                          # every snapshot: curve.json
@@ -14,14 +14,16 @@ flip go through the model; for DG-Net each pass gives the primary and the fine-g
 L2-normalized, the two passes are summed and each half normalized again; at query time the fine-grained half
 is weighted by `--alpha` (0.5 is what DG-Net reports; -1, as in the original, the fine-grained half alone;
 several, `--alpha 0.5,0,-1`, score every one from the same features, the first as the headline). A
-teacher's feature is its 512-d bottleneck, flip-summed and normalized. `--multi` (Market-1501's gt_bbox/ or a
-multi-query/ folder) replaces each query by the mean feature of the multi-query images of its identity and
-camera. `--aqe` expands queries and gallery with their nearest gallery images (expansion.py); `--rerank`
-re-ranks (after --aqe when both are given).
+teacher's feature is its 512-d bottleneck, flip-summed and normalized. `--ms 1,1.1` (multi-scale, as the
+re-ID baseline DG-Net builds on) adds each image resized to 1.1 times its area to the sum. `--multi`
+(Market-1501's gt_bbox/ or a multi-query/ folder) replaces each query by the mean feature of the multi-query
+images of its identity and camera. `--aqe` expands queries and gallery with their nearest gallery images
+(expansion.py); `--rerank` re-ranks (after --aqe when both are given).
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
-pytorch_result.mat (the original's layout, unweighted features), ranklist_<iteration>[<options>]/ (with
---ranklist) and search.json (with --query/--gallery), <iteration>_onnx.json (with --onnx).
+pytorch_result.mat (the original's layout, unweighted features; _noflip, _ms<scales> in their names when
+extracted so), ranklist_<iteration>[<options>]/ (with --ranklist) and search.json (with --query/--gallery),
+<iteration>_onnx.json (with --onnx).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
-from data.loaders import build_test_loader, load_splits, read_image
+from data.loaders import build_test_loader, image_size, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
 from expansion import DEFAULT_ALPHA, DEFAULT_K, alpha_query_expansion, check_expansion
 from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
@@ -60,6 +62,7 @@ from utils import (
     run_folder,
     saved_config,
 )
+from verification import DEFAULT_FPRS, tpr_at_fpr
 
 HALF = 512  # each head's bottleneck width
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
+    p.add_argument("--roc", nargs="?", type=fpr_values, const=list(DEFAULT_FPRS), metavar="F[,F...]",
+                   help="verification too: the TPR at each false-positive rate F (default 1e-4,1e-3,1e-2) over "
+                        "the query-gallery pairs")
     p.add_argument("--aqe", action="store_true",
                    help="alpha-query expansion: each query (and each gallery image) plus its --aqe_k nearest gallery "
                         "images, weighted by similarity to the power --aqe_alpha")
@@ -91,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(the original's three), are each scored from one extraction, the first as the headline")
     p.add_argument("--ap", default="market", choices=AP_CONVENTIONS, help="AP convention (default: market)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not add the flipped image's feature")
+    p.add_argument("--ms", type=scale_values, default=[1.0], metavar="S[,S...]",
+                   help="multi-scale: add the features of each image resized to S times its area (each side "
+                        "times sqrt(S), bicubic), e.g. 1,1.1 (the baseline's --ms); default 1")
     p.add_argument("--batch_size", type=int, default=128, help="images per inference batch")
     p.add_argument("--ranklist", type=int, default=0, metavar="K", help="write rank-list images with the top K")
     p.add_argument("--ranklist_queries", type=int, default=20, metavar="N",
@@ -177,30 +186,44 @@ def _inference_context(device: torch.device) -> contextlib.AbstractContextManage
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` resized to `scale` times its area: each side times sqrt(scale), rounded down, bicubic (the meaning of
+    the re-ID baseline's --ms, so that its `--ms 1,1.1` compares)."""
+    if scale == 1:
+        return x
+    return F.interpolate(x, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
+
+
 def evaluated_feature(model: torch.nn.Module, x: torch.Tensor, halves: bool, flip: bool = True,
-                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
-    """The evaluated feature of a batch of normalized images: the image and its mirror image summed (DG-Net:
-    each 512-d half normalized before and after the sum; a teacher: its raw features, normalized after).
-    `context` wraps each call of the model (autocast); export.py traces this function into its graph."""
+                      context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                      scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """The evaluated feature of a batch of normalized images: the image and its mirror image, at each of
+    `scales` (`scaled`), summed (DG-Net: each 512-d half normalized before and after the sum; a teacher: its raw
+    features, normalized after). `context` wraps each call of the model (autocast); export.py traces this
+    function into its graph."""
     total = 0
-    for view in ([x, x.flip(3)] if flip else [x]):
-        with context():
-            f = model.features(view).float()
-        total = total + (_normalize_halves(f) if halves else f)
+    for scale in scales:
+        x_s = scaled(x, scale)
+        for view in ([x_s, x_s.flip(3)] if flip else [x_s]):
+            with context():
+                f = model.features(view).float()
+            total = total + (_normalize_halves(f) if halves else f)
     return _normalize_halves(total) if halves else F.normalize(total, dim=1)
 
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, cfg: dict[str, Any], records: Sequence[Record], device: torch.device,
-                     *, flip: bool = True, batch_size: int = 128, label: str | None = None) -> torch.Tensor:
-    """Flip-summed, normalized features (float32, CPU) of `records` in order; `label` shows a progress bar."""
+                     *, flip: bool = True, scales: Sequence[float] = (1.0,), batch_size: int = 128,
+                     label: str | None = None) -> torch.Tensor:
+    """Flip- (and scale-) summed, normalized features (float32, CPU) of `records` in order (`evaluated_feature`);
+    `label` shows a progress bar."""
     halves = has_halves(model)
     loader = build_test_loader(cfg, records, batch_size, pin_memory=device.type == "cuda")
     progress = Progress(len(records), label)
     feats = []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
-        feats.append(evaluated_feature(model, x, halves, flip, lambda: _inference_context(device)).cpu())
+        feats.append(evaluated_feature(model, x, halves, flip, lambda: _inference_context(device), scales).cpu())
         progress.update(len(x))
     width = 2 * HALF if halves else HALF
     return torch.cat(feats) if feats else torch.empty(0, width)
@@ -225,6 +248,44 @@ def alpha_values(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 0.5 or 0.5,0,-1; got {text!r}") \
             from None
+
+
+def scale_values(text: str) -> list[float]:
+    """`--ms 1,1.1`: the scales (of an image's area) whose features are summed; checked by `check_scales`."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 1,1.1; got {text!r}") from None
+
+
+MIN_SCALED_SIDE = 32  # pixels: the backbones downsample by 16 or 32, and a smaller image has no feature map left
+
+
+def check_scales(scales: Sequence[float], size: tuple[int, int] | None = None) -> None:
+    """One line for scales that cannot run: not positive and finite, given twice, or shrinking a side of the
+    (height, width) `size` below MIN_SCALED_SIDE pixels."""
+    for s in scales:
+        if not 0 < s < math.inf:
+            raise UserError(f"--ms: each scale must be a positive number (of the image's area), got {s}")
+    if len(set(scales)) < len(scales):
+        raise UserError(f"--ms gives a scale twice ({','.join(f'{s:g}' for s in scales)}); give each once")
+    if size is not None:
+        smallest = min(scales)
+        side = min(math.floor(n * math.sqrt(smallest)) for n in size)
+        if side < MIN_SCALED_SIDE:
+            raise UserError(f"--ms {smallest:g} makes the {size[0]}x{size[1]} images {side} pixels on a side, too "
+                            f"small for the network (at least {MIN_SCALED_SIDE}); use larger scales")
+
+
+def fpr_values(text: str) -> list[float]:
+    """`--roc 1e-4,1e-3`: false-positive rates, each above 0 and below 1."""
+    try:
+        fprs = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give rates separated by commas, e.g. 1e-4,1e-3; got {text!r}") from None
+    if not all(0 < f < 1 for f in fprs):
+        raise argparse.ArgumentTypeError(f"each false-positive rate must be above 0 and below 1; got {text!r}")
+    return fprs
 
 
 def check_alpha(alpha: float) -> None:
@@ -289,14 +350,30 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: Sequence[Record], *,
-          ap: str = "market", distmat: np.ndarray | None = None, device: torch.device | None = None
-          ) -> dict[str, Any]:
+          ap: str = "market", distmat: np.ndarray | None = None, device: torch.device | None = None,
+          roc: Sequence[float] | None = None) -> dict[str, Any]:
     """The protocol's metrics for (already weighted) query features against gallery features, or for a given
-    (Q, G) distance matrix such as the re-ranked one."""
+    (Q, G) distance matrix such as the re-ranked one; `roc` (false-positive rates): with the verification
+    rates at them (`verification`)."""
     (q_pids, q_cams), (g_pids, g_cams) = labels_of(query), labels_of(gallery)
     if distmat is not None:
-        return summarize(evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams, ap=ap))
-    return summarize(evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, ap=ap, device=device))
+        out = summarize(evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams, ap=ap))
+    else:
+        out = summarize(evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, ap=ap, device=device))
+    if roc:
+        out["verification"] = tpr_at_fpr(pair_scores(qf, gf, distmat, device), q_pids, g_pids, q_cams, g_cams, roc,
+                                          score_range=(-1.0, 1.0) if distmat is None else
+                                          (-float(distmat.max()), -float(distmat.min())))
+    return out
+
+
+def pair_scores(qf: torch.Tensor, gf: torch.Tensor, distmat: np.ndarray | None, device: torch.device | None,
+                chunk: int = 1024) -> Callable[[], Iterable[tuple[int, torch.Tensor]]]:
+    """The score chunks `verification.tpr_at_fpr` reads: cosine similarities, or the negated given distances."""
+    if distmat is not None:
+        d = torch.as_tensor(distmat)
+        return lambda: ((s, -d[s:s + chunk]) for s in range(0, len(d), chunk))
+    return lambda: ((s, -dist) for s, dist in cosine_distance_chunks(qf, gf, chunk, device))
 
 
 def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: Sequence[Record],
@@ -343,7 +420,7 @@ def scores_by_alpha(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record],
     out = {}
     for alpha in alphas:
         q, g, distmat = compared(qf, gf, True, alpha, args, device)
-        out[f"{alpha:g}"] = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device)
+        out[f"{alpha:g}"] = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device, roc=args.roc)
     return out
 
 
@@ -368,17 +445,25 @@ def multi_query_features(qf: torch.Tensor, query: Sequence[Record], mqf: torch.T
 # Outputs: features, rank lists
 # ---------------------------------------------------------------------------------------------------------
 
+def extraction_suffix(args: argparse.Namespace) -> str:
+    """The part of a file's name that the options of feature extraction make: `_noflip`, `_ms<s>[_<t>...]`
+    (when not 1); "" for the defaults. Saved features carry it, so other features never replace the default
+    ones."""
+    ms = "_ms" + "_".join(f"{s:g}" for s in args.ms)
+    return "".join(part for part, on in (("_noflip", not args.flip), (ms, args.ms != [1.0])) if on)
+
+
 def options_suffix(args: argparse.Namespace, halves: bool) -> str:
-    """The part of a results file's name that the options make: `_noflip`, `_alpha<a>[_<b>...]` (DG-Net, when
-    not the default 0.5), `_ap-precision`, `_multi`, `_aqe[<k>-<alpha>]` (the numbers when not 5 and 3),
-    `_rerank`; "" for the defaults. So results of other options are written beside the default ones, never
-    over them."""
+    """The part of a results file's name that the options make: `extraction_suffix`'s, `_alpha<a>[_<b>...]`
+    (DG-Net, when not the default 0.5), `_ap-precision`, `_multi`, `_aqe[<k>-<alpha>]` (the numbers when not 5
+    and 3), `_rerank`; "" for the defaults. So results of other options are written beside the default ones,
+    never over them."""
     alphas = "_alpha" + "_".join(f"{a:g}" for a in args.alphas) if halves and args.alphas != [0.5] else ""
     k, alpha = aqe_settings(args)
     aqe = "_aqe" + ("" if (k, alpha) == (DEFAULT_K, DEFAULT_ALPHA) else f"{k}-{alpha:g}")
-    return "".join(part for part, on in (("_noflip", not args.flip), (alphas, bool(alphas)),
-                                         (f"_ap-{args.ap}", args.ap != "market"), ("_multi", args.multi),
-                                         (aqe, args.aqe), ("_rerank", args.rerank)) if on)
+    return extraction_suffix(args) + "".join(
+        part for part, on in ((alphas, bool(alphas)), (f"_ap-{args.ap}", args.ap != "market"),
+                              ("_multi", args.multi), (aqe, args.aqe), ("_rerank", args.rerank)) if on)
 
 
 def option_fields(args: argparse.Namespace, halves: bool) -> dict[str, Any]:
@@ -480,10 +565,11 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], device: torch.device | None = None, *,
-                 flip: bool = True, alpha: float = 0.5, batch_size: int = 128):
+                 flip: bool = True, scales: Sequence[float] = (1.0,), alpha: float = 0.5, batch_size: int = 128):
+        check_scales(scales, image_size(cfg))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
-        self.cfg, self.flip, self.alpha, self.batch_size = cfg, flip, alpha, batch_size
+        self.cfg, self.flip, self.scales, self.alpha, self.batch_size = cfg, flip, tuple(scales), alpha, batch_size
 
     @classmethod
     def from_run(cls, name: str, output_path: str = ".", which_iter: str = "last", **kwargs: Any) -> Predictor:
@@ -494,7 +580,7 @@ class Predictor:
     def embed(self, paths: Sequence[str], label: str | None = None) -> torch.Tensor:
         """Normalized features (N, D) of image files, as the evaluation computes them (query weighting aside)."""
         records = [Record(str(p), 0, 0) for p in paths]
-        return extract_features(self.model, self.cfg, records, self.device, flip=self.flip,
+        return extract_features(self.model, self.cfg, records, self.device, flip=self.flip, scales=self.scales,
                                 batch_size=self.batch_size, label=label)
 
     def search(self, query: Sequence[str], gallery: Sequence[str], topk: int = 10,
@@ -530,12 +616,12 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if len(args.alphas) > 1:
         raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
-    if args.multi or args.rerank or args.aqe:
-        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank and --aqe (they are for "
-                        "evaluation on a dataset)")
+    if args.multi or args.rerank or args.aqe or args.roc:
+        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe and --roc (they are "
+                        "for evaluation on a dataset)")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
-    predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, alpha=args.alpha,
-                                   batch_size=args.batch_size)
+    predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, scales=args.ms,
+                                   alpha=args.alpha, batch_size=args.batch_size)
     results = predictor.search(query, gallery, args.topk, label=True)
     out = run_folder(args.output_path, args.name) / "results" / "search.json"
 
@@ -555,6 +641,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 def _check_args(args: argparse.Namespace) -> None:
     for alpha in args.alphas:
         check_alpha(alpha)
+    check_scales(args.ms)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
@@ -633,7 +720,8 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
-    if args.aqe:  # before the features are extracted
+    check_scales(args.ms, image_size(cfg))  # before the features are extracted
+    if args.aqe:
         check_expansion(*aqe_settings(args), len(splits.gallery))
     if args.multi and not cfg["cross_camera"]:
         raise UserError("--multi averages each query's identity and camera, which cross_camera: false leaves out; "
@@ -644,14 +732,16 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     halves = has_halves(model)
 
     def features(records: Sequence[Record], what: str) -> torch.Tensor:
-        return extract_features(model, cfg, records, device, flip=args.flip, batch_size=args.batch_size, label=what)
+        return extract_features(model, cfg, records, device, flip=args.flip, scales=args.ms,
+                                batch_size=args.batch_size, label=what)
 
     qf, gf = features(splits.query, "query"), features(splits.gallery, "gallery")
     parts = {"query": (qf, splits.query), "gallery": (gf, splits.gallery)}
     summary: dict[str, Any] = {"run": evaluated.run_dir.name, "kind": evaluated.kind,
                                "iteration": evaluated.iteration, "original": args.original,
                                "dataset": splits.name, "variant": splits.variant or None,
-                               "data_root": str(cfg["data_root"]), "flip": args.flip, **option_fields(args, halves),
+                               "data_root": str(cfg["data_root"]), "flip": args.flip, "ms": args.ms,
+                               **option_fields(args, halves),
                                "cross_camera": cfg["cross_camera"]}
     if args.multi:
         parts["mquery"] = (features(splits.multi_query, "multi-query"), splits.multi_query)
@@ -665,7 +755,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         suffix = tag + options_suffix(args, halves)
         out = results / f"{evaluated.stem}{suffix}.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
-        files = [out, *save_features(results, evaluated.stem, parts, tag)]
+        files = [out, *save_features(results, evaluated.stem, parts, tag + extraction_suffix(args))]
         if args.ranklist:
             files.append(results / f"ranklist_{evaluated.stem}{suffix}")
             write_ranklists(files[-1], query_f, gallery_f, splits.query, splits.gallery, args.ranklist,
@@ -688,7 +778,7 @@ def protocol_scores(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record],
         qf, out["multi_query_missing"] = multi_query_features(qf, query, *mquery)
     others = scores_by_alpha(qf, gf, query, gallery, args.alphas[1:], args, device) if halves else {}
     q, g, distmat = compared(qf, gf, halves, args.alpha, args, device)
-    metrics = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device)
+    metrics = score(q, g, query, gallery, ap=args.ap, distmat=distmat, device=device, roc=args.roc)
     out.update(metrics)
     if others:
         out["by_alpha"] = {f"{args.alpha:g}": metrics, **others}
@@ -742,6 +832,9 @@ def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[
     """`--features FILE`: saved features scored again, with other options and no model or images (a 1,024-d
     feature is DG-Net's two halves); the metrics go beside the file as <stem>_scores<options_suffix>.json."""
     _check_args(args)
+    if not args.flip or args.ms != [1.0]:
+        raise UserError("--features scores features extracted already: leave out --no-flip and --ms (they choose "
+                        "how test.py extracts them)")
     path = Path(args.features)
     parts = load_saved_features(path)
     if args.multi and "mquery" not in parts:
@@ -804,7 +897,7 @@ def evaluate_every_checkpoint(args: argparse.Namespace) -> int:
     suffix = written[0].name[8:-len(".json")]  # the metrics file is <iteration, 8 digits><suffix>.json
     curve = written[0].parent / f"curve{suffix}.json"
     try:
-        options = {k: summary[k] for k in ("ap", "alpha", "multi", "rerank", "aqe")}
+        options = {k: summary[k] for k in ("flip", "ms", "ap", "alpha", "multi", "rerank", "aqe")}
         curve.write_text(json.dumps({"run": args.name, **options, "rows": rows}, indent=2) + "\n")
     except OSError as err:
         print(f"error: could not write {curve} ({err.strerror or err})", file=sys.stderr)
@@ -835,9 +928,9 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     from export import OnnxReID  # onnxruntime is optional: only --onnx needs it
 
     _check_args(args)
-    if args.multi or args.rerank or args.aqe or args.ranklist or args.query or args.gallery:
-        raise UserError("--onnx evaluates query against gallery: leave out --multi, --rerank, --aqe, --ranklist, "
-                        "--query and --gallery")
+    if args.multi or args.rerank or args.aqe or args.ranklist or args.query or args.gallery or args.ms != [1.0]:
+        raise UserError("--onnx evaluates query against gallery at the exported size: leave out --multi, --rerank, "
+                        "--aqe, --ranklist, --query, --gallery and --ms")
     exported = OnnxReID(args.onnx)
     if not args.flip and exported.flip:
         raise UserError(f"--no-flip: {args.onnx} computes the flipped image in its graph; export with "
@@ -874,7 +967,10 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
 
 def print_summary(s: dict[str, Any]) -> None:
     aqe = s.get("aqe")
-    extras = [x for x, on in (("multi-query", s["multi"]),
+    ms = s.get("ms", [1.0])
+    extras = [x for x, on in (("no flip", not s.get("flip", True)),
+                              (f"multi-scale ({', '.join(f'{x:g}' for x in ms)})", ms != [1.0]),
+                              ("multi-query", s["multi"]),
                               (aqe and f"alpha-query-expanded (k {aqe['k']}, alpha {aqe['alpha']:g})", aqe),
                               ("re-ranked", s["rerank"]),
                               ("same-camera matches counted (cross_camera: false)", not s.get("cross_camera", True)))
@@ -893,6 +989,8 @@ def print_summary(s: dict[str, Any]) -> None:
     print("| " + " | ".join(f"{100 * s[m]:6.2f}" for m in METRICS) + " |")
     other = next(c for c in AP_CONVENTIONS if c != s["ap"])
     print(f"mAP under the other AP convention ({other}): {100 * s[f'mAP_{other}']:.2f}; R20 {100 * s['R20']:.2f}")
+    if s.get("verification"):
+        print(verification_line(s["verification"]))
     if s.get("by_alpha"):
         print("by alpha (the fine-grained half's weight on the query; -1: that half alone):")
         print("| alpha  | " + " | ".join(f"{m:>6}" for m in METRICS) + " |")
@@ -902,6 +1000,14 @@ def print_summary(s: dict[str, Any]) -> None:
     if s.get("multi_query_missing"):
         print(f"{s['multi_query_missing']} queries had no multi-query image of their identity and camera and "
               "kept their own feature")
+
+
+def verification_line(v: dict[str, Any]) -> str:
+    """--roc's rates in one line: TPR at each FPR, and the pairs they count."""
+    rates = ", ".join(f"{100 * r['tpr']:.2f} % at FPR {f}" if r else f"none at FPR {f}"
+                      for f, r in v["rates"].items())
+    return (f"verification: TPR {rates} ({v['positive_pairs']:,} positive and {v['negative_pairs']:,} negative "
+            "query-gallery pairs)")
 
 
 def report(summary: dict[str, Any], write: Callable[[], list[Path]]) -> int:

@@ -5,6 +5,7 @@
     python bench/eval_bench.py --cases market-distmat market-distmat-reference
     python bench/eval_bench.py --device cuda --dim 1024 --cases market-rerank msmt-features msmt-rerank
     python bench/eval_bench.py --cases market-features market-aqe    # alpha-query expansion's cost
+    python bench/eval_bench.py --cases market-roc msmt-roc            # test.py --roc: TPR@FPR over all pairs
 
 Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own: the figure
 includes Python, torch and the synthetic features (`base` is the peak before the timed part). Features are
@@ -42,15 +43,17 @@ CASES = {  # name: (size, what, method)
     "market-features": ("market", "features", "ours"),
     "market-rerank": ("market", "features", "rerank"),
     "market-aqe": ("market", "features", "aqe"),
+    "market-roc": ("market", "features", "roc"),
     "msmt-features": ("msmt", "features", "ours"),
     "msmt-features-reference": ("msmt", "features", "reference"),
     "msmt-rerank": ("msmt", "features", "rerank"),
     "msmt-aqe": ("msmt", "features", "aqe"),
+    "msmt-roc": ("msmt", "features", "roc"),
 }
 QUICK_CASES = {"quick-distmat": ("quick", "distmat", "ours"),
                "quick-distmat-reference": ("quick", "distmat", "reference"),
                "quick-features": ("quick", "features", "ours"), "quick-rerank": ("quick", "features", "rerank"),
-               "quick-aqe": ("quick", "features", "aqe")}
+               "quick-aqe": ("quick", "features", "aqe"), "quick-roc": ("quick", "features", "roc")}
 
 
 def synthetic(size: str, dim: int, structured: bool = True, seed: int = 0):
@@ -123,6 +126,7 @@ def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
         qf, gf = qf.to(device), gf.to(device)
         torch.ones(8, 8, device=device).matmul(torch.ones(8, 8, device=device)).sum().item()  # CUDA set up
     base = peak_mb()
+    extra = {}
     start = time.perf_counter()
     if method == "rerank":
         from rerank import k_reciprocal_rerank
@@ -139,11 +143,19 @@ def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
         result = evaluate_distmat(distmat, q_pids, g_pids, q_cams, g_cams)
     else:
         result = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, device=device)
+    if method == "roc":  # test.py --roc: the ranking above, then TPR@FPR over every query-gallery pair
+        from verification import tpr_at_fpr
+        ranked = time.perf_counter()
+        v = tpr_at_fpr(lambda: ((s, -d) for s, d in cosine_distance_chunks(qf, gf, device=device)),
+                       q_pids, g_pids, q_cams, g_cams)
+        extra = {"roc_seconds": round(time.perf_counter() - ranked, 3),
+                 "pairs": v["negative_pairs"] + v["positive_pairs"],
+                 "tpr": {f: round(r["tpr"], 6) for f, r in v["rates"].items()}}
     seconds = time.perf_counter() - start
     return {"case": name, "size": size, "queries": len(qf), "gallery": len(gf), "dim": dim, "input": what,
             "method": method, "device": device, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_mb()),
             "base_rss_mb": round(base), "mAP": round(float(result["mAP"]), 6), "R1": round(float(result["cmc"][0]), 6),
-            "num_valid_queries": int(result["num_valid_queries"])}
+            "num_valid_queries": int(result["num_valid_queries"]), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,89 @@ def test_rerank_and_no_flip(tiny_run):
     summary = json.loads((results / "00000002_noflip_rerank.json").read_text())
     assert summary["rerank"] and not summary["flip"] and 0 <= summary["mAP"] <= 1
     assert len(list((results / "ranklist_00000002_noflip_rerank").glob("*.jpg"))) == 1  # beside the default rank lists
+    assert (results / "features_00000002_noflip.npz").is_file()  # beside the default features, not over them
+
+
+def test_multi_scale_feature_sums_the_scaled_images(tiny_run):
+    """--ms: each scale's image (area times s: each side times sqrt(s), rounded down) adds its feature to the
+    sum. Without flip each term is unit per half, so the sum is checkable from single-scale features."""
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    assert evaluation.scaled(x, 1) is x
+    assert evaluation.scaled(x, 1.1).shape[-2:] == (67, 33) and evaluation.scaled(x, 0.5).shape[-2:] == (45, 22)
+    state, cfg, _ = evaluation.load_run("tiny", str(tiny_run[0]))
+    model = evaluation.load_model(state, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        def feature(images, scales=(1.0,)):
+            return evaluation.evaluated_feature(model, images, True, flip=False, scales=scales)
+
+        one, larger = feature(x), feature(evaluation.scaled(x, 1.1))
+        both = feature(x, (1.0, 1.1))
+    assert not torch.allclose(one, larger, atol=1e-4)  # the scale changes the feature
+    torch.testing.assert_close(both, evaluation._normalize_halves(one + larger), atol=1e-5, rtol=1e-5)
+
+
+def test_multi_scale_evaluation_and_its_files(tiny_run, capsys):
+    assert run_test(tiny_run, "--ms", "1,1.1") == 0
+    assert "multi-scale (1, 1.1)" in capsys.readouterr().out
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    summary = json.loads((results / "00000002_ms1_1.1.json").read_text())
+    assert summary["ms"] == [1.0, 1.1] and summary["flip"] and 0 <= summary["mAP"] <= 1
+    # its features beside the single-scale ones, never over them; --features scores them again alike
+    features = results / "features_00000002_ms1_1.1.npz"
+    assert features.is_file() and (results / "pytorch_result_ms1_1.1.mat").is_file()
+    assert evaluation.main(["--features", str(features)]) == 0
+    again = json.loads((results / "features_00000002_ms1_1.1_scores.json").read_text())
+    assert again["mAP"] == pytest.approx(summary["mAP"], abs=1e-6) and again["R1"] == summary["R1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--ms", "0"), "positive number"),
+    (("--ms", "1,nan"), "positive number"),
+    (("--ms", "1,1"), "gives a scale twice"),
+    (("--ms", "1,0.5"), "too small for the network"),
+    (("--ms", "1,x"), None),  # argparse's own message
+])
+def test_bad_scales_are_one_line(tiny_run, capsys, args, message):
+    if message is None:
+        with pytest.raises(SystemExit):
+            run_test(tiny_run, *args)
+        assert "give numbers separated by commas" in capsys.readouterr().err
+        return
+    assert run_test(tiny_run, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_scales_are_refused_where_the_features_are_given(tiny_run, tmp_path, capsys):
+    features = tiny_run[0] / "outputs" / "tiny" / "results" / "features_00000002.npz"
+    for args in (("--features", str(features), "--ms", "1,1.1"), ("--features", str(features), "--no-flip"),
+                 ("--name", "tiny", "--output_path", str(tiny_run[0]), "--onnx", str(tmp_path / "x.onnx"),
+                  "--ms", "1,1.1")):
+        assert evaluation.main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert "--ms" in err and len(err.strip().splitlines()) == 1
+
+
+def test_verification_rates(tiny_run, capsys):
+    """--roc adds TPR@FPR to the metrics (every alpha of a sweep, re-ranked or not); saved features give the
+    same rates."""
+    assert run_test(tiny_run, "--roc", "--alpha", "0.5,-1") == 0
+    assert "verification: TPR" in capsys.readouterr().out
+    results = tiny_run[0] / "outputs" / "tiny" / "results"
+    summary = json.loads((results / "00000002_alpha0.5_-1.json").read_text())
+    v = summary["verification"]
+    assert set(v["rates"]) == {"0.0001", "0.001", "0.01"} and v["positive_pairs"] > 0 and v["negative_pairs"] > 0
+    assert all(0 <= r["tpr"] <= 1 and r["fpr"] <= float(f) for f, r in v["rates"].items())
+    assert summary["by_alpha"]["-1"]["verification"]["positive_pairs"] == v["positive_pairs"]
+    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--roc", "0.05,0.2"]) == 0
+    again = json.loads((results / "features_00000002_scores.json").read_text())["verification"]
+    assert set(again["rates"]) == {"0.05", "0.2"} and again["negative_pairs"] == v["negative_pairs"]
+    assert run_test(tiny_run, "--roc", "--rerank") == 0
+    reranked = json.loads((results / "00000002_rerank.json").read_text())["verification"]
+    assert reranked["positive_pairs"] == v["positive_pairs"] and reranked["rates"]["0.01"]["threshold"] <= 0
+    with pytest.raises(SystemExit):
+        run_test(tiny_run, "--roc", "0,0.1")
+    assert "above 0 and below 1" in capsys.readouterr().err
 
 
 def test_multi_query(tiny_run, tmp_path, capsys):
@@ -128,6 +211,10 @@ def test_search_command_and_predictor(tiny_run, capsys):
     assert predictor.embed(queries[:3]).shape == (3, 1024)
     hits = predictor.search(queries[:2], queries, topk=1)
     assert [h["matches"][0]["path"] for h in hits] == queries[:2]
+    multi_scale = evaluation.Predictor.from_run("tiny", str(tiny_run[0]), scales=(1, 1.2), batch_size=8)
+    assert not torch.allclose(multi_scale.embed(queries[:3]), predictor.embed(queries[:3]), atol=1e-4)
+    with pytest.raises(UserError, match="too small"):
+        evaluation.Predictor.from_run("tiny", str(tiny_run[0]), scales=(0.1,))
 
 
 def test_evaluate_model_for_validation(tiny_run):
@@ -160,12 +247,13 @@ def test_bad_input_is_one_line(tiny_run, capsys, args, message):
 def test_bench_quick_runs(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "eval_bench.py"), "--quick", "--cases",
-                           "quick-distmat", "quick-distmat-reference", "--out", str(out)],
+                           "quick-distmat", "quick-distmat-reference", "quick-roc", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     cases = json.loads(out.read_text())["cases"]
-    assert [c["case"] for c in cases] == ["quick-distmat", "quick-distmat-reference"]
+    assert [c["case"] for c in cases] == ["quick-distmat", "quick-distmat-reference", "quick-roc"]
     assert cases[0]["mAP"] == pytest.approx(cases[1]["mAP"], abs=1e-6)
+    assert set(cases[2]["tpr"]) == {"0.0001", "0.001", "0.01"} and 0 < cases[2]["pairs"] <= 300 * 1500
 
 
 def test_metrics_are_printed_before_an_unwritable_results_folder_fails(tiny_run, tmp_path, capsys):
@@ -431,6 +519,6 @@ def test_query_expansion_bad_options(tiny_run, capsys):
 
 def test_search_refuses_evaluation_options(tiny_run, capsys):
     folder = str(tiny_run[1] / "query")
-    for option in ("--aqe", "--rerank", "--multi"):
+    for option in ("--aqe", "--rerank", "--multi", "--roc"):
         assert run_test(tiny_run, "--query", folder, "--gallery", folder, option) == 2
-        assert "leave out --multi, --rerank and --aqe" in capsys.readouterr().err
+        assert "leave out --multi, --rerank, --aqe and --roc" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Verification rates over query–gallery pairs, for `test.py --roc`: the true-positive rate at a false-positive
+rate (TPR@FPR), as face and re-ID verification report it.
+
+Pairs are every query against every gallery image that its ranking keeps (evaluate.py's rules): a gallery
+image of pid -1 (junk) and one of the query's pid from the query's camera are left out, and so is a query of
+pid -1. A pair of the same pid is positive, any other negative. A pair is accepted when its score (cosine
+similarity, or the negated re-ranked distance) is *above* a threshold; at a given FPR f the threshold is the
+lowest one that accepts at most f of the negative pairs (floor(f N_neg)), so with ties the rate reached may
+be below f, never above. TPR is the share of positive pairs it accepts. (fast-reid's TPR@FPR labels the
+positives 0 and takes distances as scores, which makes it the share of negatives rejected at a given share
+of rejected positives: a different number under the same name.)
+
+Market-1501 has 54 million pairs and MSMT17 958 million, so nothing of that size is kept: a first pass over
+the score chunks keeps the positive scores (few) and a histogram of the negative ones; the threshold's bin
+is then read again in a second pass, whose few negative scores are sorted to find it exactly.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
+BINS = 1 << 16  # of the score range: the threshold's bin holds a few thousand negatives at MSMT17's size
+
+ScoreChunks = Callable[[], Iterable[tuple[int, torch.Tensor]]]  # (first query, (rows, G) scores), anew each call
+
+
+def _pairs(q_pids: torch.Tensor, q_camids: torch.Tensor, g_pids: torch.Tensor, g_camids: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) masks of a chunk of queries against the gallery."""
+    same = g_pids[None, :] == q_pids[:, None]
+    kept = (g_pids != -1)[None, :] & ~(same & (g_camids[None, :] == q_camids[:, None])) & (q_pids != -1)[:, None]
+    return same & kept, ~same & kept
+
+
+def check_fprs(fprs: Sequence[float]) -> None:
+    for f in fprs:
+        if not 0 < f < 1:
+            raise UserError(f"a false-positive rate must be above 0 and below 1, got {f}")
+
+
+def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+               fprs: Sequence[float] = DEFAULT_FPRS, score_range: tuple[float, float] = (-1.0, 1.0),
+               bins: int = BINS) -> dict[str, Any]:
+    """{"positive_pairs", "negative_pairs", "rates": {"<fpr:g>": {"tpr", "fpr", "threshold"}}}: per asked
+    FPR, the TPR, the FPR the threshold actually gives, and the threshold (a score; pairs above it are
+    accepted). `scores()` yields the score chunks, and is called twice. `score_range` only spreads the
+    histogram (scores outside it fall into its end bins, still exactly counted); cosine similarities lie in
+    [-1, 1]. Rates are None where there is no positive or no negative pair."""
+    check_fprs(fprs)
+    labels: list[torch.Tensor] | None = None
+    low, high = score_range
+    scale = bins / (high - low) if high > low else 0.0
+
+    def bin_of(values: torch.Tensor) -> torch.Tensor:
+        # the same float32 arithmetic in both passes, so a score is read back from the bin it was counted in
+        return ((values - low) * scale).floor_().clamp_(0, bins - 1).long()
+
+    def chunks() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        nonlocal labels
+        for s, chunk in scores():
+            chunk = chunk.float()
+            if torch.isnan(chunk).any():
+                raise UserError("the scores contain NaN; check the features (NaN in the model output?)")
+            if labels is None or labels[0].device != chunk.device:
+                labels = [torch.as_tensor(np.asarray(x, np.int64), device=chunk.device)
+                          for x in (q_pids, q_camids, g_pids, g_camids)]
+            rows = slice(s, s + len(chunk))
+            positive, negative = _pairs(labels[0][rows], labels[1][rows], *labels[2:])
+            yield chunk, positive, negative
+
+    positives, histogram, n_neg = [], None, 0
+    for chunk, positive, negative in chunks():
+        positives.append(chunk[positive].cpu())
+        values = chunk[negative]
+        n_neg += len(values)
+        counts = torch.bincount(bin_of(values), minlength=bins).cpu()
+        histogram = counts if histogram is None else histogram + counts
+    pos = torch.cat(positives) if positives else torch.empty(0)
+    out: dict[str, Any] = {"positive_pairs": len(pos), "negative_pairs": n_neg,
+                           "rates": {f"{f:g}": None for f in fprs}}
+    if not len(pos) or not n_neg:
+        return out
+    # per FPR: the bin holding the (k+1)-th highest negative score, k = floor(f N_neg) the negatives allowed
+    # above the threshold, and how many lie in higher bins
+    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # negatives in this bin or higher
+    wanted = {}
+    for f in fprs:
+        k = math.floor(f * n_neg)
+        b = int(torch.nonzero(above > k).max())
+        wanted[f] = (b, k - (int(above[b + 1]) if b + 1 < bins else 0))
+    in_bins: dict[int, list[torch.Tensor]] = {b: [] for b, _ in wanted.values()}
+    for chunk, _, negative in chunks():
+        values = chunk[negative]
+        idx = bin_of(values)
+        for b in in_bins:
+            in_bins[b].append(values[idx == b].cpu())
+    for f, (b, j) in wanted.items():
+        values = torch.cat(in_bins[b])
+        threshold = values.sort(descending=True).values[j]
+        accepted = int(above[b]) - int((values <= threshold).sum())  # higher bins hold only higher scores
+        out["rates"][f"{f:g}"] = {"tpr": int((pos > threshold).sum()) / len(pos), "fpr": accepted / n_neg,
+                                  "threshold": float(threshold)}
+    return out
