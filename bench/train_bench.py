@@ -415,7 +415,9 @@ def _read_site() -> tuple[str, str]:
     library's line that made the read."""
     import traceback
 
-    frames = traceback.extract_stack()[:-3]  # less this function and the mode's own frames
+    frames = traceback.extract_stack()
+    while frames and (frames[-1].filename == __file__ or frames[-1].filename.endswith("_python_dispatch.py")):
+        frames.pop()  # this function and the mode's own frames (torch 2.4 calls the mode with one fewer)
     repo = str(REPO)
     own = [f for f in frames if f.filename.startswith(repo) and "/bench/" not in f.filename
            and "site-packages" not in f.filename]  # a virtual environment inside the checkout is not the project

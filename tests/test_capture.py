@@ -113,22 +113,31 @@ def test_graph_safe_step_makes_no_host_read(r1_conv: str) -> None:
 def test_compiled_graph_safe_step_follows_the_eager_step(monkeypatch) -> None:
     """compile: true inside the captured step: G and E_a traced by dynamo (compile_backend aot_eager: the same
     tracing and autograd as inductor without its C++ code generation), compiled during the warm-ups, then
-    the graph-safe form reads nothing on the host and follows the uncompiled eager step."""
+    the graph-safe form gives the losses and weights of the same compiled trainer run eagerly, bit for bit.
+
+    Not checked here: (1) the host reads of the compiled step. Under a dispatch mode (the host-read counter
+    is one) dynamo compiles nothing and runs the module eagerly, so that check would see uncompiled code (and
+    torch 2.4's aot_eager fails under one); on a GPU, capture itself fails on any read (gpu_run.sh's
+    compile_tests). (2) Equality with the uncompiled step: aot_eager's backward differs from eager's by about
+    1e-8, which these tiny sizes amplify within two or three iterations (batch statistics over 4 images, Adam's
+    normalized steps on gradients near zero): 1e-2 relative at a batch of 4, 1e-6 at 8 (2026-12-07). The
+    GPU's numerics step compares captured runs with the fp32 reference at the real sizes."""
+    import torch._dynamo.utils
+
     monkeypatch.setattr(capture, "WARMUP", 1)
-    bench = train_bench()
-    eager = dgnet("fused_optim=always", dropout=False)
-    compiled = dgnet("fused_optim=always", "compile=true", "compile_backend=aot_eager", dropout=False)
-    assert compiled.compile_backend == "aot_eager" and eager.compile_backend is None
+    opts = ("fused_optim=always", "compile=true", "compile_backend=aot_eager")
+    eager, compiled = dgnet(*opts, dropout=False), dgnet(*opts, dropout=False)
+    assert compiled.compile_backend == "aot_eager"
     step = CapturedStep(compiled, graphs=False)
     iters = range(4)
-    expected = run(eager.train_step, iters)
-    got = []
-    recorded = host_reads(bench, step, lambda step: got.extend(run(step, iters)))
+    torch._dynamo.utils.counters.clear()
+    expected, got = run(eager.train_step, iters), run(step, iters)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo did compile
     assert step.counts["captured"] >= 1 and step.counts["replayed"] >= 1, step.counts
-    assert all(not sites for sites in recorded[step.counts["eager"]:]), recorded  # after the warm-ups
-    for e, g in zip(expected, got):
+    for it, (e, g) in enumerate(zip(expected, got)):
         for key in e:
-            torch.testing.assert_close(g[key], e[key].float(), rtol=1e-4, atol=1e-6, msg=key)
+            assert torch.equal(e[key].float(), g[key]), (it, key, e[key], g[key])
+    assert_same_parameters(eager, compiled)
 
 
 def test_compile_backend_key() -> None:
