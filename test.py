@@ -368,7 +368,7 @@ def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: 
 
 
 def pair_scores(qf: torch.Tensor, gf: torch.Tensor, distmat: np.ndarray | None, device: torch.device | None,
-                chunk: int = 1024) -> Callable[[], Iterable[tuple[int, torch.Tensor]]]:
+                chunk: int = 256) -> Callable[[], Iterable[tuple[int, torch.Tensor]]]:
     """The score chunks `verification.tpr_at_fpr` reads: cosine similarities, or the negated given distances."""
     if distmat is not None:
         d = torch.as_tensor(distmat)

@@ -58,9 +58,11 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
     low, high = score_range
     scale = bins / (high - low) if high > low else 0.0
 
-    def bin_of(values: torch.Tensor) -> torch.Tensor:
-        # the same float32 arithmetic in both passes, so a score is read back from the bin it was counted in
-        return ((values - low) * scale).floor_().clamp_(0, bins - 1).long()
+    def negative_bins(chunk: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """Each score's bin, `bins` (one past the last) where the pair is not negative. The same float32
+        arithmetic in both passes, so a score is read back from the bin it was counted in; clamped to be
+        non-negative first, the conversion's truncation is the floor."""
+        return torch.where(negative, chunk.sub(low).mul_(scale).clamp_(0, bins - 1).long(), bins)
 
     def chunks() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         nonlocal labels
@@ -75,13 +77,12 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
             positive, negative = _pairs(labels[0][rows], labels[1][rows], *labels[2:])
             yield chunk, positive, negative
 
-    positives, histogram, n_neg = [], None, 0
+    positives, histogram = [], None
     for chunk, positive, negative in chunks():
         positives.append(chunk[positive].cpu())
-        values = chunk[negative]
-        n_neg += len(values)
-        counts = torch.bincount(bin_of(values), minlength=bins).cpu()
+        counts = torch.bincount(negative_bins(chunk, negative).flatten(), minlength=bins + 1)[:bins].cpu()
         histogram = counts if histogram is None else histogram + counts
+    n_neg = int(histogram.sum()) if histogram is not None else 0
     pos = torch.cat(positives) if positives else torch.empty(0)
     out: dict[str, Any] = {"positive_pairs": len(pos), "negative_pairs": n_neg,
                            "rates": {f"{f:g}": None for f in fprs}}
@@ -97,10 +98,9 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
         wanted[f] = (b, k - (int(above[b + 1]) if b + 1 < bins else 0))
     in_bins: dict[int, list[torch.Tensor]] = {b: [] for b, _ in wanted.values()}
     for chunk, _, negative in chunks():
-        values = chunk[negative]
-        idx = bin_of(values)
+        idx = negative_bins(chunk, negative)
         for b in in_bins:
-            in_bins[b].append(values[idx == b].cpu())
+            in_bins[b].append(chunk[idx == b].cpu())
     for f, (b, j) in wanted.items():
         values = torch.cat(in_bins[b])
         threshold = values.sort(descending=True).values[j]

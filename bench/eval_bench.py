@@ -146,7 +146,7 @@ def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
     if method == "roc":  # test.py --roc: the ranking above, then TPR@FPR over every query-gallery pair
         from verification import tpr_at_fpr
         ranked = time.perf_counter()
-        v = tpr_at_fpr(lambda: ((s, -d) for s, d in cosine_distance_chunks(qf, gf, device=device)),
+        v = tpr_at_fpr(lambda: ((s, -d) for s, d in cosine_distance_chunks(qf, gf, 256, device)),
                        q_pids, g_pids, q_cams, g_cams)
         extra = {"roc_seconds": round(time.perf_counter() - ranked, 3),
                  "pairs": v["negative_pairs"] + v["positive_pairs"],
