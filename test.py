@@ -48,7 +48,7 @@ from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
 from data.loaders import build_test_loader, image_size, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
 from expansion import DEFAULT_ALPHA, DEFAULT_K, alpha_query_expansion, check_expansion
-from reIDmodel import AppearanceEncoder, build_appearance_encoder, build_teacher
+from reIDmodel import SCALE2_MAX_HEIGHT, AppearanceEncoder, build_appearance_encoder, build_teacher
 from utils import (
     UserError,
     add_run_arguments,
@@ -258,23 +258,33 @@ def scale_values(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 1,1.1; got {text!r}") from None
 
 
-MIN_SCALED_SIDE = 32  # pixels: the backbones downsample by 16 or 32, and a smaller image has no feature map left
+MIN_SCALED_SIDE = 32  # pixels: the backbones downsample by 16 or 32, so below this a feature map is a pixel or less
 
 
-def check_scales(scales: Sequence[float], size: tuple[int, int] | None = None) -> None:
-    """One line for scales that cannot run: not positive and finite, given twice, or shrinking a side of the
-    (height, width) `size` below MIN_SCALED_SIDE pixels."""
+def check_scales(scales: Sequence[float], size: tuple[int, int] | None = None, doubles_small: bool = False
+                 ) -> None:
+    """One line for scales that cannot run: not positive and finite, given twice, or, for (height, width)
+    `size` images, shrinking a side below MIN_SCALED_SIDE pixels. `doubles_small` (the config's scale2): the
+    network doubles an input at most SCALE2_MAX_HEIGHT pixels high, so the scaled images must all be doubled
+    or all not, or one scale would be seen at twice the size of the next."""
     for s in scales:
         if not 0 < s < math.inf:
             raise UserError(f"--ms: each scale must be a positive number (of the image's area), got {s}")
     if len(set(scales)) < len(scales):
         raise UserError(f"--ms gives a scale twice ({','.join(f'{s:g}' for s in scales)}); give each once")
-    if size is not None:
-        smallest = min(scales)
-        side = min(math.floor(n * math.sqrt(smallest)) for n in size)
-        if side < MIN_SCALED_SIDE:
-            raise UserError(f"--ms {smallest:g} makes the {size[0]}x{size[1]} images {side} pixels on a side, too "
-                            f"small for the network (at least {MIN_SCALED_SIDE}); use larger scales")
+    if size is None:
+        return
+    doubled = {s: doubles_small and math.floor(size[0] * math.sqrt(s)) <= SCALE2_MAX_HEIGHT for s in scales}
+    if len(set(doubled.values())) > 1:
+        raise UserError(f"--ms {','.join(f'{s:g}' for s in scales)}: with scale2 the network doubles images at most "
+                        f"{SCALE2_MAX_HEIGHT} pixels high, which would double the {size[0]}x{size[1]} images at "
+                        f"scales {','.join(f'{s:g}' for s in scales if doubled[s])} but not at the others; give "
+                        "scales all on one side of that height")
+    smallest = min(scales)
+    side = min(math.floor(n * math.sqrt(smallest)) for n in size) * (2 if doubled[smallest] else 1)
+    if side < MIN_SCALED_SIDE:
+        raise UserError(f"--ms {smallest:g} makes the {size[0]}x{size[1]} images {side} pixels on a side, too "
+                        f"small for the network (at least {MIN_SCALED_SIDE}); use larger scales")
 
 
 def fpr_values(text: str) -> list[float]:
@@ -566,7 +576,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], device: torch.device | None = None, *,
                  flip: bool = True, scales: Sequence[float] = (1.0,), alpha: float = 0.5, batch_size: int = 128):
-        check_scales(scales, image_size(cfg))
+        check_scales(scales, image_size(cfg), cfg.get("scale2", False))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.cfg, self.flip, self.scales, self.alpha, self.batch_size = cfg, flip, tuple(scales), alpha, batch_size
@@ -720,7 +730,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
         raise UserError(f"{splits.name} at {cfg['data_root']} has no query or gallery images to evaluate on")
-    check_scales(args.ms, image_size(cfg))  # before the features are extracted
+    check_scales(args.ms, image_size(cfg), cfg.get("scale2", False))  # before the features are extracted
     if args.aqe:
         check_expansion(*aqe_settings(args), len(splits.gallery))
     if args.multi and not cfg["cross_camera"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,8 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
     check_fprs(fprs)
     labels: list[torch.Tensor] | None = None
     low, high = score_range
+    if not (math.isfinite(low) and math.isfinite(high)):  # e.g. an inf in given distances: any range is exact
+        low, high = -1.0, 1.0
     scale = bins / (high - low) if high > low else 0.0
 
     def negative_bins(chunk: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,7 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
     above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # negatives in this bin or higher
     wanted = {}
     for f in fprs:
-        k = math.floor(f * n_neg)
+        k = math.floor(Fraction(repr(f)) * n_neg)  # the rate as written: 0.29 * 100 is 28.999... in floats
         b = int(torch.nonzero(above > k).max())
         wanted[f] = (b, k - (int(above[b + 1]) if b + 1 < bins else 0))
     in_bins: dict[int, list[torch.Tensor]] = {b: [] for b, _ in wanted.values()}
@@ -103,6 +106,9 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
             in_bins[b].append(chunk[idx == b].cpu())
     for f, (b, j) in wanted.items():
         values = torch.cat(in_bins[b])
+        if len(values) != int(histogram[b]):
+            raise UserError("the similarities came out differently when computed again (a nondeterministic "
+                            "kernel?); run the evaluation on the CPU for --roc")
         threshold = values.sort(descending=True).values[j]
         accepted = int(above[b]) - int((values <= threshold).sum())  # higher bins hold only higher scores
         out["rates"][f"{f:g}"] = {"tpr": int((pos > threshold).sum()) / len(pos), "fpr": accepted / n_neg,

@@ -104,6 +104,19 @@ def test_multi_scale_feature_sums_the_scaled_images(tiny_run):
     torch.testing.assert_close(both, evaluation._normalize_halves(one + larger), atol=1e-5, rtol=1e-5)
 
 
+def test_scales_and_the_doubling_of_small_images():
+    """scale2 doubles images at most 128 pixels high: scales must be doubled all or none, and the smallest
+    side is the one the network sees."""
+    evaluation.check_scales([1, 1.1], (64, 32), doubles_small=True)  # 64 and 67 pixels high: both doubled
+    evaluation.check_scales([1, 0.5], (64, 32), doubles_small=True)  # 45x22, doubled to 90x44
+    with pytest.raises(UserError, match="too small"):
+        evaluation.check_scales([1, 0.5], (64, 32))  # 45x22 as it is
+    for scales, size in (([1, 1.1], (128, 64)), ([1, 0.25], (256, 128))):
+        with pytest.raises(UserError, match="double"):
+            evaluation.check_scales(scales, size, doubles_small=True)
+        evaluation.check_scales(scales, size)
+
+
 def test_multi_scale_evaluation_and_its_files(tiny_run, capsys):
     assert run_test(tiny_run, "--ms", "1,1.1") == 0
     assert "multi-scale (1, 1.1)" in capsys.readouterr().out
@@ -157,9 +170,13 @@ def test_verification_rates(tiny_run, capsys):
     assert set(v["rates"]) == {"0.0001", "0.001", "0.01"} and v["positive_pairs"] > 0 and v["negative_pairs"] > 0
     assert all(0 <= r["tpr"] <= 1 and r["fpr"] <= float(f) for f, r in v["rates"].items())
     assert summary["by_alpha"]["-1"]["verification"]["positive_pairs"] == v["positive_pairs"]
-    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--roc", "0.05,0.2"]) == 0
+    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--roc"]) == 0
     again = json.loads((results / "features_00000002_scores.json").read_text())["verification"]
-    assert set(again["rates"]) == {"0.05", "0.2"} and again["negative_pairs"] == v["negative_pairs"]
+    assert (again["positive_pairs"], again["negative_pairs"]) == (v["positive_pairs"], v["negative_pairs"])
+    assert all(again["rates"][f] == pytest.approx(r, rel=1e-6) for f, r in v["rates"].items())
+    assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--roc", "0.05,0.2"]) == 0
+    other = json.loads((results / "features_00000002_scores.json").read_text())["verification"]
+    assert set(other["rates"]) == {"0.05", "0.2"} and other["negative_pairs"] == v["negative_pairs"]
     assert run_test(tiny_run, "--roc", "--rerank") == 0
     reranked = json.loads((results / "00000002_rerank.json").read_text())["verification"]
     assert reranked["positive_pairs"] == v["positive_pairs"] and reranked["rates"]["0.01"]["threshold"] <= 0

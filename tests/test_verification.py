@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from verification import tpr_at_fpr
 
 
 def reference(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams, fprs):
-    """Every kept pair listed; the threshold is the (k+1)-th highest negative score, k = floor(f N_neg)."""
+    """Every kept pair listed; the threshold is the (k+1)-th highest negative score, k = floor(f N_neg) with f
+    the rate as written (exact: 0.29 * 100 is 29, not the float product's 28.999...)."""
     pos, neg = [], []
     for i in range(len(q_pids)):
         for j in range(len(g_pids)):
@@ -22,7 +24,7 @@ def reference(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams, fprs):
     pos, neg = np.array(pos), np.sort(np.array(neg))[::-1]
     rates = {}
     for f in fprs:
-        t = neg[math.floor(f * len(neg))]
+        t = neg[math.floor(Fraction(repr(f)) * len(neg))]
         rates[f"{f:g}"] = {"tpr": float(np.mean(pos > t)), "fpr": float(np.mean(neg > t)), "threshold": float(t)}
     return len(pos), len(neg), rates
 
@@ -55,8 +57,8 @@ def test_rates_equal_every_pair_sorted(bins, quantize):
         assert got["rates"][f]["threshold"] == pytest.approx(r["threshold"], abs=0)
         assert got["rates"][f]["tpr"] == pytest.approx(r["tpr"], abs=1e-12)
         assert got["rates"][f]["fpr"] == pytest.approx(r["fpr"], abs=1e-12) and r["fpr"] <= float(f)
-    if quantize:  # ties at the threshold leave the rate reached below the one asked for
-        assert any(got["rates"][f]["fpr"] < float(f) for f in got["rates"])
+    if quantize:  # ties at the threshold leave the rate reached below the largest the negatives allow
+        assert any(got["rates"][f]["fpr"] < math.floor(Fraction(f) * n_neg) / n_neg for f in got["rates"])
 
 
 def test_scores_outside_the_range_are_still_exact():
@@ -66,6 +68,14 @@ def test_scores_outside_the_range_are_still_exact():
     _, _, rates = reference(scores, q_pids, g_pids, q_cams, g_cams, (0.01, 0.2))
     got = tpr_at_fpr(chunks_of(scores, 7), q_pids, g_pids, q_cams, g_cams, (0.01, 0.2), bins=64)
     assert {f: r["threshold"] for f, r in got["rates"].items()} == {f: r["threshold"] for f, r in rates.items()}
+
+
+def test_the_rate_as_written():
+    """FPR 0.29 of 100 negatives with distinct scores accepts 29 of them (the float 0.29 * 100 floors to 28)."""
+    scores = np.array([np.arange(101, dtype=np.float32)])
+    q_pids, g_pids, cams = np.array([0]), np.array([0] + [1] * 100), np.array([0] + [1] * 100)
+    got = tpr_at_fpr(chunks_of(scores, 1), q_pids, g_pids, np.array([1]), cams, (0.29,), score_range=(0, 100))
+    assert got["rates"]["0.29"]["fpr"] == 0.29 and got["rates"]["0.29"]["threshold"] == 71.0
 
 
 def test_separable_and_reversed_scores():
