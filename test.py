@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_arguments(p, every_iteration=True, name_required=False)
     p.add_argument("--features", metavar="FILE",
                    help="score saved features again, with no model or images: a features_<it>.npz or "
-                        "pytorch_result.mat (this project's or the original's); --alpha, --ap, --multi, --rerank "
-                        "apply")
+                        "pytorch_result.mat (this project's or the original's); --alpha, --ap, --multi, --aqe, "
+                        "--rerank, --roc apply")
     p.add_argument("--original", metavar="DIR",
                    help="the original release's files instead of a run: a DG-Net folder (config.yaml, gen_/id_"
                         "<iteration>.pt) or a baseline teacher (net_last.pth, opts.yaml); results go to "
