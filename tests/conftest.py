@@ -9,8 +9,35 @@ import os
 # state. Set before torch loads oneDNN; fp32 never uses AMX, so only the bf16 tests see a difference.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def read_until(proc: subprocess.Popen, match: Callable[[str], bool], timeout: float, what: str) -> str:
+    """The first line of `proc`'s stdout that `match` accepts. Read on a thread, which stops at that line (so
+    `proc.communicate()` reads the rest as usual): a run that hangs without printing fails after `timeout`
+    seconds, killed, instead of blocking the suite. `what`: the awaited event, for the failure."""
+    found: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if match(line):
+                found.append(line)
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout):
+        proc.kill()
+        raise AssertionError(f"{what}: nothing after {timeout:.0f} s; the process was killed")
+    if not found:
+        raise AssertionError(f"the run ended before {what}: {proc.communicate()[1][-2000:]}")
+    return found[0]
 
 
 @pytest.fixture(scope="module")

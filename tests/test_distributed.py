@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as torch_mp
+from conftest import read_until
 from test_train import tiny
 
 import distributed as distributed_module
@@ -110,12 +111,9 @@ def test_sigterm_to_the_launcher_stops_every_process_with_a_checkpoint(tmp_path,
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        for line in proc.stdout:
-            if re.match(r"\[\s*2/", line):  # two iterations done: both processes are in the loop
-                proc.send_signal(signal.SIGTERM)
-                break
-            assert time.monotonic() < deadline
+        # two iterations done: both processes are in the loop
+        read_until(proc, lambda line: re.match(r"\[\s*2/", line) is not None, TIMEOUT, "iteration 2's log line")
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_until
 from test_train import run, tiny
 
 import distributed
@@ -49,12 +50,7 @@ def start(cmd: list[str], **kwargs) -> subprocess.Popen:
 
 def wait_for_training(proc: subprocess.Popen) -> None:
     """Read the output until the first log line: the loop runs, and its loader workers with it."""
-    deadline = time.time() + PROMPT_S
-    for line in proc.stdout:
-        if line.startswith("[") and "/100000]" in line:
-            return
-        assert time.time() < deadline, "training never started"
-    raise AssertionError(f"the run ended before training: {proc.communicate()[1]}")
+    read_until(proc, lambda line: line.startswith("[") and "/100000]" in line, PROMPT_S, "training's first log line")
 
 
 def error_lines(err: str) -> list[str]:
@@ -291,9 +287,8 @@ def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
                            "snapshot_save_iter=1000", kind="baseline"), start_new_session=True)
     wait_for_training(proc)
     os.killpg(proc.pid, signal.SIGINT)
-    for line in proc.stdout:
-        if line.startswith("SIGINT: finishing this iteration"):
-            break
+    read_until(proc, lambda line: line.startswith("SIGINT: finishing this iteration"), PROMPT_S,
+               "the first Ctrl-C's answer")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=PROMPT_S)
     assert proc.returncode == 128 + signal.SIGINT, err
@@ -397,3 +392,18 @@ def test_a_tools_ctrl_c_waits_for_its_tensorboard_block():
     with ctrl_c_held():
         done.append("quiet")
     assert done == ["written", "quiet"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_reading_a_run_fails_in_time_when_it_prints_nothing():
+    """The suite's own guard (conftest.read_until): a process that hangs silently is killed after the time-out
+    and fails the test, instead of blocking it; one that ends first says so."""
+    silent = start([sys.executable, "-c", "import time; time.sleep(60)"])
+    began = time.monotonic()
+    with pytest.raises(AssertionError, match="nothing after 1 s"):
+        read_until(silent, lambda line: True, 1, "a line")
+    assert time.monotonic() - began < 30 and silent.wait(timeout=30) != 0
+    brief = start([sys.executable, "-c", "print('hello')"])
+    with pytest.raises(AssertionError, match="the run ended before a goodbye"):
+        read_until(brief, lambda line: line.startswith("goodbye"), 30, "a goodbye")
+    assert read_until(start([sys.executable, "-c", "print('a'); print('b')"]), lambda line: line == "b\n", 30,
+                      "b") == "b\n"

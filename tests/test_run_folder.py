@@ -8,11 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
+from conftest import read_until
 from test_train import run, tiny
 
 import train
@@ -45,12 +45,8 @@ def start_training(tmp_path, data_root, name, *extra):
                                                    "image_display_iter=100000", "image_save_iter=100000", *extra)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if line.startswith("[") and "/100000]" in line:
-            return proc
-        assert time.time() < deadline, "training never started"
-    raise AssertionError(f"training ended early: {proc.communicate()[1]}")
+    read_until(proc, lambda line: line.startswith("[") and "/100000]" in line, 120, "training's first log line")
+    return proc
 
 
 # ---- one run per folder ----

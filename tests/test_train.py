@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import read_until
 
 import train
 from utils import REPO_ROOT, UserError, checkpoint_path, load_checkpoint, load_config
@@ -151,11 +151,7 @@ def test_signal_saves_and_resumes(tmp_path, data_root, sig, group):
                                                    f"num_workers={int(group)}")]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=group)
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if line.startswith("[") and "/100000]" in line:
-            break
-        assert time.time() < deadline, "training never started"
+    read_until(proc, lambda line: line.startswith("[") and "/100000]" in line, 120, "training's first log line")
     if group:
         os.killpg(proc.pid, sig)
     else:
