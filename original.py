@@ -39,7 +39,7 @@ def original_config(path: Path, opts: Sequence[str]) -> dict[str, Any]:
     flat = flatten(raw) if isinstance(raw, dict) else {}
     kept = {k: v for k, v in flat.items() if k in known and k not in ("ID_class", "teacher", "pretrained")}
     kept = {"backbone": "resnet50", "dataset": "folder", **kept, "pretrained": "none", "ID_class": None}
-    return checked_config(unflatten(kept), str(path), opts)
+    return checked_config([(unflatten(kept), str(path))], opts)
 
 
 def _generators(folder: Path) -> list[tuple[int, Path]]:

@@ -62,7 +62,7 @@ from utils import (
     run_folder,
     saved_config,
 )
-from verification import DEFAULT_FPRS, tpr_at_fpr
+from verification import DEFAULT_FPRS, check_fprs, tpr_at_fpr
 
 HALF = 512  # each head's bottleneck width
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_root", help="dataset folder, instead of the config's data_root")
     p.add_argument("--multi", action="store_true", help="Market-1501 multi-query (gt_bbox/ or multi-query/)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
-    p.add_argument("--roc", nargs="?", type=fpr_values, const=list(DEFAULT_FPRS), metavar="F[,F...]",
+    p.add_argument("--roc", nargs="?", type=numbers, const=list(DEFAULT_FPRS), metavar="F[,F...]",
                    help="verification too: the TPR at each false-positive rate F (default 1e-4,1e-3,1e-2) over "
                         "the query-gallery pairs")
     p.add_argument("--aqe", action="store_true",
@@ -92,12 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aqe_k", type=int, metavar="K", help=f"--aqe neighbours (default {DEFAULT_K})")
     p.add_argument("--aqe_alpha", type=float, metavar="A",
                    help=f"--aqe similarity exponent (default {DEFAULT_ALPHA:g})")
-    p.add_argument("--alpha", type=alpha_values, default=[0.5], metavar="A[,A...]",
+    p.add_argument("--alpha", type=numbers, default=[0.5], metavar="A[,A...]",
                    help="weight of DG-Net's fine-grained half (default 0.5; -1: it alone); several, e.g. 0.5,0,-1 "
                         "(the original's three), are each scored from one extraction, the first as the headline")
     p.add_argument("--ap", default="market", choices=AP_CONVENTIONS, help="AP convention (default: market)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not add the flipped image's feature")
-    p.add_argument("--ms", type=scale_values, default=[1.0], metavar="S[,S...]",
+    p.add_argument("--ms", type=numbers, default=[1.0], metavar="S[,S...]",
                    help="multi-scale: add the features of each image resized to S times its area (each side "
                         "times sqrt(S), bicubic), e.g. 1,1.1 (the baseline's --ms); default 1")
     p.add_argument("--batch_size", type=int, default=128, help="images per inference batch")
@@ -241,21 +241,14 @@ def _alpha_joined(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def alpha_values(text: str) -> list[float]:
-    """`--alpha 0.5` or a sweep `--alpha 0.5,0,-1`; each value is checked by `check_alpha`."""
+def numbers(text: str) -> list[float]:
+    """A list of numbers separated by commas: `--alpha 0.5,0,-1`, `--ms 1,1.1`, `--roc 1e-4,1e-3` (each option
+    checks its values in `_check_args`)."""
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 0.5 or 0.5,0,-1; got {text!r}") \
+        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 0.5 or 1,1.1; got {text!r}") \
             from None
-
-
-def scale_values(text: str) -> list[float]:
-    """`--ms 1,1.1`: the scales (of an image's area) whose features are summed; checked by `check_scales`."""
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 1,1.1; got {text!r}") from None
 
 
 MIN_SCALED_SIDE = 32  # pixels: the backbones downsample by 16 or 32, so below this a feature map is a pixel or less
@@ -285,17 +278,6 @@ def check_scales(scales: Sequence[float], size: tuple[int, int] | None = None, d
     if side < MIN_SCALED_SIDE:
         raise UserError(f"--ms {smallest:g} makes the {size[0]}x{size[1]} images {side} pixels on a side, too "
                         f"small for the network (at least {MIN_SCALED_SIDE}); use larger scales")
-
-
-def fpr_values(text: str) -> list[float]:
-    """`--roc 1e-4,1e-3`: false-positive rates, each above 0 and below 1."""
-    try:
-        fprs = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give rates separated by commas, e.g. 1e-4,1e-3; got {text!r}") from None
-    if not all(0 < f < 1 for f in fprs):
-        raise argparse.ArgumentTypeError(f"each false-positive rate must be above 0 and below 1; got {text!r}")
-    return fprs
 
 
 def check_alpha(alpha: float) -> None:
@@ -652,6 +634,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for alpha in args.alphas:
         check_alpha(alpha)
     check_scales(args.ms)
+    if args.roc:
+        check_fprs(args.roc)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ranklist < 0:
@@ -960,8 +944,7 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     meta = exported.metadata
     iteration = int(meta["iteration"])
     summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
-                               "dataset": splits.name, "variant": splits.variant or None, "ap": args.ap,
-                               "flip": exported.flip,
+                               "dataset": splits.name, "variant": splits.variant or None, "flip": exported.flip,
                                **option_fields(args, exported.halves), "cross_camera": cfg["cross_camera"]}
     summary.update(protocol_scores(qf, gf, splits.query, splits.gallery, exported.halves, args,
                                    torch.device("cpu"))[0])

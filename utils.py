@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,11 +321,13 @@ def parse_opts(opts: list[str] | tuple[str, ...]) -> dict[str, Any]:
         raise UserError(f"--opts: {err}") from None
 
 
-def checked_config(data: dict[str, Any], where: str, opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Defaults, then `data` checked against the schema as a config file's keys are (`where` names it in
-    errors), then `--opts`: `load_config` for a config that is not a file of this project."""
+def checked_config(layers: Iterable[tuple[dict[str, Any], str]], opts: list[str] | tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
+    """Defaults, then each (keys, where) layer checked against the schema (`where` names it in errors), then
+    `--opts`: `load_config`'s files, or a config that is not a file of this project (the original's)."""
     cfg = copy.deepcopy(schema().defaults)
-    _merge(cfg, data, where)
+    for data, where in layers:
+        _merge(cfg, data, where)
     if opts:
         _merge(cfg, parse_opts(opts), "--opts")
     return cfg
@@ -336,15 +338,12 @@ def load_config(path: str | os.PathLike | None = None, opts: list[str] | tuple[s
 
     Returns the resolved config: a nested dict holding every key of defaults.yaml.
     """
-    cfg = copy.deepcopy(schema().defaults)
-    if path is not None:
-        for file, data in _load_chain(Path(path), ()):
-            if file.read_text().startswith(RESOLVED_HEADER):  # a run's own config: every key it knew
-                data = saved_config(data)
-            _merge(cfg, data, str(file))
-    if opts:
-        _merge(cfg, parse_opts(opts), "--opts")
-    return cfg
+    layers = []
+    for file, data in _load_chain(Path(path), ()) if path is not None else []:
+        if file.read_text().startswith(RESOLVED_HEADER):  # a run's own config: every key it knew
+            data = saved_config(data)
+        layers.append((data, str(file)))
+    return checked_config(layers, opts)
 
 
 def saved_config(cfg: dict[str, Any], opts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def _pairs(q_pids: torch.Tensor, q_camids: torch.Tensor, g_pids: torch.Tensor, g
 def check_fprs(fprs: Sequence[float]) -> None:
     for f in fprs:
         if not 0 < f < 1:
-            raise UserError(f"a false-positive rate must be above 0 and below 1, got {f}")
+            raise UserError(f"--roc: a false-positive rate must be above 0 and below 1, got {f}")
 
 
 def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,

@@ -180,9 +180,10 @@ def test_verification_rates(tiny_run, capsys):
     assert run_test(tiny_run, "--roc", "--rerank") == 0
     reranked = json.loads((results / "00000002_rerank.json").read_text())["verification"]
     assert reranked["positive_pairs"] == v["positive_pairs"] and reranked["rates"]["0.01"]["threshold"] <= 0
-    with pytest.raises(SystemExit):
-        run_test(tiny_run, "--roc", "0,0.1")
-    assert "above 0 and below 1" in capsys.readouterr().err
+    capsys.readouterr()
+    assert run_test(tiny_run, "--roc", "0,0.1") == 2  # refused before any feature is extracted
+    err = capsys.readouterr().err
+    assert "above 0 and below 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_multi_query(tiny_run, tmp_path, capsys):
