@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from utils import (
     run_folder,
     saved_config,
 )
-from verification import DEFAULT_FPRS, check_fprs, tpr_at_fpr
+from verification import DEFAULT_FPRS, check_fprs, verification_rates
 
 HALF = 512  # each head's bottleneck width
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -353,19 +353,8 @@ def score(qf: torch.Tensor, gf: torch.Tensor, query: Sequence[Record], gallery: 
     else:
         out = summarize(evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, ap=ap, device=device))
     if roc:
-        out["verification"] = tpr_at_fpr(pair_scores(qf, gf, distmat, device), q_pids, g_pids, q_cams, g_cams, roc,
-                                          score_range=(-1.0, 1.0) if distmat is None else
-                                          (-float(distmat.max()), -float(distmat.min())))
+        out["verification"] = verification_rates(qf, gf, q_pids, g_pids, q_cams, g_cams, roc, distmat, device)
     return out
-
-
-def pair_scores(qf: torch.Tensor, gf: torch.Tensor, distmat: np.ndarray | None, device: torch.device | None,
-                chunk: int = 256) -> Callable[[], Iterable[tuple[int, torch.Tensor]]]:
-    """The score chunks `verification.tpr_at_fpr` reads: cosine similarities, or the negated given distances."""
-    if distmat is not None:
-        d = torch.as_tensor(distmat)
-        return lambda: ((s, -d[s:s + chunk]) for s in range(0, len(d), chunk))
-    return lambda: ((s, -dist) for s, dist in cosine_distance_chunks(qf, gf, chunk, device))
 
 
 def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: Sequence[Record],

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluate import cosine_distance_chunks
 from utils import UserError
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
@@ -114,3 +115,16 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
         out["rates"][f"{f:g}"] = {"tpr": int((pos > threshold).sum()) / len(pos), "fpr": accepted / n_neg,
                                   "threshold": float(threshold)}
     return out
+
+
+def verification_rates(qf: torch.Tensor, gf: torch.Tensor, q_pids: Any, g_pids: Any, q_camids: Any,
+                       g_camids: Any, fprs: Sequence[float] = DEFAULT_FPRS, distmat: np.ndarray | None = None,
+                       device: torch.device | str | None = None, chunk: int = 256) -> dict[str, Any]:
+    """`tpr_at_fpr` of the cosine similarities of query and gallery features (computed on `device`, `chunk`
+    queries at a time), or of the negated (Q, G) distances `distmat` when given (the re-ranked ones)."""
+    if distmat is not None:
+        d = torch.as_tensor(distmat)
+        return tpr_at_fpr(lambda: ((s, -d[s:s + chunk]) for s in range(0, len(d), chunk)), q_pids, g_pids,
+                          q_camids, g_camids, fprs, score_range=(-float(d.max()), -float(d.min())))
+    return tpr_at_fpr(lambda: ((s, -dist) for s, dist in cosine_distance_chunks(qf, gf, chunk, device)), q_pids,
+                      g_pids, q_camids, g_camids, fprs)

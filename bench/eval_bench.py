@@ -144,10 +144,9 @@ def run_case(name: str, dim: int, quick: bool, device: str = "cpu") -> dict:
     else:
         result = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, device=device)
     if method == "roc":  # test.py --roc: the ranking above, then TPR@FPR over every query-gallery pair
-        from verification import tpr_at_fpr
+        from verification import verification_rates
         ranked = time.perf_counter()
-        v = tpr_at_fpr(lambda: ((s, -d) for s, d in cosine_distance_chunks(qf, gf, 256, device)),
-                       q_pids, g_pids, q_cams, g_cams)
+        v = verification_rates(qf, gf, q_pids, g_pids, q_cams, g_cams, device=device)
         extra = {"roc_seconds": round(time.perf_counter() - ranked, 3),
                  "pairs": v["negative_pairs"] + v["positive_pairs"],
                  "tpr": {f: round(r["tpr"], 6) for f, r in v["rates"].items()}}
