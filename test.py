@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
     p.add_argument("--roc", nargs="?", type=numbers, const=list(DEFAULT_FPRS), metavar="F[,F...]",
                    help="verification too: the TPR at each false-positive rate F (default 1e-4,1e-3,1e-2) over "
-                        "the query-gallery pairs")
+                        "the query-gallery pairs, and the ROC curve and its AUC (in the JSON)")
     p.add_argument("--aqe", action="store_true",
                    help="alpha-query expansion: each query (and each gallery image) plus its --aqe_k nearest gallery "
                         "images, weighted by similarity to the power --aqe_alpha")
@@ -985,11 +985,12 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 def verification_line(v: dict[str, Any]) -> str:
-    """--roc's rates in one line: TPR at each FPR, and the pairs they count."""
+    """--roc's rates in one line: TPR at each FPR, the AUC, and the pairs they count."""
     rates = ", ".join(f"{100 * r['tpr']:.2f} % at FPR {f}" if r else f"none at FPR {f}"
                       for f, r in v["rates"].items())
-    return (f"verification: TPR {rates} ({v['positive_pairs']:,} positive and {v['negative_pairs']:,} negative "
-            "query-gallery pairs)")
+    auc = f", AUC {100 * v['curve']['auc']:.2f} %" if v.get("curve") else ""
+    return (f"verification: TPR {rates}{auc} ({v['positive_pairs']:,} positive and {v['negative_pairs']:,} "
+            "negative query-gallery pairs)")
 
 
 def report(summary: dict[str, Any], write: Callable[[], list[Path]]) -> int:

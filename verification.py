@@ -12,7 +12,8 @@ of rejected positives: a different number under the same name.)
 
 Market-1501 has 54 million pairs and MSMT17 958 million, so nothing of that size is kept: a first pass over
 the score chunks keeps the positive scores (few) and a histogram of the negative ones; the threshold's bin
-is then read again in a second pass, whose few negative scores are sorted to find it exactly.
+is then read again in a second pass, whose few negative scores are sorted to find it exactly. The ROC curve
+and its AUC come from the first pass's histograms alone (`roc_curve`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from utils import UserError
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
 BINS = 1 << 16  # of the score range: the threshold's bin holds a few thousand negatives at MSMT17's size
+CURVE_PER_DECADE = 10  # ROC points kept per decade of FPR
 
 ScoreChunks = Callable[[], Iterable[tuple[int, torch.Tensor]]]  # (first query, (rows, G) scores), anew each call
 
@@ -62,11 +64,15 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
         low, high = -1.0, 1.0
     scale = bins / (high - low) if high > low else 0.0
 
+    def bin_of(scores: torch.Tensor) -> torch.Tensor:
+        """Each score's bin: the same float32 arithmetic in both passes, so a score is read back from the bin
+        it was counted in; clamped to be non-negative first, the conversion's truncation is the floor (so
+        the bin never falls as the score rises)."""
+        return scores.sub(low).mul_(scale).clamp_(0, bins - 1).long()
+
     def negative_bins(chunk: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        """Each score's bin, `bins` (one past the last) where the pair is not negative. The same float32
-        arithmetic in both passes, so a score is read back from the bin it was counted in; clamped to be
-        non-negative first, the conversion's truncation is the floor."""
-        return torch.where(negative, chunk.sub(low).mul_(scale).clamp_(0, bins - 1).long(), bins)
+        """The negative pairs' bins, `bins` (one past the last) for the others."""
+        return torch.where(negative, bin_of(chunk), bins)
 
     def chunks() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         nonlocal labels
@@ -81,17 +87,17 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
             positive, negative = _pairs(labels[0][rows], labels[1][rows], *labels[2:])
             yield chunk, positive, negative
 
-    positives, histogram = [], None
+    positives, histogram = [], torch.zeros(bins, dtype=torch.long)
     for chunk, positive, negative in chunks():
         positives.append(chunk[positive].cpu())
-        counts = torch.bincount(negative_bins(chunk, negative).flatten(), minlength=bins + 1)[:bins].cpu()
-        histogram = counts if histogram is None else histogram + counts
-    n_neg = int(histogram.sum()) if histogram is not None else 0
+        histogram += torch.bincount(negative_bins(chunk, negative).flatten(), minlength=bins + 1)[:bins].cpu()
+    n_neg = int(histogram.sum())
     pos = torch.cat(positives) if positives else torch.empty(0)
     out: dict[str, Any] = {"positive_pairs": len(pos), "negative_pairs": n_neg,
-                           "rates": {f"{f:g}": None for f in fprs}}
+                           "rates": {f"{f:g}": None for f in fprs}, "curve": None}
     if not len(pos) or not n_neg:
         return out
+    out["curve"] = roc_curve(torch.bincount(bin_of(pos), minlength=bins), histogram, low, scale)
     # per FPR: the bin holding the (k+1)-th highest negative score, k = floor(f N_neg) the negatives allowed
     # above the threshold, and how many lie in higher bins
     above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # negatives in this bin or higher
@@ -115,6 +121,34 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
         out["rates"][f"{f:g}"] = {"tpr": int((pos > threshold).sum()) / len(pos), "fpr": accepted / n_neg,
                                   "threshold": float(threshold)}
     return out
+
+
+def roc_curve(positive_histogram: torch.Tensor, negative_histogram: torch.Tensor, low: float, scale: float,
+              per_decade: int = CURVE_PER_DECADE) -> dict[str, Any]:
+    """The ROC from the first pass's histograms, without reading a pair again. Accepting every pair whose
+    score falls in bin i or higher is an operating point that a threshold on the score gives (the bin never
+    falls as the score rises), so each bin edge is an exact point of the curve; of these, the one with the
+    largest FPR at or below each of `per_decade` log-spaced rates per decade, from 1/N_neg to 1, is kept:
+    `fpr`, `tpr` and `bin_edge`, the score at the bin's lower edge (pairs from about there up are accepted).
+    `auc` is the area under all the bin edges' points: pairs in one bin count as ties (half), which is off
+    the exact AUC by at most `auc_within`, half the share of positive–negative pairs in the same bin."""
+    n_pos, n_neg = int(positive_histogram.sum()), int(negative_histogram.sum())
+    pos_above = torch.flip(torch.cumsum(torch.flip(positive_histogram, [0]), 0), [0])  # in bin i or higher
+    neg_above = torch.flip(torch.cumsum(torch.flip(negative_histogram, [0]), 0), [0])
+    pos_higher = torch.cat([pos_above[1:], pos_above.new_zeros(1)])  # in a higher bin than i
+    pairs = float(n_pos) * n_neg
+    auc = float((negative_histogram.double() * (pos_higher.double() + positive_histogram.double() / 2)).sum()) / pairs
+    within = float((negative_histogram.double() * positive_histogram.double()).sum()) / pairs / 2
+    decades = math.ceil(math.log10(n_neg))
+    kept: list[int] = []
+    ascending = neg_above.flip(0)  # non-decreasing; index j is bin (bins - 1 - j)
+    for step in range(decades * per_decade + 1):
+        allowed = math.floor(n_neg * 10 ** (step / per_decade - decades) + 1e-9)  # negatives accepted at most
+        j = int(torch.searchsorted(ascending, torch.tensor(allowed), right=True)) - 1
+        if j >= 0 and (not kept or kept[-1] != len(ascending) - 1 - j):
+            kept.append(len(ascending) - 1 - j)
+    return {"fpr": [int(neg_above[i]) / n_neg for i in kept], "tpr": [int(pos_above[i]) / n_pos for i in kept],
+            "bin_edge": [low + i / scale if scale else low for i in kept], "auc": auc, "auc_within": within}
 
 
 def verification_rates(qf: torch.Tensor, gf: torch.Tensor, q_pids: Any, g_pids: Any, q_camids: Any,

@@ -169,6 +169,9 @@ def test_verification_rates(tiny_run, capsys):
     v = summary["verification"]
     assert set(v["rates"]) == {"0.0001", "0.001", "0.01"} and v["positive_pairs"] > 0 and v["negative_pairs"] > 0
     assert all(0 <= r["tpr"] <= 1 and r["fpr"] <= float(f) for f, r in v["rates"].items())
+    curve = v["curve"]  # the ROC: rising, ending where every pair is accepted
+    assert curve["fpr"] == sorted(curve["fpr"]) and curve["tpr"] == sorted(curve["tpr"]) and curve["fpr"][-1] == 1.0
+    assert 0 <= curve["auc"] <= 1 and len(curve["fpr"]) == len(curve["bin_edge"]) > 10
     assert summary["by_alpha"]["-1"]["verification"]["positive_pairs"] == v["positive_pairs"]
     assert evaluation.main(["--features", str(results / "features_00000002.npz"), "--roc"]) == 0
     again = json.loads((results / "features_00000002_scores.json").read_text())["verification"]

@@ -96,3 +96,49 @@ def test_no_positive_pair_has_no_rate_and_nan_is_one_line():
         tpr_at_fpr(chunks_of(np.full((1, 2), np.nan, np.float32), 1), q_pids, g_pids, cams[:1], cams)
     with pytest.raises(UserError, match="above 0 and below 1"):
         tpr_at_fpr(chunks_of(np.zeros((1, 2), np.float32), 1), q_pids, g_pids, cams[:1], cams, (1.0,))
+
+
+def every_operating_point(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams):
+    """(FPR, TPR) of 'accept a pair scoring t or more' for every score t, and the exact AUC (ties half)."""
+    pos, neg = [], []
+    for i in range(len(q_pids)):
+        for j in range(len(g_pids)):
+            if q_pids[i] == -1 or g_pids[j] == -1 or (q_pids[i] == g_pids[j] and q_cams[i] == g_cams[j]):
+                continue
+            (pos if q_pids[i] == g_pids[j] else neg).append(scores[i, j])
+    pos, neg = np.array(pos), np.array(neg)
+    points = {(float(np.mean(neg >= t)), float(np.mean(pos >= t))) for t in np.concatenate([pos, neg])}
+    auc = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+    return points | {(0.0, 0.0)}, float(auc), len(neg)
+
+
+@pytest.mark.parametrize("bins, quantize", [(1 << 16, None), (1 << 16, 20), (9, None)])
+def test_curve_points_are_operating_points_and_the_auc_is_within_its_bound(bins, quantize):
+    """Every point of the curve is one that a threshold on the scores gives; where no bin holds two different
+    scores, the kept points are the best TPR at or below each FPR of the grid, and the AUC is exact."""
+    rng = np.random.default_rng(11 + bins)
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 29, 173, 9)
+    raw = rng.uniform(-1, 1, (29, 173)) + 0.5 * (q_pids[:, None] == g_pids[None, :])
+    if quantize:  # ties
+        scores = (np.round(raw * quantize) / quantize).astype(np.float32)
+    elif bins > raw.size:  # the same order, each score at the centre of a bin of its own
+        codes = np.sort(rng.choice(bins, raw.size, replace=False))[np.argsort(np.argsort(raw, axis=None))]
+        scores = (-1 + (codes.reshape(raw.shape) + 0.5) * 2.5 / bins).astype(np.float32)
+    else:
+        scores = raw.astype(np.float32)
+    points, auc, n_neg = every_operating_point(scores, q_pids, g_pids, q_cams, g_cams)
+    curve = tpr_at_fpr(chunks_of(scores, 8), q_pids, g_pids, q_cams, g_cams, (0.01,), score_range=(-1, 1.5),
+                       bins=bins)["curve"]
+    got = list(zip(curve["fpr"], curve["tpr"]))
+    assert all(p in points for p in got)
+    assert got == sorted(got) and curve["bin_edge"] == sorted(curve["bin_edge"], reverse=True)
+    assert abs(curve["auc"] - auc) <= curve["auc_within"] + 1e-12 and got[-1] == (1.0, 1.0)
+    if bins == 1 << 16:
+        assert curve["auc"] == pytest.approx(auc, abs=1e-12)
+        decades = math.ceil(math.log10(n_neg))
+        for step in range(decades * 10 + 1):
+            target = 10 ** (step / 10 - decades)
+            best = max(tpr for fpr, tpr in points if fpr <= target + 1e-12)
+            assert any(tpr == best and fpr <= target + 1e-12 for fpr, tpr in got)
+    else:  # few bins: many pairs share one, and the bound says how far the AUC can be off
+        assert curve["auc_within"] > 0.01
