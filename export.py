@@ -1,6 +1,6 @@
 """Export a run's ReID model for deployment: an ONNX file that computes the feature test.py evaluates.
 
-    python export.py --name RUN [--which_iter N|last|best] [--format onnx] [--out FILE] [--no-flip]
+    python export.py --name RUN [--which_iter N|last|best] [--format onnx] [--out FILE] [--no-flip] [--ms 1,1.1]
 
 The model is DG-Net's appearance encoder E_a (a DG-Net run) or the teacher (a `train.py --trainer baseline`
 run), in eval mode, float32. The graph:
@@ -11,9 +11,10 @@ run), in eval mode, float32. The graph:
 - output `features`, float32 (batch, D): test.py's feature. Each image and its horizontal flip go through
   the model and are summed (with `--no-flip`, the image alone). DG-Net: D = 1024, the primary then the
   fine-grained 512-d bottleneck, each half L2-normalized before and after the flip sum. Teacher: D = 512,
-  its bottleneck, L2-normalized after the flip sum.
+  its bottleneck, L2-normalized after the flip sum. With `--ms 1,1.1` (test.py's multi-scale feature) the
+  graph also resizes the input to each scale's area (bicubic) and adds those passes to the sum.
 
-So the flip and every normalization of the feature are in the graph; decoding, resizing and the input's
+So the flip, the scales and every normalization of the feature are in the graph; decoding, resizing and the input's
 mean/std normalization are the caller's (they are recorded in the metadata), and so is DG-Net's query
 weighting: queries' fine-grained half times alpha (0.5) before the dot product, which test.py applies to
 queries only. `python test.py --name RUN --onnx FILE` evaluates the file with test.py's protocol.
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from test import HALF, evaluated_feature, has_halves, load_model, load_run  # evaluation's loading and feature
+from test import HALF, check_scales, evaluated_feature, extraction_suffix, has_halves, load_model, load_run, numbers
 from utils import UserError, add_run_arguments, one_line
 
 FORMATS = ("onnx",)
@@ -66,15 +67,16 @@ def require(module: str, what: str) -> ModuleType:
 class FeatureGraph(nn.Module):
     """The ReID model with test.py's feature convention around it: (B, 3, H, W) normalized -> (B, D)."""
 
-    def __init__(self, model: nn.Module, halves: bool, flip: bool = True):
+    def __init__(self, model: nn.Module, halves: bool, flip: bool = True, scales: Sequence[float] = (1.0,)):
         super().__init__()
-        self.model, self.halves, self.flip = model, halves, flip
+        self.model, self.halves, self.flip, self.scales = model, halves, flip, tuple(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return evaluated_feature(self.model, x, self.halves, self.flip)
+        return evaluated_feature(self.model, x, self.halves, self.flip, scales=self.scales)
 
 
-def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool, flip: bool) -> dict[str, str]:
+def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool, flip: bool,
+             scales: Sequence[float] = (1.0,)) -> dict[str, str]:
     """What a caller needs to feed the graph and use its output, as ONNX metadata_props (strings)."""
     dim = 2 * HALF if halves else HALF
     if halves:
@@ -103,6 +105,7 @@ def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool,
         "preprocessing": "caller: resize to input_height x input_width (bicubic, no crop), scale to 0..1, "
                          "(x - mean) / std per channel",
         "flip": "graph" if flip else "none",
+        "scales": ",".join(f"{s:g}" for s in scales),  # areas the graph also resizes the input to, summed
         "output_name": OUTPUT,
         "feature_dim": str(dim),
         "feature_parts": "2" if halves else "1",
@@ -113,7 +116,7 @@ def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool,
 
 
 def export_onnx(model: nn.Module, halves: bool, size: tuple[int, int], out: str | os.PathLike,
-                props: dict[str, str], flip: bool = True) -> Path:
+                props: dict[str, str], flip: bool = True, scales: Sequence[float] = (1.0,)) -> Path:
     """Write `model`'s feature graph to `out` with `props` as metadata; through a temporary file, so an
     interrupted export leaves no half-written model."""
     onnx = require("onnx", "export")
@@ -125,7 +128,7 @@ def export_onnx(model: nn.Module, halves: bool, size: tuple[int, int], out: str 
     except OSError as err:
         raise UserError(f"cannot write {out} ({one_line(err)}): choose another --out") from None
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    graph = FeatureGraph(model.float().cpu().eval(), halves, flip).eval()
+    graph = FeatureGraph(model.float().cpu().eval(), halves, flip, scales).eval()
     example = torch.zeros(2, 3, *size)
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -176,14 +179,21 @@ class OnnxReID:
     def flip(self) -> bool:
         return self.metadata["flip"] == "graph"
 
+    @property
+    def scales(self) -> list[float]:
+        """The areas the graph sums the image at (files written before `--ms`: the image alone)."""
+        return [float(s) for s in self.metadata.get("scales", "1").split(",")]
+
     def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) float32, preprocessed as the metadata says -> (B, D) float32."""
         x = images.numpy() if isinstance(images, torch.Tensor) else images
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def default_out(run_dir: Path, name: str, iteration: int, flip: bool) -> Path:
-    return run_dir / "export" / f"{name}_{iteration:08d}{'' if flip else '_noflip'}.onnx"
+def default_out(run_dir: Path, name: str, iteration: int, args: argparse.Namespace) -> Path:
+    """export/NAME_<iteration>[_noflip][_ms<scales>].onnx: the feature's options in the name, as test.py's
+    saved features carry them."""
+    return run_dir / "export" / f"{name}_{iteration:08d}{extraction_suffix(args)}.onnx"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -193,6 +203,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="file to write (default: outputs/NAME/export/NAME_<iteration>.onnx)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="leave the flipped image out of the graph (half the compute; test.py --no-flip's feature)")
+    p.add_argument("--ms", type=numbers, default=[1.0], metavar="S[,S...]",
+                   help="multi-scale: the graph also sums the image resized to S times its area (test.py --ms's "
+                        "feature, e.g. 1,1.1; default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
 
@@ -201,22 +214,24 @@ def run_export(args: argparse.Namespace) -> tuple[Path, str]:
     """Export the run; (the file, a line comparing onnxruntime with PyTorch on a random batch)."""
     require("onnx", "export")
     state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter)
-    out = Path(args.out) if args.out else default_out(run_dir, args.name, state["iteration"], args.flip)
+    size = (cfg["crop_image_height"], cfg["crop_image_width"])
+    check_scales(args.ms, size, cfg.get("scale2", False))
+    out = Path(args.out) if args.out else default_out(run_dir, args.name, state["iteration"], args)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: give a file name ending in .onnx")
     if out.is_dir() or (out.exists() and not args.overwrite):
         raise UserError(f"--out {out} already exists; choose another file or add --overwrite")
     model = load_model(state, cfg, torch.device("cpu"))
     halves = has_halves(model)
-    size = (cfg["crop_image_height"], cfg["crop_image_width"])
-    export_onnx(model, halves, size, out, metadata(state, cfg, args.name, halves, args.flip), args.flip)
+    export_onnx(model, halves, size, out, metadata(state, cfg, args.name, halves, args.flip, args.ms), args.flip,
+                args.ms)
     try:
         exported = OnnxReID(out)
     except UserError as err:  # onnxruntime is optional for writing the file
         return out, f"not run with onnxruntime ({err})"
     x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = FeatureGraph(model, halves, args.flip)(x).numpy()
+        expected = FeatureGraph(model, halves, args.flip, args.ms)(x).numpy()
     diff = float(np.abs(exported.features(x) - expected).max())
     return out, f"onnxruntime vs PyTorch on a random batch of 3: largest difference {diff:.1e}"
 

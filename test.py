@@ -23,7 +23,7 @@ images of its identity and camera. `--aqe` expands queries and gallery with thei
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
 pytorch_result.mat (the original's layout, unweighted features; _noflip, _ms<scales> in their names when
 extracted so), ranklist_<iteration>[<options>]/ (with --ranklist) and search.json (with --query/--gallery),
-<iteration>_onnx.json (with --onnx).
+<iteration>_onnx[<options>].json (with --onnx).
 """
 from __future__ import annotations
 
@@ -907,23 +907,29 @@ def onnx_features(exported: Any, cfg: dict[str, Any], records: Sequence[Record],
 
 def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], list[Path]]]:
     """test.py's protocol on an exported model instead of the run's checkpoint: the dataset comes from the
-    run's config (or --config, --data_root, --opts), the input size, flip and feature from the file."""
+    run's config (or --config, --data_root, --opts), the input size, flip, scales and feature from the file.
+    Results: <iteration>_onnx[_on-<data>][<options>].json, the file's flip and scales among the options."""
     from export import OnnxReID  # onnxruntime is optional: only --onnx needs it
 
     _check_args(args)
-    if args.multi or args.rerank or args.aqe or args.ranklist or args.query or args.gallery or args.ms != [1.0]:
+    if args.multi or args.rerank or args.aqe or args.ranklist or args.query or args.gallery:
         raise UserError("--onnx evaluates query against gallery at the exported size: leave out --multi, --rerank, "
-                        "--aqe, --ranklist, --query, --gallery and --ms")
+                        "--aqe, --ranklist, --query and --gallery")
     exported = OnnxReID(args.onnx)
     if not args.flip and exported.flip:
         raise UserError(f"--no-flip: {args.onnx} computes the flipped image in its graph; export with "
                         "python export.py --no-flip for that feature")
+    if args.ms != [1.0] and args.ms != exported.scales:
+        raise UserError(f"--ms: {args.onnx} sums the scales {','.join(f'{s:g}' for s in exported.scales)} in its "
+                        "graph; export with python export.py --ms for other scales")
+    args.flip, args.ms = exported.flip, exported.scales  # what the file computes names the results
     run_dir = Path(args.output_path) / "outputs" / args.name
     cfg_file = Path(args.config) if args.config else run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"no config {cfg_file}: give the run the file was exported from (--name) or --config")
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
     cfg = load_config(cfg_file, opts)
+    tag = other_data_tag(cfg, load_config(cfg_file, []))
     cfg["crop_image_height"], cfg["crop_image_width"] = exported.size  # the size the graph takes
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
@@ -933,13 +939,14 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
     meta = exported.metadata
     iteration = int(meta["iteration"])
     summary: dict[str, Any] = {"run": args.name, "kind": meta["kind"], "iteration": iteration, "onnx": args.onnx,
-                               "dataset": splits.name, "variant": splits.variant or None, "flip": exported.flip,
+                               "dataset": splits.name, "variant": splits.variant or None,
+                               "data_root": str(cfg["data_root"]), "flip": exported.flip, "ms": exported.scales,
                                **option_fields(args, exported.halves), "cross_camera": cfg["cross_camera"]}
     summary.update(protocol_scores(qf, gf, splits.query, splits.gallery, exported.halves, args,
                                    torch.device("cpu"))[0])
 
     def write() -> list[Path]:
-        out = run_dir / "results" / f"{iteration:08d}_onnx.json"
+        out = run_dir / "results" / f"{iteration:08d}_onnx{tag}{options_suffix(args, exported.halves)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n")
         return [out]

@@ -121,6 +121,34 @@ def test_no_flip_export_and_bad_input(runs, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_multi_scale_export(runs, capsys):
+    """--ms puts test.py's multi-scale feature in the graph (bicubic resizing included); test.py --onnx takes the
+    file's scales and names its results by them."""
+    output_path, name = runs["dgnet"]
+    assert call(export.main, output_path, name, "--which_iter", "2", "--ms", "1,1.1") == 0
+    state, cfg, run_dir = evaluation.load_run(name, str(output_path), "2")
+    path = run_dir / "export" / f"{name}_00000002_ms1_1.1.onnx"
+    exported = export.OnnxReID(path)
+    assert exported.scales == [1.0, 1.1] and exported.flip
+    records = load_splits(cfg).query[:6]
+    model = evaluation.load_model(state, cfg, torch.device("cpu"))
+    expected = evaluation.extract_features(model, cfg, records, torch.device("cpu"), scales=(1.0, 1.1))
+    single = evaluation.extract_features(model, cfg, records, torch.device("cpu"))
+    got = evaluation.onnx_features(exported, cfg, records, batch_size=4).numpy()
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=ATOL)
+    assert np.abs(got - single.numpy()).max() > 100 * ATOL  # the second scale is really in the graph
+    capsys.readouterr()
+    assert call(evaluation.main, output_path, name, "--onnx", str(path), "--ap", "precision") == 0
+    result = json.loads((run_dir / "results" / "00000002_onnx_ms1_1.1_ap-precision.json").read_text())
+    assert result["ms"] == [1.0, 1.1] and result["flip"] and result["ap"] == "precision"
+    capsys.readouterr()
+    assert call(evaluation.main, output_path, name, "--onnx", str(path), "--ms", "1,1.2") == 2
+    err = capsys.readouterr().err
+    assert "sums the scales 1,1.1 in its graph" in err and len(err.strip().splitlines()) == 1
+    assert call(export.main, output_path, name, "--ms", "1,0") == 2  # the same checks as test.py --ms
+    assert "--ms" in capsys.readouterr().err
+
+
 def test_missing_packages_are_one_line(runs, monkeypatch, tmp_path, capsys):
     output_path, name = runs["teacher"]
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
