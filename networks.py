@@ -480,8 +480,8 @@ def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: s
 
     Summed over scales: mean(D(fake)^2) + mean((D(real) - 1)^2) (LSGAN) plus r1_weight * R1, where R1 =
     mean over the batch of sum over pixels of (d sum D_s(real) / d real)^2, per scale, taken with respect to
-    the full-resolution real image (a one-sided penalty on reals; the original only applied it with lsgan,
-    here it applies with nsgan too). `fake` is detached here, so the loss reaches D only; `real` is not
+    the full-resolution real image (a one-sided penalty on reals). With nsgan, R1 is taken of sigmoid(D_s(real)),
+    the probability the BCE reads, as in the original's latest release (its first release had no R1 there). `fake` is detached here, so the loss reaches D only; `real` is not
     modified (the original switched requires_grad on in place). At initialization (D ~ 0) the loss is ~3
     per call. The returned R1 term is already weighted, as the original printed it.
 
@@ -504,7 +504,8 @@ def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: s
         loss = loss + _adv_term(out_fake, 0.0, gan_type) + _adv_term(out_real, 1.0, gan_type)
         if r1_weight > 0:
             with weight_grads_skipped(routed):
-                (grad,) = torch.autograd.grad(out_real.float().sum(), real, create_graph=True)
+                judged = out_real.float().sigmoid() if gan_type == "nsgan" else out_real.float()
+                (grad,) = torch.autograd.grad(judged.sum(), real, create_graph=True)
             r1 = r1 + grad.float().pow(2).flatten(1).sum(1).mean()
     r1 = r1_weight * r1
     return loss + r1, r1

@@ -257,6 +257,13 @@ def test_dis_and_gen_losses_sanity_values_and_r1():
     assert not real.requires_grad  # the caller's tensor is left alone
     loss_ns, _ = N.dis_loss(dis, fake, real, "nsgan", 0.0)
     assert torch.isfinite(loss_ns) and N.gen_adv_loss(dis, fake, "nsgan") > 0
+    r1_sigmoid = 0.0  # nsgan's R1 is of the probability sigmoid(D), as the original's latest release takes it
+    for out in dis(x):
+        (g,) = torch.autograd.grad(out.sigmoid().sum(), x, retain_graph=True)
+        r1_sigmoid += g.pow(2).flatten(1).sum(1).mean()
+    _, r1_ns = N.dis_loss(dis, fake, real, "nsgan", 0.5)
+    torch.testing.assert_close(r1_ns, 0.5 * r1_sigmoid, rtol=1e-5, atol=0.0)
+    assert r1_ns < r1 / 10  # sigmoid'(D) <= 1/4 shrinks the gradient, the penalty by up to 16 times
     # under bf16 autocast the penalty is still the fp32 one: D's pass on the reals leaves autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, r1_amp = N.dis_loss(dis, fake, real, "lsgan", 0.5)
