@@ -480,8 +480,9 @@ def dis_loss(dis: nn.Module, fake: torch.Tensor, real: torch.Tensor, gan_type: s
 
     Summed over scales: mean(D(fake)^2) + mean((D(real) - 1)^2) (LSGAN) plus r1_weight * R1, where R1 =
     mean over the batch of sum over pixels of (d sum D_s(real) / d real)^2, per scale, taken with respect to
-    the full-resolution real image (a one-sided penalty on reals). With nsgan, R1 is taken of sigmoid(D_s(real)),
-    the probability the BCE reads, as in the original's latest release (its first release had no R1 there). `fake` is detached here, so the loss reaches D only; `real` is not
+    the full-resolution real image (a one-sided penalty on reals). With nsgan, R1 is taken of
+    sigmoid(D_s(real)), the probability the BCE reads, as in the original's latest release (its first release
+    had no R1 there). `fake` is detached here, so the loss reaches D only; `real` is not
     modified (the original switched requires_grad on in place). At initialization (D ~ 0) the loss is ~3
     per call. The returned R1 term is already weighted, as the original printed it.
 

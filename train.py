@@ -326,7 +326,8 @@ class ImageGrids:
         self.every = {"train": cfg["image_display_iter"], "test": cfg["image_save_iter"]}
         self.max_iter = cfg["max_iter"]
         n = cfg["display_size"]
-        train = TrainSet(splits.train, splits.train_labels, image_size(cfg), cfg["pad"], 0.0, positives=False)
+        train = TrainSet(splits.train, splits.train_labels, image_size(cfg), cfg["pad"], 0.0, positives=False,
+                         pad_mode=cfg["pad_mode"])
         self.inputs = {"train": self._pick(train, n, lambda i: train[(i, i)]["image"])}
         if len(splits.query) >= 2:
             query = TestSet(splits.query, image_size(cfg))

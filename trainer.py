@@ -33,9 +33,9 @@ Deliberate differences from the original (NVlabs/DG-Net trainer.py and train.py)
   needs autograd, and recon_f carries gradient (into the swap, through the frozen E_a).
 - The use_encoder_again coin is drawn from torch's CPU generator (the original used Python's `random`,
   seeded to 7 by its random-erasing constructor), so runs reproduce and resume bit for bit on CPU.
-- Random erasing happens in the loader. E_a's pass on the clean image only yields the (detached)
-  appearance code, so it runs without autograd; with erasing_p 0 one pass gives both the code and the
-  logits (the original ran two identical passes, moving the BatchNorm running statistics twice).
+- Random erasing happens in the loader. With erasing on, E_a's pass on the clean image only yields the
+  (detached) appearance code, the logits coming from the erased view, so it runs without autograd (the
+  original built a graph there that nothing used); with erasing_p 0 one pass gives both, as in the original.
 - G, E_s and D see the a and b halves in one batched call (none of them has batch-dependent layers at
   the defaults; D is called per half when dis.norm is bn). E_a's BatchNorm statistics depend on the batch,
   so each of the original's E_a calls keeps its own (reIDmodel.sub_batches), but the calls themselves are

@@ -175,6 +175,9 @@ RANGES: dict[str, Range] = {
     "snapshot_save_iter": COUNT, "keep_last": SIZE, "val_ids": SIZE, "eval_iter": COUNT,
     "fidelity_iter": SIZE,  # 0 = off
 }
+# String keys with a fixed set of values, refused otherwise when the config is read (other such keys are checked
+# where they are used, also before any file is written).
+CHOICES: dict[str, tuple[str, ...]] = {"pad_mode": ("edge", "zero")}
 
 
 class Schema:
@@ -234,6 +237,8 @@ class Schema:
             raise UserError(f"{where}: config key '{key}' must be {kind}, got {value!r}{hint}")
         if rule is not None and not rule.holds(value):
             raise UserError(f"{where}: config key '{key}' is {value!r}: use {rule.describe(want)}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{where}: config key '{key}' is {value!r}: use {' or '.join(CHOICES[key])}")
         return value
 
 

@@ -192,11 +192,12 @@ class TrainSet(Dataset):
     """Training images with labels; indexed by `(index, seed)` pairs from the samplers."""
 
     def __init__(self, records: Sequence[Record], labels: Sequence[int], size: tuple[int, int], pad: int,
-                 erasing_p: float, positives: bool):
+                 erasing_p: float, positives: bool, pad_mode: str = "edge"):
         if len(records) != len(labels):
             raise ValueError("one label per record")
         self.records, self.labels = list(records), [int(x) for x in labels]
-        self.size, self.pad, self.erasing_p, self.positives = size, pad, erasing_p, positives
+        self.size, self.pad, self.pad_mode = size, pad, pad_mode
+        self.erasing_p, self.positives = erasing_p, positives
         members: dict[int, list[int]] = defaultdict(list)
         for index, label in enumerate(self.labels):
             members[label].append(index)
@@ -215,7 +216,7 @@ class TrainSet(Dataset):
         return others[pick + (pick >= own)]
 
     def _view(self, index: int, gen: torch.Generator) -> torch.Tensor:
-        return train_transform(read_image(self.records[index].path), self.size, self.pad, gen)
+        return train_transform(read_image(self.records[index].path), self.size, self.pad, gen, self.pad_mode)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, seed = item
@@ -439,7 +440,7 @@ def every_match_counts(splits: DatasetSplits) -> None:
 
 def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> TrainSet:
     return TrainSet(splits.train, splits.train_labels, image_size(cfg), cfg["pad"], cfg["erasing_p"],
-                    positives=positives)
+                    positives=positives, pad_mode=cfg["pad_mode"])
 
 
 def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int) -> int:

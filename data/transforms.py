@@ -1,6 +1,7 @@
 """Image transforms of DG-Net (the original's data pipeline), with their randomness drawn from an explicit generator.
 
-Training: horizontal flip (p 0.5), bicubic resize to (H, W), edge padding, random crop back to (H, W),
+Training: horizontal flip (p 0.5), bicubic resize to (H, W), padding (edge, DG-Net's; or zero, the baseline
+teacher's), random crop back to (H, W),
 to tensor, ImageNet normalization. Random erasing (Zhong et al.; p `erasing_p`, 2-40 % of the area,
 aspect 0.3-3.33, fill 0 in normalized space, i.e. the mean colour) is a separate step, because DG-Net
 erases only the ReID branch's inputs, never the generator's inputs or targets.
@@ -40,13 +41,15 @@ def eval_transform(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return to_normalized_tensor(TF.resize(img, list(size), InterpolationMode.BICUBIC))
 
 
-def train_transform(img: Image.Image, size: tuple[int, int], pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Flip, resize, edge-pad and random-crop, normalize."""
+def train_transform(img: Image.Image, size: tuple[int, int], pad: int, gen: torch.Generator,
+                    pad_mode: str = "edge") -> torch.Tensor:
+    """Flip, resize, pad (`pad_mode` edge: DG-Net's loader; zero: black, the baseline teacher's) and
+    random-crop, normalize."""
     if _uniform(gen) < 0.5:
         img = TF.hflip(img)
     img = TF.resize(img, list(size), InterpolationMode.BICUBIC)
     if pad > 0:
-        img = TF.pad(img, [pad], padding_mode="edge")
+        img = TF.pad(img, [pad], fill=0, padding_mode="edge" if pad_mode == "edge" else "constant")
         top, left = _randint(gen, 2 * pad), _randint(gen, 2 * pad)
         img = TF.crop(img, top, left, size[0], size[1])
     return to_normalized_tensor(img)

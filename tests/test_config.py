@@ -187,6 +187,7 @@ def test_every_numeric_key_has_a_range_that_its_default_is_in():
     (["dis.r1_every=0"], "'dis.r1_every' is 0"),
     (["eval_iter=0"], "'eval_iter' is 0"),
     (["ID_class=0"], "'ID_class' is 0"),
+    (["pad_mode=reflect"], "'pad_mode' is 'reflect': use edge or zero"),
 ])
 def test_values_out_of_range_name_the_key_and_what_works(opts, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -26,7 +26,7 @@ from data.loaders import (
     dead_worker,
     load_splits,
 )
-from data.transforms import random_erasing, train_transform
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_erasing, train_transform
 from utils import REPO_ROOT, UserError, load_config
 
 # pid -> number of training images; pid 9 has a single image (its positive is itself).
@@ -172,6 +172,21 @@ def test_train_transform_is_a_function_of_the_seed():
     assert torch.equal(views[0], views[1]) and views[0].shape == (3, 32, 16)
     assert any(not torch.equal(views[0], train_transform(img, (32, 16), 3, torch.Generator().manual_seed(s)))
                for s in range(2, 6))
+
+
+def test_padding_repeats_the_border_or_is_black():
+    """pad_mode edge (DG-Net's loader) never shows black on a white image; zero (the baseline teacher's) shows it
+    in the crops that reach into the padding. The teacher configs pad with zeros, DG-Net's by the edge."""
+    white = Image.new("RGB", (20, 40), (255, 255, 255))
+    black = -torch.tensor(IMAGENET_MEAN)[:, None, None] / torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def black_pixels(mode: str) -> int:
+        views = [train_transform(white, (40, 20), 10, torch.Generator().manual_seed(s), mode) for s in range(8)]
+        return sum(int(torch.isclose(v, black, atol=1e-5).all(0).sum()) for v in views)
+
+    assert black_pixels("edge") == 0 and black_pixels("zero") > 0
+    assert load_config(REPO_ROOT / "configs" / "teacher" / "market.yaml")["pad_mode"] == "zero"
+    assert load_config(REPO_ROOT / "configs" / "latest.yaml")["pad_mode"] == "edge"
 
 
 def test_random_erasing_area_and_fill():
