@@ -53,6 +53,7 @@ loaded: graphs hold the optimizer state's tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -165,12 +166,22 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loaders' pin-memory thread may allocate pinned memory meanwhile, which the default
         # (global) mode turns into a broken capture; the backward's kernels, issued from autograd's thread onto
-        # the capturing stream, are captured in either mode
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        # the capturing stream, are captured in either mode. The warm-ups' stream: its kernels' workspaces
+        # exist already. No compilation inside a capture (its autotuning reads the host): a graph the
+        # warm-ups did not compile stops the capture with dynamo's own error instead of a broken graph.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode="thread_local"), \
+                _no_recompiling():
             names, out = self.step_function(step)
         self._keep(key, (graph, names, out))
         graph.replay()  # capturing recorded the iteration without running it
         return names, out
+
+    def release(self) -> None:
+        """Destroy the graphs (after the replays in flight): before the process group goes, since NCCL waits
+        for graphs that hold its collectives, and before a failed run's traceback would keep them alive."""
+        if self.graphs and self.captured:
+            torch.cuda.synchronize(self.trainer.device)
+        self.captured.clear()
 
     def _keep(self, key: Key, entry: tuple[Any, tuple[str, ...], torch.Tensor]) -> None:
         self.captured[key] = entry
@@ -207,6 +218,13 @@ class CapturedStep:
             for k in keys:
                 buffer[k].copy_(batch[k], non_blocking=True)
         return True
+
+
+def _no_recompiling() -> Any:
+    """torch.compile may not compile (or recompile) inside: torch >= 2.6's fail_on_recompile stance, else
+    nothing."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
 
 
 def _stacked(losses: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:

@@ -661,6 +661,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     from capture import training_step
 
     train_step = training_step(trainer, cfg, dist)  # DDP, or the replay of CUDA graphs
+    if hasattr(train_step, "release"):  # CUDA graphs go before the process group, whatever ends the run
+        record.callback(train_step.release)
 
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
     if dist.is_main:

@@ -15,7 +15,7 @@
 #   bash bench/gpu_quickstart.sh OUTDIR
 #   QUICKSTART_TINY=1 bash bench/gpu_quickstart.sh OUTDIR   # CPU smoke run: tiny data, 2 iterations each
 #
-# PYTHON picks the interpreter (default: python). QUICKSTART_ITERS overrides the DG-Net iteration count
+# PYTHON picks the interpreter (default: python3). QUICKSTART_ITERS overrides the DG-Net iteration count
 # (the warm-ups and decay follow it in the config's proportions). QUICKSTART_DGNET_OPTS adds DG-Net config
 # overrides, space-separated KEY=VALUE (e.g. "f_grad_w=1"), recorded in summary.json. QUICKSTART_LIMIT
 # (or GPU_RUN_STEP_LIMIT, which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's
@@ -30,7 +30,7 @@ if [ $# -ne 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 WORK="$OUT/work"
 DATA="$WORK/datasets/synthetic"
 TEACHER_RUN=quickstart-gpu-teacher
@@ -81,7 +81,9 @@ train_timeout() {  # train_timeout N: 1/N of the time left before the reserve, a
     # training step (none without a limit)
     if [ "$LIMIT" -gt 0 ]; then
         local left=$(((LIMIT - SECONDS - RESERVE) / $1))
-        echo timeout -s TERM -k 60 $((left > 30 ? left : 30))
+        # --foreground: train.py stays in this script's process group, so a timeout around the whole script
+        # (gpu_run.sh's step) reaches it too; train.py ends its own loader workers
+        echo timeout --foreground -s TERM -k 60 $((left > 30 ? left : 30))
     fi
 }
 limit_stopped() {  # after a training step failed with code $1: go on from its save if the limit stopped it

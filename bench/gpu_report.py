@@ -79,6 +79,8 @@ def _load(path: Path) -> Any:
 def _speed_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in bench.get("runs", []):
+        if "error" in r:  # a mode that failed: in `failed` (figures), not among the measured rows
+            continue
         rows.append({"model": r["model"], "mode": r["mode"], "size": bench.get("size"),
                      "batch_size": r.get("batch_size"), "settings": r["settings"],
                      "iterations_per_s": r["iterations_per_s"], "images_per_s": r["images_per_s"],
@@ -98,6 +100,8 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if name in raw:
             out[name] = {"rows": _speed_rows(raw[name]), "speedup": raw[name].get("speedup", {}),
                          "speedup_captured": raw[name].get("speedup_captured", {}),
+                         "failed": [{k: r[k] for k in ("model", "mode", "error")}
+                                    for r in raw[name].get("runs", []) if "error" in r],
                          "command": raw[name].get("command")}
     if "numerics" in raw:
         n = raw["numerics"]["numerics"]
@@ -173,6 +177,12 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
             [f"{name} | {r['model']} | {r['size']} | {r['batch_size']} | {r['mode']} | "
              f"{_settings_text(r['settings'])} | {r['iterations_per_s']:.3f} | {r['ms_per_iteration']:.1f} | "
              f"{r['images_per_s']:.1f} | {r['data_share']:.1%} | {r['peak_memory_gib']:.2f}" for name, r in rows])]
+    failed = [(name, r) for name in SPEED_STEPS for r in figs.get(name, {}).get("failed", [])]
+    if failed:
+        lines += ["", "## Modes that failed", "", *_table(
+            ("step", "model", "mode", "error"),
+            [f"{name} | {r['model']} | {r['mode']} | {r['error'][:200].replace('|', '/')}" for name, r in failed])]
+    if rows:
         for name in SPEED_STEPS:
             for model, x in figs.get(name, {}).get("speedup", {}).items():
                 lines.append(f"\n{name}: {model} fast path {x:.2f}x the reference")
@@ -243,11 +253,14 @@ def write_report(work: Path, out: Path) -> dict[str, Any]:
                     env["torch"] = bench["torch"]  # the full version string, +cu130 included
     result = {"benchmark": "gpu_run", "env": env, "meta": meta, "steps": steps, "figures": figs, "raw": raw}
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result, indent=1) + "\n"),
-                       ("summary.md", summary(env, steps, figs, meta))):
+
+    def write(name: str, text: str) -> None:
         tmp = out / f".{name}.tmp"  # renamed into place: a kill mid-write leaves the last whole report
         tmp.write_text(text)
         os.replace(tmp, out / name)
+
+    write("results.json", json.dumps(result, indent=1) + "\n")  # first: a summary that fails loses no figure
+    write("summary.md", summary(env, steps, figs, meta))
     return result
 
 

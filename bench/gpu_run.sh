@@ -21,19 +21,15 @@
 #                           (the GPU defaults): it/s, images/s, peak GPU memory
 #   dgnet_captured    80 s  DG-Net's fast mode eager and captured (capture.py: iterations replayed from CUDA
 #                           graphs), one process: it/s of both, captured over eager
-#   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary
-#                           backward kernels), against dgnet_default's and dgnet_captured's figures
-#   dgnet_compiled   120 s  captured with compile=true (torch.compile of G and E_a, inductor; its compilation
-#                           falls in the untimed warm-up), against dgnet_captured's figures
-#   teacher_default   60 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory; reference,
-#                           fast and captured (its SGD steps replayed from CUDA graphs)
-#   numerics         200 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
-#                           itself in time and keeps its curves
 #   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k "gpu and not compiled"): captured
 #                           iterations of DG-Net and the teacher against eager ones, a resumed captured run, the
 #                           all-reduce in the graph (NCCL, a group of one); on the CPU they are skipped
-#   compile_tests     90 s  test_capture.py's compiled GPU test: captured compiled iterations (inductor, bf16)
-#                           against the same compiled trainer run eagerly
+#   numerics         150 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
+#                           itself in time and keeps its curves
+#   teacher_default   60 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory; reference,
+#                           fast and captured (its SGD steps replayed from CUDA graphs)
+#   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary
+#                           backward kernels), against dgnet_default's and dgnet_captured's figures
 #   quickstart_sizes  70 s  DG-Net and teacher at configs/quickstart/*.yaml sizes: reference, fast, captured
 #   profile           75 s  torch.profiler over fast iterations: GPU busy time against the iteration, top
 #                           operators, phases; a Chrome trace in steps.tar.gz
@@ -42,6 +38,10 @@
 #   dgnet_lazy_r1     50 s  the fast mode with dis.r1_every=16 (StyleGAN2's lazy R1)
 #   eval_gpu          60 s  test.py's evaluation on the GPU at Market and MSMT17 sizes, 1,024-d features (DG-Net's):
 #                           cosine ranking and k-reciprocal re-ranking (rerank.py's N x N pass there)
+#   dgnet_compiled   120 s  captured with compile=true (torch.compile of G and E_a, inductor; its compilation
+#                           falls in the untimed warm-up, which once took a whole call), against dgnet_captured's
+#   compile_tests     90 s  test_capture.py's compiled GPU test: captured compiled iterations (inductor, bf16)
+#                           against the same compiled trainer run eagerly
 #   quickstart       rest   bench/gpu_quickstart.sh OUTDIR/quickstart, if that file exists and at least
 #                           GPU_QUICKSTART_MIN (150) s are left; it reads its limit from GPU_RUN_STEP_LIMIT
 # The budgets add up to more than 530 s: most steps end well within theirs, and what one call leaves
@@ -56,6 +56,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
+export PYTHON=$PY  # bench/gpu_quickstart.sh's interpreter too
 COMMAND="bash bench/gpu_run.sh $*"
 
 if [[ ${1:-} == --wheels ]]; then  # runs here, where pip can reach the index; the device cannot
@@ -155,7 +156,7 @@ step() {
   ((budget < limit)) && limit=$budget
   if ((limit < min)); then
     say "== $name: skipped, ${limit} s left and it needs ${min} s"
-    "$PY" bench/gpu_report.py step "$WORK" "$name" skipped 0 0 "$limit" -- "$@"
+    "$PY" bench/gpu_report.py step "$WORK" "$name" skipped 0 0 "$limit" -- "$@" || say "step record failed"
     report
     return 0
   fi
@@ -173,7 +174,8 @@ step() {
     *) status=failed ;;
   esac
   say "== $name: $status (rc $rc)"
-  "$PY" bench/gpu_report.py step "$WORK" "$name" "$status" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$limit" -- "$@"
+  "$PY" bench/gpu_report.py step "$WORK" "$name" "$status" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$limit" -- "$@" \
+    || say "step record failed"
   report
 }
 
@@ -202,25 +204,22 @@ if ((!TINY)); then  # tiny sizes are one dataset for both configs
   step data_quickstart 30 5 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --bench data --json "$WORK/setup/data_quickstart.json"
 fi
 
-# ---- the measurements, most valuable first: the speed of each way of running DG-Net, the teacher's, the
-# captured numerics; then the GPU tests, the sizes of the quickstart, where the time goes
+# ---- the measurements, most valuable first: the speed of DG-Net eager and captured, the GPU tests that prove
+# the captured iterations right, their numerics, the teacher; then the other ways of running DG-Net, the sizes
+# of the quickstart, where the time goes; compilation last (its warm-up can take minutes)
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
-step dgnet_r1_conv 60 25 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" --fast_opts r1_conv=always \
-  --json "$WORK/dgnet_r1_conv.json"
-# captured only (dgnet_captured has the eager row): one compilation, not two
-step dgnet_compiled 120 60 "${BENCH[@]}" --model dgnet --mode captured "${COMPILE[@]}" "${SPEED[@]}" \
-  --json "$WORK/dgnet_compiled.json"
-step teacher_default 60 20 "${BENCH[@]}" --model teacher --mode reference,fast,captured "${TEACHER[@]}" \
-  --json "$WORK/teacher_default.json"
+step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
 # numerics stops comparing 30 s before its limit (start-up and writing included) and keeps what it has
 limit=$(left)
-((limit > 200)) && limit=200
-step numerics 200 60 "${BENCH[@]}" --bench numerics "${NUMERICS[@]}" --time_limit $((limit - 30 > 5 ? limit - 30 : 5)) \
+((limit > 150)) && limit=150
+step numerics 150 60 "${BENCH[@]}" --bench numerics "${NUMERICS[@]}" --time_limit $((limit - 30 > 5 ? limit - 30 : 5)) \
   --json "$WORK/numerics.json" "${CAPTURED[@]}"
-step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
-step compile_tests 90 40 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and compiled"
+step teacher_default 60 20 "${BENCH[@]}" --model teacher --mode reference,fast,captured "${TEACHER[@]}" \
+  --json "$WORK/teacher_default.json"
+step dgnet_r1_conv 60 25 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" --fast_opts r1_conv=always \
+  --json "$WORK/dgnet_r1_conv.json"
 step quickstart_sizes 70 30 "${BENCH[@]}" "${QUICKSTART_CONFIGS[@]}" --mode reference,fast,captured "${SPEED[@]}" \
   --json "$WORK/quickstart_sizes.json"
 step profile 75 30 "${BENCH[@]}" --bench profile "${PROFILE[@]}" --trace "$WORK/trace/profile_trace.json" \
@@ -230,6 +229,10 @@ step r1_bench 30 15 "$PY" bench/r1_bench.py "${R1[@]}" --json "$WORK/r1_bench.js
 step dgnet_lazy_r1 50 25 "${BENCH[@]}" --model dgnet --mode fast "${LAZY[@]}" --json "$WORK/dgnet_lazy_r1.json" \
   --fast_opts dis.r1_every=16
 step eval_gpu 60 30 "$PY" bench/eval_bench.py "${EVAL[@]}" --out "$WORK/eval_gpu.json"
+# captured only (dgnet_captured has the eager row): one compilation, not two
+step dgnet_compiled 120 60 "${BENCH[@]}" --model dgnet --mode captured "${COMPILE[@]}" "${SPEED[@]}" \
+  --json "$WORK/dgnet_compiled.json"
+step compile_tests 90 40 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and compiled"
 
 # ---- the GPU quickstart (bench/gpu_quickstart.sh, written separately), with whatever time is left
 if [[ -n $QUICKSTART_SCRIPT && -f $QUICKSTART_SCRIPT ]]; then

@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import math
+import os
 import platform
 import resource
 import sys
@@ -577,8 +579,11 @@ def cuda_facts(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {}
     props = torch.cuda.get_device_properties(device)
+    # TF32: PyTorch's defaults let cuDNN's fp32 convolutions use it (not matmuls), so the fp32 reference's
+    # convolutions round to TF32 on a GPU that has it; recorded, not changed, as a user's amp: none run has them
     return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "capability": f"{props.major}.{props.minor}", "gpu_memory_gib": round(props.total_memory / 2**30, 2)}
+            "capability": f"{props.major}.{props.minor}", "gpu_memory_gib": round(props.total_memory / 2**30, 2),
+            "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -653,6 +658,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def time_mode(args: argparse.Namespace, model: str, mode: str, splits: Any, device: torch.device) -> dict[str, Any]:
+    """One speed row: `model` trained in `mode` (and, for --bench loaders, its loaders alone)."""
+    cfg = bench_config(model, args, mode)
+    job = Job(model, cfg, splits, device, captured=mode == "captured")
+    try:
+        row = time_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase) if model == "dgnet" else 0)
+        row.update(model=model, mode=mode, settings=settings(job), batch_size=cfg["batch_size"],
+                   num_workers=cfg["num_workers"])
+        if args.bench == "loaders":
+            loaders_job = Job(model, cfg, splits, device, loaders_only=True)
+            try:
+                row["loaders"] = time_loaders(loaders_job, max(args.iters, 1), args.warmup)
+            finally:
+                loaders_job.close()
+            row["loaders"]["delivers_over_consumes"] = round(
+                row["loaders"]["iterations_per_s"] / row["iterations_per_s"], 3)
+    finally:
+        job.close()
+    return row
+
+
 def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
     modes = modes_of(args)
     models = ("dgnet", "teacher") if args.model == "both" else (args.model,)
@@ -669,6 +695,17 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         "teacher": "DG-Net's teacher: a random network built in-process, teacher_style 0 (a trained one's cost)",
         "command": " ".join(["python bench/train_bench.py", *argv]),
     }
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.bench == "speed" else f"_{args.bench}")
+    path = args.json or REPO / "bench" / "results" / f"train_bench{suffix}.json"
+
+    def write() -> None:
+        """The JSON as it stands: after each speed row too, so a mode that fails or is cut off by a time limit
+        leaves the rows measured before it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, path)
+
     print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
           f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")
 
@@ -704,34 +741,22 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
             print(f"{key:<10} {t['mean_abs_reference']:>11.4g} {t['max_rel_diff']:>13.3g} "
                   f"{t['first_iteration_rel_diff']:>9.3g} {t['max_window_rel_diff']:>9.3g}")
     else:
-        rows = []
+        rows: list[dict[str, Any]] = result.setdefault("runs", [])
         for model in models if args.bench == "speed" else ("dgnet",):
             for mode in modes if args.bench == "speed" else ("fast",):
-                cfg = bench_config(model, args, mode)
-                job = Job(model, cfg, splits, device, captured=mode == "captured")
                 try:
-                    row = time_training(job, args.iters, args.warmup, first_iteration(cfg, args.phase)
-                                        if model == "dgnet" else 0)
-                    row.update(model=model, mode=mode, settings=settings(job), batch_size=cfg["batch_size"],
-                               num_workers=cfg["num_workers"])
-                    if args.bench == "loaders":
-                        loaders_job = Job(model, cfg, splits, device, loaders_only=True)
-                        try:
-                            row["loaders"] = time_loaders(loaders_job, max(args.iters, 1), args.warmup)
-                        finally:
-                            loaders_job.close()
-                        row["loaders"]["delivers_over_consumes"] = round(
-                            row["loaders"]["iterations_per_s"] / row["iterations_per_s"], 3)
-                finally:
-                    job.close()
-                rows.append(row)
-                del job
+                    rows.append(time_mode(args, model, mode, splits, device))
+                except Exception as err:  # one mode's failure (a capture, a non-finite loss) keeps the others
+                    print(f"error: {model} {mode}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                    rows.append({"model": model, "mode": mode, "error": f"{type(err).__name__}: {err}"[:500]})
+                write()
                 if device.type == "cuda":
+                    gc.collect()  # a failed mode's frames, which hold its models, go before the next mode
                     torch.cuda.empty_cache()
-        result["runs"] = rows
-        print_speed_table(rows)
+        measured = [r for r in rows if "error" not in r]
+        print_speed_table(measured)
         for model in models:
-            by_mode = {r["mode"]: r for r in rows if r["model"] == model}
+            by_mode = {r["mode"]: r for r in measured if r["model"] == model}
             if {"reference", "fast"} <= by_mode.keys():
                 speedup = by_mode["fast"]["iterations_per_s"] / by_mode["reference"]["iterations_per_s"]
                 result.setdefault("speedup", {})[model] = round(speedup, 3)
@@ -740,18 +765,15 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
                 speedup = by_mode["captured"]["iterations_per_s"] / by_mode["fast"]["iterations_per_s"]
                 result.setdefault("speedup_captured", {})[model] = round(speedup, 3)
                 print(f"{model}: captured iterations {speedup:.2f}x the eager fast path")
-        for r in rows:
+        for r in measured:
             if "loaders" in r:
                 lo = r["loaders"]
                 print(f"loaders ({lo['loaders']} x {lo['num_workers']} workers) deliver {lo['iterations_per_s']:.2f} "
                       f"it/s, training consumes {r['iterations_per_s']:.2f} it/s: {lo['delivers_over_consumes']:.2f}x")
 
-    suffix = ("_tiny" if args.tiny else "") + ("" if args.bench == "speed" else f"_{args.bench}")
-    path = args.json or REPO / "bench" / "results" / f"train_bench{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"wrote {path}")
-    return 0
+    return 1 if any("error" in r for r in result.get("runs", [])) else 0
 
 
 if __name__ == "__main__":

@@ -63,10 +63,9 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
     assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
     steps = {s["name"]: s for s in result["steps"]}
-    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "dgnet_r1_conv",
-                           "dgnet_compiled", "teacher_default", "numerics", "capture_tests", "compile_tests",
-                           "quickstart_sizes", "profile", "syncs", "r1_bench", "dgnet_lazy_r1", "eval_gpu",
-                           "quickstart"]
+    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests", "numerics",
+                           "teacher_default", "dgnet_r1_conv", "quickstart_sizes", "profile", "syncs", "r1_bench",
+                           "dgnet_lazy_r1", "eval_gpu", "dgnet_compiled", "compile_tests", "quickstart"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
@@ -192,6 +191,26 @@ def test_numerics_and_loader_modes(tmp_path, data):
     assert "convolution" in {op["name"] for op in ops["top"]}
     calls = ops["network_calls"]  # G runs through encode/decode, so its parts are counted instead
     assert calls["dis_a"] == 3 and calls["gen_a.dec"] >= 1 and "gen_a" not in calls and calls["id_a"] >= 4
+
+
+def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data):
+    """One mode that fails (here a config its --fast_opts make invalid) is recorded with its error; the other
+    mode's row stays in the JSON, the exit code says something failed, and the report lists it."""
+    out = tmp_path / "work" / "dgnet_default.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--data", str(data), "--iters",
+                           "1", "--warmup", "0", "--model", "dgnet", "--mode", "reference,fast", "--fast_opts",
+                           "lr_g=nan", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "error: dgnet fast: UserError" in proc.stderr, proc.stderr[-2000:]
+    reference, fast = json.loads(out.read_text())["runs"]
+    assert reference["mode"] == "reference" and reference["iterations_per_s"] > 0
+    assert fast["mode"] == "fast" and "lr_g" in fast["error"]
+    report = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_report.py"), "report",
+                             str(tmp_path / "work"), str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    figures = json.loads((tmp_path / "out" / "results.json").read_text())["figures"]["dgnet_default"]
+    assert [r["mode"] for r in figures["rows"]] == ["reference"] and figures["failed"][0]["mode"] == "fast"
+    assert "## Modes that failed" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_bad_switches_are_one_line_errors(capsys):
