@@ -54,7 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from capture import CapturedStep  # noqa: E402
+from capture import CapturedStep, resolve_cuda_graph  # noqa: E402
 from data.loaders import build_dgnet_loaders, build_teacher_loader, load_splits  # noqa: E402
 from reIDmodel import Teacher  # noqa: E402
 from trainer import RAMPED_WEIGHTS, BaselineTrainer, DGNet_Trainer  # noqa: E402
@@ -178,6 +178,8 @@ class Job:
         self.trainer.train()
         self.step: Any = self.trainer.train_step
         if captured:
+            if device.type == "cuda":
+                resolve_cuda_graph(cfg, device)  # what train.py refuses to capture (fp16's loss scaling)
             self.step = self.captured = CapturedStep(self.trainer, graphs=device.type == "cuda")
 
     def batches(self) -> list[dict]:
