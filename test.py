@@ -454,14 +454,21 @@ def option_fields(args: argparse.Namespace, halves: bool) -> dict[str, Any]:
 
 
 def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
-    """"" when `cfg` evaluates on the data the run trained on, else "_on-<data_root's folder name>": results on
-    another dataset (cross-dataset evaluation) are written beside the run's own instead of over them."""
+    """"" when `cfg` evaluates on the data the run trained on, with its protocol, else what differs:
+    "_on-<data_root's folder name>" (another dataset: cross-dataset evaluation), "_labeled" or "_detected"
+    (CUHK03-NP's other boxes), "_samecam" or "_crosscam" (cross_camera off or on, against the run's). So such
+    results are written beside the run's own instead of over them."""
     def where(c: dict[str, Any]) -> tuple[str, Path]:
         return c.get("dataset", ""), Path(str(c.get("data_root", ""))).expanduser().absolute()
 
-    if where(cfg) == where(trained):
-        return ""
-    return "_on-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", where(cfg)[1].name) or cfg["dataset"])
+    tag = ""
+    if where(cfg) != where(trained):
+        tag = "_on-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", where(cfg)[1].name) or cfg["dataset"])
+    if cfg.get("dataset") == "cuhk03" and cfg.get("cuhk03_labeled", False) != trained.get("cuhk03_labeled", False):
+        tag += "_labeled" if cfg.get("cuhk03_labeled") else "_detected"
+    if cfg.get("cross_camera", True) != trained.get("cross_camera", True):
+        tag += "_crosscam" if cfg.get("cross_camera", True) else "_samecam"
+    return tag
 
 
 def save_features(results: Path, stem: str, parts: dict[str, tuple[torch.Tensor, Sequence[Record]]],
@@ -597,9 +604,9 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if len(args.alphas) > 1:
         raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
-    if args.multi or args.rerank or args.aqe or args.roc:
-        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe and --roc (they are "
-                        "for evaluation on a dataset)")
+    if args.multi or args.rerank or args.aqe or args.roc or args.ranklist:
+        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe, --roc and --ranklist "
+                        "(they are for evaluation on a dataset; search.json lists each query's top --topk)")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
     predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, scales=args.ms,
                                    alpha=args.alpha, batch_size=args.batch_size)
@@ -622,6 +629,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 def _check_args(args: argparse.Namespace) -> None:
     for alpha in args.alphas:
         check_alpha(alpha)
+    if len(set(args.alphas)) < len(args.alphas):
+        raise UserError(f"--alpha gives a value twice ({','.join(f'{a:g}' for a in args.alphas)}); give each once")
     check_scales(args.ms)
     if args.roc:
         check_fprs(args.roc)
@@ -787,6 +796,9 @@ def load_saved_features(path: Path) -> dict[str, tuple[torch.Tensor, list[Record
     too). Records carry the saved paths where there are any, else ""."""
     if not path.is_file():
         raise UserError(f"--features {path}: no such file")
+    if path.suffix not in (".npz", ".mat"):
+        raise UserError(f"--features {path}: give saved features, a features_<iteration>.npz or a "
+                        "pytorch_result.mat (results/ holds them)")
     arrays = _saved_arrays(path)
     beside = path.with_name("multi_query.mat")
     if "mquery_f" not in arrays and path.suffix == ".mat" and beside.is_file():
@@ -916,6 +928,9 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
         raise UserError("--onnx evaluates query against gallery at the exported size: leave out --multi, --rerank, "
                         "--aqe, --ranklist, --query and --gallery")
     exported = OnnxReID(args.onnx)
+    if exported.metadata.get("run") != args.name:  # its results would be filed under another run
+        raise UserError(f"{args.onnx} was exported from run {exported.metadata.get('run')!r}, not {args.name!r}: "
+                        f"evaluate it with --name {exported.metadata.get('run')}")
     if not args.flip and exported.flip:
         raise UserError(f"--no-flip: {args.onnx} computes the flipped image in its graph; export with "
                         "python export.py --no-flip for that feature")

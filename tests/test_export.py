@@ -112,6 +112,8 @@ def test_no_flip_export_and_bad_input(runs, tmp_path, capsys):
         (evaluation.main, ("--onnx", str(tmp_path / "missing.onnx")), "no ONNX file"),
         (evaluation.main, ("--onnx", str(out), "--rerank"), "leave out --multi, --rerank"),
     ]
+    bad.append((lambda argv: evaluation.main([*argv[:1], "elsewhere", *argv[2:]]), ("--onnx", str(out)),
+                f"exported from run '{name}', not 'elsewhere'"))  # its results would go to another run
     flipped = sorted((output_path / "outputs" / name / "export").glob("*.onnx"))
     if flipped:  # written by the test above when it ran first
         bad.append((evaluation.main, ("--onnx", str(flipped[0]), "--no-flip"), "export.py --no-flip"))

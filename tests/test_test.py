@@ -258,6 +258,8 @@ def test_evaluate_model_for_validation(tiny_run):
     (("--ranklist", "-1"), "--ranklist"),
     (("--alpha", "0.5,-2"), "--alpha must be"),
     (("--alpha", "0.5,0", "--query", ".", "--gallery", "."), "single value"),
+    (("--alpha", "0.5,0,0.5"), "gives a value twice"),
+    (("--features", "README.md"), "give saved features"),
 ])
 def test_bad_input_is_one_line(tiny_run, capsys, args, message):
     assert run_test(tiny_run, *args) == 2
@@ -341,6 +343,17 @@ def test_results_on_another_dataset_are_written_beside_the_runs_own(tiny_run, tm
     # a mistyped data_root is an error, not a dataset generated there
     assert run_test(tiny_run, "--data_root", str(tmp_path / "typo")) == 2
     assert not (tmp_path / "typo").exists()
+
+
+def test_results_with_another_protocol_or_boxes_are_named_by_it():
+    """Evaluating with cross_camera or CUHK03-NP's boxes other than the run's own writes beside its results."""
+    trained = {"dataset": "cuhk03", "data_root": "/data/cuhk03", "cuhk03_labeled": False, "cross_camera": True}
+    assert evaluation.other_data_tag(dict(trained), trained) == ""
+    assert evaluation.other_data_tag({**trained, "cross_camera": False}, trained) == "_samecam"
+    assert evaluation.other_data_tag({**trained, "cuhk03_labeled": True}, trained) == "_labeled"
+    assert evaluation.other_data_tag(trained, {**trained, "cuhk03_labeled": True}) == "_detected"
+    other = {**trained, "dataset": "market1501", "data_root": "/data/Market", "cross_camera": False}
+    assert evaluation.other_data_tag(other, trained) == "_on-Market_samecam"
 
 
 def test_opts_apply_to_a_run_without_config_yaml(tiny_run, tmp_path):
@@ -540,6 +553,6 @@ def test_query_expansion_bad_options(tiny_run, capsys):
 
 def test_search_refuses_evaluation_options(tiny_run, capsys):
     folder = str(tiny_run[1] / "query")
-    for option in ("--aqe", "--rerank", "--multi", "--roc"):
-        assert run_test(tiny_run, "--query", folder, "--gallery", folder, option) == 2
-        assert "leave out --multi, --rerank, --aqe and --roc" in capsys.readouterr().err
+    for option in (("--aqe",), ("--rerank",), ("--multi",), ("--roc",), ("--ranklist", "3")):
+        assert run_test(tiny_run, "--query", folder, "--gallery", folder, *option) == 2
+        assert "leave out --multi, --rerank, --aqe, --roc and --ranklist" in capsys.readouterr().err
