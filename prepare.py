@@ -9,6 +9,11 @@ writes `DST/{train_all, train, val, query, gallery, multi-query}/<pid>/<original
 need the result (it reads the raw folders directly); it is for users of the original tools, and
 `--dataset folder` reads it back.
 
+The folder layout reads cameras from file names, so `--dataset list` prefixes a name with
+`<pid>_c<camera>_` when the camera its list gives is not already in it. An image that a list gives
+without a camera keeps its name, and test images without one read back with `cross_camera: false`
+only (the summary says so).
+
 Files are hard links by default (no extra disk space), copies when linking fails (another
 device) or with `--copy`. Nothing is ever deleted or overwritten: a target that already holds the
 same file is skipped, so the script can be re-run; a target holding a different file is an error,
@@ -24,7 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from data.datasets import DATASETS, DatasetSplits, Record, read_dataset
+from data.datasets import DATASETS, DatasetSplits, Record, camera_from_name, read_dataset
 from utils import UserError
 
 RAW_DATASETS = tuple(d for d in DATASETS if d != "folder")
@@ -33,6 +38,16 @@ RAW_DATASETS = tuple(d for d in DATASETS if d != "folder")
 def pid_folder(pid: int) -> str:
     """Folder name of an identity: `%04d`, except junk, which is `-1` as in the original tools."""
     return "-1" if pid == -1 else f"{pid:04d}"
+
+
+def target_name(record: Record) -> str:
+    """The file name in the per-identity layout: the original one when the `folder` reader finds the record's
+    camera in it (every raw dataset's names), else prefixed with `<pid>_c<camera>_` (a list's camera column)."""
+    name = os.path.basename(record.path)
+    # the reader's own rule, so that what is written here reads back with the same camera
+    if record.camid == -1 or camera_from_name(name) == record.camid:
+        return name
+    return f"{pid_folder(record.pid)}_c{record.camid}_{name}"
 
 
 def split_train_val(train: list[Record]) -> tuple[list[Record], list[Record]]:
@@ -56,7 +71,7 @@ def plan(data: DatasetSplits, dst: Path) -> dict[str, list[tuple[str, Path]]]:
     if data.multi_query is not None:
         splits["multi-query"] = data.multi_query
     return {
-        split: [(r.path, dst / split / pid_folder(r.pid) / os.path.basename(r.path)) for r in records]
+        split: [(r.path, dst / split / pid_folder(r.pid) / target_name(r)) for r in records]
         for split, records in splits.items()
     }
 
@@ -70,8 +85,11 @@ def pending(pairs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     source_of: dict[Path, str] = {}
     todo = []
     for src, target in pairs:
-        if source_of.setdefault(target, src) != src:
-            raise UserError(f"prepare: {source_of[target]} and {src} would both be written to {target}")
+        if target in source_of:  # a list may name one image twice: written once
+            if source_of[target] != src:
+                raise UserError(f"prepare: {source_of[target]} and {src} would both be written to {target}")
+            continue
+        source_of[target] = src
         if target.exists() or target.is_symlink():
             if not _same_file(src, target):
                 raise UserError(
@@ -106,7 +124,8 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
     if dataset not in RAW_DATASETS:
         raise UserError(f"prepare: --dataset must be one of {', '.join(RAW_DATASETS)}, not {dataset!r}")
     try:
-        data = read_dataset(dataset, src, cuhk03_labeled=cuhk03_labeled)
+        # test_cameras off: a list without cameras is still prepared (only `list` reads it; see the summary)
+        data = read_dataset(dataset, src, cuhk03_labeled=cuhk03_labeled, test_cameras=False)
     except UserError as error:  # the readers name the config's keys; here the same settings are options
         message = str(error).replace("data_root", "--src").replace("data root", "--src")
         raise UserError(message.replace("cuhk03_labeled", "--cuhk03-labeled")) from None
@@ -128,7 +147,10 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
         ids = len({target.parent.name for _, target in pairs})
         lines.append(f"  {split:<12}{len(pairs):>7} images {ids:>6} identity folders")
     lines.append(f"  {linked} linked, {len(todo) - linked} copied, "
-                 f"{sum(map(len, splits.values())) - len(todo)} already there")
+                 f"{len({target for pairs in splits.values() for _, target in pairs}) - len(todo)} already there")
+    if unknown := sum(r.camid == -1 for r in data.query + data.gallery + (data.multi_query or [])):
+        lines.append(f"  {unknown} test images have no camera (none in the list nor the name): read {dst} with "
+                     "cross_camera: false")
     return "\n".join(lines)
 
 

@@ -520,7 +520,7 @@ _INTEGER = re.compile(r"^-?\d+$")
 _FOLDER_CAMERA = (_BOX_NAME, re.compile(r"^-?\d+_\d+_(\d+)_"))  # Market/Duke/CUHK style, MSMT style
 
 
-def _camera_from_name(name: str) -> int | None:
+def camera_from_name(name: str) -> int | None:
     for pattern in _FOLDER_CAMERA:
         if match := pattern.match(name):
             return int(match.groups()[-1])
@@ -530,7 +530,7 @@ def _camera_from_name(name: str) -> int | None:
 def _camera_or_unknown(name: str, is_train: bool, cameras: bool, missing: str) -> int:
     """The camera in a file name; -1 (unknown) for a training image, or a test image when `cameras` is off
     (cross_camera: false); otherwise `missing` as the error."""
-    camid = _camera_from_name(name)
+    camid = camera_from_name(name)
     if camid is not None:
         return camid
     if not is_train and cameras:

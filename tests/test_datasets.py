@@ -589,6 +589,50 @@ def test_prepare_round_trip_msmt17_and_cuhk03(tmp_path, dataset):
         assert sorted(p.name for p in (out / "train_all").iterdir()) == ["0001", "0002"]
 
 
+def test_prepare_list_keeps_identities_and_cameras(tmp_path, capsys):
+    from data.loaders import load_splits
+    from utils import load_config
+
+    root = tmp_path / "lists"
+    lists = {  # `<path> <pid> <camera>`: names without a camera, a Market name agreeing with it, one that does not
+        "train": ["imgs/train_0.jpg 1 1", "imgs/train_1.jpg 1 2", "imgs/train_2.jpg 2 11", "imgs/train_3.jpg 2 3",
+                  "cam/0002_c3s1_000451_03.jpg 2 3", "imgs/train_0.jpg 1 1"],  # one line twice: written once
+        "query": ["imgs/query_0.jpg 9 1", "cam/0009_c1s1_000001_00.jpg 9 4"],
+        "gallery": ["imgs/gallery_0.jpg 9 2", "imgs/gallery_1.jpg 0 1", "imgs/gallery_2.jpg -1 5"],
+    }
+    for split, lines in lists.items():
+        for line in lines:
+            make_image(root / line.split()[0])
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert prepare.main(["--dataset", "list", "--src", str(root), "--dst", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 already there" in printed and "no camera" not in printed
+    assert (out / "query" / "0009" / "0009_c1_query_0.jpg").is_file()  # the audit's query_0.jpg, now readable
+    assert (out / "query" / "0009" / "0009_c4_0009_c1s1_000001_00.jpg").is_file()  # the list's camera wins
+    assert (out / "train_all" / "0002" / "0002_c3s1_000451_03.jpg").is_file()  # already right: name kept
+
+    def images(records: list[Record]) -> list[tuple[int, int, bytes]]:  # (pid, camera, which image)
+        return sorted({(r.pid, r.camid, Path(r.path).read_bytes()) for r in records})
+
+    raw = read_dataset("list", root)
+    back = load_splits(load_config(None, ["dataset=folder", f"data_root={out}", "val_ids=0", "ID_class=null"]))
+    for split in ("train", "query", "gallery"):
+        assert images(getattr(back, split)) == images(getattr(raw, split)), split
+
+    # no camera column and none in the names: prepared as they are, read back with cross_camera: false only
+    (root / "query.txt").write_text("imgs/query_0.jpg 9\n")
+    (root / "gallery.txt").write_text("imgs/gallery_0.jpg 9\nimgs/gallery_1.jpg 0\n")
+    out = tmp_path / "no_cameras"
+    assert prepare.main(["--dataset", "list", "--src", str(root), "--dst", str(out)]) == 0
+    assert f"3 test images have no camera (none in the list nor the name): read {out} with cross_camera: false" \
+        in capsys.readouterr().out
+    assert "cross_camera: false" in error_of(read_dataset, "folder", out)
+    back = load_splits(load_config(None, ["dataset=folder", f"data_root={out}", "val_ids=0", "ID_class=null",
+                                          "cross_camera=false"]))
+    assert [r.pid for r in back.query] == [9] and sorted(r.pid for r in back.gallery) == [0, 9]
+
+
 def test_prepare_cli(tmp_path):
     src, out = make_market(tmp_path / "Market"), tmp_path / "out"
     run = subprocess.run(
