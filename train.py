@@ -127,6 +127,11 @@ FIXED_ON_RESUME = {
     "ID_stride": "the appearance encoder's weights were trained with its last stride",
     "pool": "the appearance encoder's weights were trained with its pooling",
     "extra_train": "the loaders resume at their position in the training split the run started with",
+    "dataset": "the loaders resume at their position in the training split the run started with",
+    "cuhk03_labeled": "the loaders resume at their position in the training split the run started with",
+    "val_ids": "the held-out identities decide the training split the loaders resume in",
+    "crop_image_height": "the networks were trained at the run's image size",
+    "crop_image_width": "the networks were trained at the run's image size",
 }
 CHANGES_FILE = "config_changes.log"
 
@@ -470,6 +475,16 @@ class NullWriter:
 # training
 
 
+def located_teacher(teacher: str | None, output_path: str) -> str | None:
+    """`teacher:` as given where it exists from the current folder; else, a relative one under --output_path,
+    where train.py wrote the teacher's run when it was given the same --output_path (so the README's teacher
+    and DG-Net commands pair up with any --output_path). The run's config.yaml records the one used."""
+    if not teacher or Path(teacher).expanduser().is_absolute() or Path(teacher).exists():
+        return teacher
+    under = Path(output_path) / teacher
+    return str(under) if under.exists() else teacher
+
+
 def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torch.device) -> Any:
     from trainer import BaselineTrainer, DGNet_Trainer  # imported here so --help stays fast
 
@@ -479,7 +494,8 @@ def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torc
 
 
 def build_loaders(kind: str, cfg: dict[str, Any], splits: Any, dist: distributed.Dist) -> dict[str, Any]:
-    share = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": dist.device.type == "cuda"}
+    on_gpus = dist.device.type == "cuda"
+    share = {"rank": dist.rank, "world_size": dist.world_size, "pin_memory": on_gpus, "gpus": on_gpus}
     if kind == "baseline":
         return {"batch": build_teacher_loader(cfg, splits, identity_sampler=cfg["triplet_w"] > 0, **share)}
     a, b = build_dgnet_loaders(cfg, splits, **share)
@@ -595,6 +611,8 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     seed_everything(cfg["seed"] + dist.rank)
     splits = load_splits(cfg)
     loaders = build_loaders(kind, cfg, splits, dist)
+    if kind == "DGNet":
+        cfg["teacher"] = located_teacher(cfg["teacher"], args.output_path)
     trainer = build_trainer(kind, cfg, splits.num_classes, dist.device)
     if state:
         from_config = trainer.optimizer_settings()

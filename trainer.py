@@ -562,7 +562,14 @@ class DGNet_Trainer(_PartsTrainer):  # the original's class name, which users lo
         # D without batch-dependent layers scores the a and b halves in one call
         self.dis_batched = cfg["dis"]["norm"] != "bn"
         if teacher is None and self.needs_teacher(cfg):
-            teacher = load_teacher(cfg["teacher"], num_classes, device, scale2=cfg["scale2"])
+            try:
+                teacher = load_teacher(cfg["teacher"], num_classes, device, scale2=cfg["scale2"])
+            except TeacherClassMismatch as err:
+                if not cfg["val_ids"]:
+                    raise
+                raise UserError(f"{err} (val_ids {cfg['val_ids']} holds identities out of this run's training "
+                                f"split: the teacher must hold out the same ones, trained with val_ids: "
+                                f"{cfg['val_ids']} and seed: {cfg['seed']})") from None
         if teacher is not None:
             teacher = self._layout(teacher.to(device).eval().requires_grad_(False))
         if teacher is not None and self.amp_dtype is not None:
@@ -1012,7 +1019,7 @@ def load_teacher(path: str, num_classes: int, device: torch.device, scale2: bool
     elif p.suffix == ".pth":
         teacher = _teacher_from_original(p, num_classes, scale2)
     else:
-        state = load_checkpoint(p)
+        state = load_checkpoint(p, instead=TEACHER_INSTEAD)
         if not isinstance(state.get("config"), dict):
             raise UserError(f"teacher {p} is not a checkpoint of train.py (no config inside): point `teacher:` at "
                             f"a run folder of `{TRAIN_TEACHER}`")
@@ -1020,15 +1027,22 @@ def load_teacher(path: str, num_classes: int, device: torch.device, scale2: bool
     return teacher.to(device).eval().requires_grad_(False)
 
 
+TEACHER_INSTEAD = "point teacher: at another of its checkpoints, or at the teacher's run folder"
+
+
+class TeacherClassMismatch(UserError):
+    """A teacher trained on other identities than the training split's."""
+
+
 def _class_mismatch(where: Path, have: int, num_classes: int) -> UserError:
-    return UserError(f"teacher at {where} has {have} classes but the data has {num_classes} identities: train a "
-                     f"teacher on this dataset ({TRAIN_TEACHER}), then set teacher: outputs/<name>")
+    return TeacherClassMismatch(f"teacher at {where} has {have} classes but the data has {num_classes} identities: "
+                                f"train a teacher on this dataset ({TRAIN_TEACHER}), then set teacher: outputs/<name>")
 
 
 def _teacher_from_run(checkpoint: Path, cfg: dict, num_classes: int, where: Path,
                       state: dict | None = None) -> Teacher:
     """A Teacher built from a baseline run's config and loaded from one of its checkpoints."""
-    state = load_checkpoint(checkpoint) if state is None else state
+    state = load_checkpoint(checkpoint, instead=TEACHER_INSTEAD) if state is None else state
     trainer = state.get("trainer")
     models = trainer.get("models") if isinstance(trainer, dict) else None
     if not isinstance(models, dict) or "teacher" not in models:

@@ -553,8 +553,10 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never pickled code."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    instead: str = "use an older one (--which_iter N)") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never pickled code.
+    `instead`: what the user can do when it cannot be read (its errors end with it)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -565,10 +567,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise UserError(f"{path} holds pickled Python objects, which are refused (they can run code when "
                             "loaded); re-save it as a plain state dict of tensors") from None
         raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {one_line(err)[:200]}); it may "
-                        "be truncated or not a checkpoint: use an older one (--which_iter N)") from None
+                        f"be truncated or not a checkpoint: {instead}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict of its "
-                        "parts); use another one (--which_iter N)")
+                        f"parts); {instead}")
     refuse_non_finite(state, path)
     return state
 

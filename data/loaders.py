@@ -48,8 +48,8 @@ def read_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path} ({err}); remove or replace it, "
-                        "or set skip_corrupt_images: true to skip unreadable files") from None
+        raise UserError(f"cannot read image {path} ({err}); remove or replace it (in a dataset's splits, "
+                        "skip_corrupt_images: true skips unreadable files)") from None
 
 
 def _is_readable(path: str) -> bool:
@@ -443,7 +443,7 @@ def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> T
                     positives=positives, pad_mode=cfg["pad_mode"])
 
 
-def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int) -> int:
+def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int, gpus: bool = False) -> int:
     batch = per_rank_batch(cfg["batch_size"], world_size)
     # BatchNorm cannot train on one value per channel; SyncBatchNorm can, over several processes' images
     if batch < 2 and not (cfg["sync_bn"] and world_size > 1):
@@ -451,7 +451,7 @@ def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int)
         raise UserError(f"batch_size {cfg['batch_size']} {where}, and BatchNorm needs at least 2 to train: raise "
                         f"batch_size to {2 * world_size} or more (a change from the recipe; scale the learning "
                         "rates with it if you choose)" + (", or set sync_bn: true to normalize over the global "
-                                                         "batch" if world_size > 1 else ""))
+                                                         "batch" if world_size > 1 and gpus else ""))
     if len(splits.train) < cfg["batch_size"]:
         raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
                         f"{cfg['batch_size']}; lower batch_size")
@@ -459,9 +459,10 @@ def _check_feedable(cfg: dict[str, Any], splits: DatasetSplits, world_size: int)
 
 
 def build_dgnet_loaders(cfg: dict[str, Any], splits: DatasetSplits, *, rank: int = 0, world_size: int = 1,
-                        pin_memory: bool = False) -> tuple[ResumableLoader, ResumableLoader]:
-    """DG-Net's loaders a and b: two independent shuffles of the training split, with positives."""
-    batch = _check_feedable(cfg, splits, world_size)
+                        pin_memory: bool = False, gpus: bool = False) -> tuple[ResumableLoader, ResumableLoader]:
+    """DG-Net's loaders a and b: two independent shuffles of the training split, with positives. `gpus`: the
+    processes train on GPUs (where sync_bn can help a small batch)."""
+    batch = _check_feedable(cfg, splits, world_size, gpus)
     dataset = _train_set(cfg, splits, positives=True)
     loaders = []
     for stream in (STREAM_A, STREAM_B):
@@ -471,9 +472,9 @@ def build_dgnet_loaders(cfg: dict[str, Any], splits: DatasetSplits, *, rank: int
 
 
 def build_teacher_loader(cfg: dict[str, Any], splits: DatasetSplits, *, identity_sampler: bool, rank: int = 0,
-                         world_size: int = 1, pin_memory: bool = False) -> ResumableLoader:
+                         world_size: int = 1, pin_memory: bool = False, gpus: bool = False) -> ResumableLoader:
     """The teacher's loader: a plain shuffle, or P x K identities for the batch-hard triplet loss."""
-    batch = _check_feedable(cfg, splits, world_size)
+    batch = _check_feedable(cfg, splits, world_size, gpus)
     dataset = _train_set(cfg, splits, positives=False)
     sampler: ShuffleSampler | IdentitySampler
     if identity_sampler:

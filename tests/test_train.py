@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_bad_input_writes_nothing(tmp_path, data_root, capsys):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_teacher_then_dgnet(tmp_path, data_root):
+def test_teacher_then_dgnet(tmp_path, data_root, capsys):
     teacher_args = ("--trainer", "baseline")
     assert run(tmp_path, "teacher", data_root, "batch_size=8", "num_instances=2", "triplet_w=1.0",
                args=teacher_args) == 0
@@ -108,6 +109,16 @@ def test_teacher_then_dgnet(tmp_path, data_root):
     assert state["kind"] == "baseline" and "teacher" in state["trainer"]["models"]
     assert run(tmp_path, "student", data_root, "max_teacher_w=2.0", f"teacher={tmp_path / 'outputs' / 'teacher'}",
                "max_iter=2") == 0
+    # the configs' relative teacher: outputs/<name> is found under --output_path, where the teacher was written
+    assert not Path("outputs/teacher").exists()
+    assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "max_iter=2") == 0
+    assert load_config(tmp_path / "outputs" / "relative" / "config.yaml")["teacher"] == str(
+        tmp_path / "outputs" / "teacher")
+    # a student holding identities out that its teacher trained on: the error says how the two must agree
+    capsys.readouterr()
+    assert run(tmp_path, "heldout", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "val_ids=2") == 2
+    err = capsys.readouterr().err
+    assert "classes but the data has" in err and "trained with val_ids: 2 and seed" in err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
