@@ -134,6 +134,8 @@ def export_onnx(model: nn.Module, halves: bool, size: tuple[int, int], out: str 
         with torch.no_grad(), warnings.catch_warnings():
             # The deprecation notice of this exporter (see the module docstring for why it is the one used)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # scale2's test of the input height becomes a constant of the graph: right, as the height is fixed
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(graph, (example,), str(tmp), dynamo=False, input_names=[INPUT],
                               output_names=[OUTPUT], opset_version=OPSET,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})

@@ -791,7 +791,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         if dist.is_main:
             print(f"parameters identical on all {dist.world_size} processes", flush=True)
     if dist.is_main:
-        print(f"finished {max_iter} iterations; checkpoint {checkpoint_path(run_dir, max_iter)}", flush=True)
+        print(f"finished {max_iter} iteration{'s' if max_iter != 1 else ''}; checkpoint "
+              f"{checkpoint_path(run_dir, max_iter)}", flush=True)
     return 0
 
 

@@ -404,7 +404,7 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
         where = f"extra_train[{i}]"
         if not isinstance(entry, dict) or not {"dataset", "data_root"} <= entry.keys() or set(entry) - EXTRA_KEYS:
             raise UserError(f"{where} is {entry!r}: give {{dataset: <layout>, data_root: <folder>, same_ids: "
-                            "true|false}} (same_ids optional, false by default)")
+                            "true|false} (same_ids optional, false by default)")
         if entry["dataset"] not in DATASETS:
             raise UserError(f"{where}: dataset {entry['dataset']!r} is not one of {', '.join(DATASETS)}")
         same_ids = entry.get("same_ids", False)
