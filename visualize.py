@@ -6,22 +6,27 @@
     python visualize.py generate --name RUN   # DG-Market-style data: every training image, new structures
     python visualize.py metrics  --name RUN   # swap fidelity, reconstruction, SSIM diversity, FID
 
-Common options: --which_iter N|last|best, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v (config
-overrides, e.g. data_root=...), --device, --seed, --split (where inputs are picked from when no folder is
-given), --zoom (pixel-exact enlargement of the figures), --quality (JPEG), --out (another destination: a
-.jpg or .png file for swap and rainbow, a folder for smooth and generate).
+Every subcommand takes --which_iter N|last|best, --output_path (runs are in OUTPUT_PATH/outputs), --opts k=v
+(config overrides, e.g. data_root=...), --device, --seed, and --out (another destination: a .jpg or .png file
+for swap and rainbow, a folder for smooth and generate, the JSON file for metrics). The figures (swap, rainbow,
+smooth) also take --split (where inputs are picked from when none are given) and --zoom (pixel-exact
+enlargement); all but metrics take --quality (JPEG). generate always reads the training split: it makes
+training data. An option a subcommand cannot use is refused, not ignored.
 Outputs go to outputs/RUN/visuals/ (metrics: outputs/RUN/results/generation_<iteration>.json and tensorboard).
 Figures of other picks than the default (--seed, --split, --count, folders, --images) carry them in their names,
-e.g. swap_<it>_seed3.jpg (folders and images by name and a short hash of their full paths), so they are written
-beside the default figures, never over them.
+e.g. swap_<it>_seed3.jpg (folders and images by name and a short hash of their full paths), and outputs of
+other data than the run trained on (--opts data_root=...) carry _on-<data folder>, as test.py's results do
+(swap_<it>_on-Market.jpg, generation_<it>_on-Market.json), so they are written beside the default ones,
+never over them.
 
 The original release's checkpoints work too: `--original DIR`, DIR its run folder (config.yaml and
 checkpoints/gen_<iteration>.pt, id_<iteration>.pt) or that checkpoints/ folder; figures then go to
-outputs/<--name or DIR's name>/visuals/.
+outputs/<--name or DIR's name>/visuals/, and outputs of picked images always carry _on-<data folder> (the files
+do not say what they trained on).
 
 Images are shown as they are (clipped to [0, 1], no per-image contrast stretch) and enlarged with
-nearest-neighbour sampling. Nothing is ever deleted; `generate` refuses a non-empty output folder and an
-explicit --out file that exists, unless --overwrite is given.
+nearest-neighbour sampling. Nothing is ever deleted; an explicit --out file that exists (swap, rainbow,
+metrics) and a non-empty output folder (generate; smooth's --out) are refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from torch import nn
 import quality
 from data.datasets import DatasetSplits, Record, list_images
 from data.loaders import image_size, load_splits
+from test import other_data_tag
 from utils import (
     UserError,
     built,
@@ -66,45 +72,62 @@ GAP, HEADER_GAP = 2, 6  # pixels between figure cells, and after a header row/co
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", help="run name: OUTPUT_PATH/outputs/NAME (with --original: where figures go)")
-    common.add_argument("--original", metavar="DIR",
-                        help="the original release's run folder: config.yaml and checkpoints/gen_*.pt, id_*.pt")
-    common.add_argument("--which_iter", default="last",
-                        help="checkpoint iteration, last (default) or best (the best validation mAP)")
-    common.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs (default: .)")
-    common.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    common.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
-    common.add_argument("--seed", type=int, default=0, help="seed of every random pick (default 0)")
-    common.add_argument("--split", default="query", choices=SPLITS,
-                        help="where input images are picked from when no folder is given (default: query)")
-    common.add_argument("--zoom", type=int, default=1, help="enlarge figures by this integer factor")
-    common.add_argument("--quality", type=int, default=95, help="JPEG quality of the figures (default 95)")
-    common.add_argument("--out", help="write here instead of outputs/NAME/visuals (a .jpg or .png file for "
-                                      "swap and rainbow, a folder for smooth and generate)")
-    common.add_argument("--overwrite", action="store_true",
-                        help="allow writing over an existing --out or into a non-empty output folder (nothing "
-                             "is deleted)")
+    # Each subcommand is offered only the options it uses, so one it cannot use is argparse's "unrecognized
+    # arguments" error instead of being silently ignored.
+    model = argparse.ArgumentParser(add_help=False)  # every subcommand: which model, where, on what data
+    model.add_argument("--name", help="run name: OUTPUT_PATH/outputs/NAME (with --original: where outputs go)")
+    model.add_argument("--original", metavar="DIR",
+                       help="the original release's run folder: config.yaml and checkpoints/gen_*.pt, id_*.pt")
+    model.add_argument("--which_iter", default="last",
+                       help="checkpoint iteration, last (default) or best (the best validation mAP)")
+    model.add_argument("--output_path", default=".", help="runs are in OUTPUT_PATH/outputs (default: .)")
+    model.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides; another data_root names the outputs _on-<its folder>")
+    model.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
+    model.add_argument("--seed", type=int, help="seed of every random pick (default 0)")
+    figure = argparse.ArgumentParser(add_help=False)  # swap, rainbow, smooth: figures of picked images
+    figure.add_argument("--split", choices=SPLITS,
+                        help="where input images are picked from when none are given (default: query)")
+    figure.add_argument("--zoom", type=int, default=1, help="enlarge figures by this integer factor")
+    jpeg = argparse.ArgumentParser(add_help=False)
+    jpeg.add_argument("--quality", type=int, help="JPEG quality (default 95)")
 
+    def output(p: argparse.ArgumentParser, metavar: str, out_help: str, overwrite_help: str) -> None:
+        p.add_argument("--out", metavar=metavar, help=out_help)
+        p.add_argument("--overwrite", action="store_true", help=overwrite_help + " (nothing is deleted)")
+
+    figure_file = ("FILE", "write this .jpg/.jpeg (JPEG) or .png (lossless) file instead of outputs/NAME/visuals/...",
+                   "allow writing over an existing --out")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{swap,rainbow,smooth,generate,metrics}")
-    s = sub.add_parser("swap", parents=[common], help="appearance set x structure set, pair by pair")
+    s = sub.add_parser("swap", parents=[model, figure, jpeg], help="appearance set x structure set, pair by pair")
+    output(s, *figure_file)
     s.add_argument("--appearance", metavar="DIR", help="folder of appearance providers (paired in name order)")
     s.add_argument("--structure", metavar="DIR", help="folder of structure providers")
-    s.add_argument("--count", type=int, default=8, help="pairs picked from --split (default 8)")
-    r = sub.add_parser("rainbow", parents=[common], help="N x N grid with header row and column")
+    s.add_argument("--count", type=int, help="pairs picked from --split (default 8), or the first COUNT pairs "
+                                             "of the folders (default: all)")
+    r = sub.add_parser("rainbow", parents=[model, figure, jpeg], help="N x N grid with header row and column")
+    output(r, *figure_file)
     r.add_argument("--appearance", metavar="DIR", help="folder of appearance providers (rows)")
     r.add_argument("--structure", metavar="DIR", help="folder of structure providers (columns)")
     r.add_argument("--count", type=int, default=7, help="N (default 7)")
-    m = sub.add_parser("smooth", parents=[common], help="interpolate appearance codes, then structure codes")
+    m = sub.add_parser("smooth", parents=[model, figure, jpeg],
+                       help="interpolate appearance codes, then structure codes")
+    output(m, "DIR", "write into this folder instead of outputs/NAME/visuals/smooth",
+           "allow writing into a non-empty --out, replacing files of the same name")
     m.add_argument("--images", nargs=2, metavar=("A", "B"), help="the two images (default: picked from --split)")
     m.add_argument("--steps", type=int, default=11, help="interpolation steps, ends included (default 11)")
     m.add_argument("--duration", type=int, default=150, help="GIF frame duration in ms (default 150)")
-    g = sub.add_parser("generate", parents=[common], help="DG-Market-style dataset from the training split")
+    # always the training split: its output is training data, and test identities in it would leak into training
+    g = sub.add_parser("generate", parents=[model, jpeg], help="DG-Market-style dataset from the training split")
+    output(g, "DIR", "write into this folder instead of outputs/NAME/visuals/dg-market_<iteration>",
+           "allow writing into a non-empty output folder, replacing files of the same name")
     g.add_argument("--per_image", type=int, default=1, help="generated images per training image (default 1)")
     g.add_argument("--limit", type=int, help="only the first LIMIT training images (a preview)")
     g.add_argument("--batch_size", type=int, default=32, help="images per generator call (default 32)")
-    q = sub.add_parser("metrics", parents=[common], help="generation quality -> results/generation_<iteration>.json")
+    q = sub.add_parser("metrics", parents=[model], help="generation quality -> results/generation_<iteration>.json")
+    output(q, "FILE", "write the metrics JSON to this file instead of outputs/NAME/results/ (and nothing into the run "
+              "folder: no tensorboard events)", "allow writing over an existing --out")
     q.add_argument("--pairs", type=int, default=64, help="seeded test pairs / images (default 64)")
     q.add_argument("--fid-weights", dest="fid_weights", metavar="PATH",
                    help="torchvision Inception v3 weights file; FID is computed only with it")
@@ -112,6 +135,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.name and not args.original:
         p.error("give --name RUN (or --original DIR for the original release's checkpoints)")
+    given = [o for o in ("appearance", "structure", "images") if getattr(args, o, None)]
+    unused = [o for o in ("split", "seed") if given and getattr(args, o, None) is not None]
+    if unused:  # they pick images from the data, which given images replace: they would change nothing
+        names, one = " and ".join(f"--{o}" for o in unused), len(unused) == 1
+        p.error(f"{names} pick{'s' if one else ''} images from the data; with images given (--{given[0]}), leave "
+                f"{'it' if one else 'them'} out")
+    if args.seed is None:
+        args.seed = 0
+    if getattr(args, "split", "") is None:
+        args.split = "query"
     return args
 
 
@@ -144,6 +177,8 @@ class Models:
     cfg: dict[str, Any]
     iteration: int
     run_dir: Path  # where visuals/ and results/ go
+    trained_on: dict[str, Any]  # the run's own config, for data_tag; {} for the original's files, which do not
+    # say what they trained on, so their outputs always name the data (as test.py's results do)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -174,7 +209,8 @@ def load_run(run_dir: Path, which_iter: str, opts: Sequence[str], device: torch.
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the run's config ({one_line(err)[:200]}); drop the --opts that "
                         "change the networks") from None
-    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, int(state["iteration"]), run_dir)
+    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, int(state["iteration"]), run_dir,
+                  saved_config(state["config"]))
 
 
 def load_original(folder: Path, which_iter: str, opts: Sequence[str], device: torch.device,
@@ -187,7 +223,7 @@ def load_original(folder: Path, which_iter: str, opts: Sequence[str], device: to
     iteration, gen_path, id_path = original.checkpoint_files(checkpoints, which_iter)
     generator = original.generator(cfg, gen_path)
     encoder = original.appearance_encoder(cfg, id_path)
-    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, iteration, run_dir)
+    return Models(generator.to(device).eval(), encoder.to(device).eval(), cfg, iteration, run_dir, {})
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> Models:
@@ -325,6 +361,13 @@ def picks_tag(args: argparse.Namespace, default_count: int | None = None) -> str
     return "".join(f"_{p}" for p in parts)
 
 
+def data_tag(models: Models, from_data: bool = True) -> str:
+    """'_on-<data folder>' when the images come from other data than the run trained on (test.py's
+    other_data_tag), so outputs of other data are written beside the run's own, never over them; '' for images
+    given as folders or files, which no data_root changes."""
+    return other_data_tag(models.cfg, models.trained_on) if from_data else ""
+
+
 def _where(paths: Sequence[str]) -> str:
     """Six hex digits of the inputs' full paths: two `query` folders (or two `0001.jpg`) elsewhere on disk give
     other names."""
@@ -359,15 +402,19 @@ def output_folder(args: argparse.Namespace, models: Models, default_name: str, a
 
 def cmd_swap(args: argparse.Namespace, models: Models) -> list[Path]:
     """One column per pair: appearance image, structure image, G(s_B, f_A), G(s_A, f_B)."""
-    appearance, structure = provider_sets(args, models, positive(args.count, "--count"))
+    count = 8 if args.count is None else positive(args.count, "--count")
+    appearance, structure = provider_sets(args, models, count)
     n = min(len(appearance), len(structure))
+    if args.count is not None:  # folders give all their pairs unless --count asks for fewer
+        n = min(n, count)
     appearance, structure = appearance[:n], structure[:n]
     g, e = models.generator, models.appearance_encoder
     a_in_b = quality.swap(g, e, quality.normalize(structure), quality.normalize(appearance))
     b_in_a = quality.swap(g, e, quality.normalize(appearance), quality.normalize(structure))
     columns = [[appearance[i], structure[i], a_in_b[i], b_in_a[i]] for i in range(n)]
     rows = [list(r) for r in zip(*columns)]
-    path = output_file(args, models, f"swap_{models.iteration:08d}{picks_tag(args, 8)}.jpg")
+    tag = data_tag(models, from_data=not args.appearance)
+    path = output_file(args, models, f"swap_{models.iteration:08d}{tag}{picks_tag(args, 8)}.jpg")
     return [save_image(compose(rows, args.zoom), path, args.quality)]
 
 
@@ -385,7 +432,8 @@ def cmd_rainbow(args: argparse.Namespace, models: Models) -> list[Path]:
     for a in appearance:
         out = quality.swap(g, e, quality.normalize(structure), quality.normalize(a.expand_as(structure)))
         rows.append([a, *out])
-    name = f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}{picks_tag(args, args.count)}.jpg"
+    tag = data_tag(models, from_data=not args.appearance)
+    name = f"rainbow_{len(appearance)}x{len(structure)}_{models.iteration:08d}{tag}{picks_tag(args, args.count)}.jpg"
     path = output_file(args, models, name)
     return [save_image(compose(rows, args.zoom, header=True), path, args.quality)]
 
@@ -440,7 +488,7 @@ def cmd_smooth(args: argparse.Namespace, models: Models) -> list[Path]:
         with quality.eval_mode(models.generator, models.appearance_encoder):
             strip = interpolate(models, x, steps, code)
         rows = [[x[0], *strip[r], x[1]] for r in range(2)]
-        stem = f"smooth_{code}_{models.iteration:08d}{picks_tag(args)}"
+        stem = f"smooth_{code}_{models.iteration:08d}{data_tag(models, from_data=not args.images)}{picks_tag(args)}"
         written.append(save_image(compose(rows, args.zoom), folder / f"{stem}.jpg", args.quality))
         written.append(save_gif(gif_frames(strip, args.zoom), folder / f"{stem}.gif", args.duration))
     return written
@@ -477,7 +525,7 @@ def cmd_generate(args: argparse.Namespace, models: Models) -> list[Path]:
     """DG-Market: every training image's appearance in random other structures, one folder per identity
     (`train_all/<pid>/`, readable with `dataset: folder`)."""
     per_image, batch = positive(args.per_image, "--per_image"), positive(args.batch_size, "--batch_size")
-    folder = output_folder(args, models, f"dg-market_{models.iteration:08d}", allow_existing=False)
+    folder = output_folder(args, models, f"dg-market_{models.iteration:08d}{data_tag(models)}", allow_existing=False)
     train = sorted(split_records(models, "train"), key=lambda r: r.path)
     providers = structure_providers(train, per_image, args.seed)
     if args.limit is not None:
@@ -498,15 +546,26 @@ def cmd_generate(args: argparse.Namespace, models: Models) -> list[Path]:
         done = start + len(chunk)
         if done == len(jobs) or (start // batch + 1) % every == 0:
             print(f"  {done}/{len(jobs)}", flush=True)
-    manifest = {"run": str(models.run_dir), "iteration": models.iteration, "seed": args.seed,
-                "per_image": per_image, "images": len(jobs), "identities": len({a.pid for a, _ in jobs}),
+    manifest = {"run": str(models.run_dir), "iteration": models.iteration, "data_root": str(models.cfg["data_root"]),
+                "seed": args.seed, "per_image": per_image, "images": len(jobs),
+                "identities": len({a.pid for a, _ in jobs}),
                 "naming": "train_all/<appearance pid>/<appearance image>__s_<structure image>.jpg"}
     (folder / "dg-market.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return [folder]
 
 
 def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
+    """results/generation_<iteration>.json and tensorboard's generation/... scalars; with --out, that file only."""
     pairs = positive(args.pairs, "--pairs")
+    tag = data_tag(models)
+    if args.out:  # checked before the metrics are computed, as swap's --out is before its figure
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give the name of the JSON file to write")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"{out} exists; pick another --out or add --overwrite")
+    else:
+        out = models.run_dir / "results" / f"generation_{models.iteration:08d}{tag}.json"  # one file per checkpoint
     inception = quality.load_inception(args.fid_weights, next(models.generator.parameters()).device) \
         if args.fid_weights else None
     splits: DatasetSplits = load_splits(models.cfg)
@@ -514,16 +573,21 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
                                         n_pairs=pairs, seed=args.seed, inception=inception,
                                         fid_images=positive(args.fid_images, "--fid-images"))
     summary = {"run": models.run_dir.name, "iteration": models.iteration, "dataset": splits.name,
-               "image_size": list(models.size), **result}
+               "data_root": str(models.cfg["data_root"]), "image_size": list(models.size), **result}
     print(format_metrics(summary), flush=True)  # first: a folder that cannot be written loses nothing computed
-    out = models.run_dir / "results" / f"generation_{models.iteration:08d}.json"  # one file per checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.out:  # another destination: the run folder is left as it is
+        return [out]
     from tensorboardX import SummaryWriter
 
-    with ctrl_c_held(), SummaryWriter(str(models.run_dir / "logs")) as writer:  # its close included
-        for tag, value in quality.scalars(result).items():
-            writer.add_scalar(tag, value, models.iteration)
+    # Other data's scalars under their own tags (generation_on-<data folder>/...), not on the run's own curves,
+    # and in a file of their own: tensorboardX names event files by the second, so two writers started within
+    # one second would share a name and the second would replace the first's file.
+    with ctrl_c_held(), SummaryWriter(str(models.run_dir / "logs"),
+                                      filename_suffix=f".generation{tag}") as writer:  # its start and close included
+        for name, value in quality.scalars(result, f"generation{tag}").items():
+            writer.add_scalar(name, value, models.iteration)
     return [out]
 
 
@@ -573,13 +637,19 @@ COMMANDS = {"swap": cmd_swap, "rainbow": cmd_rainbow, "smooth": cmd_smooth, "gen
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    positive(args.zoom, "--zoom")
+    if args.command in ("swap", "rainbow", "smooth"):
+        positive(args.zoom, "--zoom")
     if args.command == "smooth":
         positive(args.duration, "--duration")
     if args.out and args.command in ("swap", "rainbow"):
-        image_format(Path(args.out))  # a bad name stops before any model is loaded
-    if not 1 <= args.quality <= 100:
-        raise UserError(f"--quality must be 1..100, got {args.quality}")
+        lossless = image_format(Path(args.out)) == "PNG"  # a bad name stops before any model is loaded
+        if lossless and args.quality is not None:
+            raise UserError(f"--quality is for JPEG; --out {args.out} is a PNG (lossless): leave --quality out")
+    if args.command != "metrics":  # it writes no image
+        if args.quality is None:
+            args.quality = 95
+        if not 1 <= args.quality <= 100:
+            raise UserError(f"--quality must be 1..100, got {args.quality}")
     device = select_device(args.device)
     models = load_models(args, device)
     with torch.no_grad():

@@ -91,6 +91,9 @@ def test_swap_from_folders_with_zoom(run, tmp_path):
         assert img.size == grid_size(rows=4, cols=2, zoom=2)  # pairs: the shorter set
     assert run(*args, "--out", str(out)) == 2  # an explicit --out that exists is not overwritten unasked
     assert run(*args, "--out", str(out), "--overwrite") == 0
+    assert run(*args, "--count", "1", "--out", str(out), "--overwrite") == 0
+    with Image.open(out) as img:
+        assert img.size == grid_size(rows=4, cols=1, zoom=2)  # --count: the first pairs of the folders
 
 
 def test_rainbow(run):
@@ -175,6 +178,57 @@ def test_metrics_with_fid_weights(run, tmp_path, capsys):
     assert result["fid"]["images"] == 4
 
 
+def test_metrics_out_writes_there_and_nothing_into_the_run(run, tmp_path, capsys):
+    def run_files():  # results/ and logs/ as they are: names and contents
+        return {f: f.read_bytes() for d in ("results", "logs") for f in (run.run_dir / d).glob("*")}
+
+    assert run("metrics", "--pairs", "4") == 0  # the run's own results and tensorboard events exist
+    before = run_files()
+    out = tmp_path / "m.json"
+    assert run("metrics", "--pairs", "4", "--out", str(out)) == 0
+    assert f"written to {out}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["iteration"] == 2
+    assert run_files() == before  # neither the results file nor a tensorboard event
+    assert run("metrics", "--pairs", "4", "--out", str(out)) == 2  # an existing --out is kept unless asked
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert run("metrics", "--pairs", "4", "--out", str(out), "--overwrite") == 0
+
+
+def test_outputs_on_other_data_are_written_beside_the_runs_own(run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from data import synthetic
+
+    other = tmp_path / "other-data"
+    synthetic.generate(other, ids=8, images_per_id=6, height=H, width=W, seed=2)
+    on_other = ("--opts", f"data_root={other}")
+    assert run("swap") == 0 and run("metrics", "--pairs", "4") == 0
+    own = {f: f.read_bytes() for f in (run.visuals / "swap_00000002.jpg",
+                                       run.run_dir / "results" / "generation_00000002.json")}
+    assert run("swap", *on_other) == 0 and run("metrics", "--pairs", "4", *on_other) == 0
+    assert {f: f.read_bytes() for f in own} == own
+    assert (run.visuals / "swap_00000002_on-other-data.jpg").is_file()
+    result = json.loads((run.run_dir / "results" / "generation_00000002_on-other-data.json").read_text())
+    assert result["reconstruction"]["images"] == 4 and result["data_root"] == str(other)
+    # other data's scalars: in a file of their own (not over the run's), on curves of their own
+    [events] = (run.run_dir / "logs").glob("*.generation_on-other-data")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert tags and all(t.startswith("generation_on-other-data/") for t in tags)
+    assert list((run.run_dir / "logs").glob("*.generation"))  # the run's own, still there
+    assert run("rainbow", "--count", "2", "--seed", "1", *on_other) == 0
+    assert (run.visuals / "rainbow_2x2_00000002_on-other-data_seed1.jpg").is_file()
+    assert run("smooth", "--steps", "2", *on_other) == 0
+    assert (run.visuals / "smooth" / "smooth_structure_00000002_on-other-data.gif").is_file()
+    assert run("generate", "--limit", "1", *on_other) == 0
+    manifest = json.loads((run.visuals / "dg-market_00000002_on-other-data" / "dg-market.json").read_text())
+    assert manifest["data_root"] == str(other)
+    # images given as folders are the same whatever the data: their figures carry no data tag
+    query = sorted((other / "query").glob("*.jpg"))
+    assert run("smooth", "--steps", "2", "--images", *map(str, query[:2]), *on_other) == 0
+    assert not list((run.visuals / "smooth").glob(f"*_on-other-data_{query[0].stem}*"))
+
+
 def original_layout(run_dir, folder):
     """The tiny run's G and E_a saved as the original release saved them, with an original-style config."""
     state = load_checkpoint(sorted((run_dir / "checkpoints").glob("*.pt"))[-1])
@@ -215,6 +269,10 @@ def test_original_checkpoints_give_the_same_figure(run, tmp_path):
                    "--output_path", str(tmp_path)]) == 0
     visuals = tmp_path / "outputs" / "E0.5new_reid0.5_w30000" / "visuals"
     assert len(list(visuals.glob("rainbow_2x2_00000002_a-b-*.jpg"))) == 1
+    # its files do not say what they trained on: images picked from data always name it, as test.py's results do
+    assert V.main(["swap", "--original", str(tmp_path / "E0.5new_reid0.5_w30000"), "--count", "2", "--opts",
+                   f"data_root={run.data_root}", "dataset=synthetic", "--output_path", str(tmp_path)]) == 0
+    assert (visuals / f"swap_00000002_on-{run.data_root.name}_n2.jpg").is_file()
 
 
 def test_bad_input_is_one_line(run, tmp_path, capsys):
@@ -236,3 +294,32 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["metrics", "--zoom", "2"], "--zoom"),  # metrics draws no figure
+    (["metrics", "--quality", "80"], "--quality"),
+    (["metrics", "--split", "gallery"], "--split"),  # it measures on the test split, its own choice of images
+    (["generate", "--split", "query"], "--split"),  # training data from test identities would leak
+    (["generate", "--zoom", "2"], "--zoom"),  # training images at the run's size
+])
+def test_options_a_subcommand_cannot_use_are_refused(run, capsys, argv, option):
+    with pytest.raises(SystemExit) as exit_:
+        run(*argv)
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {option}" in capsys.readouterr().err
+
+
+def test_options_that_given_images_make_useless_are_refused(run, tmp_path, capsys):
+    query = [str(p) for p in sorted((run.data_root / "query").glob("*.jpg"))[:2]]
+    for argv, words in [(["smooth", "--images", *query, "--seed", "3"], "--seed picks images"),
+                        (["swap", "--appearance", str(run.data_root / "query"), "--structure",
+                          str(run.data_root / "query"), "--split", "gallery"], "--split picks images")]:
+        with pytest.raises(SystemExit) as exit_:
+            run(*argv)
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+    out = tmp_path / "swap.png"  # lossless: a JPEG quality would do nothing
+    assert run("swap", "--count", "2", "--out", str(out), "--quality", "80") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--quality" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
