@@ -557,7 +557,8 @@ def cmd_generate(args: argparse.Namespace, models: Models) -> list[Path]:
 def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
     """results/generation_<iteration>.json and tensorboard's generation/... scalars; with --out, that file only."""
     pairs = positive(args.pairs, "--pairs")
-    tag = data_tag(models)
+    # other data, then other picks than the default (seed 0, 64 pairs): beside the default results, not over them
+    tag = data_tag(models) + (f"_seed{args.seed}" if args.seed else "") + (f"_pairs{pairs}" if pairs != 64 else "")
     if args.out:  # checked before the metrics are computed, as swap's --out is before its figure
         out = Path(args.out)
         if out.is_dir():

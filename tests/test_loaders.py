@@ -136,7 +136,9 @@ def test_distributed_ranks_split_the_global_batch(market):
     assert set(first[0]).isdisjoint(first[1])
     with pytest.raises(UserError, match="divide evenly over 3"):
         build_dgnet_loaders(cfg, splits, rank=0, world_size=3)
-    with pytest.raises(UserError, match="leaves 1 image per process.*sync_bn: true"):
+    with pytest.raises(UserError, match="leaves 1 image per process.*sync_bn: true"):  # GPUs: SyncBatchNorm helps
+        build_dgnet_loaders(cfg, splits, rank=0, world_size=4, gpus=True)
+    with pytest.raises(UserError, match=r"leaves 1 image per process.*choose\)$"):  # on CPUs it is no way out
         build_dgnet_loaders(cfg, splits, rank=0, world_size=4)
     build_dgnet_loaders(config(market, "sync_bn=true"), splits, rank=0, world_size=4)  # normalized over all 4
     for opts in (("batch_size=1",), ("batch_size=1", "sync_bn=true")):  # one process: nothing to sync with

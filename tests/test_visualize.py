@@ -158,7 +158,8 @@ def test_metrics(run, capsys):
     out = capsys.readouterr().out
     assert "swap fidelity over 8 test pairs" in out and "structure image" in out and "true swap at 1/8" in out
     assert "FID: off; to enable it" in out and "--fid-weights" in out
-    result = json.loads((run.run_dir / "results" / "generation_00000002.json").read_text())
+    # other picks than the default 64 pairs of seed 0: named by them, beside the default results
+    result = json.loads((run.run_dir / "results" / "generation_00000002_pairs8.json").read_text())
     assert result["iteration"] == 2 and result["fid"] is None
     fidelity = result["swap_fidelity"]
     for key in ("swap", "structure_image", "appearance_image"):
@@ -174,7 +175,7 @@ def test_metrics_with_fid_weights(run, tmp_path, capsys):
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     assert run("metrics", "--pairs", "4", "--fid-weights", str(weights), "--fid-images", "4") == 0
     assert "FID (4 images): " in capsys.readouterr().out
-    result = json.loads((run.run_dir / "results" / "generation_00000002.json").read_text())
+    result = json.loads((run.run_dir / "results" / "generation_00000002_pairs4.json").read_text())
     assert result["fid"]["images"] == 4
 
 
@@ -205,17 +206,17 @@ def test_outputs_on_other_data_are_written_beside_the_runs_own(run, tmp_path):
     on_other = ("--opts", f"data_root={other}")
     assert run("swap") == 0 and run("metrics", "--pairs", "4") == 0
     own = {f: f.read_bytes() for f in (run.visuals / "swap_00000002.jpg",
-                                       run.run_dir / "results" / "generation_00000002.json")}
+                                       run.run_dir / "results" / "generation_00000002_pairs4.json")}
     assert run("swap", *on_other) == 0 and run("metrics", "--pairs", "4", *on_other) == 0
     assert {f: f.read_bytes() for f in own} == own
     assert (run.visuals / "swap_00000002_on-other-data.jpg").is_file()
-    result = json.loads((run.run_dir / "results" / "generation_00000002_on-other-data.json").read_text())
+    result = json.loads((run.run_dir / "results" / "generation_00000002_on-other-data_pairs4.json").read_text())
     assert result["reconstruction"]["images"] == 4 and result["data_root"] == str(other)
     # other data's scalars: in a file of their own (not over the run's), on curves of their own
-    [events] = (run.run_dir / "logs").glob("*.generation_on-other-data")
+    [events] = (run.run_dir / "logs").glob("*.generation_on-other-data_pairs4")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert tags and all(t.startswith("generation_on-other-data/") for t in tags)
-    assert list((run.run_dir / "logs").glob("*.generation"))  # the run's own, still there
+    assert tags and all(t.startswith("generation_on-other-data_pairs4/") for t in tags)
+    assert list((run.run_dir / "logs").glob("*.generation_pairs4"))  # the run's own, still there
     assert run("rainbow", "--count", "2", "--seed", "1", *on_other) == 0
     assert (run.visuals / "rainbow_2x2_00000002_on-other-data_seed1.jpg").is_file()
     assert run("smooth", "--steps", "2", *on_other) == 0
