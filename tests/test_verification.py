@@ -12,16 +12,22 @@ from utils import UserError
 from verification import tpr_at_fpr
 
 
-def reference(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams, fprs):
-    """Every kept pair listed; the threshold is the (k+1)-th highest negative score, k = floor(f N_neg) with f
-    the rate as written (exact: 0.29 * 100 is 29, not the float product's 28.999...)."""
+def pair_scores(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, negative) scores of every kept pair, listed one by one."""
     pos, neg = [], []
     for i in range(len(q_pids)):
         for j in range(len(g_pids)):
             if q_pids[i] == -1 or g_pids[j] == -1 or (q_pids[i] == g_pids[j] and q_cams[i] == g_cams[j]):
                 continue
             (pos if q_pids[i] == g_pids[j] else neg).append(scores[i, j])
-    pos, neg = np.array(pos), np.sort(np.array(neg))[::-1]
+    return np.array(pos), np.array(neg)
+
+
+def reference(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams, fprs):
+    """The threshold is the (k+1)-th highest negative score, k = floor(f N_neg) with f the rate as written
+    (exact: 0.29 * 100 is 29, not the float product's 28.999...)."""
+    pos, neg = pair_scores(scores, q_pids, g_pids, q_cams, g_cams)
+    neg = np.sort(neg)[::-1]
     rates = {}
     for f in fprs:
         t = neg[math.floor(Fraction(repr(f)) * len(neg))]
@@ -100,13 +106,7 @@ def test_no_positive_pair_has_no_rate_and_nan_is_one_line():
 
 def every_operating_point(scores: np.ndarray, q_pids, g_pids, q_cams, g_cams):
     """(FPR, TPR) of 'accept a pair scoring t or more' for every score t, and the exact AUC (ties half)."""
-    pos, neg = [], []
-    for i in range(len(q_pids)):
-        for j in range(len(g_pids)):
-            if q_pids[i] == -1 or g_pids[j] == -1 or (q_pids[i] == g_pids[j] and q_cams[i] == g_cams[j]):
-                continue
-            (pos if q_pids[i] == g_pids[j] else neg).append(scores[i, j])
-    pos, neg = np.array(pos), np.array(neg)
+    pos, neg = pair_scores(scores, q_pids, g_pids, q_cams, g_cams)
     points = {(float(np.mean(neg >= t)), float(np.mean(pos >= t))) for t in np.concatenate([pos, neg])}
     auc = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
     return points | {(0.0, 0.0)}, float(auc), len(neg)
