@@ -149,11 +149,10 @@ def test_bad_scales_are_one_line(tiny_run, capsys, args, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_scales_are_refused_where_the_features_are_given(tiny_run, tmp_path, capsys):
+def test_scales_are_refused_where_the_features_are_given(tiny_run, capsys):
+    """Saved features were extracted already (an exported model's scales: tests/test_export.py)."""
     features = tiny_run[0] / "outputs" / "tiny" / "results" / "features_00000002.npz"
-    for args in (("--features", str(features), "--ms", "1,1.1"), ("--features", str(features), "--no-flip"),
-                 ("--name", "tiny", "--output_path", str(tiny_run[0]), "--onnx", str(tmp_path / "x.onnx"),
-                  "--ms", "1,1.1")):
+    for args in (("--features", str(features), "--ms", "1,1.1"), ("--features", str(features), "--no-flip")):
         assert evaluation.main(list(args)) == 2
         err = capsys.readouterr().err
         assert "--ms" in err and len(err.strip().splitlines()) == 1
