@@ -286,6 +286,14 @@ def check_alpha(alpha: float) -> None:
                         f"original's meaning), got {alpha}")
 
 
+def check_alpha_applies(args: argparse.Namespace, halves: bool) -> None:
+    """--alpha weights DG-Net's fine-grained half: refused (before any extraction where it can be) for a
+    feature of one part, which it would leave as it is."""
+    if not halves and args.alphas != [0.5]:
+        raise UserError("--alpha weights DG-Net's fine-grained half; this feature (a teacher's) has one part: "
+                        "leave --alpha out")
+
+
 def half_weights(alpha: float, both_sides: bool = False) -> torch.Tensor:
     """Per-dimension weights of DG-Net's two halves for score = s_prim + alpha s_fine: the fine-grained half
     times alpha on the query (alpha -1, as in the original's evaluation: the fine-grained half alone, the
@@ -722,6 +730,7 @@ def evaluate_run(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[],
         raise UserError(f"--multi: {splits.name} at {splits.root} has no multi-query images (Market-1501's "
                         "gt_bbox/ or a multi-query/ folder in the per-identity layout); evaluate without --multi")
     halves = has_halves(model)
+    check_alpha_applies(args, halves)
 
     def features(records: Sequence[Record], what: str) -> torch.Tensor:
         return extract_features(model, cfg, records, device, flip=args.flip, scales=args.ms,
@@ -836,6 +845,7 @@ def evaluate_saved(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[
         raise UserError(f"--multi: {path} holds no multi-query features (mquery_*); evaluate without --multi")
     (qf, query), (gf, gallery) = parts["query"], parts["gallery"]
     halves = qf.shape[1] == 2 * HALF
+    check_alpha_applies(args, halves)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     scores, _, _ = protocol_scores(qf, gf, query, gallery, halves, args, device,
                                    parts.get("mquery") if args.multi else None)
@@ -938,6 +948,7 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
         raise UserError(f"--ms: {args.onnx} sums the scales {','.join(f'{s:g}' for s in exported.scales)} in its "
                         "graph; export with python export.py --ms for other scales")
     args.flip, args.ms = exported.flip, exported.scales  # what the file computes names the results
+    check_alpha_applies(args, exported.halves)
     run_dir = Path(args.output_path) / "outputs" / args.name
     cfg_file = Path(args.config) if args.config else run_dir / "config.yaml"
     if not cfg_file.is_file():

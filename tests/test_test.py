@@ -451,7 +451,7 @@ def test_the_original_releases_files_evaluate_as_the_same_weights_in_a_run_do(ti
     assert "--original evaluates the original's files" in capsys.readouterr().err
 
 
-def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
+def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path, capsys):
     from reIDmodel import Teacher
 
     teacher = Teacher(5, backbone="resnet50", last_stride=1, pretrained="none", scale2=True).eval()
@@ -470,6 +470,10 @@ def test_the_original_baseline_teacher_evaluates(tiny_run, tmp_path):
     splits = load_splits(cfg, evaluation_only=True)
     want = evaluation.evaluate_model(teacher, cfg, splits.query, splits.gallery, torch.device("cpu"), batch_size=16)
     assert got["mAP"] == want["mAP"] and got["R1"] == want["R1"]
+    capsys.readouterr()  # a teacher's feature has no fine-grained half for --alpha to weight
+    assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--alpha", "0",
+                            "--opts", *opts]) == 2
+    assert "leave --alpha out" in capsys.readouterr().err
     (folder / "net_last.pth").write_bytes(b"not a checkpoint")
     assert evaluation.main(["--original", str(folder), "--output_path", str(tmp_path), "--opts", *opts]) == 2
 
