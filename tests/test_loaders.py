@@ -389,11 +389,17 @@ def test_extra_training_sets_join_the_training_split(market, tmp_path):
     base = load_splits(config(market))
     extra = tmp_path / "dg-market"  # generated images of the same people, per-identity folders
     make_files(extra / "train_all", [f"{pid:04d}/{pid:04d}_c1s1_000001_00__s_x.jpg" for pid in sorted(TRAIN_COUNTS)])
-    same = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}, same_ids: true}}]"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same people: nothing to say
+        same = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}, same_ids: true}}]"))
     assert same.num_classes == base.num_classes and len(same.train) == len(base.train) + len(TRAIN_COUNTS)
     assert same.train_labels[len(base.train):] == list(range(base.num_classes))  # the same people's labels
     new = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}}}]"))
     assert new.num_classes == 2 * base.num_classes
+    strangers = tmp_path / "others"  # same_ids: true for people the main set does not have: a warning
+    make_files(strangers / "train_all", ["0042/0042_c1s1_000001_00.jpg"])
+    with pytest.warns(UserWarning, match="1 of its identities are not in the main training split"):
+        load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {strangers}, same_ids: true}}]"))
     assert min(r.pid for r in new.train[len(base.train):]) > max(r.pid for r in base.train)
     assert load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}}}]"),
                        evaluation_only=True).train == base.train  # evaluation reads no extra set
