@@ -162,12 +162,17 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled:
-            # A collective's tensor that Python made can be freed last on gloo's worker thread, which takes the
-            # GIL to do it; torch 2.4.1 destroys the group holding the GIL while it joins that thread, so a
-            # finished worker could hang at exit (3 times in 30 short two-process runs; none on 2.14,
-            # 2026-12-07). Sleeping lets go of the GIL while the thread finishes (0 in 30).
-            time.sleep(0.05)
-            torch_dist.destroy_process_group()
+            end_process_group()
+
+
+def end_process_group() -> None:
+    """destroy_process_group, safely on every torch this project supports. A collective's tensor that Python
+    made can be freed last on gloo's worker thread, which takes the GIL to do it; torch 2.4.1 destroys the group
+    holding the GIL while it joins that thread, so a finished worker could hang at exit (3 times in 30 short
+    two-process runs; none on 2.14, 2026-12-07). Sleeping lets go of the GIL while the thread finishes (0 in
+    30)."""
+    time.sleep(0.05)
+    torch_dist.destroy_process_group()
 
 
 def _through_flat(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:

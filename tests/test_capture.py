@@ -16,7 +16,7 @@ from test_fast_path import BATCH, CPU, NUM_CLASSES, batch, tiny_cfg  # the tiny 
 import capture
 import train
 from capture import CapturedStep, make_capturable, resolve_cuda_graph
-from distributed import Dist, free_port
+from distributed import Dist, end_process_group, free_port
 from reIDmodel import Teacher
 from trainer import BaselineTrainer, DGNet_Trainer
 from utils import REPO_ROOT, UserError
@@ -336,7 +336,7 @@ def _ranks_worker(rank: int, port: int, results) -> None:
     except Exception as exc:  # reported to the test instead of leaving it waiting
         results.put((rank, repr(exc), None, None))
     finally:
-        torch_dist.destroy_process_group()
+        end_process_group()
 
 
 def test_two_processes_average_gradients_in_the_step_as_ddp_does() -> None:
@@ -466,4 +466,4 @@ def test_captured_iterations_with_the_all_reduce_in_the_graph_on_a_gpu(monkeypat
     finally:
         if step is not None:  # NCCL's teardown waits for graphs holding its collectives
             step.release()
-        torch_dist.destroy_process_group()
+        end_process_group()

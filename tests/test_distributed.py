@@ -23,7 +23,7 @@ from test_train import tiny
 import distributed as distributed_module
 import train
 from data.loaders import build_dgnet_loaders, load_splits
-from distributed import Dist, free_port, plan_launch
+from distributed import Dist, end_process_group, free_port, plan_launch
 from utils import REPO_ROOT, checkpoint_path, load_checkpoint, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart" / "dgnet.yaml")
@@ -208,7 +208,7 @@ def _buffer_worker(rank: int, port: int, results, ddp_switch: dict) -> None:
     except Exception as exc:  # reported to the test instead of leaving it waiting
         results.put((rank, repr(exc), None))
     finally:
-        torch_dist.destroy_process_group()
+        end_process_group()
 
 
 # the switch this torch has (the module's choice), and the one older torch releases need

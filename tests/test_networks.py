@@ -448,6 +448,8 @@ def test_ddp_forward_and_frozen_call_through_the_wrapper(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from distributed import end_process_group
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
@@ -463,7 +465,7 @@ def test_ddp_forward_and_frozen_call_through_the_wrapper(tmp_path):
             (N.gen_adv_loss(ddp_dis, y) + F.l1_loss(y, x)).backward()
             assert has_grad(gen.dec) and no_grad(dis)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_remap_gray_is_a_per_image_intensity_curve():
