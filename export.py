@@ -46,7 +46,17 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from test import HALF, check_scales, evaluated_feature, extraction_suffix, has_halves, load_model, load_run, numbers
+from test import (
+    HALF,
+    check_scales,
+    evaluated_feature,
+    extraction_suffix,
+    has_halves,
+    listed,
+    load_model,
+    load_run,
+    numbers,
+)
 from utils import UserError, add_run_arguments, one_line
 
 FORMATS = ("onnx",)
@@ -105,7 +115,7 @@ def metadata(state: dict[str, Any], cfg: dict[str, Any], run: str, halves: bool,
         "preprocessing": "caller: resize to input_height x input_width (bicubic, no crop), scale to 0..1, "
                          "(x - mean) / std per channel",
         "flip": "graph" if flip else "none",
-        "scales": ",".join(f"{s:g}" for s in scales),  # areas the graph also resizes the input to, summed
+        "scales": listed(scales),  # areas the graph also resizes the input to, summed
         "output_name": OUTPUT,
         "feature_dim": str(dim),
         "feature_parts": "2" if halves else "1",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from typing import Any, TextIO
 
 import torch
 
-from utils import REPO_ROOT, UserError, ctrl_c_held, one_line
+from utils import REPO_ROOT, UserError, ctrl_c_held, one_line, write_text_atomic
 
 METRICS_FILE, LOG_FILE, ENV_FILE = "metrics.jsonl", "log.txt", "env.json"
 
@@ -45,9 +44,7 @@ def _keep_until(path: Path, last: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line cut by a kill: dropped
             continue
         kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 class ScalarRecord:
@@ -166,6 +163,4 @@ def record_start(path: Path, iteration: int, device: torch.device, world_size: i
             path.rename(path.with_name(path.name + ".unreadable"))
             starts = []
     starts.append({"iteration": iteration, **environment(device, world_size)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(starts, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(starts, indent=2) + "\n")

@@ -251,6 +251,17 @@ def numbers(text: str) -> list[float]:
             from None
 
 
+def listed(values: Sequence[float], sep: str = ",") -> str:
+    """Numbers as `numbers` reads them (1,1.1), or joined by `sep` for a file name (_ms1_1.1)."""
+    return sep.join(f"{v:g}" for v in values)
+
+
+def check_once(values: Sequence[float], option: str, noun: str = "value") -> None:
+    """A comma list naming a value twice (--alpha 0.5,0,0.5) is a slip: one line."""
+    if len(set(values)) < len(values):
+        raise UserError(f"{option} gives a {noun} twice ({listed(values)}); give each once")
+
+
 MIN_SCALED_SIDE = 32  # pixels: the backbones downsample by 16 or 32, so below this a feature map is a pixel or less
 
 
@@ -263,15 +274,14 @@ def check_scales(scales: Sequence[float], size: tuple[int, int] | None = None, d
     for s in scales:
         if not 0 < s < math.inf:
             raise UserError(f"--ms: each scale must be a positive number (of the image's area), got {s}")
-    if len(set(scales)) < len(scales):
-        raise UserError(f"--ms gives a scale twice ({','.join(f'{s:g}' for s in scales)}); give each once")
+    check_once(scales, "--ms", "scale")
     if size is None:
         return
     doubled = {s: doubles_small and math.floor(size[0] * math.sqrt(s)) <= SCALE2_MAX_HEIGHT for s in scales}
     if len(set(doubled.values())) > 1:
-        raise UserError(f"--ms {','.join(f'{s:g}' for s in scales)}: with scale2 the network doubles images at most "
+        raise UserError(f"--ms {listed(scales)}: with scale2 the network doubles images at most "
                         f"{SCALE2_MAX_HEIGHT} pixels high, which would double the {size[0]}x{size[1]} images at "
-                        f"scales {','.join(f'{s:g}' for s in scales if doubled[s])} but not at the others; give "
+                        f"scales {listed([s for s in scales if doubled[s]])} but not at the others; give "
                         "scales all on one side of that height")
     smallest = min(scales)
     side = min(math.floor(n * math.sqrt(smallest)) for n in size) * (2 if doubled[smallest] else 1)
@@ -438,7 +448,7 @@ def extraction_suffix(args: argparse.Namespace) -> str:
     """The part of a file's name that the options of feature extraction make: `_noflip`, `_ms<s>[_<t>...]`
     (when not 1); "" for the defaults. Saved features carry it, so other features never replace the default
     ones."""
-    ms = "_ms" + "_".join(f"{s:g}" for s in args.ms)
+    ms = "_ms" + listed(args.ms, "_")
     return "".join(part for part, on in (("_noflip", not args.flip), (ms, args.ms != [1.0])) if on)
 
 
@@ -447,7 +457,7 @@ def options_suffix(args: argparse.Namespace, halves: bool) -> str:
     (DG-Net, when not the default 0.5), `_ap-precision`, `_multi`, `_aqe[<k>-<alpha>]` (the numbers when not 5
     and 3), `_rerank`; "" for the defaults. So results of other options are written beside the default ones,
     never over them."""
-    alphas = "_alpha" + "_".join(f"{a:g}" for a in args.alphas) if halves and args.alphas != [0.5] else ""
+    alphas = "_alpha" + listed(args.alphas, "_") if halves and args.alphas != [0.5] else ""
     k, alpha = aqe_settings(args)
     aqe = "_aqe" + ("" if (k, alpha) == (DEFAULT_K, DEFAULT_ALPHA) else f"{k}-{alpha:g}")
     return extraction_suffix(args) + "".join(
@@ -637,8 +647,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 def _check_args(args: argparse.Namespace) -> None:
     for alpha in args.alphas:
         check_alpha(alpha)
-    if len(set(args.alphas)) < len(args.alphas):
-        raise UserError(f"--alpha gives a value twice ({','.join(f'{a:g}' for a in args.alphas)}); give each once")
+    check_once(args.alphas, "--alpha")
     check_scales(args.ms)
     if args.roc:
         check_fprs(args.roc)
@@ -945,7 +954,7 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
         raise UserError(f"--no-flip: {args.onnx} computes the flipped image in its graph; export with "
                         "python export.py --no-flip for that feature")
     if args.ms != [1.0] and args.ms != exported.scales:
-        raise UserError(f"--ms: {args.onnx} sums the scales {','.join(f'{s:g}' for s in exported.scales)} in its "
+        raise UserError(f"--ms: {args.onnx} sums the scales {listed(exported.scales)} in its "
                         "graph; export with python export.py --ms for other scales")
     args.flip, args.ms = exported.flip, exported.scales  # what the file computes names the results
     check_alpha_applies(args, exported.halves)
@@ -984,7 +993,7 @@ def print_summary(s: dict[str, Any]) -> None:
     aqe = s.get("aqe")
     ms = s.get("ms", [1.0])
     extras = [x for x, on in (("no flip", not s.get("flip", True)),
-                              (f"multi-scale ({', '.join(f'{x:g}' for x in ms)})", ms != [1.0]),
+                              (f"multi-scale ({listed(ms, ', ')})", ms != [1.0]),
                               ("multi-query", s["multi"]),
                               (aqe and f"alpha-query-expanded (k {aqe['k']}, alpha {aqe['alpha']:g})", aqe),
                               ("re-ranked", s["rerank"]),

@@ -374,12 +374,18 @@ def _overlay(base: dict[str, Any], update: dict[str, Any]) -> None:
             base[key] = value
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` through a temporary file renamed into place: a kill mid-write leaves the previous file whole
+    (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def dump_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the resolved config; `load_config` of the file gives `cfg` back unchanged."""
-    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(RESOLVED_HEADER + text)
-    os.replace(tmp, path)
+    write_text_atomic(path, RESOLVED_HEADER + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))
 
 
 def config_help() -> str:

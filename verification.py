@@ -43,6 +43,11 @@ def _pairs(q_pids: torch.Tensor, q_camids: torch.Tensor, g_pids: torch.Tensor, g
     return same & kept, ~same & kept
 
 
+def _at_or_above(histogram: torch.Tensor) -> torch.Tensor:
+    """Per bin, the count in it or any higher bin."""
+    return torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])
+
+
 def check_fprs(fprs: Sequence[float]) -> None:
     for f in fprs:
         if not 0 < f < 1:
@@ -100,7 +105,7 @@ def tpr_at_fpr(scores: ScoreChunks, q_pids: Any, g_pids: Any, q_camids: Any, g_c
     out["curve"] = roc_curve(torch.bincount(bin_of(pos), minlength=bins), histogram, low, scale)
     # per FPR: the bin holding the (k+1)-th highest negative score, k = floor(f N_neg) the negatives allowed
     # above the threshold, and how many lie in higher bins
-    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # negatives in this bin or higher
+    above = _at_or_above(histogram)
     wanted = {}
     for f in fprs:
         k = math.floor(Fraction(repr(f)) * n_neg)  # the rate as written: 0.29 * 100 is 28.999... in floats
@@ -133,20 +138,19 @@ def roc_curve(positive_histogram: torch.Tensor, negative_histogram: torch.Tensor
     `auc` is the area under all the bin edges' points: pairs in one bin count as ties (half), which is off
     the exact AUC by at most `auc_within`, half the share of positive–negative pairs in the same bin."""
     n_pos, n_neg = int(positive_histogram.sum()), int(negative_histogram.sum())
-    pos_above = torch.flip(torch.cumsum(torch.flip(positive_histogram, [0]), 0), [0])  # in bin i or higher
-    neg_above = torch.flip(torch.cumsum(torch.flip(negative_histogram, [0]), 0), [0])
-    pos_higher = torch.cat([pos_above[1:], pos_above.new_zeros(1)])  # in a higher bin than i
+    pos_above, neg_above = _at_or_above(positive_histogram), _at_or_above(negative_histogram)
+    pos_higher = pos_above - positive_histogram  # in a higher bin than i
     pairs = float(n_pos) * n_neg
     auc = float((negative_histogram.double() * (pos_higher.double() + positive_histogram.double() / 2)).sum()) / pairs
     within = float((negative_histogram.double() * positive_histogram.double()).sum()) / pairs / 2
     decades = math.ceil(math.log10(n_neg))
     kept: list[int] = []
-    ascending = neg_above.flip(0)  # non-decreasing; index j is bin (bins - 1 - j)
     for step in range(decades * per_decade + 1):
         allowed = math.floor(n_neg * 10 ** (step / per_decade - decades) + 1e-9)  # negatives accepted at most
-        j = int(torch.searchsorted(ascending, torch.tensor(allowed), right=True)) - 1
-        if j >= 0 and (not kept or kept[-1] != len(ascending) - 1 - j):
-            kept.append(len(ascending) - 1 - j)
+        # the lowest bin whose pairs from there up hold at most `allowed` negatives (-neg_above rises with i)
+        i = int(torch.searchsorted(-neg_above, torch.tensor(-allowed)))
+        if i < len(neg_above) and (not kept or kept[-1] != i):
+            kept.append(i)
     return {"fpr": [int(neg_above[i]) / n_neg for i in kept], "tpr": [int(pos_above[i]) / n_pos for i in kept],
             "bin_edge": [low + i / scale if scale else low for i in kept], "auc": auc, "auc_within": within}
 

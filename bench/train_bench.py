@@ -41,7 +41,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import platform
 import resource
 import sys
@@ -58,7 +57,7 @@ from capture import CapturedStep, resolve_cuda_graph  # noqa: E402
 from data.loaders import build_dgnet_loaders, build_teacher_loader, load_splits  # noqa: E402
 from reIDmodel import Teacher  # noqa: E402
 from trainer import RAMPED_WEIGHTS, BaselineTrainer, DGNet_Trainer  # noqa: E402
-from utils import UserError, load_config, seed_everything  # noqa: E402
+from utils import UserError, load_config, seed_everything, write_text_atomic  # noqa: E402
 
 DGNET_CONFIG = REPO / "configs" / "latest.yaml"
 TEACHER_CONFIG = REPO / "configs" / "teacher" / "market.yaml"
@@ -704,9 +703,7 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> int:
         """The JSON as it stands: after each speed row too, so a mode that fails or is cut off by a time limit
         leaves the rows measured before it."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
     print(f"{result['device_name']}, torch {torch.__version__}, {size}, synthetic data ({len(splits.train)} "
           f"training images, {splits.num_classes} identities), phase {args.phase}; {result['teacher']}")

@@ -415,8 +415,8 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
             extra = drop_unreadable(extra, f"{where}'s training split")
         if not extra:
             raise UserError(f"{where}: the training split under {entry['data_root']} is empty")
-        strangers = {r.pid for r in extra} - {r.pid for r in splits.train}
-        if same_ids and strangers:  # they join as new classes: likely a wrong same_ids or another dataset
+        strangers = {r.pid for r in extra} - {r.pid for r in splits.train} if same_ids else set()
+        if strangers:  # they join as new classes: likely a wrong same_ids or another dataset
             warnings.warn(f"{where}: same_ids is true, but {len(strangers)} of its identities are not in the main "
                           f"training split (e.g. pid {min(strangers)}); they train as new classes. If it holds "
                           "other people, set same_ids: false", stacklevel=2)
