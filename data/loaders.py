@@ -329,6 +329,11 @@ def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True) -> None:
 
     root = Path(cfg["data_root"]).expanduser().absolute()
     if (root / synthetic.METADATA_FILE).is_file():
+        # A dataset once generated is used as it is: say so when the config's `synthetic:` asks for another
+        differs = synthetic.differences(root, **cfg["synthetic"]) if generate else ""
+        if differs:
+            print(f"note: data_root {root} holds a synthetic dataset made with other parameters ({differs}); "
+                  "training uses it as it is; set data_root to a new folder to generate the config's", flush=True)
         return
     # One level too deep or too high would otherwise generate a second dataset there (or fail on the files)
     below = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

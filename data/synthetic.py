@@ -1009,6 +1009,20 @@ def _describe(params: Mapping) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
+def differences(root: str | os.PathLike, *, ids: int = 120, images_per_id: int = 12, height: int = 128,
+                width: int = 64, difficulty: float = 0.5, seed: int = 0, cameras: int = 6,
+                test_ids: int | None = None) -> str:
+    """How the dataset in `root` differs from these parameters ("stored vs asked", comma-separated);
+    empty when it is exactly this one. A test_ids asked as the default half matches a dataset made
+    without the key."""
+    asked = _validated_params(ids, images_per_id, height, width, difficulty, seed, cameras, test_ids)
+    stored = load_metadata(root).params
+    if "test_ids" not in stored and asked.get("test_ids") == asked["ids"] - asked["ids"] // 2:
+        asked.pop("test_ids")
+    return ", ".join(f"{key} {stored.get(key)} (config {asked.get(key)})"
+                     for key in sorted(set(stored) | set(asked)) if stored.get(key) != asked.get(key))
+
+
 def _existing_summary(out: Path, params: dict) -> dict | None:
     """The summary of the dataset already in `out` if it is exactly this one; None if `out` is free."""
     if not out.exists():

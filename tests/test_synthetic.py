@@ -16,6 +16,7 @@ from data.synthetic import (
     METADATA_FILE,
     PART_NAMES,
     SPLIT_FOLDERS,
+    differences,
     generate,
     jpeg_bytes,
     load_metadata,
@@ -257,6 +258,23 @@ def test_existing_dataset_with_the_same_parameters_is_reused(small):
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert generate(root, **SMALL) == summary
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_differences_name_what_the_config_asks_otherwise(small, capsys):
+    root, _ = small
+    assert differences(root, **SMALL) == ""
+    assert differences(root, **SMALL, test_ids=6) == ""  # the default half, stored without the key
+    assert differences(root, **{**SMALL, "seed": 4}, width=32) == "seed 3 (config 4), width 64 (config 32)"
+    assert differences(root, **SMALL, test_ids=2) == "test_ids None (config 2)"
+    # Training on it says so once (the dataset is used as it is); evaluation does not
+    from data.loaders import load_splits
+    from utils import load_config
+    cfg = load_config(None, ["dataset=synthetic", f"data_root={root}", "synthetic.ids=12", "synthetic.images_per_id=6",
+                             "synthetic.seed=4", "ID_class=null"])
+    load_splits(cfg)
+    assert "holds a synthetic dataset made with other parameters (seed 3 (config 4))" in capsys.readouterr().out
+    load_splits(cfg, evaluation_only=True)
+    assert capsys.readouterr().out == ""
 
 
 def test_refuses_to_write_over_other_content(small, tmp_path):
