@@ -106,13 +106,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how many queries get a rank list, evenly spread (default 20; 0 = all)")
     p.add_argument("--query", help="search: folder of query images (with --gallery)")
     p.add_argument("--gallery", help="search: folder of gallery images (with --query)")
-    p.add_argument("--topk", type=int, default=10, help="search: matches per query (default 10)")
+    p.add_argument("--topk", type=int, help="search: matches per query (default 10)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. data_root=...)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported model (export.py) with onnxruntime on "
                    "the run's dataset, instead of the run's checkpoint")
+    p.set_defaults(which_iter=None)  # None: not given, so the options that take no checkpoint can refuse it
     args = p.parse_args(_alpha_joined(sys.argv[1:] if argv is None else argv))
     if not args.name and not args.original and not args.features:
         p.error("give --name RUN (or --original DIR for the original release's files, or --features FILE)")
+    args.which_iter_given, args.which_iter = args.which_iter is not None, args.which_iter or "last"
+    args.topk_given, args.topk = args.topk is not None, 10 if args.topk is None else args.topk
     args.alphas, args.alpha = args.alpha, args.alpha[0]  # the sweep, and its headline value
     return args
 
@@ -1046,6 +1049,12 @@ def report(summary: dict[str, Any], write: Callable[[], list[Path]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.which_iter_given and (args.onnx or args.features):
+            raise UserError(f"{'--onnx' if args.onnx else '--features'} holds the iteration it was made from: "
+                            "leave out --which_iter")
+        if args.topk_given and not (args.query or args.gallery):
+            raise UserError("--topk is for search (--query DIR --gallery DIR); for rank-list images of the "
+                            "dataset's queries, --ranklist K")
         if args.features:
             if args.original or args.onnx or args.query or args.gallery or args.ranklist:
                 raise UserError("--features scores saved features alone: leave out --original, --onnx, --query, "

@@ -158,6 +158,16 @@ def test_scales_are_refused_where_the_features_are_given(tiny_run, capsys):
         assert "--ms" in err and len(err.strip().splitlines()) == 1
 
 
+def test_options_that_would_be_ignored_are_refused(tiny_run, capsys):
+    """--which_iter with saved features (they hold their iteration), --topk with no search: one line each."""
+    features = tiny_run[0] / "outputs" / "tiny" / "results" / "features_00000002.npz"
+    for args, named in (((*("--features", str(features)), "--which_iter", "2"), "--which_iter"),
+                        (("--name", "tiny", "--output_path", str(tiny_run[0]), "--topk", "3"), "--topk")):
+        assert evaluation.main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1
+
+
 def test_verification_rates(tiny_run, capsys):
     """--roc adds TPR@FPR to the metrics (every alpha of a sweep, re-ranked or not); saved features give the
     same rates."""
