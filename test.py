@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import IMAGE_EXTENSIONS, Record, is_image_name
+from data.datasets import IMAGE_EXTENSIONS, Record, dataset_folder, is_image_name
 from data.loaders import build_test_loader, image_size, load_splits, read_image
 from evaluate import AP_CONVENTIONS, JUNK_PID, cosine_distance_chunks, evaluate_distmat, evaluate_features
 from expansion import DEFAULT_ALPHA, DEFAULT_K, alpha_query_expansion, check_expansion
@@ -480,7 +480,7 @@ def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
     (CUHK03-NP's other boxes), "_samecam" or "_crosscam" (cross_camera off or on, against the run's). So such
     results are written beside the run's own instead of over them."""
     def where(c: dict[str, Any]) -> tuple[str, Path]:
-        return c.get("dataset", ""), Path(str(c.get("data_root", ""))).expanduser().absolute()
+        return c.get("dataset", ""), dataset_folder(c.get("dataset", ""), str(c.get("data_root", "")))
 
     tag = ""
     if where(cfg) != where(trained):

@@ -332,6 +332,19 @@ def _locate(layout: _Layout, root: Path) -> Path:
     raise _missing(layout, _marker_name(layout), root)
 
 
+def dataset_folder(name: str, root: str | os.PathLike) -> Path:
+    """The folder read_dataset reads for `root` (the dataset folder below a parent, symbolic links
+    resolved), so two data_roots naming the same data compare equal; `root` itself, resolved, where it
+    holds no such dataset here (e.g. a run's data_root on another machine)."""
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    layout = {"market1501": _MARKET, "synthetic": _MARKET, "dukemtmc": _DUKE, "msmt17": _MSMT,
+              "folder": _FOLDER, "cuhk03": _LAYOUTS[-1]}.get(name)
+    try:
+        return (_locate(layout, root) if layout else root).resolve()
+    except UserError:
+        return root.resolve()
+
+
 def _require_dir(layout: _Layout, folder: Path, sub: str) -> Path:
     path = folder / sub
     if not path.is_dir():

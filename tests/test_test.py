@@ -365,6 +365,19 @@ def test_results_with_another_protocol_or_boxes_are_named_by_it():
     assert evaluation.other_data_tag(other, trained) == "_on-Market_samecam"
 
 
+def test_the_same_data_named_another_way_is_not_other_data(tmp_path, monkeypatch):
+    """The dataset's parent, a relative path or a symbolic link name the data trained on: no _on- tag."""
+    from test_datasets import make_market
+    make_market(tmp_path / "Market" / "Market-1501-v15.09.15")
+    (tmp_path / "link").symlink_to(tmp_path / "Market")
+    trained = {"dataset": "market1501", "data_root": str(tmp_path / "Market" / "Market-1501-v15.09.15")}
+    monkeypatch.chdir(tmp_path)
+    for same in (tmp_path / "Market", "Market", "link/Market-1501-v15.09.15"):
+        assert evaluation.other_data_tag({**trained, "data_root": str(same)}, trained) == ""
+    make_market(tmp_path / "copy")
+    assert evaluation.other_data_tag({**trained, "data_root": "copy"}, trained) == "_on-copy"
+
+
 def test_opts_apply_to_a_run_without_config_yaml(tiny_run, tmp_path):
     # the checkpoint's own config stands in for a lost config.yaml; --opts still change it
     shutil.copytree(tiny_run[0] / "outputs" / "tiny", tmp_path / "outputs" / "lost")
