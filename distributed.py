@@ -33,7 +33,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from utils import UserError, one_line
+from utils import UserError, one_line, plain_warnings
 
 STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a coordinated, saved stop
 CRASH_GRACE_S = 10.0  # after one worker fails, how long the others get to finish before they are killed
@@ -419,6 +419,7 @@ def _with_control(d: Dist) -> Dist:
 
 
 def _worker_main(make: Callable[[], Dist], args: argparse.Namespace, target: str) -> int:
+    plain_warnings()  # a started process runs no command's entry point
     d = make()
     try:
         return _call(target, args, d)

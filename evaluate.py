@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import Notice, UserError
 
 AP_CONVENTIONS = ("market", "precision")
 JUNK_PID = -1
@@ -247,7 +247,7 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
         zero = int((f.abs().sum(1) == 0).sum())
         if zero:  # normalized to 0, they tie with every image: a broken model or feature file, not a result
             warnings.warn(f"{zero} of the {len(f)} {name} features are all zero; their rankings are by gallery "
-                          "order only", stacklevel=2)
+                          "order only", Notice, stacklevel=2)
     protocol = Protocol(g_pids, g_camids)
     labels = None
     ranks: list[np.ndarray | None] = []

@@ -57,7 +57,7 @@ from test import (
     load_run,
     numbers,
 )
-from utils import UserError, add_run_arguments, one_line
+from utils import UserError, add_run_arguments, one_line, plain_warnings
 
 FORMATS = ("onnx",)
 OPSET = 17  # supported by the TorchScript exporter of torch 2.4 and by every onnxruntime release since 1.14
@@ -261,4 +261,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from data.datasets import DATASETS, DatasetSplits, Record, camera_from_name, read_dataset
-from utils import UserError
+from utils import UserError, plain_warnings
 
 RAW_DATASETS = tuple(d for d in DATASETS if d != "folder")
 
@@ -174,4 +174,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

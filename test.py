@@ -59,6 +59,7 @@ from utils import (
     load_config,
     mismatch_reason,
     one_line,
+    plain_warnings,
     run_folder,
     saved_config,
 )
@@ -1084,4 +1085,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

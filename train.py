@@ -63,6 +63,7 @@ from utils import (
     load_checkpoint,
     load_config,
     one_line,
+    plain_warnings,
     run_folder,
     save_checkpoint,
     saved_config,
@@ -860,4 +861,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

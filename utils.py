@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,25 @@ class UserError(Exception):
     Command-line entry points print its message as one line and exit with status 2, without a
     traceback: the message must say what is wrong and what to do.
     """
+
+
+class Notice(UserWarning):
+    """Something the user of a command should know that does not stop it (skipped images, all-zero
+    features): the commands print it as one `warning: ...` line (plain_warnings)."""
+
+
+def plain_warnings() -> None:
+    """Print Notice warnings as `warning: <message>`, without the file, line and source line Python adds
+    (set by each command's entry point only, so a library user's warning display is left alone)."""
+    default = warnings.formatwarning
+
+    def formatted(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+        if issubclass(category, Notice):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
 
 
 def one_line(err: BaseException) -> str:

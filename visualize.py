@@ -59,6 +59,7 @@ from utils import (
     load_checkpoint,
     load_config,
     one_line,
+    plain_warnings,
     run_folder,
     saved_config,
 )
@@ -677,4 +678,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.datasets import DATASETS, DatasetSplits, Record, hold_out_validation, read_dataset
 from data.samplers import IdentitySampler, ShuffleSampler
 from data.transforms import eval_transform, random_erasing, train_transform
-from utils import UserError, seed_everything
+from utils import Notice, UserError, seed_everything
 
 # Loader a and b are independent shuffles of the same split: two streams of one seed.
 STREAM_A, STREAM_B, STREAM_TEACHER = 0, 1, 2
@@ -67,7 +67,7 @@ def drop_unreadable(records: Sequence[Record], what: str, workers: int = 4) -> l
     bad = [r.path for r, ok in zip(records, readable) if not ok]
     if bad:
         names = ", ".join(Path(p).name for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}: {names}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}: {names}", Notice, stacklevel=2)
     return [r for r, ok in zip(records, readable) if ok]
 
 
@@ -424,7 +424,7 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
         if strangers:  # they join as new classes: likely a wrong same_ids or another dataset
             warnings.warn(f"{where}: same_ids is true, but {len(strangers)} of its identities are not in the main "
                           f"training split (e.g. pid {min(strangers)}); they train as new classes. If it holds "
-                          "other people, set same_ids: false", stacklevel=2)
+                          "other people, set same_ids: false", Notice, stacklevel=2)
         if not same_ids:  # new people: numbered after every pid so far, in their own sorted order
             first = max(r.pid for r in splits.train) + 1
             rank = {pid: first + k for k, pid in enumerate(sorted({r.pid for r in extra}))}

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,13 @@ import visualize
 from utils import (
     REPO_ROOT,
     NonFiniteState,
+    Notice,
     UserError,
     checkpoint_path,
     ctrl_c_held,
     load_checkpoint,
     load_config,
+    plain_warnings,
     save_checkpoint,
 )
 
@@ -407,3 +410,13 @@ def test_reading_a_run_fails_in_time_when_it_prints_nothing():
         read_until(brief, lambda line: line.startswith("goodbye"), 30, "a goodbye")
     assert read_until(start([sys.executable, "-c", "print('a'); print('b')"]), lambda line: line == "b\n", 30,
                       "b") == "b\n"
+
+
+def test_commands_print_a_notice_as_one_line(monkeypatch):
+    """The commands' warnings for their user (skipped images, all-zero features) are one `warning:` line, without
+    the file and source line Python adds; other warnings keep Python's form."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    plain_warnings()
+    assert warnings.formatwarning("skipped 2 unreadable image(s)", Notice, "/x/loaders.py", 70) == \
+        "warning: skipped 2 unreadable image(s)\n"
+    assert "loaders.py:70: UserWarning: other" in warnings.formatwarning("other", UserWarning, "/x/loaders.py", 70)
