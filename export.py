@@ -46,18 +46,9 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from test import (
-    HALF,
-    check_scales,
-    evaluated_feature,
-    extraction_suffix,
-    has_halves,
-    listed,
-    load_model,
-    load_run,
-    numbers,
-)
-from utils import UserError, add_run_arguments, one_line, plain_warnings
+from features import HALF, check_scales, evaluated_feature, has_halves, load_model, load_run
+from test import extraction_suffix
+from utils import UserError, add_run_arguments, listed, numbers, one_line, plain_warnings
 
 FORMATS = ("onnx",)
 OPSET = 17  # supported by the TorchScript exporter of torch 2.4 and by every onnxruntime release since 1.14

@@ -6,6 +6,7 @@ Values are typed by their defaults, so a typo or a wrong type is caught before a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import difflib
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -646,6 +647,28 @@ def add_run_arguments(parser: Any, name_help: str = "run name: outputs/NAME", ev
     parser.add_argument("--which_iter", default="last",
                         help="checkpoint iteration, last (default), or best (the best validation mAP, with val_ids)"
                              + ("; all: every snapshot in turn, and the curve" if every_iteration else ""))
+
+
+def numbers(text: str) -> list[float]:
+    """A list of numbers separated by commas: `--alpha 0.5,0,-1`, `--ms 1,1.1`, `--roc 1e-4,1e-3` (each option
+    checks its values in `_check_args`)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 0.5 or 1,1.1; got {text!r}") \
+            from None
+
+
+def listed(values: Sequence[float], sep: str = ",") -> str:
+    """Numbers as `numbers` reads them (1,1.1), or joined by `sep` for a file name (_ms1_1.1)."""
+    return sep.join(f"{v:g}" for v in values)
+
+
+def check_once(values: Sequence[float], option: str, noun: str = "value") -> None:
+    """A comma list naming a value twice (--alpha 0.5,0,0.5) is a slip: one line."""
+    if len(set(values)) < len(values):
+        raise UserError(f"{option} gives a {noun} twice ({listed(values)}); give each once")
+
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which_iter: str) -> Path:

@@ -12,6 +12,7 @@ import torch
 from test_train import tiny  # the tiny settings the training tests use
 
 import export
+import features
 import test as evaluation
 import train
 from data.loaders import load_splits
@@ -50,7 +51,7 @@ def test_onnxruntime_gives_test_pys_features_and_metrics(runs, kind, capsys):
     output_path, name = runs[kind]
     assert call(export.main, output_path, name, "--format", "onnx") == 0
     out = capsys.readouterr().out
-    state, cfg, run_dir = evaluation.load_run(name, str(output_path))
+    state, cfg, run_dir = features.load_run(name, str(output_path))
     path = run_dir / "export" / f"{name}_{state['iteration']:08d}.onnx"
     assert out.splitlines()[0] == f"written: {path}" and "largest difference" in out
 
@@ -97,10 +98,10 @@ def test_no_flip_export_and_bad_input(runs, tmp_path, capsys):
     assert call(export.main, output_path, name, "--which_iter", "2", "--no-flip", "--out", str(out)) == 0
     exported = export.OnnxReID(out)
     assert not exported.flip and exported.size == (64, 32) and exported.halves
-    state, cfg, _ = evaluation.load_run(name, str(output_path), "2")
+    state, cfg, _ = features.load_run(name, str(output_path), "2")
     records = load_splits(cfg).query[:4]
-    model = evaluation.load_model(state, cfg, torch.device("cpu"))
-    expected = evaluation.extract_features(model, cfg, records, torch.device("cpu"), flip=False)
+    model = features.load_model(state, cfg, torch.device("cpu"))
+    expected = features.extract_features(model, cfg, records, torch.device("cpu"), flip=False)
     np.testing.assert_allclose(evaluation.onnx_features(exported, cfg, records).numpy(), expected.numpy(),
                                rtol=0, atol=ATOL)
     capsys.readouterr()
@@ -128,14 +129,14 @@ def test_multi_scale_export(runs, capsys):
     file's scales and names its results by them."""
     output_path, name = runs["dgnet"]
     assert call(export.main, output_path, name, "--which_iter", "2", "--ms", "1,1.1") == 0
-    state, cfg, run_dir = evaluation.load_run(name, str(output_path), "2")
+    state, cfg, run_dir = features.load_run(name, str(output_path), "2")
     path = run_dir / "export" / f"{name}_00000002_ms1_1.1.onnx"
     exported = export.OnnxReID(path)
     assert exported.scales == [1.0, 1.1] and exported.flip
     records = load_splits(cfg).query[:6]
-    model = evaluation.load_model(state, cfg, torch.device("cpu"))
-    expected = evaluation.extract_features(model, cfg, records, torch.device("cpu"), scales=(1.0, 1.1))
-    single = evaluation.extract_features(model, cfg, records, torch.device("cpu"))
+    model = features.load_model(state, cfg, torch.device("cpu"))
+    expected = features.extract_features(model, cfg, records, torch.device("cpu"), scales=(1.0, 1.1))
+    single = features.extract_features(model, cfg, records, torch.device("cpu"))
     got = evaluation.onnx_features(exported, cfg, records, batch_size=4).numpy()
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=ATOL)
     assert np.abs(got - single.numpy()).max() > 100 * ATOL  # the second scale is really in the graph

@@ -12,6 +12,7 @@ import scipy.io
 import torch
 from test_train import tiny  # the tiny DG-Net settings the training tests use
 
+import features
 import test as evaluation
 import train
 from data import synthetic
@@ -90,31 +91,31 @@ def test_multi_scale_feature_sums_the_scaled_images(tiny_run):
     """--ms: each scale's image (area times s: each side times sqrt(s), rounded down) adds its feature to the
     sum. Without flip each term is unit per half, so the sum is checkable from single-scale features."""
     x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
-    assert evaluation.scaled(x, 1) is x
-    assert evaluation.scaled(x, 1.1).shape[-2:] == (67, 33) and evaluation.scaled(x, 0.5).shape[-2:] == (45, 22)
-    state, cfg, _ = evaluation.load_run("tiny", str(tiny_run[0]))
-    model = evaluation.load_model(state, cfg, torch.device("cpu"))
+    assert features.scaled(x, 1) is x
+    assert features.scaled(x, 1.1).shape[-2:] == (67, 33) and features.scaled(x, 0.5).shape[-2:] == (45, 22)
+    state, cfg, _ = features.load_run("tiny", str(tiny_run[0]))
+    model = features.load_model(state, cfg, torch.device("cpu"))
     with torch.no_grad():
         def feature(images, scales=(1.0,)):
-            return evaluation.evaluated_feature(model, images, True, flip=False, scales=scales)
+            return features.evaluated_feature(model, images, True, flip=False, scales=scales)
 
-        one, larger = feature(x), feature(evaluation.scaled(x, 1.1))
+        one, larger = feature(x), feature(features.scaled(x, 1.1))
         both = feature(x, (1.0, 1.1))
     assert not torch.allclose(one, larger, atol=1e-4)  # the scale changes the feature
-    torch.testing.assert_close(both, evaluation._normalize_halves(one + larger), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both, features.normalize_halves(one + larger), atol=1e-5, rtol=1e-5)
 
 
 def test_scales_and_the_doubling_of_small_images():
     """scale2 doubles images at most 128 pixels high: scales must be doubled all or none, and the smallest
     side is the one the network sees."""
-    evaluation.check_scales([1, 1.1], (64, 32), doubles_small=True)  # 64 and 67 pixels high: both doubled
-    evaluation.check_scales([1, 0.5], (64, 32), doubles_small=True)  # 45x22, doubled to 90x44
+    features.check_scales([1, 1.1], (64, 32), doubles_small=True)  # 64 and 67 pixels high: both doubled
+    features.check_scales([1, 0.5], (64, 32), doubles_small=True)  # 45x22, doubled to 90x44
     with pytest.raises(UserError, match="too small"):
-        evaluation.check_scales([1, 0.5], (64, 32))  # 45x22 as it is
+        features.check_scales([1, 0.5], (64, 32))  # 45x22 as it is
     for scales, size in (([1, 1.1], (128, 64)), ([1, 0.25], (256, 128))):
         with pytest.raises(UserError, match="double"):
-            evaluation.check_scales(scales, size, doubles_small=True)
-        evaluation.check_scales(scales, size)
+            features.check_scales(scales, size, doubles_small=True)
+        features.check_scales(scales, size)
 
 
 def test_multi_scale_evaluation_and_its_files(tiny_run, capsys):
@@ -248,8 +249,8 @@ def test_search_command_and_predictor(tiny_run, capsys):
 
 
 def test_evaluate_model_for_validation(tiny_run):
-    state, cfg, _ = evaluation.load_run("tiny", str(tiny_run[0]))
-    model = evaluation.load_model(state, cfg, torch.device("cpu")).train()
+    state, cfg, _ = features.load_run("tiny", str(tiny_run[0]))
+    model = features.load_model(state, cfg, torch.device("cpu")).train()
     splits = load_splits(cfg)
     got = evaluation.evaluate_model(model, cfg, splits.query, splits.gallery, torch.device("cpu"), batch_size=16)
     assert model.training  # given back in the mode it came in
@@ -304,21 +305,21 @@ def test_metrics_are_printed_before_an_unwritable_results_folder_fails(tiny_run,
 
 def test_alpha_weighting_and_its_use_in_re_ranking():
     torch.manual_seed(0)
-    half = evaluation.HALF
+    half = features.HALF
     qf, gf = torch.randn(3, 2 * half), torch.randn(4, 2 * half)
     alpha = 0.25
-    wq = evaluation.weight_query(qf, True, alpha)
+    wq = features.weight_query(qf, True, alpha)
     assert torch.equal(wq[:, :half], qf[:, :half]) and torch.allclose(wq[:, half:], alpha * qf[:, half:])
-    only_fine = evaluation.weight_query(qf, True, -1)  # the original's -1: the fine-grained half alone
+    only_fine = features.weight_query(qf, True, -1)  # the original's -1: the fine-grained half alone
     assert not only_fine[:, :half].any() and torch.equal(only_fine[:, half:], qf[:, half:])
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(UserError, match="--alpha must be at least 0"):
-            evaluation.weight_query(qf, True, bad)
+            features.weight_query(qf, True, bad)
 
     def dgnet_score(a, b):  # s_prim + alpha s_fine
         return a[:, :half] @ b[:, :half].T + alpha * a[:, half:] @ b[:, half:].T
 
-    bq, bg = evaluation.weighted_both_sides(qf, gf, True, alpha)
+    bq, bg = features.weighted_both_sides(qf, gf, True, alpha)
     assert torch.allclose(bq @ bg.T, dgnet_score(qf, gf), atol=1e-3)  # DG-Net's query-gallery score
     assert torch.allclose(bq @ bg.T, wq @ gf.T, atol=1e-3)
     assert torch.allclose(bg @ bg.T, dgnet_score(gf, gf), atol=1e-3)  # and the same metric between gallery images
@@ -382,12 +383,12 @@ def test_opts_apply_to_a_run_without_config_yaml(tiny_run, tmp_path):
     # the checkpoint's own config stands in for a lost config.yaml; --opts still change it
     shutil.copytree(tiny_run[0] / "outputs" / "tiny", tmp_path / "outputs" / "lost")
     (tmp_path / "outputs" / "lost" / "config.yaml").unlink()
-    _, cfg, _ = evaluation.load_run("lost", str(tmp_path), opts=["data_root=/elsewhere", "batch_size=3"])
+    _, cfg, _ = features.load_run("lost", str(tmp_path), opts=["data_root=/elsewhere", "batch_size=3"])
     assert cfg["data_root"] == "/elsewhere" and cfg["batch_size"] == 3
-    _, cfg, _ = evaluation.load_run("lost", str(tmp_path))
+    _, cfg, _ = features.load_run("lost", str(tmp_path))
     assert cfg["data_root"] == str(tiny_run[1])
     with pytest.raises(UserError, match="--opts"):
-        evaluation.load_run("lost", str(tmp_path), opts=["no_such_key=1"])
+        features.load_run("lost", str(tmp_path), opts=["no_such_key=1"])
 
 
 def test_an_alpha_sweep_equals_single_alpha_runs_and_both_ap_conventions_are_reported(tiny_run, capsys):
@@ -557,7 +558,7 @@ def test_query_expansion_of_a_run_and_of_its_saved_features(tiny_run, capsys):
     cfg = evaluation.load_config(None, ["dataset=synthetic", f"data_root={tiny_run[1]}"])
     splits = load_splits(cfg, evaluation_only=True)
     for alpha in (0.5, -1):
-        q, g = alpha_query_expansion(*evaluation.weighted_both_sides(qf, gf, True, alpha))
+        q, g = alpha_query_expansion(*features.weighted_both_sides(qf, gf, True, alpha))
         want = evaluation.score(q, g, splits.query, splits.gallery)
         assert summary["by_alpha"][f"{alpha:g}"]["mAP"] == pytest.approx(want["mAP"]), alpha
     assert summary["mAP"] == summary["by_alpha"]["0.5"]["mAP"]
