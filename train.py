@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import hashlib
 import math
+import os
 import random
 import shutil
 import signal
@@ -698,8 +699,10 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         runlog.record_start(run_dir / runlog.ENV_FILE, start, dist.device, dist.world_size)
         # Both records keep what was logged up to `start` (the checkpoint's own iteration included) and drop the
         # rest: a newer, abandoned continuation, or an earlier attempt that stopped before its first snapshot.
-        writer: Any = runlog.ScalarRecord(SummaryWriter(str(run_dir / "logs"), purge_step=start + 1),
-                                          run_dir / runlog.METRICS_FILE, start)
+        # The process id in the name: tensorboardX names event files by the second and opens them for writing,
+        # so a resume within a second of a short attempt's start would otherwise empty that attempt's file
+        events = SummaryWriter(str(run_dir / "logs"), purge_step=start + 1, filename_suffix=f".{os.getpid()}")
+        writer: Any = runlog.ScalarRecord(events, run_dir / runlog.METRICS_FILE, start)
     else:
         writer = NullWriter()
 

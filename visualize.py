@@ -585,9 +585,10 @@ def cmd_metrics(args: argparse.Namespace, models: Models) -> list[Path]:
 
     # Other data's scalars under their own tags (generation_on-<data folder>/...), not on the run's own curves,
     # and in a file of their own: tensorboardX names event files by the second, so two writers started within
-    # one second would share a name and the second would replace the first's file.
+    # one second would share a name and the second would replace the first's file (the process id too: two
+    # measurements within a second).
     with ctrl_c_held(), SummaryWriter(str(models.run_dir / "logs"),
-                                      filename_suffix=f".generation{tag}") as writer:  # its start and close included
+                                      filename_suffix=f".generation{tag}.{os.getpid()}") as writer:  # start, close
         for name, value in quality.scalars(result, f"generation{tag}").items():
             writer.add_scalar(name, value, models.iteration)
     return [out]

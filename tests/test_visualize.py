@@ -213,10 +213,10 @@ def test_outputs_on_other_data_are_written_beside_the_runs_own(run, tmp_path):
     result = json.loads((run.run_dir / "results" / "generation_00000002_on-other-data_pairs4.json").read_text())
     assert result["reconstruction"]["images"] == 4 and result["data_root"] == str(other)
     # other data's scalars: in a file of their own (not over the run's), on curves of their own
-    [events] = (run.run_dir / "logs").glob("*.generation_on-other-data_pairs4")
+    [events] = (run.run_dir / "logs").glob("*.generation_on-other-data_pairs4.*")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert tags and all(t.startswith("generation_on-other-data_pairs4/") for t in tags)
-    assert list((run.run_dir / "logs").glob("*.generation_pairs4"))  # the run's own, still there
+    assert list((run.run_dir / "logs").glob("*.generation_pairs4.*"))  # the run's own, still there
     assert run("rainbow", "--count", "2", "--seed", "1", *on_other) == 0
     assert (run.visuals / "rainbow_2x2_00000002_on-other-data_seed1.jpg").is_file()
     assert run("smooth", "--steps", "2", *on_other) == 0
