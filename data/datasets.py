@@ -252,7 +252,8 @@ _FOLDER = _Layout(
 _CUHK03_NAMES = ("cuhk03-np", "cuhk03_np", "cuhk03np", "cuhk03")
 _CUHK03_BOXES = ("detected", "labeled")
 # Every dataset's usual folder names, so that a search for one never takes another's folder
-_LAYOUTS = (_MARKET, _DUKE, _MSMT, _FOLDER, _Layout("cuhk03", "detected", _CUHK03_NAMES, _CUHK03_EXPECTED))
+_CUHK03 = _Layout("cuhk03", "detected", _CUHK03_NAMES, _CUHK03_EXPECTED)  # read: detected/ or labeled/ (_read_cuhk03)
+_LAYOUTS = (_MARKET, _DUKE, _MSMT, _FOLDER, _CUHK03)
 
 
 def _marker_name(layout: _Layout) -> str:
@@ -338,7 +339,7 @@ def dataset_folder(name: str, root: str | os.PathLike) -> Path:
     holds no such dataset here (e.g. a run's data_root on another machine)."""
     root = Path(os.path.abspath(os.path.expanduser(root)))
     layout = {"market1501": _MARKET, "synthetic": _MARKET, "dukemtmc": _DUKE, "msmt17": _MSMT,
-              "folder": _FOLDER, "cuhk03": _LAYOUTS[-1]}.get(name)
+              "folder": _FOLDER, "cuhk03": _CUHK03}.get(name)
     try:
         return (_locate(layout, root) if layout else root).resolve()
     except UserError:
