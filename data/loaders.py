@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import filecmp
 import gc
 import multiprocessing
 import os
@@ -435,17 +436,33 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
 def every_match_counts(splits: DatasetSplits) -> None:
     """`cross_camera: false`: each query on a camera of its own (1, 2, ...) and the gallery on camera 0, so
     the protocol's same-camera rule drops no match, except a gallery copy of a query's own image (the same
-    identity and file name), which takes that query's camera and so is ignored for it alone (a query never
-    matches itself). Multi-query images, which are averaged per identity and camera, are not used."""
-    def image(r: Record) -> tuple[int, str]:
-        return r.pid, os.path.basename(r.path)
-
-    own: dict[tuple[int, str], int] = {}
+    identity and file name, and the same bytes: img_0.jpg of one identity in query/ and gallery/ may be two
+    photos), which takes that query's camera and so is ignored for it alone (a query never matches itself).
+    Multi-query images, which are averaged per identity and camera, are not used."""
+    queries: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
     for camid, r in enumerate(splits.query, 1):
-        own.setdefault(image(r), camid)
+        queries[r.pid, os.path.basename(r.path)].append((r.path, camid))
+
+    def camera(r: Record) -> int:
+        for path, camid in queries.get((r.pid, os.path.basename(r.path)), ()):
+            if _same_file_content(path, r.path):
+                return camid
+        return 0
+
     splits.query = [r._replace(camid=camid) for camid, r in enumerate(splits.query, 1)]
-    splits.gallery = [r._replace(camid=own.get(image(r), 0)) for r in splits.gallery]
+    splits.gallery = [r._replace(camid=camera(r)) for r in splits.gallery]
     splits.multi_query = None
+    copies = sum(r.camid > 0 for r in splits.gallery)
+    if copies:
+        print(f"cross_camera false: {copies} gallery image(s) are copies of a query's own image, ignored for "
+              "that query alone", flush=True)
+
+
+def _same_file_content(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:  # unreadable: not known to be a copy (reading the image will say what is wrong)
+        return False
 
 
 def _train_set(cfg: dict[str, Any], splits: DatasetSplits, positives: bool) -> TrainSet:

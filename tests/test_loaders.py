@@ -381,6 +381,13 @@ def test_own_test_data_without_cameras_counts_every_match(tmp_path):
     distmat = np.where(np.array([os.path.basename(r.path) == "q.jpg" for r in splits.gallery]), 0.0, 0.5)[None]
     got = evaluate_distmat(distmat, np.array([1]), pids, np.array([1]), gcams)
     assert got["num_valid_queries"] == 1 and got["mAP"] == 1.0  # q itself ignored, g found first
+    # the same identity and file name but another photo (img_0.jpg in query/ and gallery/) is a match
+    from PIL import Image
+
+    Image.new("RGB", (4, 8), (1, 2, 3)).save(root / "gallery" / "0002" / "h2.jpg")
+    splits = load_splits(config(root, "dataset=folder", "cross_camera=false"))
+    cams = {os.path.relpath(r.path, root): r.camid for r in splits.gallery}
+    assert cams["gallery/0001/q.jpg"] == 1 and cams["gallery/0002/h2.jpg"] == 0
 
 
 def test_extra_training_sets_join_the_training_split(market, tmp_path):
