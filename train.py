@@ -487,6 +487,48 @@ def located_teacher(teacher: str | None, output_path: str) -> str | None:
     return str(under) if under.exists() else teacher
 
 
+def pinned_weights(path: str) -> str:
+    """The file a weights path stands for, absolute: a run folder's newest checkpoint, the original
+    baseline's folder's net_last.pth, a file itself. So config.yaml names the weights the run started from,
+    and a resume loads the same ones whatever the teacher's run did since; a path that holds none of these
+    is returned as it is (loading it says what is wrong)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        checkpoint = latest_checkpoint(p) if (p / "config.yaml").is_file() else None
+        p = checkpoint or (p / "net_last.pth" if (p / "net_last.pth").is_file() else None)
+        if p is None:
+            return path
+    return str(p.absolute()) if p.is_file() else path
+
+
+def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[str, Any] | None, say: bool) -> None:
+    """`teacher:` (DG-Net, when it runs) and `pretrained:` as the exact files (pinned_weights), found under
+    --output_path when relative (located_teacher); `say`: print what a folder stood for.
+
+    A resume (`saved`: the checkpoint's config) keeps the files it started from when the config names them or
+    the run folders holding them, so a resume command that repeats the first one's --opts keeps the weights;
+    another teacher is a change, recorded (another `pretrained` is refused: those weights are in the
+    checkpoint, and a resume does not read them)."""
+    from trainer import DGNet_Trainer
+
+    keys = ["teacher"] if kind == "DGNet" and DGNet_Trainer.needs_teacher(cfg) else []
+    if str(cfg["pretrained"]).lower() not in ("imagenet", "none", ""):
+        keys.append("pretrained")
+    for key in keys:
+        given = located_teacher(cfg[key], output_path)
+        kept = saved.get(key) if saved else None
+        if kept and Path(str(kept)).absolute().is_relative_to(Path(given).expanduser().absolute()):
+            given = kept
+        elif saved and key == "pretrained":
+            continue
+        if saved and key == "teacher" and not Path(given).expanduser().exists():
+            raise UserError(f"--resume: the teacher {given} is gone: put it back, or give the teacher checkpoint "
+                            "to continue with, --opts teacher=FILE (recorded in config_changes.log)")
+        cfg[key] = given if saved and key == "pretrained" else pinned_weights(given)
+        if say and Path(given).expanduser().is_dir() and cfg[key] != given:
+            print(f"{key}: {cfg[key]} (the weights in {given} now; recorded in the run's config.yaml)", flush=True)
+
+
 def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torch.device) -> Any:
     from trainer import BaselineTrainer, DGNet_Trainer  # imported here so --help stays fast
 
@@ -594,14 +636,15 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
         check_writable(run_dir, "the run folder")
         lock.acquire(run_dir)
     changes: dict[str, tuple[Any, Any]] = {}
-    if args.resume:
-        if state is None:
-            resume_from = find_checkpoint(run_dir, args.which_iter)
-            state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
-        changes = check_resume(args, state, cfg, run_dir)
-    elif latest_checkpoint(run_dir) is not None:
+    if args.resume and state is None:
+        resume_from = find_checkpoint(run_dir, args.which_iter)
+        state = check_run_checkpoint(load_checkpoint(resume_from), resume_from)
+    elif not args.resume and latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
     kind = state["kind"] if state else (args.trainer or "DGNet")
+    pin_weights(cfg, kind, args.output_path, saved_config(state["config"]) if state else None, dist.is_main)
+    if state:
+        changes = check_resume(args, state, cfg, run_dir)
     if state:
         check_networks_take(cfg, kind)
     from capture import resolve_cuda_graph  # imported here so --help stays fast
@@ -613,9 +656,8 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     seed_everything(cfg["seed"] + dist.rank)
     splits = load_splits(cfg)
     loaders = build_loaders(kind, cfg, splits, dist)
-    if kind == "DGNet":
-        cfg["teacher"] = located_teacher(cfg["teacher"], args.output_path)
-    trainer = build_trainer(kind, cfg, splits.num_classes, dist.device)
+    # A resume's weights come from its checkpoint: the pretrained ones are neither needed nor read
+    trainer = build_trainer(kind, {**cfg, "pretrained": "none"} if state else cfg, splits.num_classes, dist.device)
     if state:
         from_config = trainer.optimizer_settings()
         trainer.load_state_dict(state["trainer"])
@@ -666,9 +708,15 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         setup_error, prepared = None, setup(args, dist, lock)
     except UserError as err:
         setup_error, prepared = err, None
-    # Ranks agree before the first collective of the model: a bad input stops every one of them.
-    failures = dist.gather(None if setup_error is None else one_line(setup_error))
-    first = next((f for f in failures if f is not None), None)
+    # Ranks agree before the first collective of the model: a bad input stops every one of them. Each pinned
+    # the teacher itself: a teacher run that saved a checkpoint meanwhile would give them different weights
+    # (compared by file name: machines may mount the shared folder at different paths).
+    weights = None if prepared is None else tuple(Path(str(prepared[2][k])).name for k in ("teacher", "pretrained"))
+    reports = dist.gather((None if setup_error is None else one_line(setup_error), weights))
+    first = next((f for f, _ in reports if f is not None), None)
+    if first is None and len({w for _, w in reports}) > 1:
+        first = (f"the processes loaded different teacher or pretrained weights ({sorted({w for _, w in reports})}): "
+                 "the teacher's run saved a checkpoint while this run started; start it again")
     if first is not None:
         raise distributed.SharedError(first)
     name, run_dir, cfg, splits, state, kind, trainer, loaders, changes = prepared

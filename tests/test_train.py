@@ -112,8 +112,33 @@ def test_teacher_then_dgnet(tmp_path, data_root, capsys):
     # the configs' relative teacher: outputs/<name> is found under --output_path, where the teacher was written
     assert not Path("outputs/teacher").exists()
     assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "max_iter=2") == 0
-    assert load_config(tmp_path / "outputs" / "relative" / "config.yaml")["teacher"] == str(
-        tmp_path / "outputs" / "teacher")
+    # ... and pinned: config.yaml names the checkpoint the run started from, which a resume loads again even
+    # after the teacher's run went on (the same command with --resume included)
+    first = str(checkpoint_path(tmp_path / "outputs" / "teacher", 4))
+    assert load_config(tmp_path / "outputs" / "relative" / "config.yaml")["teacher"] == first
+    assert f"teacher: {first}" in capsys.readouterr().out
+    assert run(tmp_path, "teacher", data_root, "batch_size=8", "num_instances=2", "triplet_w=1.0", "max_iter=6",
+               args=(*teacher_args, "--resume")) == 0
+    assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "max_iter=4",
+               args=("--resume",)) == 0
+    assert load_config(tmp_path / "outputs" / "relative" / "config.yaml")["teacher"] == first
+    assert "teacher" not in (tmp_path / "outputs" / "relative" / train.CHANGES_FILE).read_text()  # max_iter only
+    # its file gone, a resume says so; the newest teacher is a change to ask for, and recorded
+    Path(first).rename(Path(first).with_suffix(".moved"))
+    capsys.readouterr()
+    assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", "max_iter=6", args=("--resume",)) == 2
+    assert f"--resume: the teacher {first} is gone" in capsys.readouterr().err
+    newest = str(checkpoint_path(tmp_path / "outputs" / "teacher", 6))
+    assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", f"teacher={newest}", "max_iter=6",
+               args=("--resume",)) == 0
+    assert f"teacher '{first}' -> '{newest}'" in (tmp_path / "outputs" / "relative" / train.CHANGES_FILE).read_text()
+    Path(first).with_suffix(".moved").rename(first)
+    # pretrained: found under --output_path too, pinned, and not read by a resume (the checkpoint has them)
+    assert run(tmp_path, "warm", data_root, "pretrained=outputs/teacher", "max_iter=2") == 0
+    assert load_config(tmp_path / "outputs" / "warm" / "config.yaml")["pretrained"] == newest
+    Path(newest).rename(Path(newest).with_suffix(".moved"))
+    assert run(tmp_path, "warm", data_root, "pretrained=outputs/teacher", "max_iter=4", args=("--resume",)) == 0
+    Path(newest).with_suffix(".moved").rename(newest)
     # a student holding identities out that its teacher trained on: the error says how the two must agree
     capsys.readouterr()
     assert run(tmp_path, "heldout", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "val_ids=2") == 2
