@@ -193,10 +193,18 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return [str(folder / n) for n in names]
 
 
+PARTS = ("all", "train", "test")
+
+
 def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = False,
-                 test_cameras: bool = True) -> DatasetSplits:
+                 test_cameras: bool = True, part: str = "all") -> DatasetSplits:
     """Read dataset `name` (one of DATASETS) from `root`; `cuhk03_labeled` only matters for cuhk03;
-    `test_cameras: False` lets the folder layout's test images have names without a camera (camid -1)."""
+    `test_cameras: False` lets the folder layout's test images have names without a camera (camid -1).
+    `part`: "train" (an extra training set) or "test" (evaluation) reads and requires only that part of
+    the `folder` and `list` layouts, so one's own test set needs no training images; the public datasets,
+    which always have both, are read whole."""
+    if part not in PARTS:
+        raise ValueError(f"part is {part!r}; one of {PARTS}")
     if name not in DATASETS:
         close = difflib.get_close_matches(str(name), DATASETS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
@@ -211,8 +219,8 @@ def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = F
     if name == "msmt17":
         return _read_msmt17(root)
     if name == "list":
-        return _read_lists(root, test_cameras)
-    return _read_folder(root, test_cameras)
+        return _read_lists(root, test_cameras, part)
+    return _read_folder(root, test_cameras, part)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,19 +482,23 @@ def _read_list_file(path: Path, root: Path, is_train: bool, cameras: bool) -> li
     return records
 
 
-def _read_lists(root: Path, test_cameras: bool = True) -> DatasetSplits:
+def _read_lists(root: Path, test_cameras: bool = True, part: str = "all") -> DatasetSplits:
     """`list`: data_root holds train.txt and, for testing, query.txt and gallery.txt (multi_query.txt
-    optional), one image per line."""
-    if not (root / LIST_FILES["train"]).is_file():
+    optional), one image per line; `part` as read_dataset's."""
+    if part != "test" and not (root / LIST_FILES["train"]).is_file():
         raise UserError(f"list: no {LIST_FILES['train']} in {root}; it lists the training images, one "
                         "'<image path> <pid> [<camera>]' per line (see docs/data.md)")
+    if part == "test" and not any((root / LIST_FILES[s]).is_file() for s in ("query", "gallery")):
+        raise UserError(f"list: no {LIST_FILES['query']} nor {LIST_FILES['gallery']} in {root}; they list the "
+                        "test images, one '<image path> <pid> [<camera>]' per line (see docs/data.md)")
 
     def read(split: str) -> list[Record] | None:
         path = root / LIST_FILES[split]
-        return _read_list_file(path, root, split == "train", test_cameras) if path.is_file() else None
+        wanted = part == "all" or (split == "train") == (part == "train")
+        return _read_list_file(path, root, split == "train", test_cameras) if wanted and path.is_file() else None
 
     train = [r for r in read("train") or [] if r.pid != JUNK_PID]
-    if not train:
+    if not train and part != "test":
         raise UserError(f"list: {root / LIST_FILES['train']} names no training image")
     return DatasetSplits("list", str(root), train, read("query") or [], read("gallery") or [], read("multi_query"))
 
@@ -602,14 +614,20 @@ def _read_identity_split(root: Path, split: str, is_train: bool, cameras: bool =
     return records
 
 
-def _read_folder(root: Path, test_cameras: bool = True) -> DatasetSplits:
-    folder = _locate(_FOLDER, root)
+def _read_folder(root: Path, test_cameras: bool = True, part: str = "all") -> DatasetSplits:
+    """The per-identity layout (prepare.py's); `part` as read_dataset's: a test set alone is a folder with
+    query/ and gallery/."""
+    if part == "test" and not (root / "train_all").is_dir() and (root / "query").is_dir():
+        folder = root
+    else:
+        folder = _locate(_FOLDER, root)
 
     def optional(split: str) -> list[Record] | None:
-        return _read_identity_split(folder, split, False, test_cameras) if (folder / split).is_dir() else None
+        wanted = part != "train" and (folder / split).is_dir()
+        return _read_identity_split(folder, split, False, test_cameras) if wanted else None
 
-    train = [r for r in _read_identity_split(folder, "train_all", True) if r.pid != JUNK_PID]
-    if not train:
+    train = [] if part == "test" else [r for r in _read_identity_split(folder, "train_all", True) if r.pid != JUNK_PID]
+    if not train and part != "test":
         raise UserError(f"folder: no training images in {folder / 'train_all'}; "
                         "put each identity's images in train_all/<ID>/")
     return DatasetSplits(

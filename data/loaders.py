@@ -375,11 +375,12 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
         splits.name = "synthetic"
     else:
         splits = read_dataset(name, cfg["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"],
-                              test_cameras=cfg["cross_camera"])
+                              test_cameras=cfg["cross_camera"], part="test" if evaluation_only else "all")
     if not cfg["cross_camera"]:
         every_match_counts(splits)
     if cfg["skip_corrupt_images"]:
-        splits.train = drop_unreadable(splits.train, "the training split")
+        if not evaluation_only:
+            splits.train = drop_unreadable(splits.train, "the training split")
         splits.query = drop_unreadable(splits.query, "the query split")
         splits.gallery = drop_unreadable(splits.gallery, "the gallery split")
         if splits.multi_query is not None:
@@ -416,7 +417,8 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
         same_ids = entry.get("same_ids", False)
         if not isinstance(same_ids, bool):
             raise UserError(f"{where}: same_ids is {same_ids!r}: use true or false")
-        extra = read_dataset(entry["dataset"], entry["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"]).train
+        extra = read_dataset(entry["dataset"], entry["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"],
+                             part="train").train
         if cfg["skip_corrupt_images"]:
             extra = drop_unreadable(extra, f"{where}'s training split")
         if not extra:

@@ -468,6 +468,41 @@ def test_folder_train_only_and_named_identities(tmp_path):
     assert data.num_classes == 2
 
 
+def test_a_test_set_alone_and_a_training_set_alone(tmp_path):
+    """Evaluation reads only the test part of one's own data (no training images needed); an extra training
+    set only its training part (its test folders may hold anything)."""
+    mine = tmp_path / "mine"
+    make_files(mine / "query", ["0001/0001_c1_a.jpg"])
+    make_files(mine / "gallery", ["0001/0001_c2_b.jpg", "0002/0002_c1_c.jpg"])
+    assert "no train_all/" in error_of(read_dataset, "folder", mine)
+    data = read_dataset("folder", mine, part="test")
+    assert data.train == [] and len(data.query) == 1 and len(data.gallery) == 2
+    from data.loaders import load_splits  # test.py's reading: the test part only
+    from utils import load_config
+
+    cfg = load_config(None, ["dataset=folder", f"data_root={mine}"])
+    assert len(load_splits(cfg, evaluation_only=True).gallery) == 2
+    make_files(mine / "train_all", ["0005/x.jpg"])
+    make_files(mine / "query", ["person_7/y.jpg"])  # not read as training data
+    assert key(read_dataset("folder", mine, part="train").train) == [("x.jpg", 5, -1)]
+    assert "integer" in error_of(read_dataset, "folder", mine)
+
+    lists = tmp_path / "lists"
+    for name in ("a.jpg", "b.jpg"):
+        make_image(lists / name)
+    (lists / "query.txt").write_text("a.jpg 1 1\n")
+    (lists / "gallery.txt").write_text("b.jpg 1 2\n")
+    assert "no train.txt" in error_of(read_dataset, "list", lists)
+    data = read_dataset("list", lists, part="test")
+    assert data.train == [] and [r.pid for r in data.query + data.gallery] == [1, 1]
+    (lists / "train.txt").write_text("a.jpg 3\n")
+    (lists / "gallery.txt").write_text("missing.jpg 1 2\n")
+    assert [r.pid for r in read_dataset("list", lists, part="train").train] == [3]
+    assert "do not exist" in error_of(read_dataset, "list", lists)
+    (lists / "query.txt").unlink(), (lists / "gallery.txt").unlink()
+    assert "no query.txt nor gallery.txt" in error_of(read_dataset, "list", lists, part="test")
+
+
 def test_folder_errors(tmp_path):
     assert "no train_all/ under" in error_of(read_dataset, "folder", tmp_path)
 
