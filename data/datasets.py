@@ -71,7 +71,7 @@ import numpy as np
 from utils import UserError
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "list")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 JUNK_PID = -1
 DISTRACTOR_PID = 0
@@ -605,6 +605,10 @@ def _read_identity_split(root: Path, split: str, is_train: bool, cameras: bool =
     folders = _identity_folders(split_dir)
     records = []
     for folder, pid in zip(folders, _folder_pids(split_dir, folders, is_train), strict=True):
+        nested = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        if nested:  # its images would be left out without a word
+            raise UserError(f"folder: {folder / nested[0]} is a folder inside identity folder {split}/{folder.name}/; "
+                            f"put that identity's images directly in {split}/{folder.name}/ (sub-folders are not read)")
         for path in list_images(folder):
             camid = _camera_or_unknown(
                 os.path.basename(path), is_train, cameras, f"folder: cannot read the camera from file name {path}; "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -196,8 +197,13 @@ def test_summary_counts(tmp_path):
 
 def test_list_images_sorted_and_filtered(tmp_path):
     make_files(tmp_path, ["b.jpg", "a.PNG", "c.jpeg", "d.bmp", "Thumbs.db", ".DS_Store", "._a.jpg", "x.txt"])
+    for name in ("e.webp", "f.tif"):  # formats Pillow reads, which exports of one's own data use
+        Image.new("RGB", (4, 8), (9, 8, 7)).save(tmp_path / name)
     (tmp_path / "sub.jpg").mkdir()  # a folder with an image-like name is not an image
-    assert [os.path.basename(p) for p in list_images(tmp_path)] == ["a.PNG", "b.jpg", "c.jpeg", "d.bmp"]
+    found = list_images(tmp_path)
+    assert [os.path.basename(p) for p in found] == ["a.PNG", "b.jpg", "c.jpeg", "d.bmp", "e.webp", "f.tif"]
+    from data.loaders import read_image
+    assert read_image(found[-2]).size == read_image(found[-1]).size == (4, 8)
     assert all(p.startswith(str(tmp_path)) for p in list_images(tmp_path))
     assert "no folder" in error_of(list_images, tmp_path / "missing")
 
@@ -524,6 +530,10 @@ def test_folder_errors(tmp_path):
     assert "same identity 1" in error_of(read_dataset, "folder", tmp_path)
     (tmp_path / "train_all" / "1" / "0001_c2s1_000001_00.jpg").unlink()
     (tmp_path / "train_all" / "1").rmdir()
+
+    make_files(tmp_path / "train_all", ["0001/cam2/0001_c2s1_000001_00.jpg"])  # would be left out unread
+    assert "train_all/0001/cam2 is a folder inside identity folder" in error_of(read_dataset, "folder", tmp_path)
+    shutil.rmtree(tmp_path / "train_all" / "0001" / "cam2")
 
     make_files(tmp_path / "train_all", ["-1/x.jpg"])
     os.remove(tmp_path / "train_all" / "0001" / "0001_c1s1_000001_00.jpg")
