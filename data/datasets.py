@@ -445,7 +445,7 @@ def _msmt_camera(path: str) -> int:
 
 def _read_msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text_lines(list_file), 1):
         if not line.strip():
             continue
         fields = line.split()
@@ -462,22 +462,35 @@ def _read_msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
 LIST_FILES = {"train": "train.txt", "query": "query.txt", "gallery": "gallery.txt", "multi_query": "multi_query.txt"}
 
 
+# `<image path> <pid> [<camera>]`: the numbers are read from the right, so a path may hold spaces
+_LIST_LINE = re.compile(r"(?P<path>\S.*?)\s+(?P<pid>-?\d+)(?:\s+(?P<camera>-?\d+))?")
+
+
+def _text_lines(path: Path) -> list[str]:
+    """A list file's lines: UTF-8, with or without the byte-order mark spreadsheets write."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (UTF-16, as Windows PowerShell's > writes?): save it as "
+                        "UTF-8") from None
+
+
 def _read_list_file(path: Path, root: Path, is_train: bool, cameras: bool) -> list[Record]:
     """`<image path> <pid> [<camera>]` per line (paths relative to the list's folder, or absolute); without a
     camera field, the camera is read from the file name as for `folder`."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text_lines(path), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = line.split()
-        if len(fields) not in (2, 3) or not all(re.fullmatch(r"-?\d+", f) for f in fields[1:]):
+        fields = _LIST_LINE.fullmatch(line.strip())
+        if fields is None:
             raise UserError(f"list: line {number} of {path} is {line.strip()!r}; expected '<image path> <pid> "
                             "[<camera>]' (integers; pid -1 junk, 0 distractor)")
-        image = root / fields[0]
-        camid = int(fields[2]) if len(fields) == 3 else _camera_or_unknown(
+        image = root / fields["path"]
+        camid = int(fields["camera"]) if fields["camera"] else _camera_or_unknown(
             image.name, is_train, cameras, f"list: line {number} of {path} gives no camera and {image.name} has "
             "none in its name; add a third field (the camera)")
-        records.append(Record(str(image), int(fields[1]), camid))
+        records.append(Record(str(image), int(fields["pid"]), camid))
     _check_exist(records, str(path), "list", f"paths are relative to {root}")
     return records
 

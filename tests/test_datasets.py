@@ -717,3 +717,10 @@ def test_list_files_read_as_the_folders_they_list(tmp_path):
     (root / "query.txt").write_text("x.jpg three\n")
     assert "expected '<image path> <pid> [<camera>]'" in error_of(read_dataset, "list", root)
     assert "no train.txt" in error_of(read_dataset, "list", tmp_path)
+    # spaces in paths (the numbers are read from the right); a spreadsheet's byte-order mark; UTF-16 refused
+    make_image(root / "my imgs" / "a b.jpg")
+    (root / "query.txt").write_text("my imgs/a b.jpg 3 1\nmy imgs/a b.jpg\t3\n", encoding="utf-8-sig")
+    assert [(r.path, r.pid, r.camid) for r in read_dataset("list", root, test_cameras=False).query] == [
+        (str(root / "my imgs" / "a b.jpg"), 3, 1), (str(root / "my imgs" / "a b.jpg"), 3, -1)]
+    (root / "query.txt").write_text("my imgs/a b.jpg 3 1\n", encoding="utf-16")
+    assert "query.txt is not UTF-8 text" in error_of(read_dataset, "list", root)
