@@ -233,6 +233,9 @@ def test_hold_out_validation_identities():
     assert again.val_query == splits.val_query
     with pytest.raises(UserError, match="lower val_ids"):
         hold_out_validation(DatasetSplits("t", "/x", list(records), [], []), 7, seed=0)
+    no_cameras = [r._replace(camid=-1) for r in records]  # one's own data named without cameras
+    with pytest.raises(UserError, match="no training image has a camera in its name.*set val_ids: 0"):
+        hold_out_validation(DatasetSplits("t", "/x", no_cameras, [], []), 2, seed=0)
 
 
 def test_hold_out_validation_every_query_has_a_match_in_another_camera():
