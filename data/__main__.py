@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from data.loaders import load_splits
-from utils import UserError, load_config, one_line
+from utils import UserError, load_config, one_line, plain_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,4 +24,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -95,6 +95,8 @@ class DatasetSplits:
     # held-out training identities for validation during training (`val_ids`): never trained on
     val_query: list[Record] = field(default_factory=list)
     val_gallery: list[Record] = field(default_factory=list)
+    every_match: bool = False  # cross_camera false: the test cameras are stand-ins (loaders.every_match_counts)
+    extra_sets: list[str] = field(default_factory=list)  # extra_train's sets, described, already in `train`
 
     @property
     def train_pids(self) -> list[int]:
@@ -124,7 +126,11 @@ class DatasetSplits:
         lines = [f"{self.title} at {self.root}"]
         if self.val_query:
             splits += [("val query", self.val_query), ("val gallery", self.val_gallery)]
-        lines += [_split_line(label, records, label == "train") for label, records in splits]
+        lines += [_split_line(label, records, label == "train", cameras=label == "train" or not self.every_match)
+                  for label, records in splits]
+        lines += [f"  (train includes {extra})" for extra in self.extra_sets]
+        if self.every_match:
+            lines.append("  cross_camera false: every match counts, whatever the cameras")
         return "\n".join(lines)
 
 
@@ -166,19 +172,20 @@ def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
     splits.train = [r for r in splits.train if r.pid not in held]
 
 
-def _split_line(label: str, records: list[Record], is_train: bool) -> str:
+def _split_line(label: str, records: list[Record], is_train: bool, cameras: bool = True) -> str:
     # In training pid 0 is an ordinary class (see _read_folder); in test splits it is a distractor.
     special = {JUNK_PID} if is_train else {JUNK_PID, DISTRACTOR_PID}
     ids = len({r.pid for r in records} - special)
-    cams = len({r.camid for r in records} - {-1})
-    line = f"  {label:<12}{len(records):>7} images {ids:>6} identities {cams:>3} cameras"
+    line = f"  {label:<12}{len(records):>7} images {ids:>6} identities"
+    if cameras:
+        line += f" {len({r.camid for r in records} - {-1}):>3} cameras"
     extra = []
     if not is_train:
         if n := sum(r.pid == DISTRACTOR_PID for r in records):
             extra.append(f"{n} distractor")
         if n := sum(r.pid == JUNK_PID for r in records):
             extra.append(f"{n} junk")
-    if n := sum(r.camid == -1 for r in records):
+    if cameras and (n := sum(r.camid == -1 for r in records)):
         extra.append(f"{n} without camera")
     return line + (f" ({', '.join(extra)})" if extra else "")
 

@@ -433,6 +433,8 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
             rank = {pid: first + k for k, pid in enumerate(sorted({r.pid for r in extra}))}
             extra = [r._replace(pid=rank[r.pid]) for r in extra]
         splits.train = splits.train + extra
+        splits.extra_sets.append(f"{where}: {len(extra)} images, {len({r.pid for r in extra})} identities of "
+                                 f"{entry['dataset']} at {entry['data_root']}")
 
 
 def every_match_counts(splits: DatasetSplits) -> None:
@@ -454,6 +456,7 @@ def every_match_counts(splits: DatasetSplits) -> None:
     splits.query = [r._replace(camid=camid) for camid, r in enumerate(splits.query, 1)]
     splits.gallery = [r._replace(camid=camera(r)) for r in splits.gallery]
     splits.multi_query = None
+    splits.every_match = True
     copies = sum(r.camid > 0 for r in splits.gallery)
     if copies:
         print(f"cross_camera false: {copies} gallery image(s) are copies of a query's own image, ignored for "

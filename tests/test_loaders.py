@@ -366,6 +366,8 @@ def test_own_test_data_without_cameras_counts_every_match(tmp_path):
         load_splits(config(root, "dataset=folder"))
     splits = load_splits(config(root, "dataset=folder", "cross_camera=false"))
     assert [r.camid for r in splits.query] == [1] and {r.camid for r in splits.gallery} == {0}
+    summary = splits.summary().splitlines()  # the stand-in cameras are not counted as cameras
+    assert "cameras" not in summary[2] and "cameras" not in summary[3] and "every match counts" in summary[-1]
     assert sorted(r.pid for r in splits.gallery) == [-1, 1, 2]  # junk stays junk
     # a query's own file in the gallery is ignored for that query alone; every other match counts
     from evaluate import evaluate_distmat
@@ -403,6 +405,8 @@ def test_extra_training_sets_join_the_training_split(market, tmp_path):
     assert same.train_labels[len(base.train):] == list(range(base.num_classes))  # the same people's labels
     new = load_splits(config(market, f"extra_train=[{{dataset: folder, data_root: {extra}}}]"))
     assert new.num_classes == 2 * base.num_classes
+    n = len(TRAIN_COUNTS)
+    assert f"(train includes extra_train[0]: {n} images, {n} identities of folder at {extra})" in new.summary()
     strangers = tmp_path / "others"  # same_ids: true for people the main set does not have: a warning
     make_files(strangers / "train_all", ["0042/0042_c1s1_000001_00.jpg"])
     with pytest.warns(UserWarning, match="1 of its identities are not in the main training split"):
