@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -47,10 +48,21 @@ def read_image(path: str) -> Image.Image:
     """Open an image as RGB, or raise UserError naming the file."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): convert() would clip it to white
+                return _eight_bit(img).convert("RGB")
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path} ({err}); remove or replace it (in a dataset's splits, "
                         "skip_corrupt_images: true skips unreadable files)") from None
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits: 16-bit when its mode says so or a value
+    passes 255 (Pillow opens some 16-bit files as 32-bit), else as it is."""
+    grey = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or grey.max(initial=0) > 255:
+        grey = grey / 257
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
 
 
 def _is_readable(path: str) -> bool:

@@ -25,6 +25,7 @@ from data.loaders import (
     close_loaders,
     dead_worker,
     load_splits,
+    read_image,
 )
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_erasing, train_transform
 from utils import REPO_ROOT, UserError, load_config
@@ -198,6 +199,14 @@ def test_random_erasing_area_and_fill():
     assert all(0.0 < f <= 0.45 for f in fractions)
     assert torch.equal(random_erasing(x, 0.0, torch.Generator()), x)
     assert torch.equal(x, torch.ones(3, 64, 32))  # the input is never modified in place
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (some cameras' exports) keeps its shades; Pillow's plain conversion makes it white."""
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(tmp_path / "grey16.png")
+    rgb = np.asarray(read_image(str(tmp_path / "grey16.png")))
+    assert rgb.shape == (8, 8, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == round(63000 / 257)
+    assert len(np.unique(rgb)) == 64
 
 
 def test_corrupt_image_is_named_or_skipped(market):
