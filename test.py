@@ -424,6 +424,8 @@ class Predictor:
 
 def _folder_images(folder: str, what: str) -> list[str]:
     """Image files in `folder` and its subfolders (per-identity layouts), sorted."""
+    if Path(folder).is_file():
+        raise UserError(f"--{what} {folder} is a file: give the folder that holds the {what} images")
     if not Path(folder).is_dir():
         raise UserError(f"--{what} {folder}: no such folder")
     paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p.name))

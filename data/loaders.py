@@ -402,6 +402,9 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
     if not splits.train:
         raise UserError(f"{name}: the training split under {cfg['data_root']} is empty")
     add_extra_training(splits, cfg)
+    if splits.num_classes < 2:  # a classifier of one class learns nothing (loss 0 from the start)
+        raise UserError(f"{name}: the training split under {cfg['data_root']} has 1 identity; re-ID training needs "
+                        "at least 2 (check that each identity's images are in a folder of their own)")
     expected = cfg["ID_class"]
     if expected is not None and expected != splits.num_classes:
         raise UserError(f"ID_class is {expected} but the training split under {cfg['data_root']} has "

@@ -509,6 +509,15 @@ def test_a_test_set_alone_and_a_training_set_alone(tmp_path):
     assert "no query.txt nor gallery.txt" in error_of(read_dataset, "list", lists, part="test")
 
 
+def test_one_identity_does_not_train(tmp_path):
+    from data.loaders import load_splits
+    from utils import load_config
+
+    make_files(tmp_path / "train_all", ["0001/a.jpg", "0001/b.jpg"])  # e.g. every image in one folder
+    cfg = load_config(None, ["dataset=folder", f"data_root={tmp_path}", "ID_class=null", "val_ids=0"])
+    assert "has 1 identity; re-ID training needs at least 2" in error_of(load_splits, cfg)
+
+
 def test_folder_errors(tmp_path):
     assert "no train_all/ under" in error_of(read_dataset, "folder", tmp_path)
 

@@ -264,6 +264,7 @@ def test_evaluate_model_for_validation(tiny_run):
     (("--which_iter", "7"), "checkpoint"),
     (("--config", "missing.yaml"), "no such file"),
     (("--query", "nowhere", "--gallery", "nowhere"), "no such folder"),
+    (("--query", "README.md", "--gallery", "."), "README.md is a file"),
     (("--query", "."), "both --query"),
     (("--ranklist", "-1"), "--ranklist"),
     (("--alpha", "0.5,-2"), "--alpha must be"),
