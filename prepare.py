@@ -128,6 +128,10 @@ def prepare(dataset: str, src: str | os.PathLike, dst: str | os.PathLike, *, cop
         data = read_dataset(dataset, src, cuhk03_labeled=cuhk03_labeled, test_cameras=False)
     except UserError as error:  # the readers name the config's keys; here the same settings are options
         message = str(error).replace("data_root", "--src").replace("data root", "--src")
+        # a folder prepare.py wrote already: nothing to prepare, and the config reads it as it is
+        message = message.replace("set dataset: folder to read it, or --src to the raw dataset",
+                                  "it is prepared already (a config reads it with dataset: folder), or set --src to "
+                                  "the raw dataset")
         raise UserError(message.replace("cuhk03_labeled", "--cuhk03-labeled")) from None
     dst = Path(os.path.abspath(os.path.expanduser(dst)))
     if dst.exists() and not dst.is_dir():

@@ -22,7 +22,8 @@ images of its identity and camera. `--aqe` expands queries and gallery with thei
 
 Written to outputs/<name>/results/: <iteration>.json (the metrics), features_<iteration>.npz and
 pytorch_result.mat (the original's layout, unweighted features; _noflip, _ms<scales> in their names when
-extracted so), ranklist_<iteration>[<options>]/ (with --ranklist) and search.json (with --query/--gallery),
+extracted so), ranklist_<iteration>[<options>]/ (with --ranklist),
+search_<iteration>_<query folder>-in-<gallery folder>[<options>].json (with --query/--gallery),
 <iteration>_onnx[<options>].json (with --onnx).
 """
 from __future__ import annotations
@@ -443,16 +444,25 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
     if args.multi or args.rerank or args.aqe or args.roc or args.ranklist:
         raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe, --roc and --ranklist "
-                        "(they are for evaluation on a dataset; search.json lists each query's top --topk)")
+                        "(they are for evaluation on a dataset; a search's JSON lists each query's top --topk)")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
-    predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, scales=args.ms,
-                                   alpha=args.alpha, batch_size=args.batch_size)
+    state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(state, cfg, device)
+    predictor = Predictor(model, cfg, device, flip=args.flip, scales=args.ms, alpha=args.alpha,
+                          batch_size=args.batch_size)
     results = predictor.search(query, gallery, args.topk, label=True)
-    out = run_folder(args.output_path, args.name) / "results" / "search.json"
+    # Named by what it searched, so another search is written beside it, never over it
+    folders = "-in-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(f).resolve().name)
+                          for f in (args.query, args.gallery))
+    alpha = f"_alpha{args.alpha:g}" if has_halves(model) and args.alpha != 0.5 else ""
+    out = run_dir / "results" / f"search_{state['iteration']:08d}_{folders}{extraction_suffix(args)}{alpha}.json"
 
     def write() -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "topk": args.topk,
+        out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "iteration": state["iteration"],
+                                   "topk": args.topk, "flip": args.flip, "ms": args.ms,
+                                   **({"alpha": args.alpha} if has_halves(model) else {}),
                                    "results": results}, indent=2) + "\n")
         return [out]
 

@@ -702,6 +702,15 @@ def test_prepare_cli(tmp_path):
     assert prepare.main([*args, str(src / "query" / MARKET_QUERY[0])]) == 2  # --dst is a file
 
 
+def test_prepare_on_a_prepared_folder_says_so(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prepare.main(["--dataset", "market1501", "--src", str(make_market(tmp_path / "Market")), "--dst",
+                         str(out)]) == 0
+    assert prepare.main(["--dataset", "market1501", "--src", str(out), "--dst", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "it is prepared already (a config reads it with dataset: folder)" in err and "set dataset" not in err
+
+
 def test_list_files_read_as_the_folders_they_list(tmp_path):
     market = read_dataset("market1501", make_market(tmp_path / "Market-1501-v15.09.15"))
     root = tmp_path / "lists"

@@ -232,7 +232,9 @@ def test_multi_query_features_average_identity_and_camera():
 def test_search_command_and_predictor(tiny_run, capsys):
     query_dir = tiny_run[1] / "query"
     assert run_test(tiny_run, "--query", str(query_dir), "--gallery", str(query_dir), "--topk", "2") == 0
-    found = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "search.json").read_text())
+    found = json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / "search_00000002_query-in-query.json"
+                        ).read_text())
+    assert found["iteration"] == 2 and found["flip"] and found["alpha"] == 0.5
     queries = sorted(str(p) for p in query_dir.glob("*.jpg"))
     assert [r["query"] for r in found["results"]] == queries
     assert all(len(r["matches"]) == 2 for r in found["results"])
