@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from utils import UserError, one_line, plain_warnings
 
 STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a coordinated, saved stop
 CRASH_GRACE_S = 10.0  # after one worker fails, how long the others get to finish before they are killed
+ABORT_GRACE_S = 5.0  # after a second Ctrl-C, how long the workers get to abort before they are killed
+STOP_NOTE_S = 20.0  # after a first Ctrl-C, when to say that the workers have not stopped yet
+LAUNCHER_GONE_GRACE_S = 120.0  # a worker whose launcher died, blocked in a collective, exits after this
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
@@ -330,21 +334,28 @@ def run(args: argparse.Namespace, target: str) -> int:
 def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
     """Spawn this machine's workers, forward signals to them, and stop them all when one fails."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned, args=(plan, local, os.getpid(), args, target), name=f"rank{local}")
+    ready = [ctx.Event() for _ in range(plan.nproc)]  # set once a worker's process group is formed
+    procs = [ctx.Process(target=_spawned, args=(plan, local, os.getpid(), args, target, ready[local]),
+                         name=f"rank{plan.machine_rank * plan.nproc + local}")
              for local in range(plan.nproc)]
-    forwarded: list[int] = []
+    forwarded: list[tuple[int, float]] = []
 
     def forward(signum: int, frame: Any) -> None:
-        forwarded.append(signum)
+        forwarded.append((signum, time.monotonic()))
+        if not all(r.is_set() for r in ready):  # nothing to save yet: _supervise kills them, without a traceback
+            return
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if plan.num_machines > 1:
+        print(f"machine {plan.machine_rank} of {plan.num_machines}: training starts when every machine has joined "
+              f"at {plan.dist_url} (each runs this command with its own --machine_rank)", flush=True)
     try:
         for p in procs:
             p.start()
-        return _supervise(procs, plan)
+        return _supervise(procs, plan, forwarded, ready)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -354,11 +365,18 @@ def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
             p.join()
 
 
-def _supervise(procs: list[mp.Process], plan: Plan) -> int:
+def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, float]] | None = None,
+               ready: list[Any] | None = None) -> int:
     """Wait for the workers. When one fails, the others get CRASH_GRACE_S to finish (they usually fail
-    with it, or stop together on a NaN); one still running then is blocked in a collective and is killed."""
+    with it, or stop together on a NaN); one still running then is blocked in a collective and is killed.
+
+    A stop signal (`forwarded`: signal, time) reaches workers that may be blocked in C++ (waiting for another
+    machine to join, or in a collective with a frozen one), where Python's signal handlers do not run: a
+    signal before every worker joined its group kills them (nothing to save yet), and so does a second one
+    that has not ended them within ABORT_GRACE_S."""
+    forwarded = [] if forwarded is None else forwarded
     failed_at: float | None = None
-    killed = False
+    killed, noted = False, False
     while any(p.is_alive() for p in procs):
         connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
         for local, p in enumerate(procs):
@@ -368,24 +386,51 @@ def _supervise(procs: list[mp.Process], plan: Plan) -> int:
             failed_at = time.monotonic()
             if code not in (2, 3):  # 2 and 3 (bad input, NaN) have printed their own message
                 rank = plan.machine_rank * plan.nproc + local
-                print(f"error: process {rank} failed (exit code {code}); stopping the others", file=sys.stderr,
-                      flush=True)
-        if failed_at is not None and time.monotonic() - failed_at > CRASH_GRACE_S:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()  # blocked in a collective with the failed process: only a kill frees it
-                    killed = True
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                print(f"error: process {rank} failed ({how}); stopping the others", file=sys.stderr, flush=True)
+        now = time.monotonic()
+        if failed_at is not None and now - failed_at > CRASH_GRACE_S:
+            killed = _kill_alive(procs) or killed  # blocked in a collective with the failed process
+        if forwarded and any(p.is_alive() for p in procs):
+            joined = ready is None or all(r.is_set() for r in ready)
+            if not joined:
+                _kill_alive(procs)
+                print("stopped before every process joined the run (waiting for another machine?); nothing was "
+                      "trained or saved", file=sys.stderr, flush=True)
+                return 128 + forwarded[0][0]
+            if len(forwarded) >= 2 and now - forwarded[1][1] > ABORT_GRACE_S:
+                _kill_alive(procs)
+                print("aborted: the processes did not stop (blocked waiting for another machine?); killed; resume "
+                      "from the newest checkpoint", file=sys.stderr, flush=True)
+                return 128 + forwarded[1][0]
+            if not noted and now - forwarded[0][1] > STOP_NOTE_S:
+                noted = True
+                print("still stopping: the processes finish their iteration and save together (a machine that is "
+                      "gone or frozen holds them); Ctrl-C again to abort", file=sys.stderr, flush=True)
     if killed:
         print("error: stopped the processes that were still waiting for the failed one; resume from the "
               "newest checkpoint", file=sys.stderr, flush=True)
-    codes = [p.exitcode for p in procs]
-    return codes[0] if codes[0] and codes[0] > 0 else next((c for c in codes if c and c > 0), 1 if killed else 0)
+    codes = [_exit_status(p.exitcode) for p in procs]
+    return codes[0] or next((c for c in codes if c), 1 if killed else 0)
 
 
-def _spawned(plan: Plan, local_rank: int, launcher_pid: int, args: argparse.Namespace, target: str) -> None:
+def _kill_alive(procs: list[mp.Process]) -> bool:
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    return bool(alive)
+
+
+def _exit_status(code: int | None) -> int:
+    """A worker's exit code as a shell reports it: a death by signal N is 128 + N (never 0)."""
+    return 128 - code if code is not None and code < 0 else (code or 0)
+
+
+def _spawned(plan: Plan, local_rank: int, launcher_pid: int, args: argparse.Namespace, target: str,
+             ready: Any = None) -> None:
     os.setpgrp()  # Ctrl-C on the terminal reaches the launcher only; it forwards one signal per press
-    threads = max(1, (os.cpu_count() or 1) // plan.nproc)
-    torch.set_num_threads(threads)  # the processes share this machine's cores
+    torch.set_num_threads(worker_threads(plan.nproc))
+    _exit_when_orphaned(launcher_pid)
 
     def make() -> Dist:
         rank = plan.machine_rank * plan.nproc + local_rank
@@ -395,10 +440,35 @@ def _spawned(plan: Plan, local_rank: int, launcher_pid: int, args: argparse.Name
         torch_dist.init_process_group(plan.backend, init_method=plan.dist_url, world_size=plan.world_size,
                                       rank=rank, timeout=COLLECTIVE_TIMEOUT,
                                       **({"device_id": device} if device.type == "cuda" else {}))
-        return _with_control(Dist(device=device, rank=rank, world_size=plan.world_size, local_rank=local_rank,
-                                  launcher_pid=launcher_pid))
+        d = _with_control(Dist(device=device, rank=rank, world_size=plan.world_size, local_rank=local_rank,
+                               launcher_pid=launcher_pid))
+        if ready is not None:
+            ready.set()
+        return d
 
     sys.exit(_worker_main(make, args, target))
+
+
+def worker_threads(nproc: int) -> int:
+    """CPU threads per worker: OMP_NUM_THREADS when set, else this machine's cores shared by its processes.
+    A CPU run's floating-point sums follow the thread count: a bit-exact resume needs the same per process."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // nproc)
+
+
+def _exit_when_orphaned(launcher_pid: int) -> None:
+    """A worker whose launcher died saves and stops at the end of its iteration (Dist.launcher_gone); one
+    blocked in a collective (another machine gone too) cannot, and would hold the port and the run folder:
+    it exits LAUNCHER_GONE_GRACE_S after."""
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(2.0)
+        time.sleep(LAUNCHER_GONE_GRACE_S)
+        print(f"error (process {os.getpid()}): the launcher is gone and this process is blocked; exiting (resume "
+              "from the newest checkpoint)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _torchrun_dist() -> Dist:
@@ -420,7 +490,13 @@ def _with_control(d: Dist) -> Dist:
 
 def _worker_main(make: Callable[[], Dist], args: argparse.Namespace, target: str) -> int:
     plain_warnings()  # a started process runs no command's entry point
-    d = make()
+    try:
+        d = make()
+    except getattr(torch_dist, "DistError", RuntimeError) as err:  # e.g. the rendezvous timed out
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: the run's processes could not join ({first[:200]}); start every machine with the same "
+              f"--num_machines and --dist_url, within {COLLECTIVE_TIMEOUT} of each other", file=sys.stderr, flush=True)
+        return 2
     try:
         return _call(target, args, d)
     finally:

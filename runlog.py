@@ -148,7 +148,8 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
             "command": " ".join(sys.argv), "host": socket.gethostname(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "device": str(device), "gpu": gpu, "world_size": world_size, "git_commit": _git_commit()}
+            "device": str(device), "gpu": gpu, "world_size": world_size, "threads": torch.get_num_threads(),
+            "git_commit": _git_commit()}
 
 
 def record_start(path: Path, iteration: int, device: torch.device, world_size: int) -> None:

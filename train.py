@@ -669,6 +669,42 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     return name, run_dir, cfg, splits, state, kind, trainer, loaders, changes
 
 
+def resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues this run, with its processes and machines as it was started."""
+    command = f"python train.py --resume --name {name}"
+    for option in ("output_path", "gpu_ids", "nproc_per_machine", "num_machines", "machine_rank", "dist_url"):
+        value = getattr(args, option, None)
+        shown = {"output_path": ".", "num_machines": 1}.get(option)
+        if value is not None and value != shown and not (option == "machine_rank" and args.num_machines == 1):
+            command += f" --{option} {value}"
+    if args.num_machines > 1:
+        command += " (on every machine, each with its own --machine_rank)"
+    return command
+
+
+def run_fingerprint(name: str, run_dir: Path, cfg: dict[str, Any], splits: Any, state: dict[str, Any] | None,
+                    kind: str) -> dict[str, Any]:
+    """What every process of a run must share: its kind, name, starting iteration and settings. Paths that
+    name the same files through each machine's own mount (data_root, extra_train's) are left out; the
+    teacher and pretrained weights count by file name (each process pinned them itself: a teacher run that
+    saved a checkpoint meanwhile would give them different weights)."""
+    settings = {k: v for k, v in flatten(cfg).items() if k not in ("data_root", "extra_train", "teacher", "pretrained")}
+    return {"kind": kind, "run": name, "start": state["iteration"] if state else 0,
+            "training images": len(splits.train), **settings,
+            **{k: Path(str(cfg[k])).name for k in ("teacher", "pretrained")}}
+
+
+def fingerprint_mismatch(fingerprints: list[dict[str, Any]]) -> str | None:
+    """One line naming what the first process that differs from process 0 has otherwise; None if all agree."""
+    for rank, theirs in enumerate(fingerprints[1:], 1):
+        differ = [k for k in dict.fromkeys([*fingerprints[0], *theirs]) if fingerprints[0].get(k) != theirs.get(k)]
+        if differ:
+            shown = ", ".join(f"{k} {theirs.get(k)!r} (process 0: {fingerprints[0].get(k)!r})" for k in differ[:3])
+            return (f"process {rank} runs other settings than process 0: {shown}; every machine must run the same "
+                    "command and config, but for --machine_rank")
+    return None
+
+
 def supersede_newer(run_dir: Path, start: int) -> None:
     """Resuming from an older checkpoint: the newer ones belong to the abandoned continuation. They move to
     checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again."""
@@ -708,15 +744,13 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         setup_error, prepared = None, setup(args, dist, lock)
     except UserError as err:
         setup_error, prepared = err, None
-    # Ranks agree before the first collective of the model: a bad input stops every one of them. Each pinned
-    # the teacher itself: a teacher run that saved a checkpoint meanwhile would give them different weights
-    # (compared by file name: machines may mount the shared folder at different paths).
-    weights = None if prepared is None else tuple(Path(str(prepared[2][k])).name for k in ("teacher", "pretrained"))
-    reports = dist.gather((None if setup_error is None else one_line(setup_error), weights))
+    # Ranks agree before the first collective of the model: a bad input stops every one of them, and so do
+    # settings that differ between machines (each ran its own command line), which would train wrongly or hang.
+    reports = dist.gather((None if setup_error is None else one_line(setup_error),
+                           None if prepared is None else run_fingerprint(*prepared[:6])))
     first = next((f for f, _ in reports if f is not None), None)
-    if first is None and len({w for _, w in reports}) > 1:
-        first = (f"the processes loaded different teacher or pretrained weights ({sorted({w for _, w in reports})}): "
-                 "the teacher's run saved a checkpoint while this run started; start it again")
+    if first is None:
+        first = fingerprint_mismatch([f for _, f in reports])
     if first is not None:
         raise distributed.SharedError(first)
     name, run_dir, cfg, splits, state, kind, trainer, loaders, changes = prepared
@@ -791,8 +825,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         captured = "; iterations replayed from CUDA graphs" if cfg["cuda_graph"] == "always" else ""
         print(f"{kind} on {splits.title} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
               f"run folder {run_dir}{captured}", flush=True)
-    resume_hint = f"python train.py --resume --name {name}" + (
-        f" --output_path {args.output_path}" if args.output_path != "." else "")
+    resume_hint = resume_command(args, name)
     trainer.train()
     losses: dict[str, torch.Tensor] = {}
     with StopRequest(quiet=not dist.is_main) as stop:
@@ -878,11 +911,25 @@ def as_user_error(err: RuntimeError | OSError, resume_hint: str) -> BaseExceptio
     died = worker_death(err)
     if died is not None:
         return UserError(died)
+    if peer_lost(err):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return UserError(f"the connection to another process of the run was lost ({first[:200]}): a machine or "
+                         f"process died or its network failed; once every machine is back, resume with: {resume_hint}")
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return UserError(f"{err.strerror or err}{where}; free space or fix the folder, then resume with: "
                          f"{resume_hint}")
     return err
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+             "Connection refused")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """A collective that failed because another process of the run is gone (gloo's and NCCL's words for it)."""
+    dist_error = getattr(torch.distributed, "DistError", None)  # torch 2.1+
+    return (dist_error is not None and isinstance(err, dist_error)) or any(p in str(err) for p in PEER_LOST)
 
 
 def evaluate_run(args: argparse.Namespace) -> int:

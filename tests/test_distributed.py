@@ -189,6 +189,61 @@ def test_plan_auto_port_and_world_size():
     assert machines.world_size == 6  # machine 1 does not bind machine 0's port
 
 
+def machines(tmp_path, data_root, name, per_machine=((), ())):
+    """Two machines on this one: a launcher per --machine_rank, each with one process and its own --opts."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [subprocess.Popen([sys.executable, "train.py", "--config", CONFIG, "--output_path", str(tmp_path), "--name",
+                              name, "--num_machines", "2", "--machine_rank", str(rank), "--nproc_per_machine", "1",
+                              "--dist_url", url, *opts(data_root, *extra)], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank, extra in enumerate(per_machine)]
+
+
+def test_machines_with_other_settings_stop_before_training(tmp_path, data_root):
+    procs = machines(tmp_path, data_root, "differ", (("max_iter=6",), ("max_iter=3",)))
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "process 1 runs other settings than process 0: max_iter 3 (process 0: 6)" in outputs[0][1]
+    assert "machine 0 of 2: training starts when every machine has joined" in outputs[0][0]
+    assert not (tmp_path / "outputs" / "differ").exists()
+
+
+def test_ctrl_c_while_waiting_for_another_machine_stops_at_once(tmp_path, data_root):
+    [alone] = machines(tmp_path, data_root, "alone", ((),))  # machine 1 never comes
+    try:
+        read_until(alone, lambda line: line.startswith("machine 0 of 2"), TIMEOUT, "the launcher's first line")
+        time.sleep(2)  # its worker is now blocked waiting in the rendezvous, where Python's handlers do not run
+        alone.send_signal(signal.SIGINT)
+        out, err = alone.communicate(timeout=60)
+    finally:
+        alone.kill()
+    assert alone.returncode == 128 + signal.SIGINT
+    assert "stopped before every process joined the run" in err and "Traceback" not in err
+
+
+def test_launcher_reports_and_helpers():
+    assert distributed_module._exit_status(-signal.SIGKILL) == 137 and distributed_module._exit_status(0) == 0
+    args = train.parse_args(["--num_machines", "2", "--machine_rank", "1", "--dist_url", "tcp://10.0.0.1:29500",
+                             "--output_path", "/runs"])
+    assert train.resume_command(args, "big") == ("python train.py --resume --name big --output_path /runs "
+                                                 "--num_machines 2 --machine_rank 1 --dist_url tcp://10.0.0.1:29500 "
+                                                 "(on every machine, each with its own --machine_rank)")
+    assert train.resume_command(train.parse_args([]), "one") == "python train.py --resume --name one"
+    same = {"kind": "DGNet", "run": "a", "start": 0, "batch_size": 8}
+    assert train.fingerprint_mismatch([same, dict(same)]) is None
+    assert "process 1 runs other settings than process 0: run 'b' (process 0: 'a')" in train.fingerprint_mismatch(
+        [same, {**same, "run": "b"}])
+    assert train.peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [1.2.3.4]"))
+    assert not train.peer_lost(RuntimeError("CUDA out of memory"))
+    message = str(train.as_user_error(RuntimeError("Connection reset by peer"), "python train.py --resume"))
+    assert "connection to another process of the run was lost" in message and "--resume" in message
+
+
 def _buffer_worker(rank: int, port: int, results, ddp_switch: dict) -> None:
     """One of two gloo ranks: a BatchNorm net whose running mean differs per rank, wrapped by Dist."""
     import distributed
