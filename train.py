@@ -654,7 +654,7 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     # Each process its own random stream (dropout, the re-encoding coin); the models start from rank 0's
     # weights, which DDP broadcasts.
     seed_everything(cfg["seed"] + dist.rank)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, say=dist.is_main)
     loaders = build_loaders(kind, cfg, splits, dist)
     # A resume's weights come from its checkpoint: the pretrained ones are neither needed nor read
     trainer = build_trainer(kind, {**cfg, "pretrained": "none"} if state else cfg, splits.num_classes, dist.device)

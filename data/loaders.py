@@ -15,6 +15,7 @@ and a checkpoint stores how many batches were taken, from which the loader resta
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import filecmp
 import gc
@@ -335,15 +336,42 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True) -> None:
+def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True, say: bool = True) -> None:
     """Generate the synthetic dataset into data_root the first time a config names it (with `generate`;
-    otherwise a missing one is an error: evaluation must not make up a dataset at a mistyped path)."""
+    otherwise a missing one is an error: evaluation must not make up a dataset at a mistyped path). The
+    processes of a run, and runs started together, take turns: one generates, the others then find it."""
+    root = Path(cfg["data_root"]).expanduser().absolute()
+    if generate and not (root / _synthetic().METADATA_FILE).is_file() and root.parent.is_dir():
+        with _exclusive(root.parent / f".{root.name}.generating"):
+            _check_or_generate_synthetic(cfg, root, generate, say)
+    else:
+        _check_or_generate_synthetic(cfg, root, generate, say)
+
+
+def _synthetic() -> Any:
     from data import synthetic  # imported here: only synthetic configs need the generator
 
-    root = Path(cfg["data_root"]).expanduser().absolute()
+    return synthetic
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on a file, held for the block (other processes wait for it)."""
+    import fcntl
+
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_or_generate_synthetic(cfg: dict[str, Any], root: Path, generate: bool, say: bool) -> None:
+    synthetic = _synthetic()
     if (root / synthetic.METADATA_FILE).is_file():
         # A dataset once generated is used as it is: say so when the config's `synthetic:` asks for another
-        differs = synthetic.differences(root, **cfg["synthetic"]) if generate else ""
+        differs = synthetic.differences(root, **cfg["synthetic"]) if generate and say else ""
         if differs:
             print(f"note: data_root {root} holds a synthetic dataset made with other parameters ({differs}); "
                   "training uses it as it is; set data_root to a new folder to generate the config's", flush=True)
@@ -368,8 +396,9 @@ def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True) -> None:
                        width=s["width"], difficulty=s["difficulty"], seed=s["seed"], test_ids=s["test_ids"])
 
 
-def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSplits:
-    """Read the dataset a config names (generating the synthetic one if needed) and check it.
+def load_splits(cfg: dict[str, Any], evaluation_only: bool = False, say: bool = True) -> DatasetSplits:
+    """Read the dataset a config names (generating the synthetic one if needed) and check it; `say`: print
+    its notes (one process of several does).
 
     evaluation_only: only the query and gallery will be used (test.py), so the training split is not checked
     against the config's ID_class nor split for validation: a model trained on one dataset can be evaluated
@@ -382,14 +411,14 @@ def load_splits(cfg: dict[str, Any], evaluation_only: bool = False) -> DatasetSp
     if Path(cfg["data_root"]).exists() and not Path(cfg["data_root"]).is_dir():
         raise UserError(f"data_root {cfg['data_root']} is a file: set data_root to the dataset's folder")
     if name == "synthetic":
-        _ensure_synthetic(cfg, generate=not evaluation_only)
+        _ensure_synthetic(cfg, generate=not evaluation_only, say=say)
         splits = read_dataset("market1501", cfg["data_root"])
         splits.name = "synthetic"
     else:
         splits = read_dataset(name, cfg["data_root"], cuhk03_labeled=cfg["cuhk03_labeled"],
                               test_cameras=cfg["cross_camera"], part="test" if evaluation_only else "all")
     if not cfg["cross_camera"]:
-        every_match_counts(splits)
+        every_match_counts(splits, say)
     if cfg["skip_corrupt_images"]:
         if not evaluation_only:
             splits.train = drop_unreadable(splits.train, "the training split")
@@ -452,7 +481,7 @@ def add_extra_training(splits: DatasetSplits, cfg: dict[str, Any]) -> None:
                                  f"{entry['dataset']} at {entry['data_root']}")
 
 
-def every_match_counts(splits: DatasetSplits) -> None:
+def every_match_counts(splits: DatasetSplits, say: bool = True) -> None:
     """`cross_camera: false`: each query on a camera of its own (1, 2, ...) and the gallery on camera 0, so
     the protocol's same-camera rule drops no match, except a gallery copy of a query's own image (the same
     identity and file name, and the same bytes: img_0.jpg of one identity in query/ and gallery/ may be two
@@ -473,7 +502,7 @@ def every_match_counts(splits: DatasetSplits) -> None:
     splits.multi_query = None
     splits.every_match = True
     copies = sum(r.camid > 0 for r in splits.gallery)
-    if copies:
+    if copies and say:
         print(f"cross_camera false: {copies} gallery image(s) are copies of a query's own image, ignored for "
               "that query alone", flush=True)
 

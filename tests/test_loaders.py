@@ -201,6 +201,32 @@ def test_random_erasing_area_and_fill():
     assert torch.equal(x, torch.ones(3, 64, 32))  # the input is never modified in place
 
 
+def _generate_with_others(root: str, results) -> None:
+    from data.loaders import load_splits as load
+
+    try:
+        cfg = load_config(None, ["dataset=synthetic", f"data_root={root}", "synthetic.ids=8",
+                                 "synthetic.images_per_id=6", "synthetic.height=64", "synthetic.width=32",
+                                 "ID_class=null"])
+        results.put(len(load(cfg).train))
+    except Exception as exc:  # reported to the test instead of leaving it waiting
+        results.put(repr(exc))
+
+
+def test_processes_that_generate_the_synthetic_data_together_take_turns(tmp_path):
+    """The processes of a run (or two runs) started on a missing synthetic data_root: one generates it, the
+    other waits and reads it, instead of both writing into one folder."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_generate_with_others, args=(str(tmp_path / "data"), results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert got[0] == got[1] and isinstance(got[0], int) and got[0] > 0, got
+
+
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     """A 16-bit grey PNG (some cameras' exports) keeps its shades; Pillow's plain conversion makes it white."""
     Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(tmp_path / "grey16.png")
