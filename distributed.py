@@ -10,7 +10,8 @@ Three ways a run gets its processes:
 Every worker runs the same training function with a `Dist` that knows its rank, world size and device.
 Control messages (stop requests, error agreement, RNG states) go through a gloo group even on NCCL, so
 they never touch the GPU stream. The launcher starts workers in their own process group: a Ctrl-C
-reaches the launcher alone, which forwards each signal once, so every rank sees the same number of them.
+reaches the launcher alone, which forwards each signal once, so every rank sees the same number of them
+(a signal that comes before every worker has joined its process group kills them instead: nothing to save).
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from utils import UserError, one_line, plain_warnings
+from utils import UserError, first_line, one_line, plain_warnings
 
-STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a coordinated, saved stop
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a stop asked for (saved or aborted: it says which)
 CRASH_GRACE_S = 10.0  # after one worker fails, how long the others get to finish before they are killed
 ABORT_GRACE_S = 5.0  # after a second Ctrl-C, how long the workers get to abort before they are killed
 STOP_NOTE_S = 20.0  # after a first Ctrl-C, when to say that the workers have not stopped yet
-LAUNCHER_GONE_GRACE_S = 120.0  # a worker whose launcher died, blocked in a collective, exits after this
+LAUNCHER_GONE_GRACE_S = 300.0  # a worker whose launcher died, blocked in a collective, exits after this
+_PROGRESS = [time.monotonic()]  # when this worker's training loop last went on (Dist.launcher_gone)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
@@ -162,6 +164,7 @@ class Dist:
 
     def launcher_gone(self) -> bool:
         """The launcher died (killed with SIGKILL, say): the workers stop too instead of training on."""
+        _PROGRESS[0] = time.monotonic()  # asked once an iteration: this process is not blocked
         return self.launcher_pid is not None and os.getppid() != self.launcher_pid
 
     def close(self) -> None:
@@ -341,8 +344,10 @@ def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
     forwarded: list[tuple[int, float]] = []
 
     def forward(signum: int, frame: Any) -> None:
-        forwarded.append((signum, time.monotonic()))
-        if not all(r.is_set() for r in ready):  # nothing to save yet: _supervise kills them, without a traceback
+        joined = all(r.is_set() for r in ready)
+        forwarded.append((signum, time.monotonic(), joined))
+        if not joined:  # nothing to save yet, and they may be blocked in the rendezvous: killed, no traceback
+            _kill_alive(procs)
             return
         for p in procs:
             if p.is_alive():
@@ -355,7 +360,7 @@ def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
     try:
         for p in procs:
             p.start()
-        return _supervise(procs, plan, forwarded, ready)
+        return _supervise(procs, plan, forwarded)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -365,15 +370,15 @@ def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
             p.join()
 
 
-def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, float]] | None = None,
-               ready: list[Any] | None = None) -> int:
+def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, float, bool]] | None = None
+               ) -> int:
     """Wait for the workers. When one fails, the others get CRASH_GRACE_S to finish (they usually fail
     with it, or stop together on a NaN); one still running then is blocked in a collective and is killed.
 
-    A stop signal (`forwarded`: signal, time) reaches workers that may be blocked in C++ (waiting for another
-    machine to join, or in a collective with a frozen one), where Python's signal handlers do not run: a
-    signal before every worker joined its group kills them (nothing to save yet), and so does a second one
-    that has not ended them within ABORT_GRACE_S."""
+    A stop signal (`forwarded`: signal, time, whether every worker had joined its group) may meet workers
+    blocked in C++ (waiting for another machine to join, or in a collective with a frozen one), where
+    Python's signal handlers do not run: one before every worker joined has killed them (nothing to save
+    yet), and a second one that has not ended them within ABORT_GRACE_S kills them."""
     forwarded = [] if forwarded is None else forwarded
     failed_at: float | None = None
     killed, noted = False, False
@@ -383,6 +388,8 @@ def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, f
             code = p.exitcode
             if code in (None, 0, *STOP_EXIT_CODES) or failed_at is not None:
                 continue
+            if forwarded and -code in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                continue  # stopped by the signal itself (before its handler was in place, or killed for it)
             failed_at = time.monotonic()
             if code not in (2, 3):  # 2 and 3 (bad input, NaN) have printed their own message
                 rank = plan.machine_rank * plan.nproc + local
@@ -391,13 +398,12 @@ def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, f
         now = time.monotonic()
         if failed_at is not None and now - failed_at > CRASH_GRACE_S:
             killed = _kill_alive(procs) or killed  # blocked in a collective with the failed process
-        if forwarded and any(p.is_alive() for p in procs):
-            joined = ready is None or all(r.is_set() for r in ready)
-            if not joined:
-                _kill_alive(procs)
+        if forwarded and not forwarded[0][2]:
+            if not any(p.is_alive() for p in procs):
                 print("stopped before every process joined the run (waiting for another machine?); nothing was "
                       "trained or saved", file=sys.stderr, flush=True)
                 return 128 + forwarded[0][0]
+        elif forwarded and any(p.is_alive() for p in procs):
             if len(forwarded) >= 2 and now - forwarded[1][1] > ABORT_GRACE_S:
                 _kill_alive(procs)
                 print("aborted: the processes did not stop (blocked waiting for another machine?); killed; resume "
@@ -411,7 +417,7 @@ def _supervise(procs: list[mp.Process], plan: Plan, forwarded: list[tuple[int, f
         print("error: stopped the processes that were still waiting for the failed one; resume from the "
               "newest checkpoint", file=sys.stderr, flush=True)
     codes = [_exit_status(p.exitcode) for p in procs]
-    return codes[0] or next((c for c in codes if c), 1 if killed else 0)
+    return codes[0] or next((c for c in codes if c), 0)
 
 
 def _kill_alive(procs: list[mp.Process]) -> bool:
@@ -457,13 +463,12 @@ def worker_threads(nproc: int) -> int:
 
 
 def _exit_when_orphaned(launcher_pid: int) -> None:
-    """A worker whose launcher died saves and stops at the end of its iteration (Dist.launcher_gone); one
-    blocked in a collective (another machine gone too) cannot, and would hold the port and the run folder:
-    it exits LAUNCHER_GONE_GRACE_S after."""
+    """A worker whose launcher died saves and stops at the end of its iteration (Dist.launcher_gone, which
+    marks each check as progress); one blocked in a collective (another machine gone too) cannot, and would
+    hold the port and the run folder: it exits once LAUNCHER_GONE_GRACE_S pass without progress."""
     def watch() -> None:
-        while os.getppid() == launcher_pid:
+        while os.getppid() == launcher_pid or time.monotonic() - _PROGRESS[0] < LAUNCHER_GONE_GRACE_S:
             time.sleep(2.0)
-        time.sleep(LAUNCHER_GONE_GRACE_S)
         print(f"error (process {os.getpid()}): the launcher is gone and this process is blocked; exiting (resume "
               "from the newest checkpoint)", file=sys.stderr, flush=True)
         os._exit(1)
@@ -492,10 +497,10 @@ def _worker_main(make: Callable[[], Dist], args: argparse.Namespace, target: str
     plain_warnings()  # a started process runs no command's entry point
     try:
         d = make()
-    except getattr(torch_dist, "DistError", RuntimeError) as err:  # e.g. the rendezvous timed out
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: the run's processes could not join ({first[:200]}); start every machine with the same "
-              f"--num_machines and --dist_url, within {COLLECTIVE_TIMEOUT} of each other", file=sys.stderr, flush=True)
+    except torch_dist.DistError as err:  # e.g. the rendezvous timed out
+        print(f"error: the run's processes could not join ({first_line(err)}); start every machine with the same "
+              f"--num_machines and --dist_url (or torchrun's --nnodes and --master_addr), within "
+              f"{COLLECTIVE_TIMEOUT} of each other", file=sys.stderr, flush=True)
         return 2
     try:
         return _call(target, args, d)
@@ -509,7 +514,7 @@ def _call(target: str, args: argparse.Namespace, d: Dist) -> int:
     try:
         return fn(args, d)
     except UserError as err:
-        if d.is_main:
+        if d.is_main or (isinstance(err, SharedError) and d.local_rank == 0):  # every machine says why it stops
             print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         elif not isinstance(err, SharedError):  # this process's own trouble: rank 0 does not know it
             print(f"error (process {d.rank}): {one_line(err)}", file=sys.stderr, flush=True)

@@ -389,17 +389,19 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], device: torch.device | None = None, *,
-                 flip: bool = True, scales: Sequence[float] = (1.0,), alpha: float = 0.5, batch_size: int = 128):
+                 flip: bool = True, scales: Sequence[float] = (1.0,), alpha: float = 0.5, batch_size: int = 128,
+                 iteration: int | None = None):
         check_scales(scales, image_size(cfg), cfg.get("scale2", False))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.cfg, self.flip, self.scales, self.alpha, self.batch_size = cfg, flip, tuple(scales), alpha, batch_size
+        self.iteration = iteration  # the checkpoint's, when loaded from a run
 
     @classmethod
     def from_run(cls, name: str, output_path: str = ".", which_iter: str = "last", **kwargs: Any) -> Predictor:
         state, cfg, _ = load_run(name, output_path, which_iter)
         device = kwargs.pop("device", None) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(state, cfg, device), cfg, device, **kwargs)
+        return cls(load_model(state, cfg, device), cfg, device, iteration=state["iteration"], **kwargs)
 
     def embed(self, paths: Sequence[str], label: str | None = None) -> torch.Tensor:
         """Normalized features (N, D) of image files, as the evaluation computes them (query weighting aside)."""
@@ -442,28 +444,29 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if len(args.alphas) > 1:
         raise UserError("search ranks with one --alpha; give a single value (a sweep is for evaluation)")
-    if args.multi or args.rerank or args.aqe or args.roc or args.ranklist:
-        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe, --roc and --ranklist "
-                        "(they are for evaluation on a dataset; a search's JSON lists each query's top --topk)")
+    if args.multi or args.rerank or args.aqe or args.roc or args.ranklist or args.ap != "market":
+        raise UserError("search ranks by cosine similarity: leave out --multi, --rerank, --aqe, --roc, --ranklist and "
+                        "--ap (they are for evaluation on a dataset; a search's JSON lists each query's top --topk)")
+    if args.config or args.data_root or args.opts:
+        raise UserError("search ranks the --query and --gallery folders with the run's own model and config: leave "
+                        "out --config, --data_root and --opts")
     query, gallery = _folder_images(args.query, "query"), _folder_images(args.gallery, "gallery")
-    state, cfg, run_dir = load_run(args.name, args.output_path, args.which_iter)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(state, cfg, device)
-    predictor = Predictor(model, cfg, device, flip=args.flip, scales=args.ms, alpha=args.alpha,
-                          batch_size=args.batch_size)
+    predictor = Predictor.from_run(args.name, args.output_path, args.which_iter, flip=args.flip, scales=args.ms,
+                                   alpha=args.alpha, batch_size=args.batch_size)
     results = predictor.search(query, gallery, args.topk, label=True)
-    # Named by what it searched, so another search is written beside it, never over it
+    # Named by what it searched and how (the evaluation options are refused above, so only the extraction's and
+    # alpha name it), so another search is written beside it, never over it
     folders = "-in-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(f).resolve().name)
                           for f in (args.query, args.gallery))
-    alpha = f"_alpha{args.alpha:g}" if has_halves(model) and args.alpha != 0.5 else ""
-    out = run_dir / "results" / f"search_{state['iteration']:08d}_{folders}{extraction_suffix(args)}{alpha}.json"
+    halves = has_halves(predictor.model)
+    out = (run_folder(args.output_path, args.name) / "results" /
+           f"search_{predictor.iteration:08d}_{folders}{options_suffix(args, halves)}.json")
 
     def write() -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "iteration": state["iteration"],
+        out.write_text(json.dumps({"query": args.query, "gallery": args.gallery, "iteration": predictor.iteration,
                                    "topk": args.topk, "flip": args.flip, "ms": args.ms,
-                                   **({"alpha": args.alpha} if has_halves(model) else {}),
-                                   "results": results}, indent=2) + "\n")
+                                   **({"alpha": args.alpha} if halves else {}), "results": results}, indent=2) + "\n")
         return [out]
 
     return {"results": results, "write": write}
@@ -787,13 +790,15 @@ def evaluate_onnx(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[]
                         "graph; export with python export.py --ms for other scales")
     args.flip, args.ms = exported.flip, exported.scales  # what the file computes names the results
     check_alpha_applies(args, exported.halves)
-    run_dir = Path(args.output_path) / "outputs" / args.name
-    cfg_file = Path(args.config) if args.config else run_dir / "config.yaml"
+    run_dir = run_folder(args.output_path, args.name)
+    own_file = run_dir / "config.yaml"
+    cfg_file = Path(args.config) if args.config else own_file
     if not cfg_file.is_file():
         raise UserError(f"no config {cfg_file}: give the run the file was exported from (--name) or --config")
     opts = list(args.opts) + ([f"data_root={args.data_root}"] if args.data_root else [])
     cfg = load_config(cfg_file, opts)
-    tag = other_data_tag(cfg, load_config(cfg_file, []))
+    # against the data the run trained on (unknown without its config.yaml: then tagged, never written over)
+    tag = other_data_tag(cfg, load_config(own_file, []) if own_file.is_file() else {})
     cfg["crop_image_height"], cfg["crop_image_width"] = exported.size  # the size the graph takes
     splits = load_splits(cfg, evaluation_only=True)
     if not splits.query or not splits.gallery:
@@ -882,9 +887,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--topk is for search (--query DIR --gallery DIR); for rank-list images of the "
                             "dataset's queries, --ranklist K")
         if args.features:
-            if args.original or args.onnx or args.query or args.gallery or args.ranklist:
+            if (args.original or args.onnx or args.query or args.gallery or args.ranklist or args.config
+                    or args.data_root or args.opts):
                 raise UserError("--features scores saved features alone: leave out --original, --onnx, --query, "
-                                "--gallery and --ranklist")
+                                "--gallery, --ranklist, --config, --data_root and --opts")
             return report(*evaluate_saved(args))
         if args.original and (args.onnx or args.query or args.gallery or args.which_iter == "all"):
             raise UserError("--original evaluates the original's files on the data's query and gallery: leave out "

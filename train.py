@@ -56,6 +56,7 @@ from utils import (
     config_help,
     dump_config,
     find_checkpoint,
+    first_line,
     first_non_finite,
     flatten,
     interrupted,
@@ -230,13 +231,14 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:
             if signum == signal.SIGINT:
-                # The loader workers die of this press too; torch's SIGCHLD check would then raise its own
-                # error, with a traceback, over the quiet abort.
+                # In a plain run the loader workers die of this press too (the terminal signals the whole
+                # group); torch's SIGCHLD check would then raise its own error, with a traceback, over the quiet
+                # abort.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 raise KeyboardInterrupt
             return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
-        quiet_worker_teardown()  # the loader workers got this signal too: their dying is expected now
+        quiet_worker_teardown()  # the loader workers may have got this signal too: their dying is expected now
         if not self.quiet:
             print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
                   "(press Ctrl-C again to abort without saving)", flush=True)
@@ -477,14 +479,14 @@ class NullWriter:
 # training
 
 
-def located_teacher(teacher: str | None, output_path: str) -> str | None:
-    """`teacher:` as given where it exists from the current folder; else, a relative one under --output_path,
-    where train.py wrote the teacher's run when it was given the same --output_path (so the README's teacher
-    and DG-Net commands pair up with any --output_path). The run's config.yaml records the one used."""
-    if not teacher or Path(teacher).expanduser().is_absolute() or Path(teacher).exists():
-        return teacher
-    under = Path(output_path) / teacher
-    return str(under) if under.exists() else teacher
+def located_weights(path: str | None, output_path: str) -> str | None:
+    """`teacher:` or `pretrained:` as given where it exists from the current folder; else, a relative one under
+    --output_path, where train.py wrote the teacher's run when it was given the same --output_path (so the
+    README's teacher and DG-Net commands pair up with any --output_path)."""
+    if not path or Path(path).expanduser().is_absolute() or Path(path).exists():
+        return path
+    under = Path(output_path) / path
+    return str(under) if under.exists() else path
 
 
 def pinned_weights(path: str) -> str:
@@ -503,7 +505,7 @@ def pinned_weights(path: str) -> str:
 
 def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[str, Any] | None, say: bool) -> None:
     """`teacher:` (DG-Net, when it runs) and `pretrained:` as the exact files (pinned_weights), found under
-    --output_path when relative (located_teacher); `say`: print what a folder stood for.
+    --output_path when relative (located_weights); `say`: print what a folder stood for.
 
     A resume (`saved`: the checkpoint's config) keeps the files it started from when the config names them or
     the run folders holding them, so a resume command that repeats the first one's --opts keeps the weights;
@@ -515,9 +517,9 @@ def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[st
     if str(cfg["pretrained"]).lower() not in ("imagenet", "none", ""):
         keys.append("pretrained")
     for key in keys:
-        given = located_teacher(cfg[key], output_path)
+        given = located_weights(cfg[key], output_path)
         kept = saved.get(key) if saved else None
-        if kept and Path(str(kept)).absolute().is_relative_to(Path(given).expanduser().absolute()):
+        if kept and Path(str(kept)).expanduser().resolve().is_relative_to(Path(given).expanduser().resolve()):
             given = kept
         elif saved and key == "pretrained":
             continue
@@ -674,15 +676,15 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     command = f"python train.py --resume --name {name}"
     for option in ("output_path", "gpu_ids", "nproc_per_machine", "num_machines", "machine_rank", "dist_url"):
         value = getattr(args, option, None)
-        shown = {"output_path": ".", "num_machines": 1}.get(option)
-        if value is not None and value != shown and not (option == "machine_rank" and args.num_machines == 1):
+        default = {"output_path": ".", "num_machines": 1}.get(option)
+        if value is not None and value != default and not (option == "machine_rank" and args.num_machines == 1):
             command += f" --{option} {value}"
     if args.num_machines > 1:
         command += " (on every machine, each with its own --machine_rank)"
     return command
 
 
-def run_fingerprint(name: str, run_dir: Path, cfg: dict[str, Any], splits: Any, state: dict[str, Any] | None,
+def run_fingerprint(name: str, cfg: dict[str, Any], splits: Any, state: dict[str, Any] | None,
                     kind: str) -> dict[str, Any]:
     """What every process of a run must share: its kind, name, starting iteration and settings. Paths that
     name the same files through each machine's own mount (data_root, extra_train's) are left out; the
@@ -698,6 +700,10 @@ def fingerprint_mismatch(fingerprints: list[dict[str, Any]]) -> str | None:
     """One line naming what the first process that differs from process 0 has otherwise; None if all agree."""
     for rank, theirs in enumerate(fingerprints[1:], 1):
         differ = [k for k in dict.fromkeys([*fingerprints[0], *theirs]) if fingerprints[0].get(k) != theirs.get(k)]
+        if differ and set(differ) <= {"teacher", "pretrained"}:
+            return (f"process {rank} loaded other weights than process 0 ({', '.join(differ)}: "
+                    f"{[theirs[k] for k in differ]} against {[fingerprints[0][k] for k in differ]}): the teacher's "
+                    "run saved a checkpoint while this run started; start it again")
         if differ:
             shown = ", ".join(f"{k} {theirs.get(k)!r} (process 0: {fingerprints[0].get(k)!r})" for k in differ[:3])
             return (f"process {rank} runs other settings than process 0: {shown}; every machine must run the same "
@@ -747,8 +753,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     # Ranks agree before the first collective of the model: a bad input stops every one of them, and so do
     # settings that differ between machines (each ran its own command line), which would train wrongly or hang.
     reports = dist.gather((None if setup_error is None else one_line(setup_error),
-                           None if prepared is None else run_fingerprint(*prepared[:6])))
-    first = next((f for f, _ in reports if f is not None), None)
+                           None if prepared is None else run_fingerprint(prepared[0], *prepared[2:6])))
+    first = next((f if rank == 0 else f"process {rank}: {f}" for rank, (f, _) in enumerate(reports) if f), None)
     if first is None:
         first = fingerprint_mismatch([f for _, f in reports])
     if first is not None:
@@ -863,7 +869,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                     print(f"aborted without saving ({last_good(run_dir)})", file=sys.stderr, flush=True)
                 return 128 + signal.SIGINT
             if isinstance(err, (RuntimeError, OSError)):
-                raise as_user_error(err, resume_hint) from None
+                raise as_user_error(err, resume_hint, several=dist.world_size > 1) from None
             raise
         finally:
             close_loaders(loaders.values())  # first: afterwards a worker's death can no longer raise here
@@ -904,16 +910,15 @@ def rescue(snapshots: Snapshots, loaders: dict[str, Any], done: int, losses: dic
     print(f"saved {path} before stopping; once the cause is fixed, resume with: {resume_hint}", flush=True)
 
 
-def as_user_error(err: RuntimeError | OSError, resume_hint: str) -> BaseException:
+def as_user_error(err: RuntimeError | OSError, resume_hint: str, several: bool = False) -> BaseException:
     """One line for what a long run meets: a killed loader worker (torch's SIGCHLD check raises it wherever
-    the loop is) and a failed write (a full disk, a lost mount) of images, logs or the config. Anything else
-    stays itself, with its traceback: a bug."""
+    the loop is), a failed write (a full disk, a lost mount) of images, logs or the config, and (`several`
+    processes) another process gone. Anything else stays itself, with its traceback: a bug."""
     died = worker_death(err)
     if died is not None:
         return UserError(died)
-    if peer_lost(err):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return UserError(f"the connection to another process of the run was lost ({first[:200]}): a machine or "
+    if several and peer_lost(err):
+        return UserError(f"the connection to another process of the run was lost ({first_line(err)}): a machine or "
                          f"process died or its network failed; once every machine is back, resume with: {resume_hint}")
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
@@ -922,14 +927,14 @@ def as_user_error(err: RuntimeError | OSError, resume_hint: str) -> BaseExceptio
     return err
 
 
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
-             "Connection refused")
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Socket Timeout", "Connection refused")
 
 
 def peer_lost(err: BaseException) -> bool:
-    """A collective that failed because another process of the run is gone (gloo's and NCCL's words for it)."""
-    dist_error = getattr(torch.distributed, "DistError", None)  # torch 2.1+
-    return (dist_error is not None and isinstance(err, dist_error)) or any(p in str(err) for p in PEER_LOST)
+    """A collective that failed because another process of the run is gone (gloo's and the store's words for
+    it); an NCCL backend error, which can be a bug, is not."""
+    return (isinstance(err, (torch.distributed.DistNetworkError, torch.distributed.DistStoreError))
+            or any(p in str(err) for p in PEER_LOST))
 
 
 def evaluate_run(args: argparse.Namespace) -> int:

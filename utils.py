@@ -74,6 +74,12 @@ def plain_warnings() -> None:
     warnings.formatwarning = formatted
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The start of an exception's message, for quoting a library's long error inside one line of ours."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` as one line, also when a DataLoader worker re-raised it with a traceback."""
     text = str(err).strip()

@@ -80,7 +80,7 @@ DISTRACTOR_PID = 0
 class Record(NamedTuple):
     path: str  # absolute path to the image file
     pid: int  # identity as in the dataset; -1 = junk, 0 = distractor
-    camid: int  # camera number as written in the file name; -1 = unknown (folder layout, training only)
+    camid: int  # camera number (file name or list); -1 = unknown (training, or tests with cross_camera false)
 
 
 @dataclass
@@ -150,7 +150,10 @@ def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
         raise UserError(f"val_ids is {num_ids} but no training image has a camera in its name (<pid>_c<camera>_..."
                         "), and validation holds identities out by camera, as the protocol matches; set val_ids: 0, "
                         "or name the images with their cameras")
-    if num_ids > len(eligible) or num_ids >= len(cameras):
+    if num_ids > len(cameras) - 2:
+        raise UserError(f"val_ids is {num_ids} but the training split has {len(cameras)} identities, and training "
+                        "needs at least 2 left; lower val_ids")
+    if num_ids > len(eligible):
         raise UserError(f"val_ids is {num_ids} but only {len(eligible)} of the {len(cameras)} training identities "
                         "appear in 2 or more cameras; lower val_ids")
     held = {int(p) for p in np.random.default_rng([seed, 0x7A1]).choice(eligible, size=num_ids, replace=False)}
@@ -210,7 +213,7 @@ PARTS = ("all", "train", "test")
 def read_dataset(name: str, root: str | os.PathLike, *, cuhk03_labeled: bool = False,
                  test_cameras: bool = True, part: str = "all") -> DatasetSplits:
     """Read dataset `name` (one of DATASETS) from `root`; `cuhk03_labeled` only matters for cuhk03;
-    `test_cameras: False` lets the folder layout's test images have names without a camera (camid -1).
+    `test_cameras: False` lets the folder and list layouts' test images have no camera (camid -1).
     `part`: "train" (an extra training set) or "test" (evaluation) reads and requires only that part of
     the `folder` and `list` layouts, so one's own test set needs no training images; the public datasets,
     which always have both, are read whole."""
@@ -497,6 +500,9 @@ def _read_list_file(path: Path, root: Path, is_train: bool, cameras: bool) -> li
         if fields is None:
             raise UserError(f"list: line {number} of {path} is {line.strip()!r}; expected '<image path> <pid> "
                             "[<camera>]' (integers; pid -1 junk, 0 distractor)")
+        if int(fields["pid"]) < JUNK_PID or (fields["camera"] and int(fields["camera"]) < 0):
+            raise UserError(f"list: line {number} of {path} is {line.strip()!r}; the pid must be -1 (junk), 0 "
+                            "(distractor) or a person's number, and the camera 0 or more")
         image = root / fields["path"]
         camid = int(fields["camera"]) if fields["camera"] else _camera_or_unknown(
             image.name, is_train, cameras, f"list: line {number} of {path} gives no camera and {image.name} has "

@@ -341,10 +341,10 @@ def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True, say: bool = Tr
     otherwise a missing one is an error: evaluation must not make up a dataset at a mistyped path). The
     processes of a run, and runs started together, take turns: one generates, the others then find it."""
     root = Path(cfg["data_root"]).expanduser().absolute()
-    if generate and not (root / _synthetic().METADATA_FILE).is_file() and root.parent.is_dir():
-        with _exclusive(root.parent / f".{root.name}.generating"):
-            _check_or_generate_synthetic(cfg, root, generate, say)
-    else:
+    turns = generate and not (root / _synthetic().METADATA_FILE).is_file()
+    if turns:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root.parent / f".{root.name}.generating") if turns else contextlib.nullcontext():
         _check_or_generate_synthetic(cfg, root, generate, say)
 
 

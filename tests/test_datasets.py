@@ -734,6 +734,9 @@ def test_list_files_read_as_the_folders_they_list(tmp_path):
     assert "1 images named in" in error_of(read_dataset, "list", root)
     (root / "query.txt").write_text("x.jpg three\n")
     assert "expected '<image path> <pid> [<camera>]'" in error_of(read_dataset, "list", root)
+    for line in ("nocamera.jpg -2 1", "nocamera.jpg 3 -1"):
+        (root / "query.txt").write_text(line + "\n")
+        assert "the pid must be -1 (junk), 0 (distractor)" in error_of(read_dataset, "list", root)
     assert "no train.txt" in error_of(read_dataset, "list", tmp_path)
     # spaces in paths (the numbers are read from the right); a spreadsheet's byte-order mark; UTF-16 refused
     make_image(root / "my imgs" / "a b.jpg")

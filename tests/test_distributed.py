@@ -238,10 +238,14 @@ def test_launcher_reports_and_helpers():
     assert train.fingerprint_mismatch([same, dict(same)]) is None
     assert "process 1 runs other settings than process 0: run 'b' (process 0: 'a')" in train.fingerprint_mismatch(
         [same, {**same, "run": "b"}])
+    assert "the teacher's run saved a checkpoint while this run started" in train.fingerprint_mismatch(
+        [{**same, "teacher": "00000004.pt"}, {**same, "teacher": "00000006.pt"}])
     assert train.peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [1.2.3.4]"))
     assert not train.peer_lost(RuntimeError("CUDA out of memory"))
-    message = str(train.as_user_error(RuntimeError("Connection reset by peer"), "python train.py --resume"))
+    lost = RuntimeError("Connection reset by peer")
+    message = str(train.as_user_error(lost, "python train.py --resume", several=True))
     assert "connection to another process of the run was lost" in message and "--resume" in message
+    assert train.as_user_error(lost, "python train.py --resume") is lost  # one process: not another's death
 
 
 def _buffer_worker(rank: int, port: int, results, ddp_switch: dict) -> None:

@@ -583,6 +583,9 @@ def test_query_expansion_bad_options(tiny_run, capsys):
 
 def test_search_refuses_evaluation_options(tiny_run, capsys):
     folder = str(tiny_run[1] / "query")
-    for option in (("--aqe",), ("--rerank",), ("--multi",), ("--roc",), ("--ranklist", "3")):
+    for option in (("--aqe",), ("--rerank",), ("--multi",), ("--roc",), ("--ranklist", "3"), ("--ap", "precision")):
         assert run_test(tiny_run, "--query", folder, "--gallery", folder, *option) == 2
-        assert "leave out --multi, --rerank, --aqe, --roc and --ranklist" in capsys.readouterr().err
+        assert "leave out --multi, --rerank, --aqe, --roc, --ranklist and --ap" in capsys.readouterr().err
+    for option in (("--data_root", folder), ("--opts", "pad=3")):  # the run's own model and config decide
+        assert run_test(tiny_run, "--query", folder, "--gallery", folder, *option) == 2
+        assert "leave out --config, --data_root and --opts" in capsys.readouterr().err

@@ -233,6 +233,8 @@ def test_hold_out_validation_identities():
     assert again.val_query == splits.val_query
     with pytest.raises(UserError, match="lower val_ids"):
         hold_out_validation(DatasetSplits("t", "/x", list(records), [], []), 7, seed=0)
+    with pytest.raises(UserError, match="training needs at least 2 left"):  # one class would train
+        hold_out_validation(DatasetSplits("t", "/x", list(records), [], []), 6, seed=0)
     no_cameras = [r._replace(camid=-1) for r in records]  # one's own data named without cameras
     with pytest.raises(UserError, match="no training image has a camera in its name.*set val_ids: 0"):
         hold_out_validation(DatasetSplits("t", "/x", no_cameras, [], []), 2, seed=0)
@@ -241,16 +243,17 @@ def test_hold_out_validation_identities():
 def test_hold_out_validation_every_query_has_a_match_in_another_camera():
     from data.datasets import DatasetSplits, Record, hold_out_validation
 
-    # pid 8: five images in camera 1, one in camera 2; pid 9: one image in each of two cameras; pid 10 trains
+    # pid 8: five images in camera 1, one in camera 2; pid 9: one image in each of two cameras; 10 and 11 train
     records = ([Record(f"/x/8_1_{i}.jpg", 8, 1) for i in range(5)] + [Record("/x/8_2_0.jpg", 8, 2)]
-               + [Record("/x/9_1_0.jpg", 9, 1), Record("/x/9_2_0.jpg", 9, 2), Record("/x/10_1_0.jpg", 10, 1)])
+               + [Record("/x/9_1_0.jpg", 9, 1), Record("/x/9_2_0.jpg", 9, 2), Record("/x/10_1_0.jpg", 10, 1),
+                  Record("/x/11_1_0.jpg", 11, 1)])
     splits = DatasetSplits("t", "/x", list(records), [], [])
     hold_out_validation(splits, 2, seed=0)
     assert {r.pid for r in splits.val_query} == {8, 9}  # every held identity keeps a query
     for q in splits.val_query:
         assert any(g.pid == q.pid and g.camid != q.camid for g in splits.val_gallery), q.path
-    assert sorted(r.path for r in splits.val_query + splits.val_gallery) == sorted(r.path for r in records[:-1])
-    assert [r.pid for r in splits.train] == [10]
+    assert sorted(r.path for r in splits.val_query + splits.val_gallery) == sorted(r.path for r in records[:-2])
+    assert [r.pid for r in splits.train] == [10, 11]
 
 
 def test_resume_evaluate(tmp_path, data_root, capsys):
