@@ -647,7 +647,6 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     pin_weights(cfg, kind, args.output_path, saved_config(state["config"]) if state else None, dist.is_main)
     if state:
         changes = check_resume(args, state, cfg, run_dir)
-    if state:
         check_networks_take(cfg, kind)
     from capture import resolve_cuda_graph  # imported here so --help stays fast
 
@@ -687,10 +686,12 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
 def run_fingerprint(name: str, cfg: dict[str, Any], splits: Any, state: dict[str, Any] | None,
                     kind: str) -> dict[str, Any]:
     """What every process of a run must share: its kind, name, starting iteration and settings. Paths that
-    name the same files through each machine's own mount (data_root, extra_train's) are left out; the
+    name the same files through each machine's own mount (data_root, extra_train's) and the loader workers
+    are left out; the
     teacher and pretrained weights count by file name (each process pinned them itself: a teacher run that
     saved a checkpoint meanwhile would give them different weights)."""
-    settings = {k: v for k, v in flatten(cfg).items() if k not in ("data_root", "extra_train", "teacher", "pretrained")}
+    own = ("data_root", "extra_train", "teacher", "pretrained", "num_workers")  # num_workers: each machine's cores
+    settings = {k: v for k, v in flatten(cfg).items() if k not in own}
     return {"kind": kind, "run": name, "start": state["iteration"] if state else 0,
             "training images": len(splits.train), **settings,
             **{k: Path(str(cfg[k])).name for k in ("teacher", "pretrained")}}
