@@ -356,15 +356,23 @@ def _synthetic() -> Any:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on a file, held for the block (other processes wait for it)."""
-    import fcntl
-
+    """An exclusive lock on a file, held for the block (other processes wait for it); where the system or
+    the filesystem has no locks (some network mounts), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            fcntl = None
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_or_generate_synthetic(cfg: dict[str, Any], root: Path, generate: bool, say: bool) -> None:
