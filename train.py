@@ -767,6 +767,9 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             print(f"{run_dir} is complete (iteration {start}, max_iter {cfg['max_iter']}): nothing to train; "
                   f"continue it with --opts max_iter=N, N larger than {start}", flush=True)
         return 0
+    if not dist.is_main and dist.local_rank == 0:  # another machine: say it runs, and where to look
+        print(f"joined {run_dir.name} as process {dist.rank} of {dist.world_size}, from iteration {start}; "
+              "machine 0 prints the progress and writes the run folder", flush=True)
     from capture import training_step
 
     train_step = training_step(trainer, cfg, dist)  # DDP, or the replay of CUDA graphs

@@ -200,6 +200,19 @@ def machines(tmp_path, data_root, name, per_machine=((), ())):
             for rank, extra in enumerate(per_machine)]
 
 
+def test_two_machines_train_one_run(tmp_path, data_root):
+    procs = machines(tmp_path, data_root, "pair")
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "joined pair as process 1 of 2, from iteration 0" in outputs[1][0]
+    assert "finished 4 iterations" in outputs[0][0] and "finished" not in outputs[1][0]  # machine 0 reports
+    assert len(load_checkpoint(checkpoint_path(tmp_path / "outputs" / "pair", 4))["rng_ranks"]) == 2
+
+
 def test_machines_with_other_settings_stop_before_training(tmp_path, data_root):
     procs = machines(tmp_path, data_root, "differ", (("max_iter=6",), ("max_iter=3",)))
     try:
