@@ -341,7 +341,7 @@ def launch(plan: Plan, args: argparse.Namespace, target: str) -> int:
     procs = [ctx.Process(target=_spawned, args=(plan, local, os.getpid(), args, target, ready[local]),
                          name=f"rank{plan.machine_rank * plan.nproc + local}")
              for local in range(plan.nproc)]
-    forwarded: list[tuple[int, float]] = []
+    forwarded: list[tuple[int, float, bool]] = []
 
     def forward(signum: int, frame: Any) -> None:
         joined = all(r.is_set() for r in ready)
