@@ -289,6 +289,12 @@ def option_fields(args: argparse.Namespace, halves: bool) -> dict[str, Any]:
             "aqe": dict(zip(("k", "alpha"), aqe_settings(args))) if args.aqe else None}
 
 
+def file_name_part(name: str) -> str:
+    """A folder's name as part of a results file's name: runs of other characters than letters, digits and
+    `._-` become one `-`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
 def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
     """"" when `cfg` evaluates on the data the run trained on, with its protocol, else what differs:
     "_on-<data_root's folder name>" (another dataset: cross-dataset evaluation), "_labeled" or "_detected"
@@ -299,7 +305,7 @@ def other_data_tag(cfg: dict[str, Any], trained: dict[str, Any]) -> str:
 
     tag = ""
     if where(cfg) != where(trained):
-        tag = "_on-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", where(cfg)[1].name) or cfg["dataset"])
+        tag = "_on-" + (file_name_part(where(cfg)[1].name) or cfg["dataset"])
     if cfg.get("dataset") == "cuhk03" and cfg.get("cuhk03_labeled", False) != trained.get("cuhk03_labeled", False):
         tag += "_labeled" if cfg.get("cuhk03_labeled") else "_detected"
     if cfg.get("cross_camera", True) != trained.get("cross_camera", True):
@@ -456,8 +462,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     results = predictor.search(query, gallery, args.topk, label=True)
     # Named by what it searched and how (the evaluation options are refused above, so only the extraction's and
     # alpha name it), so another search is written beside it, never over it
-    folders = "-in-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(f).resolve().name)
-                          for f in (args.query, args.gallery))
+    folders = "-in-".join(file_name_part(Path(f).resolve().name) for f in (args.query, args.gallery))
     halves = has_halves(predictor.model)
     out = (run_folder(args.output_path, args.name) / "results" /
            f"search_{predictor.iteration:08d}_{folders}{options_suffix(args, halves)}.json")

@@ -781,6 +781,24 @@ def write_image_index(image_dir: str | os.PathLike, title: str) -> Path:
 LOCK_NAME = ".lock"
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """A blocking `flock` on `path` for the block (other processes wait their turn); where the system or the
+    filesystem has no locks (some network mounts), the block runs unlocked, as RunLock's run does."""
+    with open(path, "a") as lock:
+        locked = fcntl is not None
+        try:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class RunLock:
     """An exclusive `flock` on `<run>/.lock`, held by the one process that writes the run folder.
 

@@ -146,7 +146,7 @@ def hold_out_validation(splits: DatasetSplits, num_ids: int, seed: int) -> None:
     for r in splits.train:
         cameras.setdefault(r.pid, set()).add(r.camid)
     eligible = sorted(pid for pid, cams in cameras.items() if len(cams) >= 2 and pid not in (JUNK_PID,))
-    if num_ids > 0 and all(r.camid < 0 for r in splits.train):
+    if all(r.camid < 0 for r in splits.train):
         raise UserError(f"val_ids is {num_ids} but no training image has a camera in its name (<pid>_c<camera>_..."
                         "), and validation holds identities out by camera, as the protocol matches; set val_ids: 0, "
                         "or name the images with their cameras")

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.datasets import DATASETS, DatasetSplits, Record, hold_out_validation, read_dataset
 from data.samplers import IdentitySampler, ShuffleSampler
 from data.transforms import eval_transform, random_erasing, train_transform
-from utils import Notice, UserError, seed_everything
+from utils import Notice, UserError, exclusive_lock, seed_everything
 
 # Loader a and b are independent shuffles of the same split: two streams of one seed.
 STREAM_A, STREAM_B, STREAM_TEACHER = 0, 1, 2
@@ -340,43 +340,18 @@ def _ensure_synthetic(cfg: dict[str, Any], generate: bool = True, say: bool = Tr
     """Generate the synthetic dataset into data_root the first time a config names it (with `generate`;
     otherwise a missing one is an error: evaluation must not make up a dataset at a mistyped path). The
     processes of a run, and runs started together, take turns: one generates, the others then find it."""
+    from data import synthetic  # imported here: only synthetic configs need the generator
+
     root = Path(cfg["data_root"]).expanduser().absolute()
-    turns = generate and not (root / _synthetic().METADATA_FILE).is_file()
+    turns = generate and not (root / synthetic.METADATA_FILE).is_file()
     if turns:
         root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root.parent / f".{root.name}.generating") if turns else contextlib.nullcontext():
+    with exclusive_lock(root.parent / f".{root.name}.generating") if turns else contextlib.nullcontext():
         _check_or_generate_synthetic(cfg, root, generate, say)
 
 
-def _synthetic() -> Any:
-    from data import synthetic  # imported here: only synthetic configs need the generator
-
-    return synthetic
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on a file, held for the block (other processes wait for it); where the system or
-    the filesystem has no locks (some network mounts), the block runs unlocked."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    with open(lock_path, "a") as lock:
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            fcntl = None
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _check_or_generate_synthetic(cfg: dict[str, Any], root: Path, generate: bool, say: bool) -> None:
-    synthetic = _synthetic()
+    from data import synthetic
     if (root / synthetic.METADATA_FILE).is_file():
         # A dataset once generated is used as it is: say so when the config's `synthetic:` asks for another
         differs = synthetic.differences(root, **cfg["synthetic"]) if generate and say else ""
