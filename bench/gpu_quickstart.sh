@@ -21,7 +21,8 @@
 # (or GPU_RUN_STEP_LIMIT, which bench/gpu_run.sh sets) is the whole script's time in seconds: the teacher's
 # training then stops itself after at most a third of the time left, DG-Net's early enough to leave
 # QUICKSTART_RESERVE (90) s for the evaluation, the metrics and the grids (SIGTERM: train.py finishes the
-# iteration and saves; what follows uses that last checkpoint). The script stops at the first failing step.
+# iteration and saves; what follows uses that last checkpoint), each at least QUICKSTART_MIN_TRAIN (30) s. The
+# script stops at the first failing step.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -77,13 +78,14 @@ step() {  # step NAME COMMAND...: run, keep the console output in OUTDIR/NAME.lo
 
 LIMIT=${QUICKSTART_LIMIT:-${GPU_RUN_STEP_LIMIT:-0}}  # 0: no limit
 RESERVE=${QUICKSTART_RESERVE:-90}
+MIN_TRAIN=${QUICKSTART_MIN_TRAIN:-30}  # the shortest time a training step is given under a limit
 train_timeout() {  # train_timeout N: 1/N of the time left before the reserve, as a `timeout` prefix for a
     # training step (none without a limit)
     if [ "$LIMIT" -gt 0 ]; then
         local left=$(((LIMIT - SECONDS - RESERVE) / $1))
         # --foreground: train.py stays in this script's process group, so a timeout around the whole script
         # (gpu_run.sh's step) reaches it too; train.py ends its own loader workers
-        echo timeout --foreground -s TERM -k 60 $((left > 30 ? left : 30))
+        echo timeout --foreground -s TERM -k 60 $((left > MIN_TRAIN ? left : MIN_TRAIN))
     fi
 }
 limit_stopped() {  # after a training step failed with code $1: go on from its save if the limit stopped it

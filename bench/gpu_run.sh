@@ -100,7 +100,9 @@ if ((TINY)); then
   NUMERICS=(--iters 1)
   LAZY=(--iters 1 --warmup 0)
   R1=(--device cpu --height 64 --width 32 --batch 2 --iters 1 --warmup 0)
-  COMPILE=(--compile aot_eager)  # dynamo's tracing without inductor's C++ code generation (minutes on a CPU)
+  # dynamo's tracing, run eagerly: the step's plumbing, not inductor's C++ code generation (minutes on a CPU) nor
+  # AOT autograd (30 s here; tests/test_capture.py's compiled test runs the compiled step through aot_eager)
+  COMPILE=(--compile eager)
   EVAL=(--quick --device cpu --cases quick-features quick-rerank quick-aqe)
   QUICKSTART_SCRIPT=${GPU_QUICKSTART:-}
   QUICKSTART_MIN=${GPU_QUICKSTART_MIN:-1}

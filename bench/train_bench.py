@@ -616,7 +616,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="the fast mode's amp (default: the config's, auto)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="the fast mode compiles G and E_a (and the teacher) with torch.compile's BACKEND "
-                        "(default inductor; aot_eager traces without generating code, for the CPU)")
+                        "(default inductor; aot_eager and eager trace without generating code, for the CPU)")
     p.add_argument("--channels_last", action="store_true", help="the fast mode uses channels_last on any device")
     p.add_argument("--iters", type=int, default=50,
                    help="timed iterations (numerics: compared iterations; syncs: counted iterations)")

@@ -100,7 +100,7 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert {r["mode"] for r in figures["dgnet_r1_conv"]["rows"]} == {"fast", "captured"}
     assert all(r["settings"]["r1_conv"] for r in figures["dgnet_r1_conv"]["rows"])
     [compiled] = figures["dgnet_compiled"]["rows"]
-    assert compiled["mode"] == "captured" and compiled["settings"]["compile"] == "aot_eager"  # inductor on a GPU
+    assert compiled["mode"] == "captured" and compiled["settings"]["compile"] == "eager"  # inductor on a GPU
     r1 = figures["r1_bench"]
     assert [x["r1_conv"] for x in r1["rows"]] == [False, True] and r1["max_rel_grad_diff"] < 1e-3
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]
@@ -222,14 +222,14 @@ def test_bad_switches_are_one_line_errors(capsys):
 def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
     """bench/gpu_quickstart.sh end to end at the tiny size: every step runs and OUTDIR gets the JSON, the
     judge's figures and the grids (the GPU run is the same script at full size). Its time limit is spent
-    (QUICKSTART_LIMIT): the training stops itself after the shortest time it is given (30 s), saves, and
-    the evaluation and the metrics run on that checkpoint."""
+    (QUICKSTART_LIMIT): the training stops itself after the shortest time it is given (QUICKSTART_MIN_TRAIN),
+    saves, and the evaluation and the metrics run on that checkpoint."""
     out = tmp_path / "quick"
     proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_quickstart.sh"), str(out)], capture_output=True,
                           text=True, timeout=900, cwd=tmp_path,
                           env={**os.environ, "QUICKSTART_TINY": "1", "PYTHON": sys.executable,
                                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "QUICKSTART_ITERS": "100000",
-                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0",
+                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0", "QUICKSTART_MIN_TRAIN": "15",
                                "QUICKSTART_DGNET_OPTS": "f_grad_w=0.5 log_iter=1"})
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     summary = json.loads((out / "summary.json").read_text())
