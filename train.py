@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ from utils import (
     load_config,
     one_line,
     plain_warnings,
+    quiet_handover_errors,
     run_folder,
     save_checkpoint,
     saved_config,
@@ -143,19 +143,6 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
     """key -> (value in the checkpoint's config, value now) for every key that differs."""
     old, new = flatten(before), flatten(after)
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-
-
-def quiet_worker_teardown() -> None:
-    """Once a stop signal came, drop the EOFError that multiprocessing's resource-sharer thread can raise when a
-    loader worker, signalled with the whole process group, dies in the middle of handing over a batch: the
-    stop is deliberate, and its traceback would bury the one line that says what happened."""
-    previous = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if not issubclass(args.exc_type, (EOFError, ConnectionError)):
-            previous(args)
-
-    threading.excepthook = hook
 
 
 def check_resume_changes(changes: dict[str, tuple[Any, Any]]) -> None:
@@ -238,7 +225,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return  # a repeated SIGTERM (`timeout` signals the process and then its group) changes nothing
         self.signal = signum
-        quiet_worker_teardown()  # the loader workers may have got this signal too: their dying is expected now
+        quiet_handover_errors()  # the loader workers may have got this signal too: their dying is expected now
         if not self.quiet:
             print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
                   "(press Ctrl-C again to abort without saving)", flush=True)

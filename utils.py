@@ -572,6 +572,29 @@ def interrupted(err: BaseException | None) -> bool:
     return False
 
 
+def quiet_handover_errors() -> None:
+    """Drop the EOFError and ConnectionError tracebacks of multiprocessing's helper threads from now on. A
+    loader worker hands each batch's tensors to the main process as file descriptors, served by the worker's
+    resource-sharer thread; when a Ctrl-C to the whole process group interrupts the main process in that
+    handshake, the worker (which may outlive both presses: two signals before its handler runs count once)
+    prints the reset connection's traceback under the main process's one line. That thread reports through
+    sys.excepthook, other threads through threading.excepthook: both are filtered, the main thread's errors
+    never. Called in every loader worker (the main process reports what went wrong there) and in the main
+    process once a stop signal came."""
+    quiet = (EOFError, ConnectionError)
+    thread_hook, sys_hook = threading.excepthook, sys.excepthook
+
+    def from_thread(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, quiet):
+            thread_hook(args)
+
+    def reported(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if threading.current_thread() is threading.main_thread() or not issubclass(exc_type, quiet):
+            sys_hook(exc_type, exc, tb)
+
+    threading.excepthook, sys.excepthook = from_thread, reported
+
+
 def _sync_folder(folder: Path) -> None:
     """Make a rename durable (the folder entry reaches the disk too); a no-op where folders cannot be opened."""
     try:

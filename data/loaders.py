@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.datasets import DATASETS, DatasetSplits, Record, hold_out_validation, read_dataset
 from data.samplers import IdentitySampler, ShuffleSampler
 from data.transforms import eval_transform, random_erasing, train_transform
-from utils import Notice, UserError, exclusive_lock, seed_everything
+from utils import Notice, UserError, exclusive_lock, quiet_handover_errors, seed_everything
 
 # Loader a and b are independent shuffles of the same split: two streams of one seed.
 STREAM_A, STREAM_B, STREAM_TEACHER = 0, 1, 2
@@ -93,11 +93,13 @@ def init_worker(worker_id: int) -> None:
     library that does deterministic too. The signals: a Ctrl-C in a terminal, `timeout`, or a scheduler
     that cancels a job signals the whole process group; a worker that died of it would take the main
     process down mid-iteration, before its safe stop could save. A second one acts as usual, as in the main
-    process (a second Ctrl-C aborts), and so does the SIGTERM with which the loader ends a stuck worker.
+    process (a second Ctrl-C aborts), and so does the SIGTERM with which the loader ends a stuck worker. A
+    handover that the main process broke off is not a traceback here (utils.quiet_handover_errors).
     """
     seed_everything(torch.initial_seed() % 2**63)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _pass_once)
+    quiet_handover_errors()
 
 
 def _pass_once(signum: int, frame: Any) -> None:

@@ -314,10 +314,14 @@ def test_resumable_loader_state_round_trip(market):
 
 def test_a_worker_lets_the_first_sigterm_pass_and_dies_of_the_second():
     """The group-wide SIGTERM of `timeout` or a job scheduler must not kill the workers before the main
-    process has saved; the loader's own SIGTERM for a stuck worker still ends it."""
-    code = ("import time; from data.loaders import init_worker; init_worker(0); print('ready', flush=True); "
-            "time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    process has saved; the loader's own SIGTERM for a stuck worker still ends it. A handover the main process
+    broke off (a reset connection in the resource sharer's thread, reported through sys.excepthook) prints
+    nothing."""
+    code = ("import sys, threading, time; from data.loaders import init_worker; init_worker(0); "
+            "t = threading.Thread(target=sys.excepthook, args=(ConnectionResetError, ConnectionResetError(), None)); "
+            "t.start(); t.join(); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -325,6 +329,7 @@ def test_a_worker_lets_the_first_sigterm_pass_and_dies_of_the_second():
             proc.wait(timeout=1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert proc.stderr.read() == ""
     finally:
         proc.kill()
 

@@ -34,6 +34,7 @@ from utils import (
     load_checkpoint,
     load_config,
     plain_warnings,
+    quiet_handover_errors,
     save_checkpoint,
 )
 
@@ -266,21 +267,33 @@ def test_killed_loader_worker_ends_the_run(tmp_path, data_root):
     assert "lower num_workers" in lines[0] and "Traceback" not in err
 
 
-def test_after_a_stop_signal_a_dying_workers_eof_is_not_a_traceback(monkeypatch):
-    """Ctrl-C reaches the loader workers too; one that dies while handing over a batch makes multiprocessing's
-    resource-sharer thread raise EOFError. After a stop signal that is dropped; any other thread error is not."""
+def test_a_broken_off_handover_is_not_a_traceback(monkeypatch):
+    """Ctrl-C reaches the loader workers too; a main process interrupted while a worker hands it a batch leaves
+    multiprocessing's resource-sharer thread (in the worker) with a reset connection, which it reports through
+    sys.excepthook, other threads through threading.excepthook. After quiet_handover_errors (a worker's start,
+    the main process's stop signal) both drop EOFError and ConnectionError from threads; any other error, and
+    the main thread's own, are reported."""
     seen = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
-    train.quiet_worker_teardown()
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(("thread", args.exc_type)))
+    monkeypatch.setattr(sys, "excepthook", lambda exc_type, exc, tb: seen.append(("sys", exc_type)))
+    quiet_handover_errors()
 
     def fail(exc: type[BaseException]) -> None:
         raise exc()
 
-    for exc in (EOFError, ConnectionResetError, ValueError):
-        worker = threading.Thread(target=fail, args=(exc,))
-        worker.start()
-        worker.join()
-    assert seen == [ValueError]
+    def served(exc: type[BaseException]) -> None:  # the resource sharer's _serve: a bare except, then sys.excepthook
+        try:
+            raise exc()
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+
+    for target in (fail, served):
+        for exc in (EOFError, ConnectionResetError, ValueError):
+            worker = threading.Thread(target=target, args=(exc,))
+            worker.start()
+            worker.join()
+    sys.excepthook(ConnectionResetError, ConnectionResetError(), None)  # the main thread's
+    assert seen == [("thread", ValueError), ("sys", ValueError), ("sys", ConnectionResetError)]
 
 
 def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):
