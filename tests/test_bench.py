@@ -44,32 +44,56 @@ def _finite_numbers(value, path="figures"):
             _finite_numbers(v, f"{path}[{i}]")
 
 
+# gpu_run.sh's steps after its setup (env, data_default), in its order, in two halves of about equal time at the
+# tiny size, which the test below runs side by side (one thread each)
+HALVES = (("dgnet_default", "dgnet_captured", "capture_tests", "numerics", "teacher_default", "dgnet_r1_conv",
+           "quickstart_sizes"),
+          ("profile", "syncs", "r1_bench", "dgnet_lazy_r1", "eval_gpu", "dgnet_compiled", "compile_tests",
+           "quickstart"))
+
+
 def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     """bench/gpu_run.sh --tiny: every step the GPU run makes, at the tiny size, each through train_bench as a
-    script; the report has every figure. A stub stands in for bench/gpu_quickstart.sh, failing after it wrote
-    its JSON: the failure is recorded and its figures kept."""
-    out = tmp_path / "out"
+    script; the report has every figure. Two calls side by side, each naming half of the steps in GPU_RUN_STEPS
+    (as a second call on a warm machine names what the first skipped): each runs its setup and its steps, no
+    other. A stub stands in for bench/gpu_quickstart.sh, failing after it wrote its JSON: the failure is
+    recorded and its figures kept."""
+    script = GPU_RUN.read_text()
+    assert [*re.findall(r"^step (\w+) ", script, re.M)[2:], "quickstart"] == [*HALVES[0], *HALVES[1]]
     stub = tmp_path / "quickstart.sh"
     stub.write_text('echo "{\\"limit\\": $GPU_RUN_STEP_LIMIT}" > "$1/stub.json"; exit 3\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "GPU_RUN_DATA": str(data_dir),
-           "GPU_QUICKSTART": str(stub)}
-    proc = subprocess.run(["bash", str(GPU_RUN), "--tiny", str(out)], capture_output=True, text=True, timeout=900,
-                          env=env)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["log.txt", "results.json", "steps.tar.gz", "summary.md"]  # the device tool brings back 8
-    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
-    result = json.loads((out / "results.json").read_text())
-    assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
-    assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
-    steps = {s["name"]: s for s in result["steps"]}
-    assert list(steps) == ["env", "data_default", "dgnet_default", "dgnet_captured", "capture_tests", "numerics",
-                           "teacher_default", "dgnet_r1_conv", "quickstart_sizes", "profile", "syncs", "r1_bench",
-                           "dgnet_lazy_r1", "eval_gpu", "dgnet_compiled", "compile_tests", "quickstart"]
+    procs = []
+    for i, half in enumerate(HALVES):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "GPU_RUN_DATA": str(data_dir),
+               "GPU_QUICKSTART": str(stub), "GPU_RUN_STEPS": ",".join(half)}
+        with open(tmp_path / f"console{i}.txt", "w") as console:  # files, not pipes: neither call waits on a reader
+            procs.append(subprocess.Popen(["bash", str(GPU_RUN), "--tiny", str(tmp_path / f"out{i}")], env=env,
+                                          stdout=console, stderr=subprocess.STDOUT))
+    try:
+        codes = [proc.wait(timeout=900) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # a no-op once it ended
+    results, summary, names = [], "", []
+    for i, half in enumerate(HALVES):
+        assert codes[i] == 0, (tmp_path / f"console{i}.txt").read_text()[-4000:]
+        out = tmp_path / f"out{i}"
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["log.txt", "results.json", "steps.tar.gz", "summary.md"]  # the device tool brings back 8
+        assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
+        result = json.loads((out / "results.json").read_text())
+        assert [s["name"] for s in result["steps"]] == ["env", "data_default", *half]
+        assert {"date", "torch", "python", "device_name", "git_commit"} <= result["env"].keys()
+        assert result["meta"]["tiny"] and result["meta"]["command"].startswith("bash bench/gpu_run.sh --tiny")
+        results.append(result)
+        summary += (out / "summary.md").read_text()
+        with tarfile.open(out / "steps.tar.gz") as tar:
+            names += tar.getnames()
+    steps = {s["name"]: s for r in results for s in r["steps"]}
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "quickstart"), steps
     assert steps["quickstart"]["status"] == "failed" and steps["quickstart"]["rc"] == 3
 
-    figures = result["figures"]
+    figures = {**results[0]["figures"], **results[1]["figures"]}
     _finite_numbers(figures)
     assert figures["quickstart"]["stub.json"]["limit"] > 0
     runs = {(r["model"], r["mode"]): r for r in figures["dgnet_default"]["rows"] + figures["teacher_default"]["rows"]}
@@ -89,7 +113,7 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert set(figures["teacher_default"]["speedup_captured"]) == {"teacher"}
     assert runs[("dgnet", "fast")]["first_iteration"] == 34000  # every loss term on
     assert set(figures["dgnet_default"]["speedup"]) == {"dgnet"}
-    dgnet = result["raw"]["dgnet_default"]
+    dgnet = results[0]["raw"]["dgnet_default"]
     assert dgnet["benchmark"] == "train_bench" and dgnet["tiny"] and dgnet["device"] == "cpu"
     assert all(RUN_FIELDS <= r.keys() for r in dgnet["runs"]) and dgnet["runs"][1]["last_losses"]["teacher"] > 0
     quick = {(r["model"], r["mode"]) for r in figures["quickstart_sizes"]["rows"]}
@@ -112,12 +136,9 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     numerics = figures["numerics"]
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()
     assert numerics["compared"] == "captured" and numerics["fast"]["captured"] == "graph-safe"
-    summary = (out / "summary.md").read_text()
     for heading in ("## Training speed", "## D's step with R1 alone", "## Profile", "## Host-device syncs",
                     "## Numerics", "## Evaluation on cpu"):
         assert heading in summary
-    with tarfile.open(out / "steps.tar.gz") as tar:
-        names = tar.getnames()
     assert "./trace/profile_trace.json" in names and "./numerics.json" in names
 
 
@@ -134,19 +155,6 @@ def test_gpu_run_skips_what_its_budget_cannot_fit(tmp_path):
     assert result["figures"] == {} and "skipped" in (tmp_path / "out" / "summary.md").read_text()
     proc = subprocess.run(["bash", str(GPU_RUN)], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "usage" in proc.stderr
-
-
-def test_gpu_run_runs_the_steps_it_is_given(tmp_path, data_dir):
-    """GPU_RUN_STEPS: a second call on a warm machine runs only what the first one skipped (and the setup)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "GPU_RUN_DATA": str(data_dir),
-           "GPU_QUICKSTART": "", "GPU_RUN_STEPS": "syncs,quickstart"}
-    proc = subprocess.run(["bash", str(GPU_RUN), "--tiny", str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "out" / "results.json").read_text())
-    status = {s["name"]: s["status"] for s in result["steps"]}
-    assert status == {"env": "ok", "data_default": "ok", "syncs": "ok", "quickstart": "skipped"}, status
-    assert result["figures"]["syncs"]["per_iteration"] >= 1
 
 
 def test_numerics_and_loader_modes(tmp_path, data):
