@@ -89,6 +89,8 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) 
 
     def fit(a: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
         a1 = np.hstack([a, np.ones((len(a), 1))])
+        if len(a1) < a1.shape[1]:  # fewer rows than code dimensions: the same ridge in its rows x rows form
+            return a1.T @ np.linalg.solve(a1 @ a1.T + lam * np.eye(len(a1)), b)
         return np.linalg.solve(a1.T @ a1 + lam * np.eye(a1.shape[1]), a1.T @ b)
 
     def predict(w: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 never speed)."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -315,13 +316,21 @@ def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
     assert rows[0]["appearance_image"] != rows[1]["appearance_image"]  # other people, other pairs
 
 
-def test_split_judge_names_a_missing_checkpoint_in_one_line(tiny_dgnet_run, tmp_path):
+def _bench_module(name):
+    """bench/NAME.py imported (the bench scripts import each other by their own names)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("script", ["split_judge", "part_judge"])
+def test_judges_name_a_missing_checkpoint_in_one_line(tiny_dgnet_run, tmp_path, capsys, script):
     output_path, name, _ = tiny_dgnet_run
-    out = tmp_path / "split.json"
-    proc = _bench_tool("split_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999",
-                       "--json", out)
-    assert proc.returncode == 2 and not out.exists()
-    assert proc.stderr.startswith("error: no checkpoint of iteration 999") and proc.stderr.count("\n") == 1
+    out = tmp_path / "judged.json"
+    code = _bench_module(script).main(["--name", name, "--output_path", str(output_path), "--which_iter", "999",
+                                       "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.startswith("error: no checkpoint of iteration 999") and err.count("\n") == 1
 
 
 def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_path):
@@ -345,9 +354,9 @@ def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_pat
 def test_part_judge_fits_recover_known_colour_mixes():
     """bench/part_judge.py's fits: a swap whose a*b* is 0.5 A + 0.25 B + a constant gives those coefficients;
     a washed-out copy of A has slope 0.5 and correlation 1."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import part_judge
     import torch
+
+    part_judge = _bench_module("part_judge")
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, 2, generator=gen) * 20, torch.randn(40, 2, generator=gen) * 20
@@ -360,9 +369,9 @@ def test_part_judge_fits_recover_known_colour_mixes():
 def test_part_judge_interior_keeps_only_pixels_inside_one_part():
     """A 6x6 block of part 3 on part 1: its inside is the 4x4 core, the ring at its edge and the part 1 pixels
     touching it are left out (0), the image's own border does not count as an edge."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import part_judge
     import torch
+
+    part_judge = _bench_module("part_judge")
 
     labels = torch.ones(2, 10, 8, dtype=torch.uint8)
     labels[:, 2:8, 1:7] = 3
@@ -412,5 +421,3 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
         sub = result[key]
         assert 0 < sub["pixels_kept"] <= 1
         assert all(r["subset_error"] >= 0 and r["true_whole_on_subset"] > 0 for r in sub["parts"].values())
-    missing = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--which_iter", "999")
-    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
