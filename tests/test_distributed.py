@@ -78,15 +78,6 @@ def test_two_processes_stay_identical_and_resume_exactly(tmp_path, data_root):
     assert state["iteration"] == 5 and "rng_ranks" not in state and state["loaders"]["a"] == {"batches_taken": 5}
 
 
-def test_two_process_teacher_with_identity_batches(tmp_path, data_root):
-    done = launch(tmp_path, "--name", "teacher", "--trainer", "baseline", "--nproc_per_machine", "2",
-                  *opts(data_root, "batch_size=8", "triplet_w=1.0", "num_instances=2"))
-    assert "parameters identical on all 2 processes" in done.stdout
-    assert "triplet" in done.stdout
-    assert sorted(p.name for p in (tmp_path / "outputs" / "teacher" / "checkpoints").iterdir()) == [
-        "00000002.pt", "00000004.pt"]
-
-
 def test_ranks_partition_each_epoch(data_root):
     cfg = load_config(CONFIG, [o for o in opts(data_root) if o != "--opts"])
     splits = load_splits(cfg)
@@ -185,19 +176,21 @@ def test_plan_auto_port_and_world_size():
     assert machines.world_size == 6  # machine 1 does not bind machine 0's port
 
 
-def machines(tmp_path, data_root, name, per_machine=((), ())):
-    """Two machines on this one: a launcher per --machine_rank, each with one process and its own --opts."""
+def machines(tmp_path, data_root, name, per_machine=((), ()), args=()):
+    """Two machines on this one: a launcher per --machine_rank, each with one process, `args` and its own --opts."""
     url = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return [subprocess.Popen([sys.executable, "train.py", "--config", CONFIG, "--output_path", str(tmp_path), "--name",
                               name, "--num_machines", "2", "--machine_rank", str(rank), "--nproc_per_machine", "1",
-                              "--dist_url", url, *opts(data_root, *extra)], cwd=REPO_ROOT, env=env,
+                              "--dist_url", url, *args, *opts(data_root, *extra)], cwd=REPO_ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for rank, extra in enumerate(per_machine)]
 
 
 def test_two_machines_train_one_run(tmp_path, data_root):
-    procs = machines(tmp_path, data_root, "pair")
+    """The teacher, on identity batches with the triplet loss (DG-Net's processes are checked above)."""
+    teacher = ("batch_size=8", "triplet_w=1.0", "num_instances=2")
+    procs = machines(tmp_path, data_root, "pair", (teacher, teacher), args=("--trainer", "baseline"))
     try:
         outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
@@ -206,6 +199,9 @@ def test_two_machines_train_one_run(tmp_path, data_root):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "joined pair as process 1 of 2, from iteration 0" in outputs[1][0]
     assert "finished 4 iterations" in outputs[0][0] and "finished" not in outputs[1][0]  # machine 0 reports
+    assert "parameters identical on all 2 processes" in outputs[0][0] and "triplet" in outputs[0][0]
+    assert sorted(p.name for p in (tmp_path / "outputs" / "pair" / "checkpoints").iterdir()) == [
+        "00000002.pt", "00000004.pt"]
     assert len(load_checkpoint(checkpoint_path(tmp_path / "outputs" / "pair", 4))["rng_ranks"]) == 2
 
 
