@@ -20,6 +20,16 @@ from utils import UserError, one_line, run_folder  # noqa: E402
 from visualize import Models, load_run  # noqa: E402
 
 
+def judged_checkpoints(args: argparse.Namespace, judge: Callable[[Models, Any], list[dict[str, Any]]]
+                       ) -> list[dict[str, Any]]:
+    run_dir = run_folder(args.output_path, args.name)
+    results: list[dict[str, Any]] = []
+    for which in args.which_iter:
+        models = load_run(run_dir, which, [], torch.device("cpu"))
+        results += judge(models, load_splits(models.cfg))
+    return results
+
+
 def run_over_checkpoints(argv: list[str] | None, doc: str, tool: str, key: str,
                          judge: Callable[[Models, Any], list[dict[str, Any]]],
                          show: Callable[[list[dict[str, Any]]], None]) -> int:
@@ -32,13 +42,9 @@ def run_over_checkpoints(argv: list[str] | None, doc: str, tool: str, key: str,
     p.add_argument("--which_iter", nargs="+", default=["last"], help="checkpoints to judge (iterations or last)")
     p.add_argument("--json", type=Path, help=f"output (default bench/results/{tool}_<run>.json)")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    results: list[dict[str, Any]] = []
     try:
-        run_dir = run_folder(args.output_path, args.name)
-        for which in args.which_iter:
-            models = load_run(run_dir, which, [], torch.device("cpu"))
-            results += judge(models, load_splits(models.cfg))
+        with torch.no_grad():  # not set_grad_enabled: main() may be called by another program (the tests do)
+            results = judged_checkpoints(args, judge)
     except UserError as err:  # as the project's commands print it: one line
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -40,6 +40,16 @@ def read_until(proc: subprocess.Popen, match: Callable[[str], bool], timeout: fl
     return found[0]
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_kept():
+    """A test (or a command's main() it calls) that leaves autograd off would fail every later test that trains,
+    far from the cause: it fails itself instead."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd off (torch.set_grad_enabled(False) outside a with block)")
+
+
 @pytest.fixture(scope="module")
 def no_onednn():
     """oneDNN's per-shape kernel creation and thread spinning dominate tiny CPU convolutions (several times
