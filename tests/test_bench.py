@@ -3,6 +3,7 @@ never speed)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -159,11 +160,7 @@ def test_gpu_run_skips_what_its_budget_cannot_fit(tmp_path):
 
 
 def test_numerics_and_loader_modes(tmp_path, data):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = train_bench()
     common = ["--tiny", "--device", "cpu", "--data", str(data), "--iters", "2"]
 
     out = tmp_path / "numerics.json"
@@ -202,15 +199,23 @@ def test_numerics_and_loader_modes(tmp_path, data):
     assert calls["dis_a"] == 3 and calls["gen_a.dec"] >= 1 and "gen_a" not in calls and calls["id_a"] >= 4
 
 
-def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data):
+def train_bench():
+    """bench/train_bench.py as a module (its command runs in the test of gpu_run.sh --tiny)."""
+    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data, capsys):
     """One mode that fails (here a config its --fast_opts make invalid) is recorded with its error; the other
     mode's row stays in the JSON, the exit code says something failed, and the report lists it."""
     out = tmp_path / "work" / "dgnet_default.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--data", str(data), "--iters",
-                           "1", "--warmup", "0", "--model", "dgnet", "--mode", "reference,fast", "--fast_opts",
-                           "lr_g=nan", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 1 and "error: dgnet fast: UserError" in proc.stderr, proc.stderr[-2000:]
+    code = train_bench().main(["--tiny", "--device", "cpu", "--data", str(data), "--iters", "1", "--warmup", "0",
+                               "--model", "dgnet", "--mode", "reference,fast", "--fast_opts", "lr_g=nan", "--json",
+                               str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: dgnet fast: UserError" in err, err[-2000:]
     reference, fast = json.loads(out.read_text())["runs"]
     assert reference["mode"] == "reference" and reference["iterations_per_s"] > 0
     assert fast["mode"] == "fast" and "lr_g" in fast["error"]
@@ -223,9 +228,9 @@ def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data):
 
 
 def test_bad_switches_are_one_line_errors(capsys):
-    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--iters", "0"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and "--iters" in proc.stderr
+    assert train_bench().main(["--tiny", "--iters", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--iters" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
@@ -299,35 +304,28 @@ def test_gpu_quickstart_teacher_is_the_cpu_recipe_on_the_gpu_data():
 
 
 def _bench_tool(script, *args):
-    """Run a bench script (bench/SCRIPT) from the repository on one thread; its CompletedProcess."""
-    return subprocess.run([sys.executable, f"bench/{script}", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Run bench/SCRIPT.py's main in this process (the bench scripts import each other by their own names, and
+    their commands run in gpu_run.sh's and gpu_quickstart.sh's tests); its exit code."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    return importlib.import_module(script).main(list(map(str, args)))
 
 
 def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
     """bench/split_judge.py: the judge on the test split and on as many training identities, per checkpoint."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "split.json"
-    proc = _bench_tool("split_judge.py", "--name", name, "--output_path", output_path, "--json", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _bench_tool("split_judge", "--name", name, "--output_path", output_path, "--json", out) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["iteration"], r["split"]) for r in rows] == [(2, "test"), (2, "train")]
     assert all(r["identities"] == 4 and 0 <= r["swap"]["top1"] <= r["swap"]["top5"] <= 1 for r in rows)
     assert rows[0]["appearance_image"] != rows[1]["appearance_image"]  # other people, other pairs
 
 
-def _bench_module(name):
-    """bench/NAME.py imported (the bench scripts import each other by their own names)."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    return importlib.import_module(name)
-
-
 @pytest.mark.parametrize("script", ["split_judge", "part_judge"])
 def test_judges_name_a_missing_checkpoint_in_one_line(tiny_dgnet_run, tmp_path, capsys, script):
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "judged.json"
-    code = _bench_module(script).main(["--name", name, "--output_path", str(output_path), "--which_iter", "999",
-                                       "--json", str(out)])
+    code = _bench_tool(script, "--name", name, "--output_path", output_path, "--which_iter", "999", "--json", out)
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert err.startswith("error: no checkpoint of iteration 999") and err.count("\n") == 1
@@ -338,8 +336,7 @@ def test_appearance_probe_paints_and_judges_what_f_reads(tiny_dgnet_run, tmp_pat
     test pairs painted with the part colours read from each code, beside A's true part colours."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "probe.json"
-    proc = _bench_tool("appearance_probe.py", "--run", name, "--output_path", output_path, "--json", out, "--judge")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _bench_tool("appearance_probe", "--run", name, "--output_path", output_path, "--json", out, "--judge") == 0
     result = json.loads(out.read_text())
     assert [r["code"] for r in result["rows"]][0] == "training mean (no code)"
     assert all(r["mae"] >= 0 for r in result["rows"])
@@ -356,7 +353,8 @@ def test_part_judge_fits_recover_known_colour_mixes():
     a washed-out copy of A has slope 0.5 and correlation 1."""
     import torch
 
-    part_judge = _bench_module("part_judge")
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import part_judge
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, 2, generator=gen) * 20, torch.randn(40, 2, generator=gen) * 20
@@ -371,7 +369,8 @@ def test_part_judge_interior_keeps_only_pixels_inside_one_part():
     touching it are left out (0), the image's own border does not count as an edge."""
     import torch
 
-    part_judge = _bench_module("part_judge")
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import part_judge
 
     labels = torch.ones(2, 10, 8, dtype=torch.uint8)
     labels[:, 2:8, 1:7] = 3
@@ -387,8 +386,7 @@ def test_part_judge_on_a_run(tiny_dgnet_run, tmp_path):
     judge figures in [0, 1]."""
     output_path, name, _ = tiny_dgnet_run
     out = tmp_path / "parts.json"
-    proc = _bench_tool("part_judge.py", "--name", name, "--output_path", output_path, "--json", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _bench_tool("part_judge", "--name", name, "--output_path", output_path, "--json", out) == 0
     (result,) = json.loads(out.read_text())["checkpoints"]
     assert result["iteration"] == 2 and result["chance"] == 0.25
     parts = result["parts"]

@@ -292,14 +292,17 @@ def test_synthetic_config_on_another_folder_or_a_missing_one(market, tmp_path):
     assert load_splits(config(market, "ID_class=751"), evaluation_only=True).query
 
 
-def test_cli_summary_and_error(market, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO_ROOT, capture_output=True,
-                                       text=True, timeout=120)
-    ok = run("--config", str(REPO_ROOT / "configs" / "latest.yaml"), "--opts", f"data_root={market}", "ID_class=5")
-    assert ok.returncode == 0, ok.stderr
-    assert "market1501" in ok.stdout and "train" in ok.stdout
-    bad = run("--config", str(REPO_ROOT / "configs" / "latest.yaml"), "--opts", f"data_root={tmp_path / 'none'}")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+def test_cli_summary_and_error(market, tmp_path, capsys):
+    """`python -m data` (its main; the command itself runs in bench/gpu_quickstart.sh's test)."""
+    from data.__main__ import main
+
+    latest = str(REPO_ROOT / "configs" / "latest.yaml")
+    assert main(["--config", latest, "--opts", f"data_root={market}", "ID_class=5"]) == 0
+    out = capsys.readouterr().out
+    assert "market1501" in out and "train" in out
+    assert main(["--config", latest, "--opts", f"data_root={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
 def test_resumable_loader_state_round_trip(market):
