@@ -253,47 +253,51 @@ def test_launcher_reports_and_helpers():
     assert train.as_user_error(lost, "python train.py --resume") is lost  # one process: not another's death
 
 
-def _buffer_worker(rank: int, port: int, results, ddp_switch: dict) -> None:
-    """One of two gloo ranks: a BatchNorm net whose running mean differs per rank, wrapped by Dist."""
+def _buffer_worker(rank: int, port: int, results, switches: list[dict]) -> None:
+    """One of two gloo ranks: for each DDP switch, a BatchNorm net whose running mean differs per rank, wrapped
+    by Dist."""
     import distributed
 
-    distributed._NO_FORWARD_BUFFER_SYNC = ddp_switch
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         d = Dist(device=torch.device("cpu"), rank=rank, world_size=2)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-        ddp = d.wrap(net)
-        net[1].running_mean.fill_(rank + 1.0)  # after wrapping, which may sync buffers once
-        x = torch.randn(2, 3, 8, 8)
-        (ddp(x).sum() + ddp(x + 1).sum()).backward()  # two forwards, one backward: DG-Net's pattern
-        after_forwards = net[1].running_mean.tolist()
-        d.sync_buffers()
-        results.put((rank, after_forwards, net[1].running_mean.tolist()))
+        for i, switch in enumerate(switches):
+            distributed._NO_FORWARD_BUFFER_SYNC = switch
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+            ddp = d.wrap(net)
+            net[1].running_mean.fill_(rank + 1.0)  # after wrapping, which may sync buffers once
+            x = torch.randn(2, 3, 8, 8)
+            (ddp(x).sum() + ddp(x + 1).sum()).backward()  # two forwards, one backward: DG-Net's pattern
+            after_forwards = net[1].running_mean.tolist()
+            d.sync_buffers()
+            results.put((rank, i, after_forwards, net[1].running_mean.tolist()))
     except Exception as exc:  # reported to the test instead of leaving it waiting
-        results.put((rank, repr(exc), None))
+        results.put((rank, -1, repr(exc), None))
     finally:
         end_process_group()
 
 
-# the switch this torch has (the module's choice), and the one older torch releases need
-SWITCHES = [distributed_module._NO_FORWARD_BUFFER_SYNC, {"broadcast_buffers": False}]
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("ddp_switch", SWITCHES, ids=lambda d: next(iter(d)))
-def test_forwards_leave_buffers_alone_and_sync_buffers_spreads_rank_0s(ddp_switch):
+def test_forwards_leave_buffers_alone_and_sync_buffers_spreads_rank_0s():
     """DDP's in-place buffer broadcast before every forward is what breaks DG-Net's several forwards per
     backward on CUDA; with it off, a forward keeps each rank's own statistics, and sync_buffers (once per
-    iteration) gives every rank rank 0's. (With DDP's default broadcast, rank 1 ends the forwards with 1.0.)"""
+    iteration) gives every rank rank 0's. (With DDP's default broadcast, rank 1 ends the forwards with 1.0.)
+    Both switches: the one this torch has (the module's choice), and the one older torch releases need."""
+    switches = [distributed_module._NO_FORWARD_BUFFER_SYNC, {"broadcast_buffers": False}]
     ctx = torch_mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_buffer_worker, args=(rank, port, results, ddp_switch)) for rank in range(2)]
+    procs = [ctx.Process(target=_buffer_worker, args=(rank, port, results, switches)) for rank in range(2)]
     for proc in procs:
         proc.start()
-    got = dict((rank, (forwards, synced)) for rank, forwards, synced in (results.get(timeout=TIMEOUT) for _ in procs))
+    got = {}
+    while len(got) < 2 * len(switches):
+        rank, i, forwards, synced = results.get(timeout=TIMEOUT)
+        assert i >= 0, f"rank {rank}: {forwards}"
+        got[rank, i] = forwards, synced
     for proc in procs:
         proc.join(TIMEOUT)
         assert proc.exitcode == 0
-    assert got[1][0] == [2.0] * 4  # no broadcast in the forwards
-    assert got[0][1] == got[1][1] == [1.0] * 4
+    for i, switch in enumerate(switches):
+        assert got[1, i][0] == [2.0] * 4, switch  # no broadcast in the forwards
+        assert got[0, i][1] == got[1, i][1] == [1.0] * 4, switch
