@@ -58,6 +58,7 @@ from features import (
     weighted_both_sides,
 )
 from utils import (
+    NonFiniteState,
     UserError,
     add_run_arguments,
     check_once,
@@ -212,6 +213,8 @@ def evaluate_model(model: torch.nn.Module, cfg: dict[str, Any], query_records: S
                               label=label and f"{label} gallery")
     finally:
         model.train(training)
+    if not (torch.isfinite(qf).all() and torch.isfinite(gf).all()):  # training's validation: a diverged model
+        raise NonFiniteState("the model's features hold NaN or infinity: it has diverged")
     return score(weight_query(qf, has_halves(model), alpha), gf, query_records, gallery_records, ap=ap,
                  device=device)
 

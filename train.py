@@ -45,6 +45,7 @@ from data.loaders import (
     worker_death,
 )
 from utils import (
+    BEST_NAME,
     REPO_ROOT,
     NonFiniteState,
     RunLock,
@@ -135,6 +136,8 @@ FIXED_ON_RESUME = {
     "val_ids": "the held-out identities decide the training split the loaders resume in",
     "crop_image_height": "the networks were trained at the run's image size",
     "crop_image_width": "the networks were trained at the run's image size",
+    "batch_size": "the loaders resume at their position counted in batches of the run's size",
+    "num_instances": "the identity sampler resumes at its position counted in the run's batches",
 }
 CHANGES_FILE = "config_changes.log"
 
@@ -383,7 +386,9 @@ class Snapshots:
 class Validation:
     """R1/mAP on the held-out training identities (`val_ids`) every `eval_iter`, by rank 0, with the test
     protocol; `checkpoints/best.pt` keeps the whole state at the best validation mAP so far. The test split
-    is never used for selection."""
+    is never used for selection. The run's last iteration is validated too, for the log, but is a candidate
+    for best.pt only on the eval_iter schedule: a run ended there and continued later would otherwise choose
+    among other points than the same run made in one go."""
 
     def __init__(self, cfg: dict[str, Any], splits: Any, model: torch.nn.Module, writer: Any,
                  dist: distributed.Dist, best_path: Path, state_of: Any, best: float | None):
@@ -392,23 +397,36 @@ class Validation:
         self.best_path, self.state_of, self.best = best_path, state_of, best
 
     def __call__(self, done: int, losses: dict[str, torch.Tensor]) -> None:
-        if done % self.every and done != self.max_iter:
+        on_schedule = done % self.every == 0
+        if not on_schedule and done != self.max_iter:
             return
-        improved = False
+        improved, diverged = False, None
         if self.dist.is_main:
             from test import evaluate_model  # the evaluation protocol of test.py, on the validation split
 
-            r = evaluate_model(self.model, self.cfg, self.splits.val_query, self.splits.val_gallery,
-                               self.dist.device)
-            for key in ("R1", "R5", "mAP", "mINP"):
-                self.writer.add_scalar(f"val/{key}", r[key], done)
-            improved = self.best is None or r["mAP"] > self.best
-            if improved:
-                self.best = r["mAP"]
-            print(f"validation at {done}: R1 {100 * r['R1']:.2f} mAP {100 * r['mAP']:.2f} mINP "
-                  f"{100 * r['mINP']:.2f} ({r['num_valid_queries']} queries, {self.cfg['val_ids']} held-out "
-                  f"identities){'; best so far, saved ' + str(self.best_path) if improved else ''}", flush=True)
-        if self.dist.max_flag(int(improved)):  # every process takes part in a checkpoint (its RNG state)
+            try:
+                r = evaluate_model(self.model, self.cfg, self.splits.val_query, self.splits.val_gallery,
+                                   self.dist.device)
+            except NonFiniteState as err:  # a diverged E_a: the run stops as on a NaN loss, every process
+                diverged = NonFiniteState(f"validation at {done}: {err}")
+            else:
+                for key in ("R1", "R5", "mAP", "mINP"):
+                    self.writer.add_scalar(f"val/{key}", r[key], done)
+                improved = on_schedule and (self.best is None or r["mAP"] > self.best)
+                if improved:
+                    self.best = r["mAP"]
+                note = ("; best so far, saved " + str(self.best_path) if improved else
+                        "" if on_schedule else f"; off the eval_iter schedule ({self.every}): not a candidate for "
+                        "best.pt")
+                print(f"validation at {done}: R1 {100 * r['R1']:.2f} mAP {100 * r['mAP']:.2f} mINP "
+                      f"{100 * r['mINP']:.2f} ({r['num_valid_queries']} queries, {self.cfg['val_ids']} held-out "
+                      f"identities){note}", flush=True)
+        # one agreement for both: 2 stops every process (rank 0 alone evaluated), 1 makes each take part in the
+        # checkpoint (its RNG state)
+        verdict = self.dist.max_flag(2 if diverged else int(improved))
+        if verdict == 2:
+            raise diverged or NonFiniteState(f"validation at {done}: the model of process 0 has diverged")
+        if verdict:
             write_state(self.state_of(done), self.best_path, self.dist)
 
 
@@ -699,10 +717,23 @@ def fingerprint_mismatch(fingerprints: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def saved_iteration(path: Path) -> int | None:
+    """The iteration a checkpoint holds, read without loading its tensors (mapped, not read); None when the
+    file is not a readable checkpoint."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    except Exception:  # truncated, not a checkpoint: whatever torch raises; the caller leaves such a file alone
+        return None
+
+
 def supersede_newer(run_dir: Path, start: int) -> None:
     """Resuming from an older checkpoint: the newer ones belong to the abandoned continuation. They move to
-    checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again."""
+    checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again; so does
+    best.pt when it was chosen after `start` (validation makes it again where it is due)."""
     newer = [p for it, p in list_checkpoints(run_dir) if it > start]
+    best = run_dir / "checkpoints" / BEST_NAME
+    if best.is_file() and (saved_iteration(best) or 0) > start:
+        newer.append(best)
     if not newer:
         return
     folder = run_dir / "checkpoints" / f"superseded_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -808,7 +839,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         periodic.append(SwapFidelity(cfg, splits, trainer, writer))
     if cfg["val_ids"] > 0:
         model = trainer.id_a if kind == "DGNet" else trainer.parts["teacher"].module
-        validation = Validation(cfg, splits, model, writer, dist, run_dir / "checkpoints" / "best.pt", state_of,
+        validation = Validation(cfg, splits, model, writer, dist, run_dir / "checkpoints" / BEST_NAME, state_of,
                                 state.get("best_val_mAP") if state else None)
         periodic.append(validation)
     periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from

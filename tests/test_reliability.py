@@ -129,18 +129,26 @@ def test_exit_ends_workers_an_error_left_running(tmp_path, data_root):
     assert proc.returncode == 2 and "failed as expected" in out, err
 
 
-def test_diverged_state_is_never_saved(tmp_path, data_root, capsys, no_onednn):
+@pytest.mark.parametrize("validation", [(), ("val_ids=1", "eval_iter=1")], ids=["snapshot", "validation"])
+def test_diverged_state_is_never_saved(tmp_path, data_root, capsys, no_onednn, validation):
     """A learning rate that blows up the weights: at the second snapshot the logged loss is still finite but
-    BatchNorm's running variance is NaN. That snapshot is refused, and the one the message names is good."""
+    BatchNorm's running variance is NaN. That snapshot is refused, and the one the message names is good. With
+    validation every iteration, the first validation (before the first snapshot) already finds the features
+    non-finite and stops the run the same way, before anything is written (it was a one-line evaluation error,
+    exit 2, and under DDP the other processes waited for rank 0)."""
     code = run(tmp_path, "diverged", data_root, "lr2=1e10", "batch_size=8", "num_instances=2",
-               "snapshot_save_iter=1", "max_iter=3", args=("--trainer", "baseline"))
+               "snapshot_save_iter=1", "max_iter=3", *validation, args=("--trainer", "baseline"))
     err = capsys.readouterr().err
     assert code == 3, err
     lines = error_lines(err)
-    assert len(lines) == 1 and "the run has diverged" in lines[0] and "holds NaN or infinity" in lines[0], err
     run_dir = tmp_path / "outputs" / "diverged"
-    named = lines[0].split("the last good checkpoint is ")[1].rstrip(")")
-    assert load_checkpoint(named)["iteration"] == 1
+    if validation:
+        assert len(lines) == 1 and "validation at 1: the model's features hold NaN or infinity" in lines[0], err
+        assert "no checkpoint was written" in lines[0] and not list((run_dir / "checkpoints").glob("*.pt"))
+    else:
+        assert len(lines) == 1 and "the run has diverged" in lines[0] and "holds NaN or infinity" in lines[0], err
+        named = lines[0].split("the last good checkpoint is ")[1].rstrip(")")
+        assert load_checkpoint(named)["iteration"] == 1
     for path in (run_dir / "checkpoints").glob("*.pt"):
         load_checkpoint(path)  # every checkpoint written is finite (loading refuses any other)
     assert not leftovers(run_dir)

@@ -153,7 +153,7 @@ def test_resume_of_a_run_written_before_newer_keys_reports_only_its_own_changes(
 def test_resume_refuses_what_it_cannot_apply(trained, tmp_path, data_root, capsys):
     config = (copy_of(trained, tmp_path, "fixed") / "config.yaml").read_bytes()
     for opt in ("seed=5", "pretrained=imagenet", "gen.init=xavier", "lr_policy=constant", "ID_stride=2", "pool=avg",
-                "dataset=market1501", "val_ids=1", "crop_image_height=128"):
+                "dataset=market1501", "val_ids=1", "crop_image_height=128", "batch_size=2", "num_instances=2"):
         assert run(tmp_path, "fixed", data_root, "max_iter=3", opt, args=("--resume",)) == 2
         key = opt.split("=")[0]
         assert f"--resume: {key} cannot change" in one_error_line(capsys)

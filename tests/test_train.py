@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,9 +213,21 @@ def test_validation_best_checkpoint_and_swap_fidelity(tmp_path, data_root, capsy
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     last = load_checkpoint(checkpoint_path(run_dir, 4))
     assert best["iteration"] in (2, 4) and last["best_val_mAP"] == best["best_val_mAP"] >= 0
-    # the best checkpoint is not a snapshot: resume and keep_last ignore it
+    # the best checkpoint is not a snapshot: resume and keep_last ignore it. The run's last iteration off the
+    # eval_iter schedule is validated for the log but chooses nothing: continued later, the run must choose
+    # among the points it would have had in one go
     assert run(tmp_path, "val", data_root, "max_iter=5", args=("--resume",)) == 0
-    assert "validation at 5:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation at 5:" in out and "off the eval_iter schedule (2): not a candidate for best.pt" in out
+    again = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert again["iteration"] == best["iteration"] and again["best_val_mAP"] == best["best_val_mAP"]
+    # resumed from iteration 2, a best.pt chosen later (iteration 4's state, here) belongs to the abandoned
+    # continuation and moves with it
+    shutil.copy(checkpoint_path(run_dir, 4), run_dir / "checkpoints" / "best.pt")
+    assert run(tmp_path, "val", data_root, "max_iter=3", args=("--resume", "--which_iter", "2")) == 0
+    assert "best.pt" in capsys.readouterr().out
+    (moved,) = (run_dir / "checkpoints").glob("superseded_*/best.pt")
+    assert load_checkpoint(moved)["iteration"] == 4
 
 
 def test_hold_out_validation_identities():
