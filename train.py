@@ -729,7 +729,8 @@ def saved_iteration(path: Path) -> int | None:
 def supersede_newer(run_dir: Path, start: int) -> None:
     """Resuming from an older checkpoint: the newer ones belong to the abandoned continuation. They move to
     checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again; so does
-    best.pt when it was chosen after `start` (validation makes it again where it is due)."""
+    best.pt when it was chosen after `start` (the next validation that beats the best mAP up to `start` writes
+    it again)."""
     newer = [p for it, p in list_checkpoints(run_dir) if it > start]
     best = run_dir / "checkpoints" / BEST_NAME
     if best.is_file() and (saved_iteration(best) or 0) > start:
