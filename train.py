@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,12 @@ class StopRequest:
         self.signal = signum
         quiet_handover_errors()  # the loader workers may have got this signal too: their dying is expected now
         if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-                  "(press Ctrl-C again to abort without saving)", flush=True)
+            # Said from a thread: the handler can run inside the main thread's own write to the console (tee'd
+            # to log.txt, runlog.py), where printing again is a reentrant call that raises; a thread waits for
+            # that write to end.
+            threading.Thread(target=print, args=(f"\n{signal.Signals(signum).name}: finishing this iteration, then "
+                                                 "saving a checkpoint (press Ctrl-C again to abort without saving)",),
+                             kwargs={"flush": True}, daemon=True).start()
 
 
 class NonFiniteLoss(Exception):

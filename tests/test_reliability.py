@@ -3,6 +3,7 @@ gone, no checkpoint holding NaN, nothing good overwritten, no temporary file lef
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import signal
@@ -302,6 +303,30 @@ def test_a_broken_off_handover_is_not_a_traceback(monkeypatch):
             worker.join()
     sys.excepthook(ConnectionResetError, ConnectionResetError(), None)  # the main thread's
     assert seen == [("thread", ValueError), ("sys", ValueError), ("sys", ConnectionResetError)]
+
+
+def test_a_stop_signal_during_a_console_write_is_announced(monkeypatch):
+    """The stop signal's handler can run inside the main thread's own write to the console (tee'd to log.txt),
+    where writing again is a reentrant call that raises (seen in the suite: the run died of it instead of
+    stopping). Here every write from the main thread raises so: the handler still takes the stop, and the
+    notice comes out."""
+    class Busy(io.StringIO):
+        def write(self, text: str) -> int:
+            if threading.current_thread() is threading.main_thread():
+                raise RuntimeError("reentrant call inside <_io.BufferedWriter name='log.txt'>")
+            return super().write(text)
+
+    busy = Busy()
+    monkeypatch.setattr(sys, "stdout", busy)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # quiet_handover_errors replaces it
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    with train.StopRequest() as stop:
+        before = set(threading.enumerate())
+        stop._handle(signal.SIGTERM, None)
+        for thread in set(threading.enumerate()) - before:
+            thread.join(10)
+    assert stop.signal == signal.SIGTERM
+    assert "SIGTERM: finishing this iteration, then saving a checkpoint" in busy.getvalue()
 
 
 def test_second_ctrl_c_aborts_quietly(tmp_path, data_root):

@@ -35,7 +35,8 @@ def test_a_run_writes_its_record_and_a_resume_from_an_older_checkpoint_rewrites_
     assert again[0] == first
     assert [s["iteration"] for s in json.loads((run_dir / "env.json").read_text())] == [0, 1]
     log = (run_dir / "log.txt").read_text()
-    assert log.count("finished 3 iterations") == 2 and "moved 2 newer checkpoint(s)" in log  # appended
+    assert log.count("finished 3 iterations") == 2  # appended
+    assert "moved 3 newer checkpoint(s) (00000002.pt, 00000003.pt, best.pt)" in log  # best.pt was chosen at 2
 
 
 def test_a_run_started_again_before_its_first_snapshot_keeps_no_stale_lines(tmp_path, data_root):
