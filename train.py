@@ -420,9 +420,9 @@ class Validation:
                 improved = on_schedule and (self.best is None or r["mAP"] > self.best)
                 if improved:
                     self.best = r["mAP"]
-                note = ("; best so far, saved " + str(self.best_path) if improved else
-                        "" if on_schedule else f"; off the eval_iter schedule ({self.every}): not a candidate for "
-                        "best.pt")
+                note = f"; best so far, saved {self.best_path}" if improved else ""
+                if not on_schedule:
+                    note = f"; off the eval_iter schedule ({self.every}): not a candidate for best.pt"
                 print(f"validation at {done}: R1 {100 * r['R1']:.2f} mAP {100 * r['mAP']:.2f} mINP "
                       f"{100 * r['mINP']:.2f} ({r['num_valid_queries']} queries, {self.cfg['val_ids']} held-out "
                       f"identities){note}", flush=True)

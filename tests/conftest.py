@@ -9,12 +9,25 @@ import os
 # state. Set before torch loads oneDNN; fp32 never uses AMX, so only the bf16 tests see a difference.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
+import importlib  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from utils import REPO_ROOT  # noqa: E402
+
+
+def bench_module(name: str):  # noqa: ANN201
+    """bench/NAME.py as a module, for the tests that call a bench script's functions or its main in-process
+    (the scripts import each other by their own names, so bench/ goes on the path)."""
+    folder = str(REPO_ROOT / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def read_until(proc: subprocess.Popen, match: Callable[[str], bool], timeout: float, what: str) -> str:

@@ -2,8 +2,6 @@
 never speed)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -13,10 +11,10 @@ import sys
 import tarfile
 
 import pytest
+from conftest import bench_module
 
 from utils import REPO_ROOT, load_config
 
-BENCH = REPO_ROOT / "bench" / "train_bench.py"
 GPU_RUN = REPO_ROOT / "bench" / "gpu_run.sh"
 RUN_FIELDS = {"model", "mode", "settings", "iters", "warmup", "seconds", "iterations_per_s", "images_per_s",
               "data_share", "peak_memory_gib", "peak_memory_kind", "first_iteration", "last_losses"}
@@ -160,7 +158,7 @@ def test_gpu_run_skips_what_its_budget_cannot_fit(tmp_path):
 
 
 def test_numerics_and_loader_modes(tmp_path, data):
-    bench = train_bench()
+    bench = bench_module("train_bench")
     common = ["--tiny", "--device", "cpu", "--data", str(data), "--iters", "2"]
 
     out = tmp_path / "numerics.json"
@@ -199,21 +197,13 @@ def test_numerics_and_loader_modes(tmp_path, data):
     assert calls["dis_a"] == 3 and calls["gen_a.dec"] >= 1 and "gen_a" not in calls and calls["id_a"] >= 4
 
 
-def train_bench():
-    """bench/train_bench.py as a module (its command runs in the test of gpu_run.sh --tiny)."""
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data, capsys):
     """One mode that fails (here a config its --fast_opts make invalid) is recorded with its error; the other
     mode's row stays in the JSON, the exit code says something failed, and the report lists it."""
     out = tmp_path / "work" / "dgnet_default.json"
-    code = train_bench().main(["--tiny", "--device", "cpu", "--data", str(data), "--iters", "1", "--warmup", "0",
-                               "--model", "dgnet", "--mode", "reference,fast", "--fast_opts", "lr_g=nan", "--json",
-                               str(out)])
+    code = bench_module("train_bench").main([
+        "--tiny", "--device", "cpu", "--data", str(data), "--iters", "1", "--warmup", "0", "--model", "dgnet",
+        "--mode", "reference,fast", "--fast_opts", "lr_g=nan", "--json", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and "error: dgnet fast: UserError" in err, err[-2000:]
     reference, fast = json.loads(out.read_text())["runs"]
@@ -228,7 +218,7 @@ def test_a_failing_mode_keeps_the_rows_measured(tmp_path, data, capsys):
 
 
 def test_bad_switches_are_one_line_errors(capsys):
-    assert train_bench().main(["--tiny", "--iters", "0"]) == 2
+    assert bench_module("train_bench").main(["--tiny", "--iters", "0"]) == 2
     err = capsys.readouterr().err
     assert "--iters" in err and len(err.strip().splitlines()) == 1
 
@@ -304,10 +294,9 @@ def test_gpu_quickstart_teacher_is_the_cpu_recipe_on_the_gpu_data():
 
 
 def _bench_tool(script, *args):
-    """Run bench/SCRIPT.py's main in this process (the bench scripts import each other by their own names, and
-    their commands run in gpu_run.sh's and gpu_quickstart.sh's tests); its exit code."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    return importlib.import_module(script).main(list(map(str, args)))
+    """bench/SCRIPT.py's main, in this process (the commands run in gpu_run.sh's and gpu_quickstart.sh's tests);
+    its exit code."""
+    return bench_module(script).main(list(map(str, args)))
 
 
 def test_split_judge_on_a_run(tiny_dgnet_run, tmp_path):
@@ -353,8 +342,7 @@ def test_part_judge_fits_recover_known_colour_mixes():
     a washed-out copy of A has slope 0.5 and correlation 1."""
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import part_judge
+    part_judge = bench_module("part_judge")
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, 2, generator=gen) * 20, torch.randn(40, 2, generator=gen) * 20
@@ -369,8 +357,7 @@ def test_part_judge_interior_keeps_only_pixels_inside_one_part():
     touching it are left out (0), the image's own border does not count as an edge."""
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import part_judge
+    part_judge = bench_module("part_judge")
 
     labels = torch.ones(2, 10, 8, dtype=torch.uint8)
     labels[:, 2:8, 1:7] = 3

@@ -4,13 +4,13 @@ and on a CUDA device (skipped elsewhere) the captured iterations themselves."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 
 import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as torch_mp
+from conftest import bench_module
 from test_fast_path import BATCH, CPU, NUM_CLASSES, batch, tiny_cfg  # the tiny DG-Net and batches, every term on
 
 import capture
@@ -102,7 +102,7 @@ def test_graph_safe_step_makes_no_host_read(r1_conv: str) -> None:
     """The function a CUDA graph records reads nothing on the host (bench/train_bench.py's SyncCounter) with
     the fused optimizers that a GPU uses, with R1 on either convolution path; the eager step reads at least
     its coin."""
-    bench = train_bench()
+    bench = bench_module("train_bench")
     trainer = dgnet("fused_optim=always", f"r1_conv={r1_conv}")
     recorded = host_reads(bench, CapturedStep(trainer, graphs=False), lambda step: run(step, range(2)))
     assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
@@ -166,13 +166,6 @@ def test_compile_backend_key() -> None:
     with pytest.raises(UserError, match="compile_backend is 'inducter': use inductor, or one of .*aot_eager"):
         dgnet("compile=true", "compile_backend=inducter")
     assert dgnet("compile_backend=inducter").compile_backend is None  # read only when compile is on
-
-
-def train_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", REPO_ROOT / "bench" / "train_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def host_reads(bench, step: CapturedStep, drive) -> list[list]:
@@ -292,7 +285,7 @@ def test_graph_safe_teacher_step_equals_the_eager_step(monkeypatch) -> None:
 
 def test_graph_safe_teacher_step_makes_no_host_read() -> None:
     """The teacher's captured function reads nothing on the host, with the foreach SGD a GPU uses."""
-    recorded = host_reads(train_bench(), CapturedStep(teacher("fused_optim=always"), graphs=False),
+    recorded = host_reads(bench_module("train_bench"), CapturedStep(teacher("fused_optim=always"), graphs=False),
                           lambda step: run(step, range(2), teacher_batches))
     assert len(recorded) == 2 and all(not sites for sites in recorded), recorded
 

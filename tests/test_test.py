@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import bench_module
 from test_train import tiny  # the tiny DG-Net settings the training tests use
 
 import features
@@ -281,11 +282,7 @@ def test_bad_input_is_one_line(tiny_run, capsys, args, message):
 def test_bench_quick_runs():
     """bench/eval_bench.py's cases, each in this process (its command, a process per case, runs in the test of
     bench/gpu_run.sh --tiny)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_bench", REPO_ROOT / "bench" / "eval_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("eval_bench")
     names = ["quick-distmat", "quick-distmat-reference", "quick-roc"]
     cases = [bench.run_case(name, 512, True, "cpu") for name in names]
     assert [c["case"] for c in cases] == names
