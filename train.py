@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -539,6 +540,49 @@ def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[st
         cfg[key] = given if saved and key == "pretrained" else pinned_weights(given)
         if say and Path(given).expanduser().is_dir() and cfg[key] != given:
             print(f"{key}: {cfg[key]} (the weights in {given} now; recorded in the run's config.yaml)", flush=True)
+        if say and key == "teacher" and not saved:
+            line, warning = teacher_report(cfg[key])
+            if line:
+                print(line, flush=True)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def teacher_report(path: str) -> tuple[str | None, str | None]:
+    """What a fresh DG-Net run should know of the teacher checkpoint it pinned, as a console line (its
+    iteration of its run's max_iter, and the test.py figures written for it) and a warning when its run
+    stopped short. The original release's issues (#26, #60) trace poor DG-Net results to the teacher, whose
+    primary features E_a learns, so this is said before hours go into a run. (None, None) for what is not a
+    teacher checkpoint of train.py: the original baseline's files carry no such record, and a bad file is
+    load_teacher's to name."""
+    p = Path(path)
+    try:  # mapped, not read: the teacher is loaded properly later
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        kind, iteration, max_iter = state["kind"], int(state["iteration"]), int(state["config"]["max_iter"])
+    except Exception:  # not a checkpoint of train.py, or unreadable
+        return None, None
+    if kind != "baseline":
+        return None, None
+    run_dir = p.parent.parent
+    line = f"teacher: iteration {iteration:,} of its run's {max_iter:,}"
+    finish = "finish its run first"
+    if p.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():  # in a run folder
+        output_path = run_dir.parent.parent  # run_folder's <output_path>/outputs/<name>
+        options = "" if output_path.resolve() == Path.cwd().resolve() else f" --output_path {output_path}"
+        which = ("" if p == latest_checkpoint(run_dir) else
+                 " --which_iter best" if p.name == BEST_NAME else f" --which_iter {iteration}")
+        results = run_dir / "results" / f"{iteration:08d}.json"
+        try:
+            scores = json.loads(results.read_text())
+            line += f"; test.py on it: R1 {100 * scores['R1']:.2f} %, mAP {100 * scores['mAP']:.2f} % ({results})"
+        except (OSError, ValueError, KeyError, TypeError):  # not evaluated, or not on its own data's defaults
+            line += f"; not evaluated yet (python test.py --name {run_dir.name}{options}{which})"
+        finish = f"finish it first (python train.py --resume --name {run_dir.name}{options})"
+    warning = None
+    if iteration < max_iter:
+        warning = (f"the teacher's run stopped at iteration {iteration:,} of {max_iter:,}; E_a learns its primary "
+                   f"features from it, and a teacher trained short holds DG-Net back: {finish}, or go on knowing it")
+    return line, warning
 
 
 def build_trainer(kind: str, cfg: dict[str, Any], num_classes: int, device: torch.device) -> Any:

@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic data: the run folder, exact resume, safe stop, bad input."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import torch
 from conftest import read_until
 
 import train
-from utils import REPO_ROOT, UserError, checkpoint_path, load_checkpoint, load_config
+from utils import REPO_ROOT, UserError, checkpoint_path, dump_config, load_checkpoint, load_config, save_checkpoint
 
 
 def tiny(data_root, *extra):
@@ -108,8 +109,12 @@ def test_teacher_then_dgnet(tmp_path, data_root, capsys):
                args=teacher_args) == 0
     state = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "teacher", 4))
     assert state["kind"] == "baseline" and "teacher" in state["trainer"]["models"]
+    capsys.readouterr()
     assert run(tmp_path, "student", data_root, "max_teacher_w=2.0", f"teacher={tmp_path / 'outputs' / 'teacher'}",
                "max_iter=2") == 0
+    # the console says how far the teacher trained, and how to evaluate it (teacher_report)
+    assert (f"teacher: iteration 4 of its run's 4; not evaluated yet (python test.py --name teacher --output_path "
+            f"{tmp_path})") in capsys.readouterr().out
     # the configs' relative teacher: outputs/<name> is found under --output_path, where the teacher was written
     assert not Path("outputs/teacher").exists()
     assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "max_iter=2") == 0
@@ -145,6 +150,36 @@ def test_teacher_then_dgnet(tmp_path, data_root, capsys):
     assert run(tmp_path, "heldout", data_root, "max_teacher_w=2.0", "teacher=outputs/teacher", "val_ids=2") == 2
     err = capsys.readouterr().err
     assert "classes but the data has" in err and "trained with val_ids: 2 and seed" in err
+
+
+def test_teacher_report_names_its_figures_and_a_run_stopped_short(tmp_path, monkeypatch):
+    """A fresh DG-Net run prints its teacher's iteration of its run's max_iter with the test.py figures written
+    for it, and warns when the teacher's run stopped short of max_iter, with the command that finishes it."""
+    from trainer import BaselineTrainer
+
+    run_dir = tmp_path / "outputs" / "t"
+    cfg = load_config(None, ["max_iter=10", "ID_class=null", "backbone=resnet18", "pretrained=none"])
+    (run_dir / "checkpoints").mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    state = {"kind": "baseline", "iteration": 4, "config": cfg,
+             "trainer": BaselineTrainer(cfg, 3, torch.device("cpu")).state_dict()}
+    for it in (4, 6):
+        save_checkpoint({**state, "iteration": it}, checkpoint_path(run_dir, it))
+    monkeypatch.chdir(tmp_path)
+    line, warning = train.teacher_report(str(checkpoint_path(run_dir, 4)))
+    assert line == "teacher: iteration 4 of its run's 10; not evaluated yet (python test.py --name t --which_iter 4)"
+    assert "stopped at iteration 4 of 10" in warning and "(python train.py --resume --name t)" in warning
+    (run_dir / "results").mkdir()
+    (run_dir / "results" / "00000006.json").write_text(json.dumps({"R1": 0.875, "mAP": 0.5}))
+    cfg["max_iter"] = 6
+    save_checkpoint({**state, "iteration": 6, "config": cfg}, checkpoint_path(run_dir, 6))
+    line, warning = train.teacher_report(str(checkpoint_path(run_dir, 6)))
+    assert line.startswith("teacher: iteration 6 of its run's 6; test.py on it: R1 87.50 %, mAP 50.00 %")
+    assert warning is None
+    # a DG-Net checkpoint or another file: nothing to say here (load_teacher names what is wrong)
+    assert train.teacher_report(str(run_dir / "config.yaml")) == (None, None)
+    save_checkpoint({**state, "kind": "DGNet"}, tmp_path / "dgnet.pt")
+    assert train.teacher_report(str(tmp_path / "dgnet.pt")) == (None, None)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
