@@ -1,6 +1,7 @@
 """Train DG-Net, or the teacher it needs.
 
     python train.py --config configs/teacher/market.yaml --trainer baseline --name teacher-market  # the teacher
+    python train.py --config configs/latest.yaml --dry_run                    # check it first; writes nothing
     python train.py --config configs/latest.yaml                              # DG-Net (its teacher: the run above)
     python train.py --config configs/latest.yaml --resume                     # continue exactly
     python train.py --resume --name latest --which_iter 20000                 # continue from an older one
@@ -25,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -86,6 +88,9 @@ SOURCE_FILES = ("train.py", "trainer.py", "distributed.py", "networks.py", "reID
 # command line, device, run folder
 
 
+DRY_RUN_ITERS = 4  # --dry_run's default: two at the run's start, two with every loss term on
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: configs/latest.yaml); a resumed run keeps its own "
@@ -103,8 +108,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --resume: evaluate the run's newest checkpoint on the test split (as test.py does) "
                         "instead of training")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--dry_run", nargs="?", type=int, const=DRY_RUN_ITERS, metavar="N",
+                   help=f"check a run before starting it: N iterations (default {DRY_RUN_ITERS}), half at its first "
+                        "iteration and half where every loss term runs at full weight, each one's losses, speed and "
+                        "GPU memory printed, then the whole run's time and its checkpoints' disk space; nothing is "
+                        "written")
     distributed.add_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dry_run is not None and args.dry_run < 1:
+        p.error(f"--dry_run {args.dry_run}: give a number of iterations, 1 or more")
+    if args.dry_run is not None and args.evaluate:
+        p.error("--dry_run checks a training run; --evaluate trains nothing: give one of them")
+    return args
 
 
 DEFAULT_CONFIG = "configs/latest.yaml"
@@ -514,9 +529,11 @@ def pinned_weights(path: str) -> str:
     return str(p.absolute()) if p.is_file() else path
 
 
-def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[str, Any] | None, say: bool) -> None:
+def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[str, Any] | None, say: bool,
+                recorded: bool = True) -> None:
     """`teacher:` (DG-Net, when it runs) and `pretrained:` as the exact files (pinned_weights), found under
-    --output_path when relative (located_weights); `say`: print what a folder stood for.
+    --output_path when relative (located_weights); `say`: print what a folder stood for (and, `recorded`,
+    that config.yaml will name the file: not in a dry run).
 
     A resume (`saved`: the checkpoint's config) keeps the files it started from when the config names them or
     the run folders holding them, so a resume command that repeats the first one's --opts keeps the weights;
@@ -539,7 +556,8 @@ def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[st
                             "to continue with, --opts teacher=FILE (recorded in config_changes.log)")
         cfg[key] = given if saved and key == "pretrained" else pinned_weights(given)
         if say and Path(given).expanduser().is_dir() and cfg[key] != given:
-            print(f"{key}: {cfg[key]} (the weights in {given} now; recorded in the run's config.yaml)", flush=True)
+            record = "; recorded in the run's config.yaml" if recorded else ""
+            print(f"{key}: {cfg[key]} (the weights in {given} now{record})", flush=True)
         if say and key == "teacher" and not saved:
             line, warning = teacher_report(cfg[key])
             if line:
@@ -688,8 +706,9 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
         raise UserError("sync_bn: true needs GPUs (SyncBatchNorm runs on CUDA); set sync_bn: false for a CPU run")
     if not args.resume:  # a resume learns its kind from the checkpoint, below
         check_networks_take(cfg, args.trainer or "DGNet")
-    if lock is not None:
+    if dist.is_main:
         check_writable(run_dir, "the run folder")
+    if lock is not None:
         lock.acquire(run_dir)
     changes: dict[str, tuple[Any, Any]] = {}
     if args.resume and state is None:
@@ -698,7 +717,8 @@ def setup(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock | None
     elif not args.resume and latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume, or pick another --name")
     kind = state["kind"] if state else (args.trainer or "DGNet")
-    pin_weights(cfg, kind, args.output_path, saved_config(state["config"]) if state else None, dist.is_main)
+    pin_weights(cfg, kind, args.output_path, saved_config(state["config"]) if state else None, dist.is_main,
+                recorded=args.dry_run is None)
     if state:
         changes = check_resume(args, state, cfg, run_dir)
         check_networks_take(cfg, kind)
@@ -801,10 +821,86 @@ def describe_changes(changes: dict[str, tuple[Any, Any]], start: int) -> str | N
             ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
 
 
+def dry_run_iterations(cfg: dict[str, Any], kind: str, start: int, n: int) -> list[int]:
+    """--dry_run N's iterations: the first half from the run's own start, the rest from where every loss term
+    runs at full weight (trainer.full_weight_iteration), when the run has not reached it yet. DG-Net's warm-ups
+    leave terms and their network calls off for the first 30,000 iterations, so the start alone would hide the
+    memory and time of most of the run. Within max_iter."""
+    from trainer import full_weight_iteration
+
+    max_iter = cfg["max_iter"]
+    straight = list(range(start, min(start + n, max_iter)))
+    head = straight[:(n + 1) // 2]
+    late = min(full_weight_iteration(cfg), max_iter - (n - len(head))) if kind == "DGNet" else start
+    if late <= start + len(head):  # already there, or no room for a second phase
+        return straight
+    return head + list(range(late, late + n - len(head)))
+
+
+def tensor_bytes(tree: Any) -> int:
+    """The bytes of every tensor in a nested state (dicts, lists, tuples): about a checkpoint's size."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def dry_run_report(cfg: dict[str, Any], run_dir: Path, iterations: list[int], seconds: list[float], trainer: Any,
+                   device: torch.device) -> list[str]:
+    """--dry_run's summary: the time of the whole run at the pace measured in each phase (a phase's first
+    iteration, which builds, autotunes or captures, left out where there are more), the peak GPU memory, and
+    the disk space its checkpoints take against what is free. Lines; a `warning:` line for what will not fit."""
+    max_iter, start = cfg["max_iter"], iterations[0]
+    phases: list[list[int]] = []  # positions in `iterations` of each run of consecutive iterations
+    for i, it in enumerate(iterations):
+        if i and it == iterations[i - 1] + 1:
+            phases[-1].append(i)
+        else:
+            phases.append([i])
+    paces = [statistics.median([seconds[i] for i in phase[1:] or phase]) for phase in phases]
+    shown = " and ".join(f"{iterations[p[0]] + 1:,}" + (f"-{iterations[p[-1]] + 1:,}" if len(p) > 1 else "")
+                         for p in phases)
+    if len(phases) > 1:
+        late = iterations[phases[1][0]]
+        eta = paces[0] * (late - start) + paces[1] * (max_iter - late)
+        pace = (f"{paces[0]:.3g} s each at the start, {paces[1]:.3g} s with every loss term at full weight (from "
+                f"iteration {late + 1:,})")
+    else:
+        eta, pace = paces[0] * (max_iter - start), f"{paces[0]:.3g} s each"
+    whole = "the whole run" if start == 0 else "the rest of the run"
+    lines = [f"dry run: iterations {shown} of {max_iter:,} ran, {pace}: {whole} would take about "
+             f"{format_seconds(eta)} (h:mm:ss) before grids, validation and snapshots"]
+    warnings_ = []
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        reserved = torch.cuda.max_memory_reserved(device)
+        lines.append(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated, "
+                     f"{reserved / 2**30:.1f} GiB reserved, of the GPU's {total / 2**30:.1f} GiB")
+        if reserved > 0.95 * total:
+            warnings_.append("the run fills nearly all of the GPU's memory: another process on the GPU would stop "
+                             "it; a smaller batch_size leaves room")
+    size = tensor_bytes(trainer.state_dict())
+    keep, every = cfg["keep_last"], cfg["snapshot_save_iter"]
+    kept = (max_iter // every + 1 if keep == 0 else keep + 1) + (2 if cfg["val_ids"] > 0 else 0)  # + the one saving
+    where = next(p for p in (run_dir, *run_dir.parents, Path(".")) if p.exists())
+    free = shutil.disk_usage(where).free
+    lines.append(f"checkpoints: about {size / 2**20:,.0f} MiB each, up to {kept} at once (keep_last {keep}"
+                 f"{', best.pt' if cfg['val_ids'] > 0 else ''}, one being written): {kept * size / 2**30:.1f} GiB; "
+                 f"{free / 2**30:.1f} GiB free at {where}")
+    if kept * size > free:
+        warnings_.append(f"the checkpoints will not fit in the {free / 2**30:.1f} GiB free at {where}: free space, "
+                         "lower keep_last, or choose another --output_path")
+    return lines + [f"warning: {w}" for w in warnings_] + [
+        "nothing was written; the same command without --dry_run runs it"]
+
+
 def train(args: argparse.Namespace, dist: distributed.Dist) -> int:
     """One process's training: the whole run in a plain run, its share under DDP. Rank 0 holds the run
     folder's lock from setup to the end, whatever the exit."""
-    lock = RunLock() if dist.is_main else None
+    lock = RunLock() if dist.is_main and args.dry_run is None else None  # a dry run writes nothing, locks nothing
     try:
         with contextlib.ExitStack() as record:  # the run's log.txt, once its folder is written
             return train_locked(args, dist, lock, record)
@@ -844,8 +940,9 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     if hasattr(train_step, "release"):  # CUDA graphs go before the process group, whatever ends the run
         record.callback(train_step.release)
 
+    dry = args.dry_run
     # Everything that can fail on bad input has run: only now is the run folder written, by rank 0.
-    if dist.is_main:
+    if dist.is_main and not dry:
         run_dir.mkdir(parents=True, exist_ok=True)
         record.enter_context(runlog.console_log(run_dir / runlog.LOG_FILE))
         if state:
@@ -865,6 +962,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
         writer: Any = runlog.ScalarRecord(events, run_dir / runlog.METRICS_FILE, start)
     else:
         writer = NullWriter()
+        if dist.is_main and changes:
+            print(f"dry run: {describe_changes(changes, start)} (not recorded)", flush=True)
 
     validation: Validation | None = None
 
@@ -880,19 +979,20 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
 
     max_iter = cfg["max_iter"]
     values = LossValues(dist)
-    logger = Logger(cfg["log_iter"], max_iter, writer, trainer, dist, values)
+    logger = Logger(1 if dry else cfg["log_iter"], max_iter, writer, trainer, dist, values)
     snapshots = Snapshots(run_dir, cfg["snapshot_save_iter"], cfg["keep_last"], max_iter, state_of, dist, values)
     periodic: list[Any] = [logger]
-    if kind == "DGNet" and dist.is_main:
-        periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, dist.device))
-    if kind == "DGNet" and dist.is_main and cfg["fidelity_iter"] > 0 and cfg["dataset"] == "synthetic":
-        periodic.append(SwapFidelity(cfg, splits, trainer, writer))
-    if cfg["val_ids"] > 0:
-        model = trainer.id_a if kind == "DGNet" else trainer.parts["teacher"].module
-        validation = Validation(cfg, splits, model, writer, dist, run_dir / "checkpoints" / BEST_NAME, state_of,
-                                state.get("best_val_mAP") if state else None)
-        periodic.append(validation)
-    periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from
+    if not dry:  # a dry run: only the iterations and their console lines (no grids, validation, checkpoints)
+        if kind == "DGNet" and dist.is_main:
+            periodic.append(ImageGrids(cfg, splits, trainer, run_dir / "images", writer, dist.device))
+        if kind == "DGNet" and dist.is_main and cfg["fidelity_iter"] > 0 and cfg["dataset"] == "synthetic":
+            periodic.append(SwapFidelity(cfg, splits, trainer, writer))
+        if cfg["val_ids"] > 0:
+            model = trainer.id_a if kind == "DGNet" else trainer.parts["teacher"].module
+            validation = Validation(cfg, splits, model, writer, dist, run_dir / "checkpoints" / BEST_NAME, state_of,
+                                    state.get("best_val_mAP") if state else None)
+            periodic.append(validation)
+        periodic.append(snapshots)  # last: the RNG state it saves is the one the next iteration starts from
 
     if state:
         resume_rng(state, dist)  # after every model was built: their init drew from the same RNGs
@@ -901,19 +1001,23 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
     if dist.is_main:
         where = f"{dist.world_size} processes ({dist.device.type})" if dist.world_size > 1 else str(dist.device)
         captured = "; iterations replayed from CUDA graphs" if cfg["cuda_graph"] == "always" else ""
-        print(f"{kind} on {splits.title} ({splits.num_classes} identities, {len(splits.train)} images) on {where}; "
-              f"run folder {run_dir}{captured}", flush=True)
-    resume_hint = resume_command(args, name)
+        folder = f"nothing is written to {run_dir}" if dry else f"run folder {run_dir}"
+        print(f"{'dry run: ' if dry else ''}{kind} on {splits.title} ({splits.num_classes} identities, "
+              f"{len(splits.train)} images) on {where}; {folder}{captured}", flush=True)
+    resume_hint = "the same command" if dry else resume_command(args, name)  # in the errors' lines
+    iterations = dry_run_iterations(cfg, kind, start, dry) if dry else range(start, max_iter)
+    seconds: list[float] = []  # a dry run's time per iteration
     trainer.train()
     losses: dict[str, torch.Tensor] = {}
     with StopRequest(quiet=not dist.is_main) as stop:
         try:
-            for it in range(start, max_iter):
+            for it in iterations:
                 tick = time.perf_counter()
                 try:
                     batches = [next(loader) for loader in loaders.values()]
                 except UserError:  # an unreadable image, a dead worker
-                    rescue(snapshots, loaders, it, losses, dist, resume_hint)
+                    if not dry:
+                        rescue(snapshots, loaders, it, losses, dist, resume_hint)
                     raise
                 logger.record(time.perf_counter() - tick)
                 dist.sync_buffers()
@@ -922,9 +1026,14 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                 for step in periodic:
                     step(done, losses)
                 writer.end_iteration()  # the iteration's line of metrics.jsonl, written whole
+                seconds.append(time.perf_counter() - tick)  # after the logger's reads: the device's work is done
                 # every process stops at the same iteration, whichever of them got the signal
                 local = stop.signal or (signal.SIGTERM if dist.launcher_gone() else 0)
                 stop_signal = dist.max_flag(local) if dist.world_size > 1 else local
+                if stop_signal and dry:
+                    if dist.is_main:
+                        print(f"dry run stopped at iteration {done}; nothing was written", flush=True)
+                    return 128 + stop_signal
                 if stop_signal:
                     if done % snapshots.every and done != max_iter:
                         snapshots.save(done, losses)
@@ -953,6 +1062,11 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             raise RuntimeError("the processes ended with different parameters: a DDP synchronization bug")
         if dist.is_main:
             print(f"parameters identical on all {dist.world_size} processes", flush=True)
+    if dry:
+        if dist.is_main:
+            for line in dry_run_report(cfg, run_dir, list(iterations), seconds, trainer, dist.device):
+                print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+        return 0
     if dist.is_main:
         print(f"finished {max_iter} iteration{'s' if max_iter != 1 else ''}; checkpoint "
               f"{checkpoint_path(run_dir, max_iter)}", flush=True)
@@ -992,6 +1106,10 @@ def as_user_error(err: RuntimeError | OSError, resume_hint: str, several: bool =
     if several and peer_lost(err):
         return UserError(f"the connection to another process of the run was lost ({first_line(err)}): a machine or "
                          f"process died or its network failed; once every machine is back, resume with: {resume_hint}")
+    if isinstance(err, torch.cuda.OutOfMemoryError):  # the original's users met it often (its issues #3, #71)
+        return UserError(f"the GPU ran out of memory ({first_line(err, 120)}): free it of other processes and "
+                         f"resume ({resume_hint}), or start again with a smaller batch_size or more GPUs (--dry_run "
+                         "measures a setting's memory in a minute)")
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return UserError(f"{err.strerror or err}{where}; free space or fix the folder, then resume with: "

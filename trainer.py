@@ -182,6 +182,17 @@ def _ramp_steps(init: float, cap: float, scale: float) -> tuple[float, ...]:
     return tuple(steps)
 
 
+def full_weight_iteration(cfg: dict) -> int:
+    """The first iteration at which every ramped weight, and the weight that gates its term, has reached its
+    cap (34,002 with the defaults, where the teacher term joined at 30,002): from there on every loss term of
+    the recipe runs at its full weight, and so does every network call a term needs."""
+    last = 0
+    for key, (cap, warm) in RAMPED_WEIGHTS.items():
+        steps = _ramp_steps(float(cfg[key]), float(cfg[cap]), float(cfg["warm_scale"]))
+        last = max(last, cfg[warm] + len(steps))  # `<key>_before`, one iteration behind, at its cap too
+    return last
+
+
 def lr_multiplier(cfg: dict, position: int, gamma: float, warmup: int = 0) -> float:
     """LR multiplier after `position` scheduler steps: multistep decays by `gamma` at step_size, x1.5 and
     x1.75 of it (60000, 90000, 105000 at the defaults), step every step_size, constant never; over the first

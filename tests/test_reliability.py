@@ -227,6 +227,29 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, data_ro
     assert not checkpoint_path(run_dir, 4).exists() and not leftovers(run_dir)
 
 
+def test_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoints(tmp_path, data_root, monkeypatch, capsys):
+    """torch's OutOfMemoryError (raised here on the CPU where a GPU would raise it) in the third iteration: one
+    line saying what to do, exit 2, the snapshot at 2 intact; in a dry run, the same line names no resume."""
+    from trainer import DGNet_Trainer
+
+    real_step = DGNet_Trainer.train_step
+
+    def out_of_memory(self, it, *batches):
+        if it == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, it, *batches)
+
+    monkeypatch.setattr(DGNet_Trainer, "train_step", out_of_memory)
+    assert run(tmp_path, "oom", data_root, "snapshot_save_iter=2") == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in lines[0]
+    assert "python train.py --resume --name oom" in lines[0] and "smaller batch_size" in lines[0]
+    assert load_checkpoint(checkpoint_path(tmp_path / "outputs" / "oom", 2))["iteration"] == 2
+    assert run(tmp_path, "oom-dry", data_root, "warm_iter=2", args=("--dry_run",)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "resume (the same command)" in line and not (tmp_path / "outputs" / "oom-dry").exists()
+
+
 def test_ctrl_c_during_a_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A Ctrl-C mid-write, after which torch.save's own cleanup fails too: still a Ctrl-C (the quiet abort),
     not a write error, and the temporary file is gone."""

@@ -72,14 +72,54 @@ def test_dgnet_run_folder(tmp_path, data_root, capsys):
     assert state["loaders"] == {"a": {"batches_taken": 4}, "b": {"batches_taken": 4}}
 
 
-def test_resume_is_exact(tmp_path, data_root):
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_is_exact(tmp_path, data_root, capsys):
     assert run(tmp_path, "straight", data_root, "max_iter=4", "snapshot_save_iter=100") == 0
     assert run(tmp_path, "split", data_root, "max_iter=2", "snapshot_save_iter=100") == 0
+    # a dry run of the resume in between (with a change) writes nothing and leaves the resume exact
+    before = folder_contents(tmp_path / "outputs" / "split")
+    capsys.readouterr()
+    assert run(tmp_path, "split", data_root, "max_iter=4", "snapshot_save_iter=100", "lr_g=0.001",
+               args=("--resume", "--dry_run", "1")) == 0
+    out = capsys.readouterr().out
+    assert "dry run: resumed at iteration 2 with lr_g 0.0001 -> 0.001, max_iter 2 -> 4 (not recorded)" in out
+    assert "dry run: iterations 3 of 4 ran" in out and "nothing was written" in out
+    assert folder_contents(tmp_path / "outputs" / "split") == before
     assert run(tmp_path, "split", data_root, "max_iter=4", args=("--resume",)) == 0
     straight = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "straight", 4))
     resumed = load_checkpoint(checkpoint_path(tmp_path / "outputs" / "split", 4))
     assert_same_state(straight["trainer"], resumed["trainer"], "trainer")
     assert_same_state(straight["rng"], resumed["rng"], "rng")
+
+
+def test_dry_run_runs_the_start_and_every_loss_term_and_writes_nothing(tmp_path, data_root, capsys):
+    """--dry_run: two iterations at the start and two where every ramped term is at full weight (here the
+    cycle's ramp, 0 to 2 by 0.5 after warm_iter 5, ends last: from iteration 10), each one's console line, then
+    the whole run's time and its checkpoints' space; no run folder is made."""
+    assert run(tmp_path, "dry", data_root, "max_iter=100", "warm_iter=5", "warm_teacher_iter=5",
+               args=("--dry_run",)) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists()
+    lines = {int(line[1:line.index("/")]): line for line in out.splitlines() if line.startswith("[")}
+    assert sorted(lines) == [1, 2, 11, 12]
+    assert " cyc 0 " in lines[1] and " cyc 0 " not in lines[11]  # the term is on in the second phase
+    assert "dry run: iterations 1-2 and 11-12 of 100 ran" in out and "(from iteration 11)" in out
+    assert "checkpoints: about " in out and "up to 4 at once (keep_last 3, one being written)" in out
+    # the iterations: within max_iter, half from the start, and in one piece when the run is past its warm-ups
+    cfg = load_config(None, ["max_iter=100", "warm_iter=5", "warm_teacher_iter=5", "warm_scale=0.5"])
+    assert train.dry_run_iterations(cfg, "DGNet", 0, 5) == [0, 1, 2, 10, 11]
+    assert train.dry_run_iterations(cfg, "DGNet", 0, 1) == [0]
+    assert train.dry_run_iterations(cfg, "DGNet", 9, 4) == [9, 10, 11, 12]  # it reaches full weight on its own
+    assert train.dry_run_iterations(cfg, "DGNet", 50, 4) == [50, 51, 52, 53]
+    assert train.dry_run_iterations(cfg, "DGNet", 98, 4) == [98, 99]
+    assert train.dry_run_iterations({**cfg, "max_iter": 12}, "DGNet", 0, 4) == [0, 1, 10, 11]
+    assert train.dry_run_iterations(cfg, "baseline", 0, 4) == [0, 1, 2, 3]
+    for bad in (["--dry_run", "0"], ["--dry_run", "--resume", "--evaluate"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
 
 
 def test_fresh_run_never_overwrites(tmp_path, data_root, capsys):

@@ -18,6 +18,7 @@ from trainer import (
     DGNet_Trainer,
     batch_hard_triplet,
     build_scheduler,
+    full_weight_iteration,
     load_teacher,
     loss_weights,
     lr_multiplier,
@@ -146,6 +147,17 @@ def test_loss_weights_ramp_like_the_original() -> None:
     late = load_config(None, ["warm_teacher_iter=100", "warm_iter=50"])
     assert loss_weights(late, 100)["teacher_w"] == 0.0 < loss_weights(late, 101)["teacher_w"]
     assert loss_weights(late, 50)["recon_s_w"] == 0.0 < loss_weights(late, 51)["recon_s_w"]
+
+
+def test_full_weight_iteration_is_the_first_with_every_ramped_weight_at_its_cap() -> None:
+    def at_cap(cfg: dict, it: int) -> bool:
+        w = loss_weights(cfg, it)
+        return all(w[k] == w[f"{k}_before"] == cfg[cap] for k, (cap, _) in RAMPED_WEIGHTS.items())
+
+    for cfg in (load_config(None), load_config(None, ["warm_teacher_iter=100", "warm_iter=50", "warm_scale=0.1"])):
+        full = full_weight_iteration(cfg)
+        assert at_cap(cfg, full) and at_cap(cfg, full + 1000) and not at_cap(cfg, full - 1), full
+    assert full_weight_iteration(load_config(None)) == 34002  # the teacher's ramp, 4,000 float additions, ends last
 
 
 def test_lazy_r1_weights_and_steps() -> None:
