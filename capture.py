@@ -115,6 +115,9 @@ class CapturedStep:
     def __init__(self, trainer: Any, graphs: bool = True):
         if graphs and trainer.device.type != "cuda":
             raise UserError(f"cuda_graph: always needs a CUDA device, the device is {trainer.device}")
+        if trainer.scaler is not None:  # resolve_cuda_graph refuses the config; this, a trainer built without it
+            raise UserError("cuda_graph: always cannot capture fp16's loss scaling (it reads the GPU at every "
+                            "step): use amp: bf16 or none")
         self.trainer, self.graphs = trainer, graphs
         self.inputs: list[dict[str, torch.Tensor]] | None = None  # the static buffers, one per loader's batch
         self.seen: OrderedDict[Key, int] = OrderedDict()
@@ -169,8 +172,8 @@ class CapturedStep:
         # the capturing stream, are captured in either mode. The warm-ups' stream: its kernels' workspaces
         # exist already. No compilation inside a capture (its autotuning reads the host): a graph the
         # warm-ups did not compile stops the capture with dynamo's own error instead of a broken graph.
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode="thread_local"), \
-                _no_recompiling():
+        with _no_recompiling(), \
+                torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode="thread_local"):
             names, out = self.step_function(step)
         self._keep(key, (graph, names, out))
         graph.replay()  # capturing recorded the iteration without running it

@@ -212,7 +212,7 @@ fi
 step dgnet_default 110 40 "${BENCH[@]}" --model dgnet "${SPEED[@]}" --json "$WORK/dgnet_default.json"
 step dgnet_captured 80 30 "${BENCH[@]}" --model dgnet --mode fast,captured "${SPEED[@]}" \
   --json "$WORK/dgnet_captured.json"
-step capture_tests 60 20 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
+step capture_tests 60 20 env NCCL_DEBUG=WARN "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_capture.py -k "gpu and not compiled"
 # numerics stops comparing 30 s before its limit (start-up and writing included) and keeps what it has
 limit=$(left)
 ((limit > 150)) && limit=150

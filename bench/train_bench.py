@@ -24,7 +24,7 @@ Modes: `reference` follows the original's costs (fp32, eager, contiguous NCHW, p
 loops; cuDNN autotuning stays on, as the original had it); `fast` is the config's defaults on this device
 (amp, channels_last, fused_optim: auto; compile as configured), which `--amp`, `--compile` and
 `--channels_last` change and `--fast_opts` (e.g. dis.r1_every=16) adds to. `--phase full` (default) times
-iterations with every loss term on (iteration 34000 onwards at the defaults, the dearer 70% of a run);
+iterations with every loss term on (iteration 34,002 onwards at the defaults, the dearer 66% of a run);
 `--phase early` the first 30000. `captured` is the fast mode with its iterations replayed from CUDA graphs
 (capture.py, `cuda_graph: always`); on the CPU it runs capture.py's graph-safe form eagerly (static input
 buffers, the coin drawn before the iteration), which is what `--tiny` checks. `--mode` takes one mode, a
@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from capture import CapturedStep, resolve_cuda_graph  # noqa: E402
 from data.loaders import build_dgnet_loaders, build_teacher_loader, load_splits  # noqa: E402
 from reIDmodel import Teacher  # noqa: E402
-from trainer import RAMPED_WEIGHTS, BaselineTrainer, DGNet_Trainer  # noqa: E402
+from trainer import BaselineTrainer, DGNet_Trainer, full_weight_iteration  # noqa: E402
 from utils import UserError, load_config, seed_everything, write_text_atomic  # noqa: E402
 
 DGNET_CONFIG = REPO / "configs" / "latest.yaml"
@@ -118,12 +118,8 @@ def bench_config(kind: str, args: argparse.Namespace, mode: str) -> dict[str, An
 
 def first_iteration(cfg: dict[str, Any], phase: str) -> int:
     """Where the timed iterations start: 0 (early: the ramped terms are off) or the first iteration with
-    every ramped loss weight at its cap (full: 34000 at the defaults)."""
-    if phase == "early":
-        return 0
-    scale = cfg["warm_scale"]
-    return max(cfg[warm] + (math.ceil(max(0.0, cfg[cap] - cfg[key]) / scale) if scale > 0 else 1)
-               for key, (cap, warm) in RAMPED_WEIGHTS.items())
+    every ramped loss weight at its cap (full: 34,002 at the defaults; trainer.full_weight_iteration)."""
+    return 0 if phase == "early" else full_weight_iteration(cfg)
 
 
 def sync(device: torch.device) -> None:
