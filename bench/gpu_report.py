@@ -87,7 +87,8 @@ def _speed_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
                      "ms_per_iteration": round(1000 / r["iterations_per_s"], 2),
                      "peak_memory_gib": r["peak_memory_gib"], "peak_memory_kind": r["peak_memory_kind"],
                      "data_share": r["data_share"], "iters": r["iters"], "warmup": r["warmup"],
-                     "first_iteration": r["first_iteration"], "capture_counts": r.get("capture_counts")})
+                     "first_iteration": r["first_iteration"], "capture_counts": r.get("capture_counts"),
+                     "dynamo": r.get("dynamo")})
     return rows
 
 

@@ -232,7 +232,18 @@ def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, An
             "data_share": round(data_s / seconds, 4), "peak_memory_gib": round(peak, 3),
             "peak_memory_with_warmup_gib": round(max(peak, warm_peak), 3), "peak_memory_kind": peak_kind,
             "last_losses": {k: round(v, 6) for k, v in values.items()},
-            **({"capture_counts": dict(job.captured.counts)} if job.captured is not None else {})}
+            **({"capture_counts": dict(job.captured.counts)} if job.captured is not None else {}),
+            **({"dynamo": dynamo_counters()} if dynamo_counters() else {})}
+
+
+def dynamo_counters(most: int = 10) -> dict[str, dict[str, int]]:
+    """What torch.compile did so far in this process (cumulative over its jobs): frames compiled, graphs,
+    graph breaks and their reasons (the `most` frequent of each kind). A compiled job whose frames hit
+    dynamo's recompilation limit runs eagerly without an error; these say whether it did."""
+    from torch._dynamo.utils import counters
+
+    return {kind: dict(sorted(((str(k), int(v)) for k, v in found.items()), key=lambda kv: -kv[1])[:most])
+            for kind, found in counters.items() if found}
 
 
 # the trainer's profiler labels (trainer.py): the phases of a DG-Net iteration, and inside the D and G

@@ -125,6 +125,7 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
     assert all(r["settings"]["r1_conv"] for r in figures["dgnet_r1_conv"]["rows"])
     [compiled] = figures["dgnet_compiled"]["rows"]
     assert compiled["mode"] == "captured" and compiled["settings"]["compile"] == "eager"  # inductor on a GPU
+    assert compiled["dynamo"]["frames"]["ok"] >= 2  # what dynamo compiled (G's and E_a's calls at least)
     r1 = figures["r1_bench"]
     assert [x["r1_conv"] for x in r1["rows"]] == [False, True] and r1["max_rel_grad_diff"] < 1e-3
     assert figures["profile"]["ms_per_iteration_profiled"] > 0 and figures["profile"]["top"]
