@@ -1,6 +1,7 @@
 """test.py end to end on a tiny trained DG-Net run: metrics, saved features, rank lists, search, bad input."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -587,3 +588,31 @@ def test_search_refuses_evaluation_options(tiny_run, capsys):
     for option in (("--data_root", folder), ("--opts", "pad=3")):  # the run's own model and config decide
         assert run_test(tiny_run, "--query", folder, "--gallery", folder, *option) == 2
         assert "leave out --config, --data_root and --opts" in capsys.readouterr().err
+
+
+def test_results_table_lists_every_evaluation_of_every_run(tiny_run, tmp_path, capsys):
+    """results.py: each results file of a run as a row, its options from the file name, its metrics as test.py
+    wrote them; --sort, --last and --csv; one line for a missing run or an empty outputs folder."""
+    import results
+
+    assert run_test(tiny_run) == 0 and run_test(tiny_run, "--ap", "precision") == 0
+    written = {name: json.loads((tiny_run[0] / "outputs" / "tiny" / "results" / f"{name}.json").read_text())
+               for name in ("00000002", "00000002_ap-precision")}
+    capsys.readouterr()
+    table = tmp_path / "table.csv"
+    assert results.main(["--output_path", str(tiny_run[0]), "--sort", "mAP", "--csv", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| run | kind | iteration | options | data | R1 | R5 | R10 | mAP | mINP |")
+    rows = {r["options"]: r for r in csv.DictReader(table.open())}
+    assert {"", "ap-precision"} <= rows.keys()
+    for options, name in (("", "00000002"), ("ap-precision", "00000002_ap-precision")):
+        assert rows[options]["run"] == "tiny" and rows[options]["kind"] == "DGNet" and rows[options]["iteration"] == "2"
+        assert all(float(rows[options][m]) == written[name][m] for m in results.METRICS)
+        assert f"| tiny | DGNet | 2 | {options or '-'} | synthetic | {100 * written[name]['R1']:.2f} |" in out
+    maps = [float(r["mAP"]) for r in csv.DictReader(table.open())]
+    assert maps == sorted(maps, reverse=True)
+    assert results.main(["--output_path", str(tiny_run[0]), "--runs", "tiny", "--last"]) == 0
+    assert results.main(["--output_path", str(tiny_run[0]), "--runs", "tiny", "nope"]) == 2
+    assert "no run folder" in capsys.readouterr().err
+    assert results.main(["--output_path", str(tmp_path)]) == 2
+    assert f"no runs under {tmp_path / 'outputs'}" in capsys.readouterr().err
