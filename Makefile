@@ -52,6 +52,7 @@ quickstart-run: install
 	$(QUICK) test.py --name $(QS_TEACHER)
 	$(QUICK) train.py --config configs/quickstart/dgnet$(QS_SUFFIX).yaml --name $(QS_NAME) $(call resume_if,$(QS_NAME))
 	$(QUICK) test.py --name $(QS_NAME)
+	$(QUICK) results.py --runs $(QS_TEACHER) $(QS_NAME) --last
 	$(QUICK) visualize.py metrics --name $(QS_NAME)
 	@echo
 	@echo "swapped-identity images: outputs/$(QS_NAME)/images/ (index.html shows the newest grids)"
