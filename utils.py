@@ -74,6 +74,12 @@ def plain_warnings() -> None:
     warnings.formatwarning = formatted
 
 
+def format_seconds(seconds: float) -> str:
+    """h:mm:ss."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The start of an exception's message, for quoting a library's long error inside one line of ours."""
     text = str(err).strip()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import read_until
 
+import preflight
 import train
 from utils import REPO_ROOT, UserError, checkpoint_path, dump_config, load_checkpoint, load_config, save_checkpoint
 
@@ -110,13 +111,13 @@ def test_dry_run_runs_the_start_and_every_loss_term_and_writes_nothing(tmp_path,
     assert "checkpoints: about " in out and "up to 4 at once (keep_last 3, one being written)" in out
     # the iterations: within max_iter, half from the start, and in one piece when the run is past its warm-ups
     cfg = load_config(None, ["max_iter=100", "warm_iter=5", "warm_teacher_iter=5", "warm_scale=0.5"])
-    assert train.dry_run_iterations(cfg, "DGNet", 0, 5) == [0, 1, 2, 10, 11]
-    assert train.dry_run_iterations(cfg, "DGNet", 0, 1) == [0]
-    assert train.dry_run_iterations(cfg, "DGNet", 9, 4) == [9, 10, 11, 12]  # it reaches full weight on its own
-    assert train.dry_run_iterations(cfg, "DGNet", 50, 4) == [50, 51, 52, 53]
-    assert train.dry_run_iterations(cfg, "DGNet", 98, 4) == [98, 99]
-    assert train.dry_run_iterations({**cfg, "max_iter": 12}, "DGNet", 0, 4) == [0, 1, 10, 11]
-    assert train.dry_run_iterations(cfg, "baseline", 0, 4) == [0, 1, 2, 3]
+    assert preflight.dry_run_iterations(cfg, "DGNet", 0, 5) == [0, 1, 2, 10, 11]
+    assert preflight.dry_run_iterations(cfg, "DGNet", 0, 1) == [0]
+    assert preflight.dry_run_iterations(cfg, "DGNet", 9, 4) == [9, 10, 11, 12]  # it reaches full weight on its own
+    assert preflight.dry_run_iterations(cfg, "DGNet", 50, 4) == [50, 51, 52, 53]
+    assert preflight.dry_run_iterations(cfg, "DGNet", 98, 4) == [98, 99]
+    assert preflight.dry_run_iterations({**cfg, "max_iter": 12}, "DGNet", 0, 4) == [0, 1, 10, 11]
+    assert preflight.dry_run_iterations(cfg, "baseline", 0, 4) == [0, 1, 2, 3]
     for bad in (["--dry_run", "0"], ["--dry_run", "--resume", "--evaluate"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
@@ -206,20 +207,20 @@ def test_teacher_report_names_its_figures_and_a_run_stopped_short(tmp_path, monk
     for it in (4, 6):
         save_checkpoint({**state, "iteration": it}, checkpoint_path(run_dir, it))
     monkeypatch.chdir(tmp_path)
-    line, warning = train.teacher_report(str(checkpoint_path(run_dir, 4)))
+    line, warning = preflight.teacher_report(str(checkpoint_path(run_dir, 4)))
     assert line == "teacher: iteration 4 of its run's 10; not evaluated yet (python test.py --name t --which_iter 4)"
     assert "stopped at iteration 4 of 10" in warning and "(python train.py --resume --name t)" in warning
     (run_dir / "results").mkdir()
     (run_dir / "results" / "00000006.json").write_text(json.dumps({"R1": 0.875, "mAP": 0.5}))
     cfg["max_iter"] = 6
     save_checkpoint({**state, "iteration": 6, "config": cfg}, checkpoint_path(run_dir, 6))
-    line, warning = train.teacher_report(str(checkpoint_path(run_dir, 6)))
+    line, warning = preflight.teacher_report(str(checkpoint_path(run_dir, 6)))
     assert line.startswith("teacher: iteration 6 of its run's 6; test.py on it: R1 87.50 %, mAP 50.00 %")
     assert warning is None
     # a DG-Net checkpoint or another file: nothing to say here (load_teacher names what is wrong)
-    assert train.teacher_report(str(run_dir / "config.yaml")) == (None, None)
+    assert preflight.teacher_report(str(run_dir / "config.yaml")) == (None, None)
     save_checkpoint({**state, "kind": "DGNet"}, tmp_path / "dgnet.pt")
-    assert train.teacher_report(str(tmp_path / "dgnet.pt")) == (None, None)
+    assert preflight.teacher_report(str(tmp_path / "dgnet.pt")) == (None, None)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
