@@ -24,9 +24,20 @@ from typing import Any
 from utils import UserError, one_line, run_folder, write_text_atomic
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
-# the part of a results file's name before its options: an iteration, the original release's files, or saved
-# features scored again (test.py --features)
-STEM = re.compile(r"^(\d{8}|original_(?:baseline|\d{8})|.*_scores)")
+# a results file's name: what was evaluated (an iteration, the original release's files), then its options
+EVALUATED = re.compile(r"^(\d{8}|original_(?:baseline|\d{8}))(.*)$")
+RESCORED = re.compile(r"^(.*)_scores(.*)$")  # saved features scored again (test.py --features FILE)
+
+
+def options_of(stem: str) -> str:
+    """The options a results file's name carries, as test.py wrote them (without the leading `_`); for saved
+    features scored again, which file they came from."""
+    evaluated, rescored = EVALUATED.match(stem), RESCORED.match(stem)
+    if evaluated:
+        return evaluated.group(2).lstrip("_")
+    if rescored:
+        return " ".join(filter(None, (f"scores of {rescored.group(1)}", rescored.group(2).lstrip("_"))))
+    return stem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,10 +60,12 @@ def read_results(run_dir: Path) -> list[dict[str, Any]]:
             continue  # half written by a run killed mid-write, or not ours: not a result to show
         if not isinstance(summary, dict) or not all(isinstance(summary.get(m), (int, float)) for m in METRICS):
             continue  # curve.json, search results: no metrics of their own
-        stem = STEM.match(path.stem)
         dataset = summary.get("dataset") or ""
-        rows.append({"run": run_dir.name, "kind": summary.get("kind") or "", "iteration": summary.get("iteration"),
-                     "options": path.stem[stem.end():].lstrip("_") if stem else path.stem,
+        iteration = summary.get("iteration")
+        if iteration is None and (digits := re.search(r"\d{8}", path.stem)):  # features_<iteration> scored again
+            iteration = int(digits.group())
+        rows.append({"run": run_dir.name, "kind": summary.get("kind") or "", "iteration": iteration,
+                     "options": options_of(path.stem),
                      "data": f"{dataset} ({summary['variant']})" if summary.get("variant") else dataset,
                      **{m: float(summary[m]) for m in METRICS}, "file": str(path)})
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -603,12 +604,14 @@ def test_results_table_lists_every_evaluation_of_every_run(tiny_run, tmp_path, c
     assert results.main(["--output_path", str(tiny_run[0]), "--sort", "mAP", "--csv", str(table)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| run | kind | iteration | options | data | R1 | R5 | R10 | mAP | mINP |")
-    rows = {r["options"]: r for r in csv.DictReader(table.open())}
-    assert {"", "ap-precision"} <= rows.keys()
+    rows = {Path(r["file"]).stem: r for r in csv.DictReader(table.open())}
     for options, name in (("", "00000002"), ("ap-precision", "00000002_ap-precision")):
-        assert rows[options]["run"] == "tiny" and rows[options]["kind"] == "DGNet" and rows[options]["iteration"] == "2"
-        assert all(float(rows[options][m]) == written[name][m] for m in results.METRICS)
+        row = rows[name]
+        assert (row["run"], row["kind"], row["iteration"], row["options"]) == ("tiny", "DGNet", "2", options)
+        assert all(float(row[m]) == written[name][m] for m in results.METRICS)
         assert f"| tiny | DGNet | 2 | {options or '-'} | synthetic | {100 * written[name]['R1']:.2f} |" in out
+    assert results.options_of("features_00000002_scores_alpha0_rerank") == "scores of features_00000002 alpha0_rerank"
+    assert results.options_of("original_baseline_on-Market") == "on-Market"
     maps = [float(r["mAP"]) for r in csv.DictReader(table.open())]
     assert maps == sorted(maps, reverse=True)
     assert results.main(["--output_path", str(tiny_run[0]), "--runs", "tiny", "--last"]) == 0
