@@ -52,7 +52,26 @@ HALVES = (("dgnet_default", "dgnet_captured", "capture_tests", "numerics", "teac
            "quickstart"))
 
 
-def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def gpu_quickstart_tiny(tmp_path_factory):
+    """bench/gpu_quickstart.sh at the tiny size, started in the background: (process, OUTDIR, console file).
+    gpu_run.sh's test asks for it too, so the two scripts run side by side (single-threaded processes, most
+    of them short: on 2 cores together in about three quarters of the time they take one after the other);
+    test_gpu_quickstart_script_runs_tiny_on_the_cpu waits for it and checks what it wrote."""
+    base = tmp_path_factory.mktemp("gpu_quickstart")
+    out, console = base / "quick", base / "console.txt"
+    with open(console, "w") as f:  # a file, not a pipe: the script never waits on a reader
+        proc = subprocess.Popen(["bash", str(REPO_ROOT / "bench" / "gpu_quickstart.sh"), str(out)], cwd=base,
+                                stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "QUICKSTART_TINY": "1", "PYTHON": sys.executable,
+                                     "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "QUICKSTART_ITERS": "100000",
+                                     "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0", "QUICKSTART_MIN_TRAIN": "15",
+                                     "QUICKSTART_DGNET_OPTS": "f_grad_w=0.5 log_iter=1"})
+    yield proc, out, console
+    proc.kill()
+
+
+def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir, gpu_quickstart_tiny):
     """bench/gpu_run.sh --tiny: every step the GPU run makes, at the tiny size, each through train_bench as a
     script; the report has every figure. Two calls side by side, each naming half of the steps in GPU_RUN_STEPS
     (as a second call on a warm machine names what the first skipped): each runs its setup and its steps, no
@@ -224,19 +243,17 @@ def test_bad_switches_are_one_line_errors(capsys):
     assert "--iters" in err and len(err.strip().splitlines()) == 1
 
 
-def test_gpu_quickstart_script_runs_tiny_on_the_cpu(tmp_path):
+def test_gpu_quickstart_script_runs_tiny_on_the_cpu(gpu_quickstart_tiny):
     """bench/gpu_quickstart.sh end to end at the tiny size: every step runs and OUTDIR gets the JSON, the
     judge's figures and the grids (the GPU run is the same script at full size). Its time limit is spent
     (QUICKSTART_LIMIT): the training stops itself after the shortest time it is given (QUICKSTART_MIN_TRAIN),
     saves, and the evaluation and the metrics run on that checkpoint."""
-    out = tmp_path / "quick"
-    proc = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_quickstart.sh"), str(out)], capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path,
-                          env={**os.environ, "QUICKSTART_TINY": "1", "PYTHON": sys.executable,
-                               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "QUICKSTART_ITERS": "100000",
-                               "QUICKSTART_LIMIT": "1", "QUICKSTART_RESERVE": "0", "QUICKSTART_MIN_TRAIN": "15",
-                               "QUICKSTART_DGNET_OPTS": "f_grad_w=0.5 log_iter=1"})
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    proc, out, console = gpu_quickstart_tiny
+    try:
+        code = proc.wait(timeout=900)
+    finally:
+        proc.kill()  # a no-op once it ended
+    assert code == 0, console.read_text()[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 100000 and 0 < summary["reached"] < 100000
     assert summary["dgnet_opts"] == ["f_grad_w=0.5", "log_iter=1"]
