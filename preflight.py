@@ -15,12 +15,12 @@ from utils import BEST_NAME, format_seconds, latest_checkpoint
 
 
 def teacher_report(path: str) -> tuple[str | None, str | None]:
-    """What a fresh DG-Net run should know of the teacher checkpoint it pinned, as a console line (its
-    iteration of its run's max_iter, and the test.py figures written for it) and a warning when its run
-    stopped short. The original release's issues (#26, #60) trace poor DG-Net results to the teacher, whose
-    primary features E_a learns, so this is said before hours go into a run. (None, None) for what is not a
-    teacher checkpoint of train.py: the original baseline's files carry no such record, and a bad file is
-    load_teacher's to name."""
+    """What a DG-Net run should know of the teacher checkpoint it pinned (at its start, or when a resume changes
+    the teacher): a console line (its iteration of its run's max_iter, and the test.py figures written for it)
+    and a warning when its run stopped short. The original release's issues (#26, #60) trace poor DG-Net
+    results to the teacher, whose primary features E_a learns, so this is said before hours go into a run.
+    (None, None) for what is not a teacher checkpoint of train.py: the original baseline's files carry no such
+    record, and a bad file is load_teacher's to name."""
     p = Path(path)
     try:  # mapped, not read: the teacher is loaded properly later
         state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)

@@ -553,7 +553,7 @@ def pin_weights(cfg: dict[str, Any], kind: str, output_path: str, saved: dict[st
         if say and Path(given).expanduser().is_dir() and cfg[key] != given:
             record = "; recorded in the run's config.yaml" if recorded else ""
             print(f"{key}: {cfg[key]} (the weights in {given} now{record})", flush=True)
-        if say and key == "teacher" and not saved:
+        if say and key == "teacher" and (not saved or cfg[key] != saved.get(key)):  # fresh, or another teacher
             line, warning = teacher_report(cfg[key])
             if line:
                 print(line, flush=True)

@@ -178,6 +178,7 @@ def test_teacher_then_dgnet(tmp_path, data_root, capsys):
     newest = str(checkpoint_path(tmp_path / "outputs" / "teacher", 6))
     assert run(tmp_path, "relative", data_root, "max_teacher_w=2.0", f"teacher={newest}", "max_iter=6",
                args=("--resume",)) == 0
+    assert "teacher: iteration 6 of its run's 6; not evaluated yet" in capsys.readouterr().out  # the new one's
     assert f"teacher '{first}' -> '{newest}'" in (tmp_path / "outputs" / "relative" / train.CHANGES_FILE).read_text()
     Path(first).with_suffix(".moved").rename(first)
     # pretrained: found under --output_path too, pinned, and not read by a resume (the checkpoint has them)
