@@ -106,15 +106,24 @@ def figures(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                          "command": raw[name].get("command")}
     if "numerics" in raw:
         n = raw["numerics"]["numerics"]
-        terms = {k: {key: t[key] for key in ("mean_abs_reference", "max_rel_diff", "first_iteration_rel_diff",
-                                             "max_window_rel_diff")} for k, t in n["terms"].items()}
-        finite = [t["max_window_rel_diff"] for t in terms.values() if math.isfinite(t["max_window_rel_diff"])]
+        keys = ("mean_abs_reference", "max_rel_diff", "first_iteration_rel_diff", "max_window_rel_diff")
+        terms = {k: {key: t[key] for key in keys} for k, t in n["terms"].items()}
+        for extra in ("eager_terms", "captured_vs_eager"):  # a captured run's third curve: the fast mode, eager
+            for k, t in n.get(extra, {}).items():
+                terms[k][f"{extra}_window_rel_diff"] = t["max_window_rel_diff"]
+
+        def worst(key: str) -> float | None:
+            finite = [t[key] for t in terms.values() if key in t and math.isfinite(t[key])]
+            return max(finite) if finite else None
+
         out["numerics"] = {"iters": n["iters"], "iters_asked": n.get("iters_asked", n["iters"]),
                            "seconds": n.get("seconds"), "first_iteration": n["first_iteration"],
                            "window": n["window"], "reference": n["reference"], "fast": n["fast"],
                            "compared": n.get("compared", "fast"), "capture_counts": n.get("capture_counts"),
-                           "worst_window_rel_diff": max(finite) if finite else None, "terms": terms,
-                           "command": raw["numerics"].get("command")}
+                           "worst_window_rel_diff": worst("max_window_rel_diff"),
+                           "eager_worst_window_rel_diff": worst("eager_terms_window_rel_diff"),
+                           "captured_vs_eager_worst_window_rel_diff": worst("captured_vs_eager_window_rel_diff"),
+                           "terms": terms, "command": raw["numerics"].get("command")}
     if "r1_bench" in raw:  # bench/r1_bench.py's own JSON: D's step alone, built-in vs r1conv.py
         r = raw["r1_bench"]
         out["r1_bench"] = {key: r.get(key) for key in ("size", "batch", "iters", "rows", "speedup",
@@ -150,6 +159,11 @@ def _settings_text(s: dict[str, Any]) -> str:
     return (f"{s['amp']}, {'NHWC' if s['channels_last'] else 'NCHW'}, "
             f"{'fused' if s['fused_optim'] else 'per-param'}{compiled}{captured}"
             f"{', r1_conv' if s.get('r1_conv') else ''}")
+
+
+def _maybe(value: float | None) -> str:
+    """A figure to 3 significant digits, or `-` where the run has none."""
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _table(columns: Sequence[str], rows: Iterable[str]) -> list[str]:
@@ -220,9 +234,12 @@ def summary(env: dict[str, Any], steps: list[dict[str, Any]], figs: dict[str, An
         lines += ["", f"## Numerics: {n['compared']} ({_settings_text(n['fast'])}) vs fp32 reference, "
                       f"{n['iters']} iterations (of {n['iters_asked']} asked) from {n['first_iteration']}, "
                       f"windows of {n['window']}", "",
-                  *_table(("term", "mean abs ref", "max rel diff", "first iteration", "windows"),
+                  *_table(("term", "mean abs ref", "max rel diff", "first iteration", "windows",
+                           "windows, fast eager vs ref", "windows, captured vs fast eager"),
                           [f"{k} | {t['mean_abs_reference']:.4g} | {t['max_rel_diff']:.3g} | "
-                           f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g}"
+                           f"{t['first_iteration_rel_diff']:.3g} | {t['max_window_rel_diff']:.3g} | "
+                           f"{_maybe(t.get('eager_terms_window_rel_diff'))} | "
+                           f"{_maybe(t.get('captured_vs_eager_window_rel_diff'))}"
                            for k, t in n["terms"].items()])]
     if "eval_gpu" in figs:
         e = figs["eval_gpu"]

@@ -24,8 +24,8 @@
 #   capture_tests     60 s  tests/test_capture.py's GPU tests (pytest -k "gpu and not compiled"): captured
 #                           iterations of DG-Net and the teacher against eager ones, a resumed captured run, the
 #                           all-reduce in the graph (NCCL, a group of one); on the CPU they are skipped
-#   numerics         150 s  captured vs fp32 reference loss curves, 300 iterations from the same seed; stops
-#                           itself in time and keeps its curves
+#   numerics         150 s  captured vs fp32 reference loss curves (and the fast mode eagerly, a third curve),
+#                           300 iterations from the same seed; stops itself in time and keeps its curves
 #   teacher_default   60 s  the teacher at configs/teacher/market.yaml (batch 32): images/s, memory; reference,
 #                           fast and captured (its SGD steps replayed from CUDA graphs)
 #   dgnet_r1_conv     60 s  fast and captured with r1_conv=always (r1conv.py: R1's double backward on ordinary

@@ -494,25 +494,50 @@ def set_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.devic
         torch.cuda.set_rng_state(state[1], device)
 
 
+def curve_differences(ref: dict[str, list[float]], other: dict[str, list[float]], window: int
+                      ) -> dict[str, dict[str, float]]:
+    """Per loss term, how far `other`'s curve strays from `ref`'s, relative to the term's mean magnitude in
+    `ref` (a term crossing zero has no own scale): at the worst iteration, at the first, and between the
+    means over windows of `window` iterations (the curves' trend)."""
+    terms = {}
+    for key, r in ref.items():
+        o = other[key]
+        scale = sum(abs(v) for v in r) / len(r)
+        diffs = [abs(a - b) for a, b in zip(o, r)]
+        means = [(sum(r[j:j + window]) / len(r[j:j + window]), sum(o[j:j + window]) / len(o[j:j + window]))
+                 for j in range(0, len(r), window)]
+        terms[key] = {
+            "mean_abs_reference": scale,
+            "max_rel_diff": max(diffs) / scale if scale > 0 else (0.0 if max(diffs) == 0 else math.inf),
+            "first_iteration_rel_diff": diffs[0] / scale if scale > 0 else 0.0,
+            "max_window_rel_diff": max(abs(b - a) for a, b in means) / scale if scale > 0 else 0.0,
+        }
+    return terms
+
+
 def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device, start: int) -> dict[str, Any]:
-    """Two DG-Net trainers from the same seed (same weights, same batches, same random draws), reference
-    and fast (captured with --mode captured), stepped side by side; per loss term, how far the fast curve
-    strays from the reference one. The result calls the compared side "fast" whichever mode it is."""
+    """DG-Net trainers from the same seed (same weights, same batches, same random draws), reference and fast
+    (captured with --mode captured), stepped side by side; per loss term, how far the fast curve strays from
+    the reference one. The result calls the compared side "fast" whichever mode it is. With --mode captured a
+    third trainer runs the fast mode eagerly: `eager_terms` (eager fast vs reference) is what the fast
+    settings (bf16) do to the curves, `captured_vs_eager` what capture adds, so a gap to the reference can be
+    told apart from a fault of the capture."""
     compared = "captured" if "captured" in modes_of(args) else "fast"
-    cfgs = {"reference": bench_config("dgnet", args, "reference"), "fast": bench_config("dgnet", args, compared)}
+    modes = {"reference": "reference", "fast": compared, **({"eager": "fast"} if compared == "captured" else {})}
+    cfgs = {name: bench_config("dgnet", args, mode) for name, mode in modes.items()}
     torch.manual_seed(cfgs["reference"]["seed"])
     teacher = random_teacher(cfgs["reference"], splits.num_classes)
     jobs = {}
-    for mode, cfg in cfgs.items():
-        jobs[mode] = Job("dgnet", cfg, splits, device, teacher=copy.deepcopy(teacher),
-                         captured=mode == "fast" and compared == "captured")
+    for name, cfg in cfgs.items():
+        jobs[name] = Job("dgnet", cfg, splits, device, teacher=copy.deepcopy(teacher),
+                         captured=name == "fast" and compared == "captured")
     ref_state = jobs["reference"].trainer.state_dict()["models"]
-    fast_state = jobs["fast"].trainer.state_dict()["models"]
-    same_start = all(torch.equal(ref_state[n][k], fast_state[n][k]) for n in ref_state for k in ref_state[n])
-    if not same_start:
-        raise RuntimeError("the two trainers did not start from the same weights")
+    for job in jobs.values():
+        state = job.trainer.state_dict()["models"]
+        if not all(torch.equal(ref_state[n][k], state[n][k]) for n in ref_state for k in ref_state[n]):
+            raise RuntimeError("the trainers did not start from the same weights")
     rngs = dict.fromkeys(jobs, rng_state(device))
-    curves: dict[str, dict[str, list[float]]] = {mode: {} for mode in jobs}
+    curves: dict[str, dict[str, list[float]]] = {name: {} for name in jobs}
     loader_job = jobs["reference"]
     tick, done = time.perf_counter(), 0
     for i in range(args.iters):
@@ -520,35 +545,22 @@ def compare_numerics(args: argparse.Namespace, splits: Any, device: torch.device
             break  # a budgeted run keeps the curves it has rather than losing them to a kill
         done = i + 1
         batches = loader_job.batches()
-        for mode, job in jobs.items():
-            set_rng(rngs[mode], device)
+        for name, job in jobs.items():
+            set_rng(rngs[name], device)
             losses = job.step(start + i, *batches)
-            rngs[mode] = rng_state(device)
+            rngs[name] = rng_state(device)
             for key, value in losses.items():
-                curves[mode].setdefault(key, []).append(float(value))
+                curves[name].setdefault(key, []).append(float(value))
     for job in jobs.values():
         job.close()
     window = max(1, done // 10)
-    terms = {}
-    for key, ref in curves["reference"].items():
-        fast = curves["fast"][key]
-        scale = sum(abs(v) for v in ref) / len(ref)
-        diffs = [abs(f - r) for f, r in zip(fast, ref)]
-        means = [(sum(ref[j:j + window]) / len(ref[j:j + window]), sum(fast[j:j + window]) / len(fast[j:j + window]))
-                 for j in range(0, len(ref), window)]
-        terms[key] = {
-            "mean_abs_reference": scale,
-            # per iteration, relative to the term's mean magnitude (a term crossing zero has no own scale)
-            "max_rel_diff": max(diffs) / scale if scale > 0 else (0.0 if max(diffs) == 0 else math.inf),
-            "first_iteration_rel_diff": diffs[0] / scale if scale > 0 else 0.0,
-            # the curves' trend: means over windows of a tenth of the run
-            "max_window_rel_diff": max(abs(f - r) for r, f in means) / scale if scale > 0 else 0.0,
-        }
+    eager = {"eager_terms": curve_differences(curves["reference"], curves["eager"], window),
+             "captured_vs_eager": curve_differences(curves["eager"], curves["fast"], window)} if "eager" in jobs else {}
     return {"iters": done, "iters_asked": args.iters, "seconds": round(time.perf_counter() - tick, 2),
             "first_iteration": start, "window": window, "compared": compared,
             **({"capture_counts": dict(jobs["fast"].captured.counts)} if jobs["fast"].captured else {}),
-            "reference": settings(jobs["reference"]), "fast": settings(jobs["fast"]), "terms": terms,
-            "curves": curves}
+            "reference": settings(jobs["reference"]), "fast": settings(jobs["fast"]),
+            "terms": curve_differences(curves["reference"], curves["fast"], window), **eager, "curves": curves}
 
 
 def settings(job: Job) -> dict[str, Any]:

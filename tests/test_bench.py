@@ -156,6 +156,10 @@ def test_gpu_run_script_runs_every_step_at_tiny_sizes(tmp_path, data_dir, gpu_qu
     numerics = figures["numerics"]
     assert numerics["iters"] == 1 and {"D", "gan", "x", "teacher", "total"} <= numerics["terms"].keys()
     assert numerics["compared"] == "captured" and numerics["fast"]["captured"] == "graph-safe"
+    # the third curve, the fast mode run eagerly: what bf16 does, and what capture adds to it
+    assert all({"eager_terms_window_rel_diff", "captured_vs_eager_window_rel_diff"} <= t.keys()
+               for t in numerics["terms"].values())
+    assert numerics["eager_worst_window_rel_diff"] is not None
     for heading in ("## Training speed", "## D's step with R1 alone", "## Profile", "## Host-device syncs",
                     "## Numerics", "## Evaluation on cpu"):
         assert heading in summary
