@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from utils import BEST_NAME, format_seconds, latest_checkpoint
+from utils import BEST_NAME, format_seconds, latest_checkpoint, named_tensors, peek_checkpoint
 
 
 def teacher_report(path: str) -> tuple[str | None, str | None]:
@@ -22,10 +22,10 @@ def teacher_report(path: str) -> tuple[str | None, str | None]:
     (None, None) for what is not a teacher checkpoint of train.py: the original baseline's files carry no such
     record, and a bad file is load_teacher's to name."""
     p = Path(path)
-    try:  # mapped, not read: the teacher is loaded properly later
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    state = peek_checkpoint(p)  # mapped, not read: the teacher is loaded properly later
+    try:
         kind, iteration, max_iter = state["kind"], int(state["iteration"]), int(state["config"]["max_iter"])
-    except Exception:  # not a checkpoint of train.py, or unreadable
+    except (TypeError, KeyError, ValueError):  # not a checkpoint of train.py, or unreadable
         return None, None
     if kind != "baseline":
         return None, None
@@ -69,13 +69,7 @@ def dry_run_iterations(cfg: dict[str, Any], kind: str, start: int, n: int) -> li
 
 def tensor_bytes(tree: Any) -> int:
     """The bytes of every tensor in a nested state (dicts, lists, tuples): about a checkpoint's size."""
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(tensor_bytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(tensor_bytes(v) for v in tree)
-    return 0
+    return sum(t.numel() * t.element_size() for _, t in named_tensors(tree))
 
 
 def dry_run_report(cfg: dict[str, Any], run_dir: Path, iterations: list[int], seconds: list[float], trainer: Any,

@@ -69,6 +69,7 @@ from utils import (
     load_checkpoint,
     load_config,
     one_line,
+    peek_checkpoint,
     plain_warnings,
     quiet_handover_errors,
     run_folder,
@@ -744,15 +745,6 @@ def fingerprint_mismatch(fingerprints: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def saved_iteration(path: Path) -> int | None:
-    """The iteration a checkpoint holds, read without loading its tensors (mapped, not read); None when the
-    file is not a readable checkpoint."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
-    except Exception:  # truncated, not a checkpoint: whatever torch raises; the caller leaves such a file alone
-        return None
-
-
 def supersede_newer(run_dir: Path, start: int) -> None:
     """Resuming from an older checkpoint: the newer ones belong to the abandoned continuation. They move to
     checkpoints/superseded_<date>/ (nothing is deleted), so the newest checkpoint is this run's again; so does
@@ -760,7 +752,7 @@ def supersede_newer(run_dir: Path, start: int) -> None:
     it again)."""
     newer = [p for it, p in list_checkpoints(run_dir) if it > start]
     best = run_dir / "checkpoints" / BEST_NAME
-    if best.is_file() and (saved_iteration(best) or 0) > start:
+    if best.is_file() and int((peek_checkpoint(best) or {}).get("iteration", 0)) > start:
         newer.append(best)
     if not newer:
         return
@@ -908,7 +900,8 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
                 for step in periodic:
                     step(done, losses)
                 writer.end_iteration()  # the iteration's line of metrics.jsonl, written whole
-                seconds.append(time.perf_counter() - tick)  # after the logger's reads: the device's work is done
+                if dry:  # after the logger's reads (every iteration in a dry run): the device's work is done
+                    seconds.append(time.perf_counter() - tick)
                 # every process stops at the same iteration, whichever of them got the signal
                 local = stop.signal or (signal.SIGTERM if dist.launcher_gone() else 0)
                 stop_signal = dist.max_flag(local) if dist.world_size > 1 else local
@@ -946,7 +939,7 @@ def train_locked(args: argparse.Namespace, dist: distributed.Dist, lock: RunLock
             print(f"parameters identical on all {dist.world_size} processes", flush=True)
     if dry:
         if dist.is_main:
-            for line in dry_run_report(cfg, run_dir, list(iterations), seconds, trainer, dist.device):
+            for line in dry_run_report(cfg, run_dir, iterations, seconds, trainer, dist.device):
                 print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
         return 0
     if dist.is_main:

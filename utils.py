@@ -473,23 +473,23 @@ class NonFiniteState(UserError):
     """A run state holding NaN or infinity (a diverged run): never written, and refused when loaded."""
 
 
+def named_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in `tree` (nested dicts, lists, tuples) with its dotted key."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from named_tensors(value, f"{prefix}[{i}]")
+
+
 def first_non_finite(tree: Any, prefix: str = "") -> str | None:
     """The dotted key of the first floating-point tensor in `tree` (nested dicts, lists) holding a NaN or an
     infinity, or None. One device sync per device: the per-tensor flags are reduced before being read."""
-    found: list[tuple[str, torch.Tensor]] = []
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, torch.Tensor):
-            if (node.is_floating_point() or node.is_complex()) and node.numel():
-                found.append((where, torch.isfinite(node).all()))
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{where}.{key}" if where else str(key))
-        elif isinstance(node, (list, tuple)):
-            for i, value in enumerate(node):
-                walk(value, f"{where}[{i}]")
-
-    walk(tree, prefix)
+    found = [(where, torch.isfinite(t).all()) for where, t in named_tensors(tree, prefix)
+             if (t.is_floating_point() or t.is_complex()) and t.numel()]
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, flag) in enumerate(found):
         by_device.setdefault(flag.device, []).append(i)
@@ -613,6 +613,17 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's state mapped, not read (its iteration or config without loading its tensors, which
+    stay on disk until touched; `weights_only`, like load_checkpoint); None when the file is not a readable
+    checkpoint, for callers that leave such a file alone or to load_checkpoint to name."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated, not a checkpoint, pickled: whatever torch raises
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

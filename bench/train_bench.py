@@ -233,7 +233,7 @@ def time_training(job: Job, iters: int, warmup: int, start: int) -> dict[str, An
             "peak_memory_with_warmup_gib": round(max(peak, warm_peak), 3), "peak_memory_kind": peak_kind,
             "last_losses": {k: round(v, 6) for k, v in values.items()},
             **({"capture_counts": dict(job.captured.counts)} if job.captured is not None else {}),
-            **({"dynamo": dynamo_counters()} if dynamo_counters() else {})}
+            **({"dynamo": compiled} if (compiled := dynamo_counters()) else {})}
 
 
 def dynamo_counters(most: int = 10) -> dict[str, dict[str, int]]:
