@@ -412,11 +412,11 @@ def follows_in_lockstep(eager, captured, step, iters: range, batches=dgnet_batch
 
 
 def captured_and_resumed_follow_eager(device: torch.device, opts: tuple[str, ...], graphs: bool = True,
-                                      **tol: float) -> tuple[DGNet_Trainer, DGNet_Trainer, CapturedStep]:
+                                      **tol: float) -> None:
     """A captured run in lockstep with eager steps (each of two keys, R1 on and off: its capture.WARMUP eager
     iterations, captured, replayed), then resumed from a copy of its state as from a checkpoint: the resumed
     run's first iteration gives the uninterrupted run's, and its own iterations (each key again eager,
-    captured, replayed) follow eager ones. Returns the eager trainer, the resumed one and its step."""
+    captured, replayed) follow eager ones."""
     dropout = device.type == "cuda"  # on the CPU, dropout's draws would come before the coin (see dgnet)
     eager, captured = dgnet(*opts, device=device, dropout=dropout), dgnet(*opts, device=device, dropout=dropout)
     step = CapturedStep(captured, graphs=graphs)
@@ -434,7 +434,6 @@ def captured_and_resumed_follow_eager(device: torch.device, opts: tuple[str, ...
                                    msg=key)
     follows_in_lockstep(eager, resumed, again, range(n + 1, 2 * n), **tol)
     assert again.counts["captured"] == 2 and again.counts["replayed"] == 2, again.counts
-    return eager, resumed, again
 
 
 @pytest.mark.skipif(not os.environ.get("DGNET_SLOW_TESTS"),
